@@ -1,0 +1,724 @@
+"""The vpnd directive file -> a frozen, validated :class:`Config`.
+
+Theory of operation
+-------------------
+A vpnd config is one ``keyword value...`` per line (see docs/directives.md for the reference).
+Parsing runs in three passes so that the operator sees *every* mistake in one go:
+
+1. **Lexing.** Each physical line is cleaned (UTF-8 BOM, CR of CRLF, comments starting with
+   ``#`` at the start of the line or after whitespace, surrounding blanks) and split on
+   whitespace into a keyword and its arguments. Blank lines vanish.
+2. **Per-directive parsing.** The keyword selects a :class:`_Directive` spec that checks the
+   arity and turns the arguments into field values. Unknown keywords get a difflib hint,
+   a second occurrence of the same keyword is a duplicate error naming the first line.
+3. **Cross checks.** Rules that involve several directives (``mode`` required, ``local`` and
+   ``remote`` differ, serial-only directives only with a serial ``server``, a client needs a
+   concrete server address, ``keysize`` matches ``cipher``...) run on the collected values and
+   point at the line of the directive that has to change.
+
+Each failure becomes one :class:`ConfigError`; at the end, if any were collected, one
+:class:`ConfigError` is raised whose ``errors`` lists them all in file order.
+
+Parsing is pure: it never touches the filesystem except in :func:`load_config`, which reads
+the file and resolves relative paths against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CIPHERS",
+    "DEFAULT_CONFIG",
+    "DEFAULT_KEYFILE",
+    "DEFAULT_PORT",
+    "DEFAULT_RANDOMDEV",
+    "Config",
+    "ConfigError",
+    "Route",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG = "/etc/vpnd.conf"
+DEFAULT_KEYFILE = "/etc/vpnd.key"
+DEFAULT_RANDOMDEV = "/dev/random"
+DEFAULT_PORT = 379
+DEFAULT_PIDFILE_NAME = "vpnd.pid"
+STATUS_DIR = "/run/vpnd"
+
+#: Canonical cipher names -> session key size in bits.
+CIPHERS: dict[str, int] = {
+    "chacha20-poly1305": 256,
+    "aes-256-gcm": 256,
+    "aes-128-gcm": 128,
+}
+#: ``cipher aes-gcm`` is the family spelling: the size comes from ``keysize`` (default 256).
+_CIPHER_FAMILY = "aes-gcm"
+
+MTU_MIN, MTU_MAX = 576, 65535
+SENDBUF_MIN, SENDBUF_MAX = 1024, 1048576
+IPOPTS_MAX = 15
+IFNAMSIZ = 15  # usable characters of a Linux interface name
+#: Serial line speeds the Linux termios layer knows (pyserial maps these to Bxxx constants).
+SERIAL_SPEEDS = frozenset(
+    {
+        50,
+        75,
+        110,
+        134,
+        150,
+        200,
+        300,
+        600,
+        1200,
+        1800,
+        2400,
+        4800,
+        9600,
+        19200,
+        38400,
+        57600,
+        115200,
+        230400,
+        460800,
+        500000,
+        576000,
+        921600,
+        1000000,
+        1152000,
+        1500000,
+        2000000,
+        2500000,
+        3000000,
+        3500000,
+        4000000,
+    }
+)
+
+_TRUE_WORDS = frozenset({"yes", "on", "true", "1"})
+_FALSE_WORDS = frozenset({"no", "off", "false", "0"})
+_ANY = "0.0.0.0"
+_INT_RE = re.compile(r"[0-9]+")
+_FLOAT_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+_ROUTE_RE = re.compile(r"route([0-9]+)")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(ValueError):
+    """A config file problem, pointing at ``path:line`` and the directive to fix.
+
+    One instance may carry several problems: ``errors`` lists every single-problem
+    ``ConfigError`` found in the file (itself only, for a single problem), and ``str()`` joins
+    them with newlines. ``path``, ``line`` and ``directive`` are those of the first problem.
+    ``line`` is 1-based, or None for file-level problems (a missing required directive).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        line: int | None,
+        directive: str | None,
+        message: str,
+        errors: Sequence[ConfigError] | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.directive = directive
+        self.message = message
+        self.errors: list[ConfigError] = list(errors) if errors else [self]
+        super().__init__(str(self))
+
+    def _one(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        if self.directive is None:
+            return f"{where}: {self.message}"
+        return f"{where}: {self.directive}: {self.message}"
+
+    def __str__(self) -> str:
+        return "\n".join(error._one() for error in self.errors)
+
+    @classmethod
+    def combine(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One error carrying ``errors`` (line-numbered ones in file order, file-level last)."""
+        ordered = sorted(errors, key=lambda e: (e.line is None, e.line or 0))
+        first = ordered[0]
+        if len(ordered) == 1:
+            return first
+        return cls(first.path, first.line, first.directive, first.message, ordered)
+
+
+class _Bad(Exception):
+    """Raised by directive parsers; turned into a ConfigError with the line attached."""
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration
+
+
+@dataclass(frozen=True)
+class Route:
+    """An extra route through the link: ``route<index> <dest> <netmask> <gateway>``."""
+
+    index: int
+    dest: IPv4Address
+    netmask: IPv4Address
+    gateway: IPv4Address
+
+    @property
+    def network(self) -> IPv4Network:
+        """The destination as a network, e.g. ``198.19.5.0/24``."""
+        return IPv4Network(f"{self.dest}/{self.netmask}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A validated vpnd configuration. Build it with :func:`parse_config` / :func:`load_config`.
+
+    Field names and defaults are the contract of docs/architecture.md §Config. Constructing a
+    Config directly skips validation; ``parse_config(cfg.to_text())`` validates.
+    """
+
+    mode: str
+    local: IPv4Address
+    remote: IPv4Address
+    server_host: str = _ANY
+    server_port: int = DEFAULT_PORT  # 0 for a serial device (no port)
+    client_host: str = _ANY
+    client_port: int = 0
+    mtu: int = 1400
+    keyfile: str = DEFAULT_KEYFILE
+    pidfile: str | None = None
+    randomdev: str = DEFAULT_RANDOMDEV
+    keepalive: float = 10.0
+    noanswer: int = 3
+    autoroute: bool = False
+    routes: tuple[Route, ...] = ()
+    linkup: str | None = None
+    linkdown: str | None = None
+    slipup: str | None = None
+    slipdown: str | None = None
+    speed: int = 115200
+    localline: bool = False
+    nortscts: bool = False
+    xfilter: bool = False
+    modemchat: str | None = None
+    ipopts: int = 0
+    sendbuf: int = 65536
+    compress: bool = False
+    compress_level: int = 1
+    keyttl: float = 120.0
+    keysize: int = 256
+    maxdelay: float | None = None
+    cipher: str = "chacha20-poly1305"
+    interface: str = "vpnd0"
+    statusfile: str = f"{STATUS_DIR}/vpnd.status.json"
+    #: Where this config was read from (for messages and the status record); not compared.
+    source: str = field(default="<string>", compare=False)
+
+    @property
+    def is_serial(self) -> bool:
+        """True when the link runs over a serial device (``server /dev/ttyS0``)."""
+        return self.server_host.startswith("/")
+
+    def to_text(self) -> str:
+        """Canonical directive text that re-parses (with the same path) to an equal Config.
+
+        Required directives, ``statusfile`` (its default depends on the config's file name)
+        and every value that differs from its default are written, in a fixed order.
+        """
+        lines = [f"mode {self.mode}"]
+        if self.is_serial:
+            lines.append(f"server {self.server_host}")
+        else:
+            lines.append(f"server {_host_text(self.server_host)} {self.server_port}")
+            if (self.client_host, self.client_port) != (_ANY, 0):
+                lines.append(f"client {_host_text(self.client_host)} {self.client_port}")
+        lines += [f"local {self.local}", f"remote {self.remote}"]
+        defaults = {f.name: f.default for f in fields(Config)}
+        for name in _TEXT_ORDER:
+            value = getattr(self, name)
+            if name == "routes":
+                lines += [f"route{r.index} {r.dest} {r.netmask} {r.gateway}" for r in value]
+            elif name == "compress":
+                if self.compress:
+                    lines.append(f"compress {self.compress_level}")
+            elif name == "statusfile" or value != defaults[name]:
+                if isinstance(value, bool):
+                    lines.append(name)
+                elif isinstance(value, float):
+                    lines.append(f"{name} {_float_text(value)}")
+                else:
+                    lines.append(f"{name} {value}")
+        return "\n".join(lines) + "\n"
+
+
+_TEXT_ORDER = (
+    "interface",
+    "mtu",
+    "keyfile",
+    "randomdev",
+    "pidfile",
+    "statusfile",
+    "keepalive",
+    "noanswer",
+    "maxdelay",
+    "keyttl",
+    "cipher",
+    "keysize",
+    "compress",
+    "sendbuf",
+    "ipopts",
+    "autoroute",
+    "routes",
+    "linkup",
+    "linkdown",
+    "slipup",
+    "slipdown",
+    "speed",
+    "localline",
+    "nortscts",
+    "xfilter",
+    "modemchat",
+)
+
+
+def _host_text(host: str) -> str:
+    return "0" if host == _ANY else host
+
+
+def _float_text(value: float) -> str:
+    """Plain decimal notation (never an exponent) that reads back to the same float."""
+    text = format(Decimal(repr(value)), "f")
+    return text[:-2] if text.endswith(".0") else text
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers: each returns the value or raises _Bad with a message for the operator.
+
+
+def _int(text: str, what: str, low: int, high: int) -> int:
+    if not _INT_RE.fullmatch(text):
+        raise _Bad(f"{what} must be a whole number, got {text!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise _Bad(f"{what} must be {low}..{high}, got {value}")
+    return value
+
+
+def _seconds(text: str, what: str) -> float:
+    if not _FLOAT_RE.fullmatch(text):
+        raise _Bad(f"{what} must be a number of seconds like 10 or 0.5, got {text!r}")
+    value = float(text)
+    if value <= 0:
+        raise _Bad(f"{what} must be greater than 0 seconds, got {text}")
+    return value
+
+
+def _ipv4(text: str, what: str) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise _Bad(f"{what} must be a dotted IPv4 address like 198.18.1.1, got {text!r}") from None
+
+
+def _host(text: str, what: str) -> str:
+    """An IPv4 literal, with ``0`` meaning any (0.0.0.0)."""
+    if text == "0":
+        return _ANY
+    return str(_ipv4(text, what))
+
+
+def _tunnel_address(text: str, what: str) -> IPv4Address:
+    address = _ipv4(text, what)
+    if address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255"):
+        raise _Bad(f"{what} must be a unicast address, got {address}")
+    return address
+
+
+def _netmask(text: str) -> IPv4Address:
+    mask = _ipv4(text, "netmask")
+    inverted = ~int(mask) & 0xFFFFFFFF
+    if inverted & (inverted + 1):
+        raise _Bad(f"netmask {mask} is not contiguous (ones then zeros, like 255.255.255.0)")
+    return mask
+
+
+def _path(text: str, what: str) -> str:
+    if "\0" in text:
+        raise _Bad(f"{what} contains a NUL byte")
+    return text
+
+
+def _flag(args: list[str], what: str) -> bool:
+    if not args:
+        return True
+    word = args[0].lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise _Bad(f"{what} takes no value (or yes/no, on/off, true/false, 1/0), got {args[0]!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Directive specs
+
+
+@dataclass(frozen=True)
+class _Directive:
+    name: str
+    usage: str
+    min_args: int
+    max_args: int
+    parse: Callable[[list[str]], dict[str, Any]]
+    serial_only: bool = False
+
+
+def _mode(args: list[str]) -> dict[str, Any]:
+    if args[0] not in ("client", "server"):
+        raise _Bad(f"must be 'client' or 'server', got {args[0]!r}")
+    return {"mode": args[0]}
+
+
+def _server(args: list[str]) -> dict[str, Any]:
+    first = args[0]
+    if first.startswith("/"):
+        if len(args) > 1:
+            raise _Bad(f"a serial device takes no port: write 'server {first}'")
+        return {"server_host": _path(first, "device"), "server_port": 0}
+    if len(args) == 1:
+        if _INT_RE.fullmatch(first):  # the seed's `server 24741`: port only, listen on any
+            if int(first) == 0:
+                raise _Bad(
+                    "server port must be 1..65535, got 0 (a single argument is the port; "
+                    f"write 'server 0 {DEFAULT_PORT}' to mean any address)"
+                )
+            return {"server_host": _ANY, "server_port": _int(first, "server port", 1, 65535)}
+        return {"server_host": _host(first, "server address"), "server_port": DEFAULT_PORT}
+    return {
+        "server_host": _host(first, "server address"),
+        "server_port": _int(args[1], "server port", 1, 65535),
+    }
+
+
+def _client(args: list[str]) -> dict[str, Any]:
+    host = _host(args[0], "client address")
+    port = _int(args[1], "client port", 0, 65535) if len(args) > 1 else 0
+    return {"client_host": host, "client_port": port}
+
+
+def _value(name: str, convert: Callable[[str], Any]) -> Callable[[list[str]], dict[str, Any]]:
+    return lambda args: {name: convert(args[0])}
+
+
+def _flag_directive(name: str) -> Callable[[list[str]], dict[str, Any]]:
+    return lambda args: {name: _flag(args, name)}
+
+
+def _compress(args: list[str]) -> dict[str, Any]:
+    if not args:
+        return {"compress": True, "compress_level": 1}
+    word = args[0].lower()
+    if word in ("yes", "on", "true"):
+        return {"compress": True, "compress_level": 1}
+    if word in ("no", "off", "false", "0"):
+        return {"compress": False, "compress_level": 1}
+    if not _INT_RE.fullmatch(word):
+        raise _Bad(f"takes an optional level 1..9 (or on/off), got {args[0]!r}")
+    return {"compress": True, "compress_level": _int(word, "compress level", 1, 9)}
+
+
+def _cipher(args: list[str]) -> dict[str, Any]:
+    name = args[0]
+    if name not in CIPHERS and name != _CIPHER_FAMILY:
+        choices = ", ".join([*CIPHERS, _CIPHER_FAMILY])
+        raise _Bad(f"unknown cipher {name!r}; choose one of {choices}")
+    return {"cipher": name}
+
+
+def _keysize(args: list[str]) -> dict[str, Any]:
+    if not _INT_RE.fullmatch(args[0]) or int(args[0]) not in (128, 256):
+        raise _Bad(f"must be 128 or 256 (bits), got {args[0]!r}")
+    return {"keysize": int(args[0])}
+
+
+def _speed(args: list[str]) -> dict[str, Any]:
+    value = _int(args[0], "speed", 1, 4000000)
+    if value not in SERIAL_SPEEDS:
+        near = min(SERIAL_SPEEDS, key=lambda s: abs(s - value))
+        raise _Bad(f"{value} is not a serial line speed (nearest: {near})")
+    return {"speed": value}
+
+
+def _interface(args: list[str]) -> dict[str, Any]:
+    name = args[0]
+    if len(name) > IFNAMSIZ or name in (".", "..") or "/" in name or ":" in name:
+        raise _Bad(f"interface name must be 1..{IFNAMSIZ} characters without '/' or ':'")
+    return {"interface": name}
+
+
+def _route(index: int) -> Callable[[list[str]], dict[str, Any]]:
+    def parse(args: list[str]) -> dict[str, Any]:
+        dest = _ipv4(args[0], "destination")
+        mask = _netmask(args[1])
+        gateway = _tunnel_address(args[2], "gateway")
+        if int(dest) & ~int(mask) & 0xFFFFFFFF:
+            network = IPv4Address(int(dest) & int(mask))
+            raise _Bad(
+                f"destination {dest} has host bits outside netmask {mask} (did you mean {network}?)"
+            )
+        return {"route": Route(index, dest, mask, gateway)}
+
+    return parse
+
+
+_DIRECTIVES: dict[str, _Directive] = {
+    d.name: d
+    for d in [
+        _Directive("mode", "mode client|server", 1, 1, _mode),
+        _Directive("server", "server [<ip>|0] <port> | server <ip> | server /dev/<tty>", 1, 2,
+                   _server),
+        _Directive("client", "client <ip>|0 [<port>]", 1, 2, _client),
+        _Directive("local", "local <ip>", 1, 1,
+                   _value("local", lambda t: _tunnel_address(t, "local address"))),
+        _Directive("remote", "remote <ip>", 1, 1,
+                   _value("remote", lambda t: _tunnel_address(t, "remote address"))),
+        _Directive("mtu", "mtu <bytes>", 1, 1,
+                   _value("mtu", lambda t: _int(t, "mtu", MTU_MIN, MTU_MAX))),
+        _Directive("keyfile", "keyfile <path>", 1, 1,
+                   _value("keyfile", lambda t: _path(t, "keyfile"))),
+        _Directive("pidfile", "pidfile <path>|<dir>/", 1, 1,
+                   _value("pidfile", lambda t: _path(t, "pidfile"))),
+        _Directive("randomdev", "randomdev <path>", 1, 1,
+                   _value("randomdev", lambda t: _path(t, "randomdev"))),
+        _Directive("statusfile", "statusfile <path>", 1, 1,
+                   _value("statusfile", lambda t: _path(t, "statusfile"))),
+        _Directive("keepalive", "keepalive <seconds>", 1, 1,
+                   _value("keepalive", lambda t: _seconds(t, "keepalive"))),
+        _Directive("noanswer", "noanswer <count>", 1, 1,
+                   _value("noanswer", lambda t: _int(t, "noanswer", 1, 1_000_000))),
+        _Directive("keyttl", "keyttl <seconds>", 1, 1,
+                   _value("keyttl", lambda t: _seconds(t, "keyttl"))),
+        _Directive("maxdelay", "maxdelay <seconds>", 1, 1,
+                   _value("maxdelay", lambda t: _seconds(t, "maxdelay"))),
+        _Directive("keysize", "keysize 128|256", 1, 1, _keysize),
+        _Directive("cipher", "cipher chacha20-poly1305|aes-256-gcm|aes-128-gcm|aes-gcm", 1, 1,
+                   _cipher),
+        _Directive("compress", "compress [<level 1..9>|on|off]", 0, 1, _compress),
+        _Directive("sendbuf", "sendbuf <bytes>", 1, 1,
+                   _value("sendbuf", lambda t: _int(t, "sendbuf", SENDBUF_MIN, SENDBUF_MAX))),
+        _Directive("ipopts", "ipopts <0..15>", 1, 1,
+                   _value("ipopts", lambda t: _int(t, "ipopts", 0, IPOPTS_MAX))),
+        _Directive("interface", "interface <name>", 1, 1, _interface),
+        _Directive("autoroute", "autoroute", 0, 1, _flag_directive("autoroute")),
+        *[
+            _Directive(hook, f"{hook} <script>", 1, 1,
+                       _value(hook, lambda t, hook=hook: _path(t, hook)))
+            for hook in ("linkup", "linkdown", "slipup", "slipdown")
+        ],
+        _Directive("speed", "speed <bps>", 1, 1, _speed, serial_only=True),
+        _Directive("localline", "localline", 0, 1, _flag_directive("localline"),
+                   serial_only=True),
+        _Directive("nortscts", "nortscts", 0, 1, _flag_directive("nortscts"), serial_only=True),
+        _Directive("xfilter", "xfilter", 0, 1, _flag_directive("xfilter"), serial_only=True),
+        _Directive("modemchat", "modemchat <file>", 1, 1,
+                   _value("modemchat", lambda t: _path(t, "modemchat")), serial_only=True),
+        *[
+            _Directive(f"route{i}", f"route{i} <dest> <netmask> <gateway>", 3, 3, _route(i))
+            for i in range(1, 10)
+        ],
+    ]
+}  # fmt: skip
+
+#: Directives whose values are filesystem paths (resolved against the config's directory).
+_PATH_FIELDS = (
+    "keyfile",
+    "pidfile",
+    "randomdev",
+    "statusfile",
+    "linkup",
+    "linkdown",
+    "slipup",
+    "slipdown",
+    "modemchat",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _lex(text: str) -> list[tuple[int, str, list[str]]]:
+    """(line number, keyword, args) for every non-blank, non-comment line."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    result = []
+    # split("\n") rather than splitlines(): form feeds etc. must not shift line numbers.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r")
+        cut = re.search(r"(^|\s)#", line)
+        if cut:
+            line = line[: cut.start()]
+        words = line.split()
+        if words:
+            result.append((number, words[0], words[1:]))
+    return result
+
+
+def _unknown_message(keyword: str) -> str:
+    match = _ROUTE_RE.fullmatch(keyword)
+    if match:
+        return f"route index {match.group(1)} is out of range: extra routes are route1..route9"
+    if keyword.lower() in _DIRECTIVES:
+        return f"unknown directive; directives are lowercase: did you mean {keyword.lower()!r}?"
+    hints = difflib.get_close_matches(keyword.lower(), list(_DIRECTIVES), n=1, cutoff=0.6)
+    if hints:
+        return f"unknown directive; did you mean {hints[0]!r}?"
+    return "unknown directive (see docs/directives.md)"
+
+
+def _default_statusfile(path: str) -> str:
+    stem = Path(path).stem if not path.startswith("<") else ""
+    return f"{STATUS_DIR}/{stem or 'vpnd'}.status.json"
+
+
+def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = None) -> Config:
+    """Parse vpnd directive ``text`` (read from ``path``, used in messages) into a Config.
+
+    Relative paths in path-valued directives are joined to ``base_dir`` when it is given
+    (``load_config`` passes the config file's directory) and kept as written otherwise.
+    Raises one :class:`ConfigError` listing every problem found.
+    """
+    errors: list[ConfigError] = []
+    values: dict[str, Any] = {}
+    lines: dict[str, int] = {}  # directive -> line it was given on
+    routes: list[tuple[int, Route]] = []
+
+    def fail(line: int | None, directive: str | None, message: str) -> None:
+        errors.append(ConfigError(path, line, directive, message))
+
+    for number, keyword, args in _lex(text):
+        spec = _DIRECTIVES.get(keyword)
+        if spec is None:
+            fail(number, keyword, _unknown_message(keyword))
+            continue
+        if keyword in lines:
+            fail(number, keyword, f"duplicate directive (first given on line {lines[keyword]})")
+            continue
+        lines[keyword] = number
+        if not spec.min_args <= len(args) <= spec.max_args:
+            fail(number, keyword, f"wrong number of arguments ({len(args)}); usage: {spec.usage}")
+            continue
+        try:
+            parsed = spec.parse(args)
+        except _Bad as bad:
+            fail(number, keyword, str(bad))
+            continue
+        if "route" in parsed:
+            routes.append((number, parsed.pop("route")))
+        values.update(parsed)
+
+    # ---- cross checks -------------------------------------------------------------------
+    mode = values.get("mode")
+    if "mode" not in lines:
+        fail(None, "mode", "missing required directive: mode client|server")
+    for name in ("local", "remote"):
+        if name not in lines:
+            fail(None, name, f"missing required directive: {name} <ip>")
+    if "local" in values and values.get("remote") == values["local"]:
+        fail(lines["remote"], "remote", f"must differ from local ({values['local']})")
+
+    serial = str(values.get("server_host", "")).startswith("/")
+    if mode == "client":
+        if "server" not in lines:
+            fail(None, "server", "missing required directive for a client: server <ip> <port>")
+        elif values.get("server_host") == _ANY:
+            fail(
+                lines["server"],
+                "server",
+                "a client needs the server's address to connect to, not 0 (any)",
+            )
+    for name, number in lines.items():
+        if _DIRECTIVES[name].serial_only and not serial:
+            fail(number, name, "applies only to serial links ('server /dev/<tty>')")
+    if serial:
+        if (values.get("client_host", _ANY), values.get("client_port", 0)) != (_ANY, 0):
+            fail(
+                lines["client"],
+                "client",
+                "a serial link has no client address: remove it (or write 'client 0')",
+            )
+        if "ipopts" in lines:
+            fail(lines["ipopts"], "ipopts", "applies only to TCP links (it sets the socket TOS)")
+
+    cipher = values.get("cipher", "chacha20-poly1305")
+    if cipher == _CIPHER_FAMILY:
+        cipher = f"aes-{values.get('keysize', 256)}-gcm"
+        values["cipher"] = cipher
+    cipher_ok = "cipher" not in lines or "cipher" in values
+    if cipher_ok and "keysize" in values and values["keysize"] != CIPHERS[cipher]:
+        hint = (
+            "use 'cipher aes-128-gcm' (or 'cipher aes-gcm') for 128-bit keys"
+            if values["keysize"] == 128
+            else f"{cipher} uses {CIPHERS[cipher]}-bit keys"
+        )
+        fail(
+            lines["keysize"],
+            "keysize",
+            f"{values['keysize']} does not match cipher {cipher}: {hint}",
+        )
+    values["keysize"] = CIPHERS[cipher]
+
+    seen: dict[IPv4Network, int] = {}
+    for number, route in routes:
+        if route.network in seen:
+            fail(
+                number,
+                f"route{route.index}",
+                f"same destination {route.network} as route{seen[route.network]}",
+            )
+        seen.setdefault(route.network, route.index)
+    values["routes"] = tuple(route for _, route in sorted(routes, key=lambda nr: nr[1].index))
+
+    pidfile = values.get("pidfile")
+    if pidfile is not None and pidfile.endswith("/"):
+        values["pidfile"] = pidfile + DEFAULT_PIDFILE_NAME  # the seed's `pidfile /var/run/`
+    values.setdefault("statusfile", _default_statusfile(path))
+    if base_dir is not None:
+        for name in _PATH_FIELDS:
+            if values.get(name) is not None:
+                values[name] = os.path.join(base_dir, values[name])
+
+    if errors:
+        raise ConfigError.combine(errors)
+    return Config(**values, source=path)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse the config file at ``path``; relative paths inside are resolved
+    against the file's directory (so a config and its key can travel together)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError(name, None, None, f"cannot read config: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(name, line, None, "not valid UTF-8 text") from None
+    base = os.path.dirname(os.path.abspath(name))
+    return parse_config(text, name, base_dir=base)

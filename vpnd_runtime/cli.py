@@ -1,0 +1,208 @@
+"""``vpnd``: the runtime's command line (argparse only; the runtime stays stdlib-small).
+
+Spellings (the seed's flags plus a few subcommands)::
+
+    vpnd [-f CONF] [--daemon] [-v]        run the daemon for CONF (default /etc/vpnd.conf)
+    vpnd --check -f CONF                  parse CONF and load its key; print a one-line summary
+    vpnd -t -f CONF                       modem chat test (serial links)
+    vpnd -m [PATH] [-f CONF]              make a key (PATH, else CONF's keyfile, else default)
+    vpnd genkey PATH [--randomdev DEV]    make a key at PATH
+    vpnd status -f CONF [--json]          show the running daemon's status record
+
+Exit codes: 0 success, 1 status "link not up" (from the status module), 2 usage, config or key
+error. User errors print a message, never a traceback. Each action is a small function taking
+parsed arguments and returning the exit code; the daemon, status and chat modules are imported
+lazily so this module works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from vpnd_runtime import __version__
+from vpnd_runtime.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_KEYFILE,
+    DEFAULT_RANDOMDEV,
+    Config,
+    ConfigError,
+    load_config,
+)
+from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_SOFTWARE = 70  # a runtime module this build lacks
+
+_SUBCOMMANDS = ("genkey", "status")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vpnd",
+        description="User-space encrypted point-to-point VPN daemon.",
+        epilog="Subcommands: 'vpnd genkey PATH', 'vpnd status -f CONF [--json]'.",
+    )
+    parser.add_argument("-f", "--config", metavar="CONF", help=f"config file [{DEFAULT_CONFIG}]")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument(
+        "--check", action="store_true", help="check the config and key file, then exit"
+    )
+    action.add_argument(
+        "-t", "--chat-test", action="store_true", help="run the modem chat script, then exit"
+    )
+    action.add_argument(
+        "-m",
+        "--make-key",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="create a new key file (PATH, else the config's keyfile, else the default)",
+    )
+    parser.add_argument("--randomdev", metavar="DEV", help="entropy source for -m")
+    parser.add_argument("--daemon", action="store_true", help="detach and log to syslog")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"vpnd {__version__}")
+    return parser
+
+
+def _sub_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpnd")
+    subs = parser.add_subparsers(dest="command", required=True)
+    genkey = subs.add_parser("genkey", help="create a new key file (mode 0600, never overwrites)")
+    genkey.add_argument("path", metavar="PATH")
+    genkey.add_argument("--randomdev", metavar="DEV", default=DEFAULT_RANDOMDEV)
+    status = subs.add_parser("status", help="show the daemon's status record")
+    status.add_argument("-f", "--config", metavar="CONF", default=DEFAULT_CONFIG)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    for sub in (genkey, status):
+        sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="vpnd: %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _make_key(path: str, randomdev: str) -> int:
+    """Create a key file and report its fingerprint (never the key)."""
+    key = generate_key(path, randomdev)
+    print(f"{path}: new key, fingerprint {fingerprint(key)} (mode 0600)")
+    return EXIT_OK
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    """``vpnd genkey PATH [--randomdev DEV]``."""
+    return _make_key(args.path, args.randomdev)
+
+
+def cmd_make_key(args: argparse.Namespace) -> int:
+    """The seed's ``vpnd -m [PATH]``: PATH, else the config's keyfile/randomdev, else defaults."""
+    path, randomdev = args.make_key, args.randomdev
+    if not path and args.config:
+        config = load_config(args.config)
+        path, randomdev = config.keyfile, randomdev or config.randomdev
+    return _make_key(path or DEFAULT_KEYFILE, randomdev or DEFAULT_RANDOMDEV)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Parse the config and load its key file; print one summary line."""
+    conf = args.config or DEFAULT_CONFIG
+    config = load_config(conf)
+    key = load_key(config.keyfile)
+    link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
+    print(
+        f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, "
+        f"key fingerprint {fingerprint(key)})"
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``vpnd status -f CONF [--json]``: delegate to ``vpnd_runtime.status.print_status``,
+    whose return value is the exit code (0 link up, 1 otherwise)."""
+    config = load_config(args.config)
+    from vpnd_runtime.status import print_status  # noqa: PLC0415 - lazy: optional module
+
+    return int(print_status(config, args.json) or 0)
+
+
+def cmd_chat_test(args: argparse.Namespace) -> int:
+    """``vpnd -t -f CONF``: run the modem chat script once and report."""
+    config = load_config(args.config or DEFAULT_CONFIG)
+    if not config.is_serial or config.modemchat is None:
+        raise ConfigError(
+            config.source, None, "modemchat", "the chat test needs a serial link with modemchat"
+        )
+    from vpnd_runtime.io.chat import run_chat_test  # noqa: PLC0415 - lazy: optional module
+
+    return int(run_chat_test(config) or 0)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``vpnd -f CONF [--daemon]``: check the key early (before detaching), then run."""
+    config: Config = load_config(args.config or DEFAULT_CONFIG)
+    load_key(config.keyfile)
+    from vpnd_runtime import daemon  # noqa: PLC0415 - lazy: written separately, heavy imports
+
+    return int(daemon.run(config, daemonize=args.daemon) or 0)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    first = next((i for i, word in enumerate(argv) if word not in ("-v", "--verbose")), None)
+    if first is not None and argv[first] in _SUBCOMMANDS:  # `vpnd [-v] genkey ...`
+        return _sub_parser().parse_args(argv[first:] + argv[:first])
+    args = _top_parser().parse_args(argv)
+    if args.make_key is not None:
+        args.command = "make-key"
+    elif args.check:
+        args.command = "check"
+    elif args.chat_test:
+        args.command = "chat-test"
+    else:
+        args.command = "run"
+    return args
+
+
+_COMMANDS = {
+    "genkey": cmd_genkey,
+    "make-key": cmd_make_key,
+    "check": cmd_check,
+    "status": cmd_status,
+    "chat-test": cmd_chat_test,
+    "run": cmd_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vpnd``; returns the process exit code."""
+    try:
+        args = _parse(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    _setup_logging(args.verbose)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, KeyFileError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("vpnd_runtime"):
+            raise
+        print(f"vpnd: this build lacks {exc.name}", file=sys.stderr)
+        return EXIT_SOFTWARE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -149,12 +149,13 @@ def cmd_chat_test(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``vpnd -f CONF [--daemon]``: check the key early (before detaching), then run."""
+    """``vpnd -f CONF [--daemon] [-v]``: check the key early (errors reach the terminal
+    before detaching), then hand over to ``vpnd_runtime.daemon.run``."""
     config: Config = load_config(args.config or DEFAULT_CONFIG)
     load_key(config.keyfile)
     from vpnd_runtime import daemon  # noqa: PLC0415 - lazy: written separately, heavy imports
 
-    return int(daemon.run(config, daemonize=args.daemon) or 0)
+    return int(daemon.run(config, daemonize=args.daemon, verbose=args.verbose) or 0)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

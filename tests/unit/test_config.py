@@ -525,3 +525,21 @@ def configs(draw: st.DrawFn) -> Config:
 @given(configs())
 def test_to_text_reparses_to_an_equal_config_for_any_valid_config(config: Config):
     assert parse_config(config.to_text(), "t.conf") == config
+
+
+# ---- the shipped examples ------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_example_server_and_client_configs_parse_and_mirror_each_other():
+    server = load_config(EXAMPLES / "server.conf")
+    client = load_config(EXAMPLES / "client.conf")
+    assert (server.mode, client.mode) == ("server", "client")
+    assert (server.local, server.remote) == (client.remote, client.local)
+    assert server.server_port == client.server_port
+    assert IPv4Address(client.server_host) in IPv4Network("198.18.0.0/15")
+    assert server.keyfile == client.keyfile
+    assert (server.keepalive, server.noanswer) == (client.keepalive, client.noanswer)
+    assert server.routes[0].gateway == server.remote
+    assert client.routes[0].gateway == client.remote

@@ -1,0 +1,739 @@
+"""The vpnd tunnel protocol as a sans-I/O state machine (h11 style).
+
+Theory of operation
+-------------------
+A `Connection` is one end of one tunnel session.  It never touches a socket, a thread, a clock or
+global randomness: the caller feeds it received bytes (`receive_data`), the time (`now`, monotonic
+seconds) and randomness (`rng(n) -> n bytes`), and drains the bytes it must write
+(`data_to_send`).  Timers run when the caller calls `tick(now)` at or after `next_deadline()`.
+
+States::
+
+    HANDSHAKE --(initiator: message 2 ok / responder: CONFIRM ok)--> ESTABLISHED
+    HANDSHAKE | ESTABLISHED --(close() / peer CLOSE / PeerDead)--> CLOSED
+    any --(RemoteProtocolError from the peer's bytes)--> ERROR   (terminal)
+
+Wire protocol (every message is framed by the framer: u32 length over TCP, SLIP on serial):
+
+1. Handshake, Noise ``NNpsk0_25519_ChaChaPoly_BLAKE2s`` with prologue ``b"vpnd/1"`` (see
+   `handshake.py`)::
+
+       initiator -> 0x01 | key_id[4] | e[32] | AEAD_psk(timestamp u64 ns | cipher id | flags)
+       responder <- 0x02 | e[32] | AEAD(empty)                       (after the ee DH)
+       initiator -> DATA(epoch 0, counter 0, CONFIRM)                (then packets may follow)
+
+   The responder checks, in this order and before any DH: message shape, key id ("peer uses
+   another key"), the psk AEAD tag, cipher and compression agreement, and the replay guard
+   (timestamp strictly newer than the last accepted for this key, within `max_skew` of our wall
+   clock).  It declares `LinkUp` only on CONFIRM, so a replayed message 1 opens no session.
+   The initiator declares `LinkUp` when message 2 authenticates.  No `LinkUp` within
+   `handshake_timeout` of creation: `tick` returns `PeerDead`.
+
+2. Data: ``0x03 | epoch u32 | counter u64 | AEAD(inner)``, header as associated data, nonce =
+   counter (see `session.py`), one key per direction from Noise Split().  `send_packets` batches
+   packets into frames of at most `sendbuf` bytes (a bigger packet travels alone), optionally
+   zlib-compressed when that shrinks the batch.  Over TCP (`lossy=False`) any bad tag, gap,
+   reorder or replay is a RemoteProtocolError; with `lossy=True` (serial) a frame that fails
+   before authentication is dropped and counted in `stats.drops[reason]`, and counters only have
+   to increase.  A frame with a bad tag never produces a `Packets` event.
+
+3. Rekey (forward secrecy per epoch, no packet lost): the initiator starts it when its epoch is
+   `keyttl` old or a counter of the epoch reaches `rekey_after_messages`.  It sends
+   REKEY_INIT(n+1, e') in epoch n; the responder answers REKEY_RESP(n+1, f') in epoch n and from
+   then on sends in epoch n+1; the initiator switches its sending to n+1 on REKEY_RESP.  The keys
+   of n+1 are HKDF(chaining key of n, X25519(e', f')).  A receiver keeps the old epoch's key until
+   the first frame of the new epoch authenticates, so frames still in flight are accepted.  On a
+   lossy link the initiator repeats REKEY_INIT every `keepalive` until answered.  The responder
+   gives up (`PeerDead`) when its current epoch is older than 2 x keyttl + handshake_timeout +
+   keepalive: the initiator must renew keys.
+
+4. Keepalive: each side sends PING every `keepalive` seconds once established; the peer answers
+   PONG at once (`KeepaliveRtt`, `stats.last_rtt`).  At each keepalive instant, if nothing
+   authenticated arrived since the previous PING, `stats.missed_keepalives` grows; any
+   authenticated inbound message resets it.  When it reaches `noanswer`, `tick` returns
+   `PeerDead`.  A link cut silently at time T is therefore declared dead after more than
+   keepalive x noanswer and at most keepalive x (noanswer + 1) seconds.  With `maxdelay`, a
+   PING unanswered for longer than `maxdelay` (or a PONG arriving later) is `PeerDead` too.
+
+5. Goodbye: `close(reason)` queues CLOSE(reason) when established; the peer gets `Closed`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .events import Closed, Event, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
+from .framing import Framer, LengthFramer
+from .handshake import (
+    FLAG_COMPRESS,
+    MSG1_BODY_LEN,
+    MSG2_BODY_LEN,
+    InitPayload,
+    NoiseHandshake,
+    ReplayGuard,
+    SessionKeys,
+    dh,
+    generate_keypair,
+)
+from .kdf import key_id as derive_key_id
+from .session import (
+    CIPHER_NAMES,
+    CIPHERS,
+    HEADER,
+    HEADER_LEN,
+    INNER_CLOSE,
+    INNER_CONFIRM,
+    INNER_PACKETS,
+    INNER_PING,
+    INNER_PONG,
+    INNER_REKEY_INIT,
+    INNER_REKEY_RESP,
+    MAX_BODY,
+    MAX_PACKET,
+    MSG_DATA,
+    MSG_INIT,
+    MSG_RESP,
+    REKEY,
+    TAG_LEN,
+    U32,
+    U64,
+    FrameRejected,
+    RecvState,
+    SendState,
+    decode_close,
+    decode_packets,
+    encode_close,
+    make_aead,
+    packets_inner,
+    rekey_keys,
+)
+
+Role = Literal["initiator", "responder"]
+
+
+class State(enum.Enum):
+    """Where a Connection is in its life (see the module docstring)."""
+
+    HANDSHAKE = "handshake"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Params:
+    """Tunables of one connection; both ends must agree on `cipher` and `compress`.
+
+    sendbuf: most bytes of packets gathered into one sealed frame (the compression unit); capped
+    at 262,144.  keyttl: session key lifetime in seconds.  maxdelay: drop the link when a
+    keepalive answer takes longer (None: never).  lossy: the transport may destroy frames
+    (serial): damaged frames are dropped and counted instead of ending the connection.
+    """
+
+    cipher: str = "chacha20-poly1305"
+    compress: bool = False
+    compress_level: int = 1
+    keepalive: float = 10.0
+    noanswer: int = 3
+    keyttl: float = 120.0
+    rekey_after_messages: int = 2**40
+    maxdelay: float | None = None
+    handshake_timeout: float = 10.0
+    sendbuf: int = 65536
+    lossy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cipher not in CIPHERS:
+            raise ValueError(
+                f"Params.cipher: unknown cipher {self.cipher!r} (choose from {', '.join(CIPHERS)})"
+            )
+        if not 1 <= self.compress_level <= 9:
+            raise ValueError(f"Params.compress_level must be 1..9, got {self.compress_level}")
+        for name in ("keepalive", "keyttl", "handshake_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Params.{name} must be positive, got {getattr(self, name)}")
+        if self.noanswer < 1:
+            raise ValueError(f"Params.noanswer must be at least 1, got {self.noanswer}")
+        if self.rekey_after_messages < 1:
+            raise ValueError(
+                f"Params.rekey_after_messages must be at least 1, got {self.rekey_after_messages}"
+            )
+        if self.maxdelay is not None and not self.maxdelay > 0:
+            raise ValueError(f"Params.maxdelay must be positive or None, got {self.maxdelay}")
+        if self.sendbuf < 1:
+            raise ValueError(f"Params.sendbuf must be positive, got {self.sendbuf}")
+
+
+@dataclass
+class Stats:
+    """Counters of one connection, updated in place (the daemon copies them to its status).
+
+    bytes_in/out are sums of packet lengths as given to/returned by the API; wire_bytes_* count
+    transport bytes; frames_* count framed messages; drops counts discarded frames by reason
+    (lossy mode only).
+    """
+
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    wire_bytes_in: int = 0
+    wire_bytes_out: int = 0
+    rekeys: int = 0
+    epoch: int = 0
+    last_rtt: float | None = None
+    missed_keepalives: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    established_at: float | None = None
+
+
+_MSG1_LEN = 1 + 4 + MSG1_BODY_LEN
+_MSG2_LEN = 1 + MSG2_BODY_LEN
+_MIN_DATA = HEADER_LEN + TAG_LEN
+_CONFIRM = bytes([INNER_CONFIRM])
+
+
+class Connection:
+    """One end of a vpnd tunnel session; see the module docstring for the protocol.
+
+    `wall` (optional) is the caller's wall-clock time (`time.time()`) at `now`; the initiator
+    needs it (here or in `start`) for the handshake timestamp, the responder uses it to refuse
+    handshakes whose timestamp is more than the guard's `max_skew` away.  `replay_guard` should be
+    shared by all responder connections of a process; without one a private guard is used (a
+    replayed message 1 still opens no session, but costs the responder a DH).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        psk: bytes,
+        params: Params,
+        rng: Callable[[int], bytes],
+        now: float,
+        *,
+        framer: Framer | None = None,
+        replay_guard: ReplayGuard | None = None,
+        wall: float | None = None,
+    ) -> None:
+        if role not in ("initiator", "responder"):
+            raise ValueError(f"role must be 'initiator' or 'responder', got {role!r}")
+        if len(psk) != 32:
+            raise ValueError(f"psk must be 32 bytes, got {len(psk)}")
+        self.role: Role = role
+        self.params = params
+        self.state = State.HANDSHAKE
+        self.stats = Stats()
+        self._initiator = role == "initiator"
+        self._psk = bytes(psk)
+        self._key_id = derive_key_id(self._psk)
+        self._peer_key_id: bytes | None = None
+        self._rng = rng
+        self._framer: Framer = framer if framer is not None else LengthFramer()
+        self._guard = replay_guard if replay_guard is not None else ReplayGuard()
+        self._created = now
+        self._wall0 = wall
+        self._hs: NoiseHandshake | None = None
+        self._hs_deadline = now + params.handshake_timeout
+        self._started = False
+        self._awaiting_confirm = False
+        self._last_drop: str | None = None
+        self._session_id = ""
+        self._out: list[bytes] = []
+        self._lossy = params.lossy
+        self._cipher_id = CIPHERS[params.cipher][0]
+        self._flags = FLAG_COMPRESS if params.compress else 0
+        self._batch_limit = min(params.sendbuf, MAX_BODY)
+        # session
+        self._send: SendState | None = None
+        self._prev_send: SendState | None = None
+        self._recv: dict[int, RecvState] = {}
+        self._recv_epoch = 0
+        self._ck = b""
+        # keepalive
+        self._next_ping = 0.0
+        self._ping_id = 0
+        self._ping_sent_at: float | None = None
+        self._ping_outstanding: int | None = None
+        self._last_in = now
+        # rekey (initiator: pending exchange; responder: last answer, for lossy retransmits)
+        self._rekey_priv: X25519PrivateKey | None = None
+        self._rekey_msg: bytes | None = None
+        self._rekey_target = 0
+        self._rekey_retry_at: float | None = None
+        self._rekey_answer: tuple[bytes, bytes] | None = None  # (REKEY_INIT seen, REKEY_RESP sent)
+
+    # ------------------------------------------------------------------ identity and status
+    @property
+    def key_id(self) -> str:
+        """Hex id of our link key (8 digits)."""
+        return self._key_id.hex()
+
+    @property
+    def peer_key_id(self) -> str | None:
+        """Hex id of the key the peer used, once seen in a handshake."""
+        return self._peer_key_id.hex() if self._peer_key_id is not None else None
+
+    @property
+    def session_id(self) -> str:
+        """Short hex id of the session (equal on both ends), '' before the handshake."""
+        return self._session_id
+
+    def session_age(self, now: float) -> float:
+        """Seconds since LinkUp (0.0 before)."""
+        at = self.stats.established_at
+        return 0.0 if at is None else max(0.0, now - at)
+
+    def _wall_at(self, now: float) -> float | None:
+        return None if self._wall0 is None else self._wall0 + (now - self._created)
+
+    # ------------------------------------------------------------------ public API
+    def start(self, now: float, wall: float | None = None) -> None:
+        """Initiator: queue handshake message 1.  `wall` = time.time() unless given at creation."""
+        if not self._initiator:
+            raise LocalProtocolError("only the initiator starts the handshake")
+        if self._started:
+            raise LocalProtocolError("start() was already called")
+        self._check_usable()
+        if wall is None:
+            wall = self._wall_at(now)
+        if wall is None:
+            raise LocalProtocolError(
+                "start() needs the wall-clock time (wall=time.time()) for the handshake timestamp"
+            )
+        self._started = True
+        hs = NoiseHandshake(True, self._psk)
+        payload = InitPayload(int(wall * 1e9), self._cipher_id, self._flags).encode()
+        body = hs.write_message1(self._rng, payload)
+        self._hs = hs
+        self._emit(bytes([MSG_INIT]) + self._key_id + body)
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Feed bytes read from the transport; return the events they complete, in order.
+
+        Raises RemoteProtocolError (state becomes ERROR) when the peer's bytes are unacceptable;
+        the events completed before the bad message are attached to it as `.events`.  After
+        CLOSED, input is ignored.
+        """
+        if self.state is State.ERROR:
+            raise LocalProtocolError("receive_data on a connection in ERROR state")
+        if self.state is State.CLOSED:
+            return []
+        self.stats.wire_bytes_in += len(data)
+        events: list[Event] = []
+        try:
+            for msg in self._framer.decode(data):
+                self.stats.frames_in += 1
+                try:
+                    self._handle(msg, now, events)
+                except FrameRejected as exc:
+                    if not self._lossy:
+                        raise
+                    self._count_drop(exc.drop, exc.reason)
+                if self.state is not State.HANDSHAKE and self.state is not State.ESTABLISHED:
+                    break
+        except RemoteProtocolError as exc:
+            self.state = State.ERROR
+            exc.events = events  # type: ignore[attr-defined]
+            raise
+        return events
+
+    def send_packets(self, packets: Sequence[bytes], now: float) -> None:
+        """Seal `packets` into data frames (batches of at most `sendbuf` bytes) and queue them."""
+        if self.state is not State.ESTABLISHED:
+            self._check_usable()
+            raise LocalProtocolError(
+                f"cannot send packets before the link is up (state {self.state.value})"
+            )
+        send = self._send
+        if send is None:  # pragma: no cover - ESTABLISHED always has keys
+            raise LocalProtocolError("no send key")
+        limit = self._batch_limit
+        compress = self.params.compress
+        level = self.params.compress_level
+        framer_encode = self._framer.encode
+        out = self._out
+        pack = U32.pack
+        parts: list[bytes] = [b"\x01\x00"]
+        size = 0
+        count = 0
+        total = 0
+        nbatch = 0
+        stats = self.stats
+        for p in packets:
+            n = len(p)
+            if n > MAX_PACKET:
+                raise LocalProtocolError(f"packet of {n} bytes exceeds the {MAX_PACKET}-byte limit")
+            if count and size + n + 4 > limit:
+                out.append(framer_encode(send.seal(packets_inner(parts, compress, level))))
+                nbatch += 1
+                parts = [b"\x01\x00"]
+                size = 0
+                count = 0
+            parts.append(pack(n))
+            parts.append(p)
+            size += n + 4
+            count += 1
+            total += n
+        if count:
+            out.append(framer_encode(send.seal(packets_inner(parts, compress, level))))
+            nbatch += 1
+        stats.packets_out += len(packets)
+        stats.bytes_out += total
+        stats.frames_out += nbatch
+        if self._initiator:
+            self._maybe_rekey(now)
+
+    def tick(self, now: float) -> list[Event]:
+        """Run the timers due at `now`: handshake deadline, keepalive/noanswer, maxdelay, rekey."""
+        if self.state is not State.HANDSHAKE and self.state is not State.ESTABLISHED:
+            return []
+        events: list[Event] = []
+        p = self.params
+        if self.state is State.HANDSHAKE:
+            if now >= self._hs_deadline:
+                why = f"no handshake completed within {p.handshake_timeout:g} s"
+                if self._last_drop:
+                    why += f" (last frame dropped: {self._last_drop})"
+                self._dead(why, events)
+            return events
+        if (
+            p.maxdelay is not None
+            and self._ping_outstanding is not None
+            and self._ping_sent_at is not None
+            and now - self._ping_sent_at > p.maxdelay
+        ):
+            self._dead(f"keepalive not answered within maxdelay {p.maxdelay:g} s", events)
+            return events
+        send = self._send
+        if not self._initiator and send is not None and now >= self._stale_deadline(send):
+            self._dead("the peer did not renew the session key in time", events)
+            return events
+        if now >= self._next_ping:
+            if self._ping_sent_at is not None and self._last_in < self._ping_sent_at:
+                self.stats.missed_keepalives += 1
+            else:
+                self.stats.missed_keepalives = 0
+            if self.stats.missed_keepalives >= p.noanswer:
+                self._dead(
+                    f"no answer from peer: {self.stats.missed_keepalives} keepalive intervals "
+                    f"of {p.keepalive:g} s without a message",
+                    events,
+                )
+                return events
+            self._ping_id += 1
+            self._ping_outstanding = self._ping_id
+            self._ping_sent_at = now
+            self._next_ping = now + p.keepalive
+            self._seal_inner(bytes([INNER_PING]) + U64.pack(self._ping_id))
+        if self._initiator:
+            self._maybe_rekey(now)
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Drain the bytes queued for the transport (b"" when none)."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.stats.wire_bytes_out += len(data)
+        return data
+
+    def next_deadline(self) -> float | None:
+        """The time at which `tick` must next be called (None: no timer is running)."""
+        if self.state is State.HANDSHAKE:
+            return self._hs_deadline
+        if self.state is not State.ESTABLISHED:
+            return None
+        p = self.params
+        deadlines = [self._next_ping]
+        if (
+            p.maxdelay is not None
+            and self._ping_outstanding is not None
+            and self._ping_sent_at is not None
+        ):
+            deadlines.append(self._ping_sent_at + p.maxdelay)
+        send = self._send
+        if send is not None:
+            if self._initiator:
+                if self._rekey_priv is None:
+                    deadlines.append(send.started + p.keyttl)
+                elif self._rekey_retry_at is not None:
+                    deadlines.append(self._rekey_retry_at)
+            else:
+                deadlines.append(self._stale_deadline(send))
+        return min(deadlines)
+
+    def close(self, reason: str) -> None:
+        """Queue a goodbye (when established) and move to CLOSED.  No-op when already over."""
+        if self.state is State.ESTABLISHED and self._send is not None:
+            self._seal_inner(encode_close(reason))
+        if self.state is State.HANDSHAKE or self.state is State.ESTABLISHED:
+            self.state = State.CLOSED
+
+    # ------------------------------------------------------------------ internals
+    def _check_usable(self) -> None:
+        if self.state is State.ERROR:
+            raise LocalProtocolError("the connection is in ERROR state")
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("the connection is closed")
+
+    def _emit(self, msg: bytes) -> None:
+        self._out.append(self._framer.encode(msg))
+        self.stats.frames_out += 1
+
+    def _seal_inner(self, inner: bytes) -> None:
+        send = self._send
+        if send is None:  # pragma: no cover - callers check
+            raise LocalProtocolError("no send key")
+        self._emit(send.seal(inner))
+
+    def _count_drop(self, kind: str, reason: str) -> None:
+        self.stats.drops[kind] = self.stats.drops.get(kind, 0) + 1
+        self._last_drop = reason
+
+    def _dead(self, reason: str, events: list[Event]) -> None:
+        self.state = State.CLOSED
+        events.append(PeerDead(reason))
+
+    def _stale_deadline(self, send: SendState) -> float:
+        p = self.params
+        return send.started + 2 * p.keyttl + p.handshake_timeout + p.keepalive
+
+    def _handle(self, msg: bytes, now: float, events: list[Event]) -> None:
+        if not msg:
+            raise FrameRejected("empty message", "malformed")
+        kind = msg[0]
+        if kind == MSG_DATA:
+            self._handle_data(msg, now, events)
+        elif kind == MSG_INIT:
+            self._handle_init(msg, now)
+        elif kind == MSG_RESP:
+            self._handle_resp(msg, now, events)
+        else:
+            raise FrameRejected(f"unknown message type 0x{kind:02x}", "malformed")
+
+    def _handle_init(self, msg: bytes, now: float) -> None:
+        if self._initiator or self._hs is not None:
+            raise FrameRejected("unexpected handshake message 1", "unexpected")
+        if len(msg) != _MSG1_LEN:
+            raise FrameRejected(f"handshake message 1 of {len(msg)} bytes", "malformed")
+        kid = bytes(msg[1:5])
+        if kid != self._key_id:
+            raise FrameRejected(
+                f"peer uses another key (key id {kid.hex()}, ours {self.key_id})", "other_key"
+            )
+        hs = NoiseHandshake(False, self._psk)
+        try:
+            raw = hs.read_message1(msg[5:])
+        except RemoteProtocolError as exc:
+            raise FrameRejected(exc.reason, "bad_handshake") from None
+        payload = InitPayload.decode(raw)
+        if payload.cipher_id != self._cipher_id:
+            theirs = CIPHER_NAMES.get(payload.cipher_id, f"unknown cipher {payload.cipher_id}")
+            raise RemoteProtocolError(
+                f"cipher mismatch: peer uses {theirs}, we use {self.params.cipher}"
+            )
+        if payload.flags & ~FLAG_COMPRESS:
+            raise RemoteProtocolError(f"unknown handshake flags 0x{payload.flags:02x}")
+        if payload.flags != self._flags:
+            raise RemoteProtocolError(
+                "compression mismatch: peer has compress "
+                f"{'on' if payload.flags & FLAG_COMPRESS else 'off'}, "
+                f"we have it {'on' if self.params.compress else 'off'}"
+            )
+        try:
+            self._guard.check(kid, payload.timestamp_ns, self._wall_at(now))
+        except RemoteProtocolError as exc:
+            raise FrameRejected(exc.reason, "replay") from None
+        body2 = hs.write_message2(self._rng)
+        self._guard.record(kid, payload.timestamp_ns)
+        self._hs = hs
+        self._peer_key_id = kid
+        self._install_keys(hs.keys(), now)
+        self._awaiting_confirm = True
+        self._emit(bytes([MSG_RESP]) + body2)
+
+    def _handle_resp(self, msg: bytes, now: float, events: list[Event]) -> None:
+        hs = self._hs
+        if not self._initiator or hs is None or self._send is not None:
+            raise FrameRejected("unexpected handshake message 2", "unexpected")
+        if len(msg) != _MSG2_LEN:
+            raise FrameRejected(f"handshake message 2 of {len(msg)} bytes", "malformed")
+        try:
+            hs.read_message2(msg[1:])
+        except RemoteProtocolError as exc:
+            self._hs = None if self._lossy else hs  # a lossy retry cannot reuse the state
+            if exc.reason.startswith("handshake authentication failed"):
+                raise FrameRejected(exc.reason, "bad_handshake") from None
+            raise
+        self._peer_key_id = self._key_id
+        self._install_keys(hs.keys(), now)
+        self._seal_inner(_CONFIRM)
+        self._link_up(now, events)
+
+    def _install_keys(self, keys: SessionKeys, now: float) -> None:
+        cipher = self.params.cipher
+        self._send = SendState(make_aead(cipher, keys.send_key), 0, now)
+        self._recv = {0: RecvState(make_aead(cipher, keys.recv_key), 0, now)}
+        self._recv_epoch = 0
+        self._ck = keys.chaining_key
+        self._session_id = keys.handshake_hash[:8].hex()
+
+    def _link_up(self, now: float, events: list[Event]) -> None:
+        self.state = State.ESTABLISHED
+        self._awaiting_confirm = False
+        self.stats.established_at = now
+        self._last_in = now
+        self._next_ping = now + self.params.keepalive
+        events.append(LinkUp(self.key_id, self._session_id))
+
+    def _handle_data(self, msg: bytes, now: float, events: list[Event]) -> None:
+        if len(msg) < _MIN_DATA:
+            raise FrameRejected(f"data frame of {len(msg)} bytes is too short", "malformed")
+        _, epoch, counter = HEADER.unpack_from(msg)
+        rs = self._recv.get(epoch)
+        if rs is None:
+            raise FrameRejected(f"data frame for unknown key epoch {epoch}", "unknown_epoch")
+        inner = rs.open(msg, counter, self._lossy)
+        # Authenticated from here on: a violation is the (keyed) peer's fault, never a drop.
+        self._last_in = now
+        self.stats.missed_keepalives = 0
+        if epoch != self._recv_epoch:
+            self._recv_epoch = epoch
+            for old in [e for e in self._recv if e != epoch]:
+                del self._recv[old]
+            self._prev_send = None
+            self._rekey_answer = None
+        if not inner:
+            raise RemoteProtocolError("empty inner message")
+        kind = inner[0]
+        if self._awaiting_confirm:
+            if kind != INNER_CONFIRM:
+                raise RemoteProtocolError("the first data message was not CONFIRM")
+            self._link_up(now, events)
+            return
+        if kind == INNER_PACKETS:
+            pkts = decode_packets(inner)
+            if pkts:
+                stats = self.stats
+                stats.packets_in += len(pkts)
+                stats.bytes_in += sum(map(len, pkts))
+                events.append(Packets(pkts))
+        elif kind == INNER_PING:
+            if len(inner) != 9:
+                raise RemoteProtocolError("malformed PING")
+            self._seal_inner(bytes([INNER_PONG]) + inner[1:9])
+        elif kind == INNER_PONG:
+            if len(inner) != 9:
+                raise RemoteProtocolError("malformed PONG")
+            (pid,) = U64.unpack_from(inner, 1)
+            if pid == self._ping_outstanding and self._ping_sent_at is not None:
+                rtt = now - self._ping_sent_at
+                self._ping_outstanding = None
+                self.stats.last_rtt = rtt
+                events.append(KeepaliveRtt(rtt))
+                maxdelay = self.params.maxdelay
+                if maxdelay is not None and rtt > maxdelay:
+                    self._dead(
+                        f"keepalive answered after {rtt:.3f} s > maxdelay {maxdelay:g} s", events
+                    )
+        elif kind == INNER_REKEY_INIT:
+            self._on_rekey_init(inner, now, events)
+        elif kind == INNER_REKEY_RESP:
+            self._on_rekey_resp(inner, now, events)
+        elif kind == INNER_CLOSE:
+            self.state = State.CLOSED
+            events.append(Closed(decode_close(inner)))
+        elif kind == INNER_CONFIRM:
+            raise RemoteProtocolError("CONFIRM after the session was confirmed")
+        else:
+            raise RemoteProtocolError(f"unknown inner message type 0x{kind:02x}")
+
+    # ------------------------------------------------------------------ rekey
+    def _maybe_rekey(self, now: float) -> None:
+        send = self._send
+        if send is None or self.state is not State.ESTABLISHED:
+            return
+        p = self.params
+        if self._rekey_priv is not None:
+            if self._rekey_retry_at is not None and now >= self._rekey_retry_at and self._rekey_msg:
+                self._seal_inner(self._rekey_msg)
+                self._rekey_retry_at = now + p.keepalive
+            return
+        rs = self._recv.get(self._recv_epoch)
+        peer_count = rs.next_counter if rs is not None else 0
+        if (
+            now - send.started < p.keyttl
+            and send.counter < p.rekey_after_messages
+            and peer_count < p.rekey_after_messages
+        ):
+            return
+        priv, pub = generate_keypair(self._rng)
+        self._rekey_priv = priv
+        self._rekey_target = send.epoch + 1
+        self._rekey_msg = bytes([INNER_REKEY_INIT]) + REKEY.pack(self._rekey_target, pub)
+        self._rekey_retry_at = now + p.keepalive if self._lossy else None
+        self._seal_inner(self._rekey_msg)
+
+    def _on_rekey_init(self, inner: bytes, now: float, events: list[Event]) -> None:
+        if self._initiator:
+            raise RemoteProtocolError("REKEY_INIT sent by the responder")
+        if len(inner) != 1 + REKEY.size:
+            raise RemoteProtocolError("malformed REKEY_INIT")
+        send = self._send
+        if send is None:  # pragma: no cover
+            raise RemoteProtocolError("REKEY_INIT before keys")
+        target, peer_pub = REKEY.unpack_from(inner, 1)
+        answer = self._rekey_answer
+        if answer is not None and answer[0] == inner and self._prev_send is not None:
+            # The initiator repeats itself (lossy link): answer again in the old epoch.
+            self._emit(self._prev_send.seal(answer[1]))
+            return
+        if target != send.epoch + 1:
+            raise RemoteProtocolError(f"REKEY_INIT for epoch {target}, expected {send.epoch + 1}")
+        priv, pub = generate_keypair(self._rng)
+        ck, k_i2r, k_r2i = rekey_keys(self._ck, dh(priv, peer_pub))
+        cipher = self.params.cipher
+        resp = bytes([INNER_REKEY_RESP]) + REKEY.pack(target, pub)
+        self._emit(send.seal(resp))
+        self._ck = ck
+        self._recv[target] = RecvState(make_aead(cipher, k_i2r), target, now)
+        self._prev_send = send
+        self._send = SendState(make_aead(cipher, k_r2i), target, now)
+        self._rekey_answer = (bytes(inner), resp)
+        self._rekeyed(target, events)
+
+    def _on_rekey_resp(self, inner: bytes, now: float, events: list[Event]) -> None:
+        if not self._initiator:
+            raise RemoteProtocolError("REKEY_RESP sent by the initiator")
+        if len(inner) != 1 + REKEY.size:
+            raise RemoteProtocolError("malformed REKEY_RESP")
+        target, peer_pub = REKEY.unpack_from(inner, 1)
+        priv = self._rekey_priv
+        if priv is None or target != self._rekey_target:
+            if self._lossy and self._send is not None and target == self._send.epoch:
+                return  # a repeated answer to a rekey already done
+            raise RemoteProtocolError(f"unexpected REKEY_RESP for epoch {target}")
+        ck, k_i2r, k_r2i = rekey_keys(self._ck, dh(priv, peer_pub))
+        cipher = self.params.cipher
+        self._ck = ck
+        self._recv[target] = RecvState(make_aead(cipher, k_r2i), target, now)
+        self._send = SendState(make_aead(cipher, k_i2r), target, now)
+        self._rekey_priv = None
+        self._rekey_msg = None
+        self._rekey_retry_at = None
+        self._rekeyed(target, events)
+
+    def _rekeyed(self, epoch: int, events: list[Event]) -> None:
+        self.stats.rekeys += 1
+        self.stats.epoch = epoch
+        events.append(Rekeyed(epoch))

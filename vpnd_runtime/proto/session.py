@@ -1,0 +1,222 @@
+"""Session layer: per-direction AEAD with counter nonces, epochs, and the inner messages.
+
+Theory of operation
+-------------------
+After the handshake each direction has its own key.  Every DATA message is::
+
+    0x03 | epoch u32 BE | counter u64 BE | AEAD(inner message)   (AD = the 13-byte header)
+
+with nonce = 4 zero bytes + counter as u64 little-endian (as WireGuard).  Counters start at 0 in
+each epoch and strictly increase.  A receiver keeps at most two epochs: the current one and, during
+a rekey, the next one (or the previous one, until the peer's first frame of the new epoch arrives).
+Over a reliable stream the next counter must be exactly last + 1; on a lossy link (serial) it only
+has to be greater.  The counter check happens after the tag check, so forged headers cannot move it.
+
+Inner messages (the plaintext) start with a type byte::
+
+    0x01 PACKETS     flags u8 (bit 0: zlib-compressed) | body; body = (u32 BE length | packet)*
+    0x02 PING        id u64
+    0x03 PONG        id u64
+    0x04 REKEY_INIT  target epoch u32 | e[32]
+    0x05 REKEY_RESP  target epoch u32 | e[32]
+    0x06 CONFIRM     (empty): the initiator's first message, it completes the handshake
+    0x07 CLOSE       reason (UTF-8, at most 200 bytes)
+
+Compression (zlib, optional) is applied to the PACKETS body as a whole and only kept when it
+shrinks it.  Compressing before encrypting can leak plaintext patterns through lengths (CRIME-like);
+it is off by default.  Decompression is bounded by MAX_BODY: a bomb is a RemoteProtocolError.
+
+Rekey keys: new_ck, k_i2r, k_r2i = HKDF(chaining key, X25519(e_init, e_resp), 3).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .kdf import hkdf
+
+MSG_INIT = 0x01
+MSG_RESP = 0x02
+MSG_DATA = 0x03
+
+INNER_PACKETS = 0x01
+INNER_PING = 0x02
+INNER_PONG = 0x03
+INNER_REKEY_INIT = 0x04
+INNER_REKEY_RESP = 0x05
+INNER_CONFIRM = 0x06
+INNER_CLOSE = 0x07
+
+PACKETS_COMPRESSED = 0x01
+
+HEADER = struct.Struct(">BIQ")
+HEADER_LEN = HEADER.size  # 13
+TAG_LEN = 16
+NONCE = struct.Struct("<4xQ")
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+REKEY = struct.Struct(">I32s")
+
+#: Largest packet accepted by send_packets: 10-byte virtio-net header + 65,535-byte IP packet.
+MAX_PACKET = 65545
+#: Largest PACKETS body (after decompression); also the cap on one batch.
+MAX_BODY = 262144
+MAX_REASON = 200
+#: Never let a counter get near wrap-around, whatever rekey_after_messages says.
+COUNTER_LIMIT = 2**63
+
+#: cipher name -> (wire id, AEAD class, key length)
+CIPHERS: dict[str, tuple[int, Any, int]] = {
+    "chacha20-poly1305": (1, ChaCha20Poly1305, 32),
+    "aes-256-gcm": (2, AESGCM, 32),
+    "aes-128-gcm": (3, AESGCM, 16),
+}
+CIPHER_NAMES = {cid: name for name, (cid, _, _) in CIPHERS.items()}
+
+
+def make_aead(cipher: str, key: bytes) -> Any:
+    """Build the AEAD object for `cipher` from a 32-byte session key."""
+    _, cls, keylen = CIPHERS[cipher]
+    return cls(key[:keylen])
+
+
+def rekey_keys(chaining_key: bytes, shared: bytes) -> tuple[bytes, bytes, bytes]:
+    """New chaining key and the initiator->responder and responder->initiator keys of an epoch."""
+    ck, k_i2r, k_r2i = hkdf(chaining_key, shared, 3)
+    return ck, k_i2r, k_r2i
+
+
+class FrameRejected(RemoteProtocolError):
+    """A frame that failed before or at authentication.
+
+    On a lossy link (serial) such a frame is dropped and counted under `drop`; over TCP it is
+    fatal like any other RemoteProtocolError.
+    """
+
+    def __init__(self, reason: str, drop: str) -> None:
+        super().__init__(reason)
+        self.drop = drop
+
+
+class SendState:
+    """The sending half of one epoch: AEAD, epoch number, next counter."""
+
+    __slots__ = ("aead", "counter", "epoch", "started")
+
+    def __init__(self, aead: Any, epoch: int, started: float) -> None:
+        self.aead = aead
+        self.epoch = epoch
+        self.counter = 0
+        self.started = started
+
+    def seal(self, inner: bytes) -> bytes:
+        """Return a DATA message carrying `inner`."""
+        c = self.counter
+        if c >= COUNTER_LIMIT:
+            raise LocalProtocolError("send counter exhausted: the session must be rekeyed")
+        self.counter = c + 1
+        hdr = HEADER.pack(MSG_DATA, self.epoch, c)
+        return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr)
+
+
+class RecvState:
+    """The receiving half of one epoch: AEAD and the lowest counter still acceptable."""
+
+    __slots__ = ("aead", "epoch", "next_counter", "started")
+
+    def __init__(self, aead: Any, epoch: int, started: float) -> None:
+        self.aead = aead
+        self.epoch = epoch
+        self.next_counter = 0
+        self.started = started
+
+    def open(self, msg: bytes, counter: int, lossy: bool) -> bytes:
+        """Authenticate and decrypt; then enforce the counter rule.  Raises RemoteProtocolError."""
+        try:
+            pt = self.aead.decrypt(
+                NONCE.pack(counter), memoryview(msg)[HEADER_LEN:], msg[:HEADER_LEN]
+            )
+        except InvalidTag:
+            raise FrameRejected("bad authentication tag on a data frame", "bad_tag") from None
+        expected = self.next_counter
+        if counter != expected and (not lossy or counter < expected):
+            if counter < expected:
+                raise FrameRejected(
+                    f"replayed or reordered data frame (counter {counter}, expected {expected})",
+                    "replay",
+                )
+            raise FrameRejected(
+                f"gap in data frames (counter {counter}, expected {expected})", "gap"
+            )
+        self.next_counter = counter + 1
+        return pt
+
+
+def packets_inner(parts: list[bytes], compress: bool, level: int) -> bytes:
+    """Join a PACKETS inner message from `parts` = [b"\\x01\\x00", len, packet, len, packet, ...].
+
+    With `compress`, the body is zlib-compressed and sent so only when that makes it smaller.
+    """
+    if compress:
+        body = b"".join(parts[1:])
+        packed = zlib.compress(body, level)
+        if len(packed) < len(body):
+            return b"\x01\x01" + packed
+        return b"\x01\x00" + body
+    return b"".join(parts)
+
+
+def decode_packets(inner: bytes) -> list[bytes]:
+    """Parse a PACKETS inner message (type byte included).  Raises RemoteProtocolError."""
+    if len(inner) < 2:
+        raise RemoteProtocolError("truncated PACKETS message")
+    flags = inner[1]
+    if flags & ~PACKETS_COMPRESSED:
+        raise RemoteProtocolError(f"unknown PACKETS flags 0x{flags:02x}")
+    if flags & PACKETS_COMPRESSED:
+        d = zlib.decompressobj()
+        try:
+            body = d.decompress(memoryview(inner)[2:], MAX_BODY + 1)
+        except zlib.error:
+            raise RemoteProtocolError("corrupt compressed PACKETS body") from None
+        if len(body) > MAX_BODY or d.unconsumed_tail:
+            raise RemoteProtocolError(f"compressed PACKETS body expands beyond {MAX_BODY} bytes")
+        if not d.eof or d.unused_data:
+            raise RemoteProtocolError("truncated or padded compressed PACKETS body")
+        start = 0
+    else:
+        body = inner
+        start = 2
+    out: list[bytes] = []
+    end = len(body)
+    pos = start
+    unpack_from = U32.unpack_from
+    while pos < end:
+        if end - pos < 4:
+            raise RemoteProtocolError("truncated packet length in PACKETS body")
+        (n,) = unpack_from(body, pos)
+        pos += 4
+        if n > end - pos:
+            raise RemoteProtocolError(f"packet length {n} runs past the PACKETS body")
+        out.append(body[pos : pos + n])
+        pos += n
+    return out
+
+
+def encode_close(reason: str) -> bytes:
+    """CLOSE inner message; the reason is cut to MAX_REASON bytes."""
+    raw = reason.encode("utf-8", "replace")[:MAX_REASON]
+    return bytes([INNER_CLOSE]) + raw
+
+
+def decode_close(inner: bytes) -> str:
+    """Reason of a CLOSE inner message, made printable."""
+    raw = inner[1 : 1 + MAX_REASON]
+    text = raw.decode("utf-8", "replace")
+    return "".join(ch if ch.isprintable() else "?" for ch in text)

@@ -1,0 +1,73 @@
+"""Lab helpers for e2e tests: a unique tag per test, a lab that is always torn down, polling."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from vpnctl.lab import LabState, lab_down, lab_up
+
+T = TypeVar("T")
+
+
+def unique_tag(base: str) -> str:
+    """A lab tag (<= 8 chars) unique to this test run: `base` plus random hex."""
+    return (base[:4] + os.urandom(2).hex())[:8]
+
+
+def free_mgmt_net() -> str:
+    """A management /24 in 198.18.100-249.x not routed in the root namespace yet."""
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    used = set()
+    for line in routes.splitlines():
+        dest = line.split()[0]
+        if dest != "default":
+            used.add(ipaddress.IPv4Network(dest, strict=False))
+    for _ in range(200):
+        third = 100 + int.from_bytes(os.urandom(1), "big") % 150
+        net = ipaddress.IPv4Network(f"198.18.{third}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise RuntimeError("no free management /24 in 198.18.100.0-198.18.249.0")
+
+
+@contextmanager
+def running_lab(directory: Path, *, clients: int = 2, base: str = "t") -> Iterator[LabState]:
+    """Build a lab in `directory` with a unique tag; tear it down however the test ends."""
+    tag = unique_tag(base)
+    state = lab_up(directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net())
+    try:
+        yield state
+    finally:
+        lab_down(directory)
+
+
+def poll_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
+    """Call `check` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last: T = check()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+        last = check()
+    return last
+
+
+def lab_traces(tag: str) -> list[str]:
+    """Namespaces and root links carrying `tag`: what a torn-down lab must not leave behind."""
+    netns = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    links = os.listdir("/sys/class/net")
+    found = [f"netns {line.split()[0]}" for line in netns.splitlines() if line.startswith(tag)]
+    found += [f"link {name}" for name in links if name.startswith(tag)]
+    return found

@@ -1,0 +1,49 @@
+"""`vpnctl lab up|down`: build or remove a lab of namespaced test hosts with their own sshd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vpnctl.lab import LabError, lab_down, lab_up
+
+app = typer.Typer(help="Namespaced test hosts with sshd (needs root).", no_args_is_help=True)
+
+DirOption = Annotated[Path, typer.Option("--dir", help="lab directory")]
+
+
+@app.command("up")
+def up(
+    clients: Annotated[int, typer.Option("--clients", "-n", help="number of client hosts")] = 2,
+    directory: DirOption = Path("lab"),
+    tag: Annotated[str, typer.Option(help="prefix of every namespace and link")] = "vlab",
+    mgmt_net: Annotated[
+        str | None, typer.Option("--mgmt-net", help="management /24 inside 198.18.0.0/15")
+    ] = None,
+) -> None:
+    """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir."""
+    try:
+        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net)
+    except LabError as exc:
+        typer.echo(f"lab up: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"lab {state.tag} up in {state.directory} (management {state.mgmt_net})")
+    for host in state.hosts:
+        typer.echo(
+            f"  {host.name:<10} ns {host.namespace:<16} ssh {host.mgmt_ip:<15} wan {host.wan_ip}"
+        )
+    typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
+    typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
+
+
+@app.command("down")
+def down(directory: DirOption = Path("lab")) -> None:
+    """Remove every namespace, link, process and file the lab created."""
+    try:
+        removed = lab_down(directory)
+    except LabError as exc:
+        typer.echo(f"lab down: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"lab in {directory} removed ({len(removed)} items)")

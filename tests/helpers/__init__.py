@@ -1,0 +1,1 @@
+"""Shared test helpers: PTY pairs, a simulated modem, namespaces and polling."""

@@ -1,0 +1,118 @@
+"""A socat PTY pair standing in for a serial cable, which tests can cut and restore.
+
+`socat pty,raw,echo=0,link=<dir>/a pty,raw,echo=0,link=<dir>/b` creates two pseudo-terminals and
+copies bytes between their master sides; each test opens the slave paths `a` and `b` as if they
+were /dev/ttyS0 at both ends of a null-modem cable. Killing socat closes both masters: a process
+holding a slave then reads EOF and gets EIO on write, which is how a cut line looks. PTYs ignore
+the baud rate and have no modem lines (DCD, RTS/CTS): see vpnd_runtime/io/serial.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` every few milliseconds; raise TimeoutError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)  # a bounded poll step, not a fixed wait
+        delay = min(delay * 2, 0.05)
+
+
+@dataclass
+class PtyPair:
+    """Two PTY slave paths joined by a socat process that this object owns (by PID)."""
+
+    directory: str
+    a: str
+    b: str
+    log: str
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start socat and wait (bounded) until both links exist."""
+        for path in (self.a, self.b):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "socat",
+                    "-d",
+                    "-d",
+                    f"pty,raw,echo=0,link={self.a}",
+                    f"pty,raw,echo=0,link={self.b}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"socat exited with {proc.returncode}; see {self.log}")
+            return os.path.exists(self.a) and os.path.exists(self.b)
+
+        wait_until(ready, timeout, f"socat PTY links {self.a} and {self.b}")
+
+    def cut(self, timeout: float = 5.0) -> None:
+        """Cut the line: stop socat (by PID) so both masters close; the slaves see EOF/EIO."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self.proc = None
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+        self.proc = None
+        for path in (self.a, self.b):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def restore(self, timeout: float = 5.0) -> None:
+        """Restore the line: a fresh socat at the same paths (ends must reopen their devices)."""
+        self.cut(timeout)
+        self.start(timeout)
+
+    @property
+    def running(self) -> bool:
+        """True while the socat process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+
+@contextlib.contextmanager
+def pty_pair(tag: str, timeout: float = 5.0) -> Iterator[PtyPair]:
+    """Yield a started PtyPair in a temp dir prefixed with `tag`; always kill socat and clean up."""
+    if shutil.which("socat") is None:
+        raise RuntimeError("socat is not installed (apt-get install socat)")
+    directory = tempfile.mkdtemp(prefix=f"{tag}-pty-")
+    pair = PtyPair(
+        directory=directory,
+        a=os.path.join(directory, "a"),
+        b=os.path.join(directory, "b"),
+        log=os.path.join(directory, "socat.log"),
+    )
+    try:
+        pair.start(timeout)
+        yield pair
+    finally:
+        try:
+            pair.cut(timeout)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)

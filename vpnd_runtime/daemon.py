@@ -1,0 +1,888 @@
+"""vpnd's daemon: the one place where the sans-I/O protocol meets sockets, serial lines and the TUN.
+
+Theory of operation
+-------------------
+One process serves one link (one config file). A single thread runs a selector loop over: the
+carrier listener (server), the carrier connection(s), the TUN (only while the link is up), and a
+wake-up pipe for signals. Time is read once per loop turn and handed to the protocol core, which
+owns every rule (handshake, counters, keepalive, rekey); the daemon owns I/O, hooks, routes,
+reconnects and the status record.
+
+Link life cycle::
+
+    client: CONNECTING -tcp-> HANDSHAKE -LinkUp-> UP -dead/EOF/error-> DOWN -backoff-> CONNECTING
+    server: LISTENING -accept-> (pending handshakes: capped, each with a deadline) -LinkUp-> UP
+
+On UP the TUN is created (slipup), configured (local/remote/mtu), routes route1..9 are added and
+linkup runs; on DOWN the reverse: linkdown, routes removed, TUN closed (the kernel deletes it),
+slipdown. A server keeps accepting while UP: a client that restarted authenticates on a new
+connection, which then replaces the old one (the link stays up; the old session is closed).
+Unauthenticated connections get no answer, a deadline and a cap (`MAX_PENDING`).
+
+Outbound pipeline (TUN -> carrier), run when the TUN fd is readable:
+ 1. read up to `TUN_BATCH` packets without blocking; with IFF_VNET_HDR each is a 10-byte virtio
+    header plus a packet, TCP flows arriving as GSO super-packets of up to 64 KiB;
+ 2. `conn.send_packets(batch, now)`: batch into frames of at most `sendbuf` bytes, compress when
+    asked and useful, AEAD-seal under the send key with the next counter, length-prefix;
+ 3. `carrier.write(conn.data_to_send())`: the kernel takes what it can, the rest is queued;
+ 4. while the queue is not empty the TUN is not read (back-pressure): the TUN queue fills and the
+    kernel drops, so the inner TCP slows down instead of vpnd buffering without end.
+
+Inbound pipeline (carrier -> TUN), run when the carrier is readable:
+ 1. read up to 256 KiB;
+ 2. `conn.receive_data(data, now)`: unframe (length cap checked first), check the epoch and the
+    counter, AEAD-open (a bad tag never gets further), decompress, split the batch;
+ 3. write each packet, virtio header included, to the TUN: the kernel segments super-packets and
+    completes partial checksums;
+ 4. answers the core queued (pongs, rekey messages) are flushed to the carrier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vpnd_runtime.config import Config, ConfigError, load_config
+from vpnd_runtime.io import tcp
+from vpnd_runtime.io.hooks import HookRunner
+from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, Tun, TunError
+from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
+from vpnd_runtime.proto.connection import Connection, Params
+from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
+from vpnd_runtime.proto.events import Closed, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
+from vpnd_runtime.proto.handshake import ReplayGuard
+from vpnd_runtime.status import StatusRecord, StatusWriter
+
+log = logging.getLogger("vpnd")
+
+#: Packets read from the TUN per loop turn before sealing them together.
+TUN_BATCH = 32
+#: Unauthenticated connections a server lets wait at once; more are closed on arrival.
+MAX_PENDING = 8
+#: Reconnect backoff: first delay, cap, and jitter (the delay is scaled by uniform(1-J, 1)).
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+BACKOFF_JITTER = 0.5
+#: A link that stayed up this long resets the backoff to its first step.
+BACKOFF_RESET_AFTER = 30.0
+#: How often the status file is refreshed while nothing changes.
+STATUS_INTERVAL = 1.0
+#: Longest a shutdown waits for linkdown/slipdown hooks.
+SHUTDOWN_HOOK_WAIT = 35.0
+
+
+def params_from_config(config: Config) -> Params:
+    """The protocol core's parameters for this config (the same on both ends of a link)."""
+    return Params(
+        cipher=config.cipher,
+        compress=config.compress,
+        compress_level=config.compress_level,
+        keepalive=config.keepalive,
+        noanswer=config.noanswer,
+        keyttl=config.keyttl,
+        maxdelay=config.maxdelay,
+        sendbuf=config.sendbuf,
+        lossy=config.is_serial,
+    )
+
+
+class RandomDev:
+    """Key material from `randomdev` (vpnd's directive); short reads are completed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def __call__(self, n: int) -> bytes:
+        chunks = []
+        left = n
+        while left:
+            chunk = os.read(self._fd, left)
+            if not chunk:
+                raise OSError(errno.EIO, f"randomdev {self.path} gave too few bytes")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class Session:
+    """One carrier connection and the protocol state riding on it."""
+
+    carrier: tcp.Carrier
+    conn: Connection
+    created: float
+    up: bool = False
+    closed: bool = False
+    tx_registered: bool = field(default=False)
+
+
+class Daemon:
+    """Runs one link until told to stop. `run()` returns the process exit code."""
+
+    def __init__(self, config: Config, key: bytes) -> None:
+        self.config = config
+        self.key = key
+        self.fp = fingerprint(key)
+        self.sel = selectors.DefaultSelector()
+        self.hooks = HookRunner()
+        self.status = StatusRecord(
+            config=config.source,
+            mode=config.mode,
+            interface=config.interface,
+            local=str(config.local),
+            remote=str(config.remote),
+            key_fingerprint=self.fp,
+        )
+        self.writer = StatusWriter(config.statusfile)
+        self.rng = RandomDev(config.randomdev)
+        self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
+        self.replay_guard: Any = None
+        self.listener: socket.socket | None = None
+        self.connecting: socket.socket | None = None
+        self.connect_started = 0.0
+        self.pending: list[Session] = []
+        self.active: Session | None = None
+        self.tun: Tun | None = None
+        self.tun_registered = False
+        self.attempt = 0
+        self.next_attempt = 0.0
+        self.link_since = 0.0
+        self.stopping = False
+        self.reload_requested = False
+        self.exit_code = 0
+        self._status_due = 0.0
+        self._status_dirty = True
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # ----------------------------------------------------------------- main loop
+    def run(self, ready: Callable[[str | None], None] | None = None) -> int:
+        """Serve the link until SIGTERM/SIGINT; `ready(None)` once started, else `ready(msg)`."""
+        self._install_signals()
+        try:
+            self._start()
+        except (OSError, TunError) as exc:
+            msg = f"cannot start: {exc}"
+            log.error(msg)
+            if ready:
+                ready(msg)
+            self._teardown()
+            return 1
+        if ready:
+            ready(None)
+        try:
+            while not self.stopping:
+                self._turn()
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self._reload()
+        finally:
+            self._teardown()
+        return self.exit_code
+
+    def _start(self) -> None:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        cfg = self.config
+        log.info(
+            "vpnd %s starting: %s %s -> %s, key %s",
+            cfg.mode,
+            cfg.interface,
+            cfg.local,
+            cfg.remote,
+            self.fp,
+        )
+        if cfg.mode == "server":
+            self._open_listener()
+        else:
+            self.status.set_state("connecting")
+        self._publish(force=True)
+
+    def _open_listener(self) -> None:
+        cfg = self.config
+        self.listener = tcp.listen(cfg.server_host, cfg.server_port, tcp.ipopts_to_tos(cfg.ipopts))
+        self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        self.status.set_state("listening")
+        log.info("listening on %s:%d", cfg.server_host, cfg.server_port)
+
+    def _turn(self) -> None:
+        now = time.monotonic()
+        timeout = self._next_deadline(now) - now
+        events = self.sel.select(max(0.0, min(timeout, STATUS_INTERVAL)))
+        now = time.monotonic()
+        for key, mask in events:
+            key.data(mask, now)
+        self._timers(now)
+        self._publish()
+
+    def _next_deadline(self, now: float) -> float:
+        deadline = now + STATUS_INTERVAL
+        for s in self._sessions():
+            d = s.conn.next_deadline()
+            if d is not None:
+                deadline = min(deadline, d)
+        if self.config.mode == "client" and self.active is None:
+            if self.connecting is None and not self.pending:
+                deadline = min(deadline, self.next_attempt)
+            elif self.connecting is not None:
+                deadline = min(deadline, self.connect_started + self._handshake_timeout())
+        return deadline
+
+    def _sessions(self) -> list[Session]:
+        return [*self.pending, self.active] if self.active else list(self.pending)
+
+    def _handshake_timeout(self) -> float:
+        return params_from_config(self.config).handshake_timeout
+
+    def _timers(self, now: float) -> None:
+        for s in self._sessions():
+            deadline = s.conn.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._run_protocol(s, now, lambda s=s: s.conn.tick(now))
+        if self.config.mode == "client" and self.active is None and not self.pending:
+            if self.connecting is None and now >= self.next_attempt and not self.stopping:
+                self._connect(now)
+            elif (
+                self.connecting is not None
+                and now - self.connect_started > self._handshake_timeout()
+            ):
+                self._connect_failed(now, "connect timed out")
+
+    # ----------------------------------------------------------------- client side
+    def _connect(self, now: float) -> None:
+        cfg = self.config
+        self.status.set_state("connecting")
+        self._status_dirty = True
+        try:
+            sock = tcp.start_connect(
+                (cfg.server_host, cfg.server_port),
+                (cfg.client_host, cfg.client_port),
+                tcp.ipopts_to_tos(cfg.ipopts),
+            )
+        except OSError as exc:
+            self._connect_failed(now, str(exc.strerror or exc))
+            return
+        self.connecting = sock
+        self.connect_started = now
+        self.sel.register(sock, selectors.EVENT_WRITE, self._on_connected)
+
+    def _on_connected(self, mask: int, now: float) -> None:
+        sock = self.connecting
+        if sock is None:
+            return
+        self.sel.unregister(sock)
+        self.connecting = None
+        try:
+            tcp.finish_connect(sock)
+        except OSError as exc:
+            sock.close()
+            self._connect_failed(now, exc.strerror or str(exc))
+            return
+        cfg = self.config
+        carrier = tcp.TcpCarrier(sock, f"{cfg.server_host}:{cfg.server_port}")
+        conn = Connection(
+            "initiator", self.key, params_from_config(cfg), self.rng, now, wall=time.time()
+        )
+        session = Session(carrier, conn, now)
+        self.pending.append(session)
+        self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
+        self.status.set_state("handshake")
+        self.status.peer = carrier.peer
+        self._status_dirty = True
+        log.info("connected to %s, handshaking", carrier.peer)
+        self._run_protocol(session, now, lambda: conn.start(now))
+
+    def _connect_failed(self, now: float, reason: str) -> None:
+        if self.connecting is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.connecting)
+            self.connecting.close()
+            self.connecting = None
+        self._schedule_retry(now, reason)
+
+    def _schedule_retry(self, now: float, reason: str) -> None:
+        delay = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(self.attempt, 16)))
+        delay *= self.jitter.uniform(1 - BACKOFF_JITTER, 1.0)
+        self.attempt += 1
+        self.next_attempt = now + delay
+        self.status.set_state("connecting", reason)
+        self._status_dirty = True
+        log.warning(
+            "link to %s:%d not up (%s); retrying in %.1f s",
+            self.config.server_host,
+            self.config.server_port,
+            reason,
+            delay,
+        )
+
+    # ----------------------------------------------------------------- server side
+    def _on_accept(self, mask: int, now: float) -> None:
+        if self.listener is None:
+            return
+        cfg = self.config
+        while True:
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            peer = f"{addr[0]}:{addr[1]}"
+            if not tcp.client_allowed(addr, cfg.client_host, cfg.client_port):
+                log.warning(
+                    "refused connection from %s: not the configured client %s:%s",
+                    peer,
+                    cfg.client_host,
+                    cfg.client_port or "any",
+                )
+                self.status.drops["refused_client"] = self.status.drops.get("refused_client", 0) + 1
+                sock.close()
+                continue
+            if len(self.pending) >= MAX_PENDING:
+                log.warning(
+                    "refused connection from %s: %d handshakes already waiting", peer, MAX_PENDING
+                )
+                sock.close()
+                continue
+            carrier = tcp.TcpCarrier(sock, peer)
+            conn = Connection(
+                "responder",
+                self.key,
+                params_from_config(cfg),
+                self.rng,
+                now,
+                replay_guard=self._guard(),
+                wall=time.time(),
+            )
+            session = Session(carrier, conn, now)
+            self.pending.append(session)
+            self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
+            log.info("connection from %s, waiting for its handshake", peer)
+
+    def _guard(self) -> Any:
+        if self.replay_guard is None:
+            self.replay_guard = ReplayGuard()
+        return self.replay_guard
+
+    # ----------------------------------------------------------------- data path
+    def _reader(self, session: Session) -> Callable[[int, float], None]:
+        """The selector callback for a carrier: inbound pipeline, and flushing on writability."""
+        conn = session.conn
+        carrier = session.carrier
+
+        def on_event(mask: int, now: float) -> None:
+            if mask & selectors.EVENT_WRITE and carrier.flush():
+                self._set_tx_wait(session, False)
+            if not mask & selectors.EVENT_READ or session.closed:
+                return
+            try:
+                data = carrier.read()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._end_session(session, f"carrier error: {exc.strerror or exc}")
+                return
+            if not data:
+                reason = (
+                    "peer closed the connection"
+                    if session.up
+                    else "peer closed the connection during the handshake "
+                    "(wrong key, or not an allowed client?)"
+                )
+                self._end_session(session, reason)
+                return
+            self._run_protocol(session, now, lambda: conn.receive_data(data, now))
+
+        return on_event
+
+    def _run_protocol(self, session: Session, now: float, step: Callable[[], Any]) -> None:
+        """Run one protocol step, act on its events, and send what it queued."""
+        try:
+            events = step() or ()
+        except RemoteProtocolError as exc:
+            self._end_session(
+                session,
+                f"{'peer error' if session.up else 'handshake failed'}: "
+                f"{exc.reason if hasattr(exc, 'reason') else exc}",
+            )
+            return
+        except ProtocolError as exc:
+            log.error("internal protocol misuse: %s", exc)
+            self._end_session(session, f"internal error: {exc}")
+            return
+        tun_fd = self.tun.fd if self.tun else -1
+        for ev in events:
+            if type(ev) is Packets:
+                self._to_tun(tun_fd, ev.packets)
+            elif type(ev) is LinkUp:
+                self._session_up(session, now)
+                tun_fd = self.tun.fd if self.tun else -1
+            elif type(ev) is KeepaliveRtt:
+                self.status.last_rtt = ev.rtt
+                self.status.missed_keepalives = 0
+            elif type(ev) is Rekeyed:
+                self.status.rekeys += 1
+                self.status.epoch = ev.epoch
+                log.info("session rekeyed (epoch %d)", ev.epoch)
+            elif type(ev) is PeerDead:
+                self._end_session(session, ev.reason)
+                return
+            elif type(ev) is Closed:
+                self._end_session(session, f"peer closed the link: {ev.reason}")
+                return
+        self._send(session)
+
+    def _to_tun(self, fd: int, packets: list[bytes]) -> None:
+        if fd < 0:
+            self.status.drops["link_down"] = self.status.drops.get("link_down", 0) + len(packets)
+            return
+        write = os.write
+        n = 0
+        size = 0
+        for pkt in packets:
+            try:
+                write(fd, pkt)
+            except OSError as exc:
+                reason = "tun_full" if exc.errno == errno.EAGAIN else "tun_write"
+                self.status.drops[reason] = self.status.drops.get(reason, 0) + 1
+                continue
+            n += 1
+            size += len(pkt)
+        self.status.packets_in += n
+        self.status.bytes_in += size - n * VNET_HDR_LEN
+
+    def _on_tun(self, mask: int, now: float) -> None:
+        session = self.active
+        tun = self.tun
+        if session is None or tun is None:
+            return
+        read = os.read
+        fd = tun.fd
+        batch: list[bytes] = []
+        for _ in range(TUN_BATCH):
+            try:
+                batch.append(read(fd, READ_SIZE))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.error("TUN read failed: %s", exc)
+                break
+        if not batch:
+            return
+        self.status.packets_out += len(batch)
+        self.status.bytes_out += sum(map(len, batch)) - len(batch) * VNET_HDR_LEN
+        self._run_protocol(session, now, lambda: session.conn.send_packets(batch, now))
+
+    def _send(self, session: Session) -> None:
+        if session.closed:
+            return
+        data = session.conn.data_to_send()
+        carrier = session.carrier
+        try:
+            if data:
+                carrier.write(data)
+            elif carrier.pending:
+                carrier.flush()
+        except OSError as exc:
+            self._end_session(session, f"carrier error: {exc.strerror or exc}")
+            return
+        self._set_tx_wait(session, carrier.pending)
+
+    def _set_tx_wait(self, session: Session, waiting: bool) -> None:
+        """Watch the carrier for writability, and pause the TUN, exactly while output is queued."""
+        if waiting == session.tx_registered or session.closed:
+            return
+        session.tx_registered = waiting
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
+        self.sel.modify(session.carrier.fileno(), events, self._reader(session))
+        if session is self.active:
+            self._watch_tun(not waiting)
+
+    def _watch_tun(self, on: bool) -> None:
+        if self.tun is None or on == self.tun_registered:
+            return
+        if on:
+            self.sel.register(self.tun.fd, selectors.EVENT_READ, self._on_tun)
+        else:
+            self.sel.unregister(self.tun.fd)
+        self.tun_registered = on
+
+    # ----------------------------------------------------------------- link up / down
+    def _session_up(self, session: Session, now: float) -> None:
+        session.up = True
+        if session in self.pending:
+            self.pending.remove(session)
+        previous = self.active
+        self.active = session
+        self.status.peer = session.carrier.peer
+        self.status.session_started = time.time()
+        self.status.epoch = 0
+        if previous is not None:
+            log.info(
+                "new authenticated session from %s replaces the one from %s",
+                session.carrier.peer,
+                previous.carrier.peer,
+            )
+            self.status.reconnects += 1
+            self._close_session(previous)
+            self._watch_tun(not session.carrier.pending)
+            return
+        if self.config.mode == "client":
+            # Other half-open attempts are moot once one session is up.
+            for other in list(self.pending):
+                self._close_session(other)
+        try:
+            self._link_up(session)
+        except (OSError, TunError) as exc:
+            log.error("cannot bring the link up: %s", exc)
+            self._end_session(session, f"local error: {exc}")
+            return
+        self.link_since = now
+
+    def _link_up(self, session: Session) -> None:
+        cfg = self.config
+        if self.status.links_up:
+            self.status.reconnects += 1
+        self.status.links_up += 1
+        tun = Tun.open(cfg.interface)
+        self.tun = tun
+        _disable_ipv6(tun.name)
+        tun.configure(cfg.local, cfg.remote, cfg.mtu)
+        env = self._hook_env(session)
+        self.hooks.submit("slipup", cfg.slipup, [tun.name], env)
+        for route in cfg.routes:
+            try:
+                tun.add_route(route.network, route.gateway)
+            except TunError as exc:
+                log.error(
+                    "route%d %s via %s not added: %s",
+                    route.index,
+                    route.network,
+                    route.gateway,
+                    exc,
+                )
+        self.hooks.submit("linkup", cfg.linkup, self._hook_args(session), env)
+        self.status.set_state("up")
+        self._status_dirty = True
+        self._watch_tun(not session.carrier.pending)
+        log.info(
+            "link up: %s %s <-> %s via %s, key %s",
+            tun.name,
+            cfg.local,
+            cfg.remote,
+            session.carrier.peer,
+            self.fp,
+        )
+
+    def _hook_env(self, session: Session) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "VPND_INTERFACE": cfg.interface,
+            "VPND_LOCAL": str(cfg.local),
+            "VPND_REMOTE": str(cfg.remote),
+            "VPND_PEER": session.carrier.peer,
+            "VPND_MODE": cfg.mode,
+            "VPND_CONFIG": cfg.source,
+        }
+
+    def _hook_args(self, session: Session) -> list[str]:
+        cfg = self.config
+        return [cfg.interface, str(cfg.local), str(cfg.remote), session.carrier.peer]
+
+    def _link_down(self, session: Session, reason: str) -> None:
+        cfg = self.config
+        self._watch_tun(False)
+        env = self._hook_env(session)
+        self.hooks.submit("linkdown", cfg.linkdown, [*self._hook_args(session), reason], env)
+        tun = self.tun
+        self.tun = None
+        if tun is not None:
+            for problem in tun.remove_routes():
+                log.warning("removing %s", problem)
+            tun.close()
+            self.hooks.submit("slipdown", cfg.slipdown, [tun.name], env)
+        self.status.session_started = None
+        log.warning("link down: %s", reason)
+
+    def _end_session(self, session: Session, reason: str) -> None:
+        """A session ended (error, EOF, dead peer): log once, tear down, and plan what follows."""
+        if session.closed:
+            return
+        was_active = session is self.active
+        self._close_session(session)
+        now = time.monotonic()
+        if was_active:
+            self.active = None
+            self._link_down(session, reason)
+            self.status.set_state("down", reason)
+            self._publish(force=True)
+            if now - self.link_since > BACKOFF_RESET_AFTER:
+                self.attempt = 0
+        else:
+            log.warning("%s: %s", session.carrier.peer, reason)
+        if self.config.mode == "client":
+            if self.active is None and not self.pending and not self.stopping:
+                self._schedule_retry(now, reason)
+        elif self.active is None:
+            self.status.set_state("listening", reason)
+        self._status_dirty = True
+
+    def _close_session(self, session: Session) -> None:
+        session.closed = True
+        if session in self.pending:
+            self.pending.remove(session)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(session.carrier.fileno())
+        session.carrier.close()
+
+    # ----------------------------------------------------------------- status, signals, reload
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (force or self._status_dirty or now >= self._status_due):
+            return
+        if self.active is not None:
+            stats = getattr(self.active.conn, "stats", None)
+            if stats is not None:
+                self.status.missed_keepalives = getattr(stats, "missed_keepalives", 0)
+                for reason, count in (getattr(stats, "drops", None) or {}).items():
+                    self.status.drops[f"proto_{reason}"] = count
+        try:
+            self.writer.write(self.status)
+        except OSError as exc:
+            log.warning("cannot write status file %s: %s", self.writer.path, exc)
+        self._status_dirty = False
+        self._status_due = now + STATUS_INTERVAL
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, frame: Any) -> None:
+            self.stopping = True
+
+        def reload(signum: int, frame: Any) -> None:
+            self.reload_requested = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _on_wake(self, mask: int, now: float) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config and key; restart the link only if something changed."""
+        try:
+            new = load_config(self.config.source)
+            key = load_key(new.keyfile)
+        except (ConfigError, KeyFileError, OSError) as exc:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one:\n%s", exc)
+            return
+        if new == self.config and key == self.key:
+            log.info("SIGHUP: configuration unchanged")
+            return
+        log.info("SIGHUP: configuration changed; restarting the link")
+        self._stop_link("configuration reloaded")
+        self.config = new
+        self.key = key
+        self.fp = fingerprint(key)
+        self.status.key_fingerprint = self.fp
+        self.status.local, self.status.remote = str(new.local), str(new.remote)
+        self.status.interface = new.interface
+        self.attempt = 0
+        self.next_attempt = 0.0
+        if new.statusfile != self.writer.path:
+            self.writer.remove()
+            self.writer = StatusWriter(new.statusfile)
+        try:
+            if new.mode == "server":
+                self._open_listener()
+            else:
+                self.status.set_state("connecting")
+        except OSError as exc:
+            log.error("cannot listen after reload: %s", exc)
+            self.stopping = True
+            self.exit_code = 1
+
+    def _stop_link(self, reason: str) -> None:
+        for s in list(self.pending):
+            self._close_session(s)
+        if self.active is not None:
+            s = self.active
+            with contextlib.suppress(Exception):
+                s.conn.close(reason)
+                s.carrier.write(s.conn.data_to_send())
+            self._close_session(s)
+            self.active = None
+            self._link_down(s, reason)
+        if self.connecting is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.connecting)
+            self.connecting.close()
+            self.connecting = None
+        if self.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    def _teardown(self) -> None:
+        log.info("shutting down")
+        self._stop_link("shutting down")
+        self.hooks.drain(SHUTDOWN_HOOK_WAIT)
+        self.hooks.close(1.0)
+        self.status.set_state("stopped")
+        self.writer.remove()
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+        self._wake_r.close()
+        self._wake_w.close()
+        self.rng.close()
+        self.sel.close()
+
+
+def _disable_ipv6(ifname: str) -> None:
+    """The tunnel carries IPv4; without this the kernel sends IPv6 chatter that skews counters."""
+    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
+    with contextlib.suppress(OSError), open(path, "w") as fh:
+        fh.write("1")
+
+
+# --------------------------------------------------------------------- process management
+def _setup_logging(config: Config, daemon: bool, verbose: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    tag = f"vpnd[{config.interface}]"
+    if daemon and os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
+    elif daemon:
+        logpath = os.path.splitext(config.statusfile)[0] + ".log"
+        if logpath.endswith(".status"):
+            logpath = logpath[: -len(".status")] + ".log"
+        os.makedirs(os.path.dirname(logpath) or ".", exist_ok=True)
+        handler = logging.FileHandler(logpath)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag} %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_pidfile(path: str) -> None:
+    """Write our PID; refuse when a live vpnd already holds the file, replace a stale one."""
+    try:
+        with open(path) as fh:
+            old = int(fh.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        old = 0
+    if old and old != os.getpid() and _pid_running(old):
+        raise OSError(errno.EEXIST, f"pidfile {path}: vpnd already running as pid {old}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+
+
+def remove_pidfile(path: str) -> None:
+    """Delete the pidfile if it is still ours."""
+    try:
+        with open(path) as fh:
+            if int(fh.read().strip() or 0) != os.getpid():
+                return
+        os.unlink(path)
+    except (FileNotFoundError, ValueError):
+        pass
+
+
+def _daemonize() -> int:
+    """Detach the vpnd way (fork, setsid, fork); returns the write end of a readiness pipe.
+
+    The original process waits on the pipe and exits 0 when the daemon reports it started, or 1
+    with the daemon's error message, so `vpnd --daemon` fails loudly when the link cannot start.
+    """
+    r, w = os.pipe()
+    if os.fork() > 0:
+        os.close(w)
+        msg = b""
+        while chunk := os.read(r, 4096):
+            msg += chunk
+        if msg.startswith(b"ok"):
+            os._exit(0)
+        sys.stderr.write(
+            (msg.decode(errors="replace") or "vpnd: daemon died while starting") + "\n"
+        )
+        os._exit(1)
+    os.close(r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0o022)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return w
+
+
+def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
+    """`vpnd -f CONF`: load the key, optionally detach, serve the link; returns the exit code."""
+    key = load_key(config.keyfile)
+    ready_fd = _daemonize() if daemonize else -1
+    _setup_logging(config, daemonize, verbose)
+
+    def ready(error: str | None) -> None:
+        if ready_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"ok" if error is None else f"vpnd: {error}".encode())
+                os.close(ready_fd)
+
+    try:
+        if config.pidfile:
+            write_pidfile(config.pidfile)
+    except OSError as exc:
+        log.error("%s", exc.strerror or exc)
+        ready(str(exc.strerror or exc))
+        return 1
+    try:
+        return Daemon(config, key).run(ready)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        ready(str(exc))
+        return 1
+    finally:
+        if config.pidfile:
+            remove_pidfile(config.pidfile)

@@ -1,0 +1,157 @@
+"""The TCP carrier: listener, connector and a non-blocking byte pipe with an output queue.
+
+A `Carrier` is the small interface the daemon drives from its selector loop (serial lines provide
+the same one): `fileno()`, `read()` (b"" at EOF; BlockingIOError when nothing is there),
+`write(data)` (queues and sends what the kernel takes now), `flush()` (sends more; True when
+nothing is left queued), `pending`, `close()`, and `peer` (a printable address).
+The output queue is what gives back-pressure: while it is non-empty the daemon stops reading the
+TUN, so a slow carrier makes the kernel drop at the TUN queue instead of vpnd buffering without end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+from collections import deque
+from typing import Protocol
+
+#: recv() size: large enough for several 64 KiB frames per system call.
+RECV_SIZE = 256 * 1024
+
+#: ipopts bits (vpnd's sum of 1, 2, 4, 8) -> the IPv4 TOS bits they stand for.
+_TOS_BITS = {1: 0x04, 2: 0x08, 4: 0x10, 8: 0x20}  # reliability, throughput, lowdelay, priority
+
+
+def ipopts_to_tos(ipopts: int) -> int:
+    """Translate vpnd's `ipopts` sum into the IP TOS byte of the carrier socket."""
+    if not 0 <= ipopts <= 15:
+        raise ValueError(f"ipopts must be 0..15, got {ipopts}")
+    return sum(tos for bit, tos in _TOS_BITS.items() if ipopts & bit)
+
+
+class Carrier(Protocol):
+    """What the daemon needs from a transport (TCP socket or serial line)."""
+
+    peer: str
+
+    def fileno(self) -> int: ...
+    def read(self) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    def flush(self) -> bool: ...
+    @property
+    def pending(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class TcpCarrier:
+    """A connected, non-blocking TCP socket with an output queue."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.peer = peer
+        self._out: deque[memoryview] = deque()
+
+    def fileno(self) -> int:
+        """The socket's fd, for the selector."""
+        return self.sock.fileno()
+
+    def read(self) -> bytes:
+        """Bytes available now; b"" means the peer closed the connection."""
+        return self.sock.recv(RECV_SIZE)
+
+    def write(self, data: bytes) -> None:
+        """Queue `data` and push as much as the kernel accepts now."""
+        if data:
+            self._out.append(memoryview(data))
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send queued bytes until the kernel pushes back; True when the queue is empty."""
+        out = self._out
+        send = self.sock.send
+        while out:
+            head = out[0]
+            try:
+                n = send(head)
+            except BlockingIOError:
+                return False
+            except InterruptedError:
+                continue
+            if n == len(head):
+                out.popleft()
+            else:
+                out[0] = head[n:]
+                return False
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """True while bytes wait in the output queue."""
+        return bool(self._out)
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        self._out.clear()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _configure(sock: socket.socket, tos: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+    if tos:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+
+
+def listen(host: str, port: int, tos: int = 0, backlog: int = 16) -> socket.socket:
+    """A non-blocking listening socket on host:port (host '0.0.0.0' = every address)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _configure(sock, tos)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def start_connect(
+    server: tuple[str, int], bind: tuple[str, int] | None, tos: int = 0
+) -> socket.socket:
+    """Begin a non-blocking connect; when writable, the caller calls `finish_connect`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        _configure(sock, tos)
+        if bind and (bind[0] != "0.0.0.0" or bind[1]):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(bind)
+        sock.setblocking(False)
+        err = sock.connect_ex(server)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(
+                err, f"connect to {server[0]}:{server[1]}: {errno.errorcode.get(err, err)}"
+            )
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def finish_connect(sock: socket.socket) -> None:
+    """Raise the OSError a non-blocking connect ended with, if any."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, errno.errorcode.get(err, str(err)))
+
+
+def client_allowed(peer: tuple[str, int], host: str, port: int) -> bool:
+    """vpnd's client filter: `host`/`port` of 0 (or 0.0.0.0) accept any address/port."""
+    if host not in ("0", "0.0.0.0") and ipaddress.ip_address(peer[0]) != ipaddress.ip_address(host):
+        return False
+    return not (port and peer[1] != port)

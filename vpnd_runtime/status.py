@@ -1,0 +1,208 @@
+"""The daemon's status record, and `vpnd status` which reads it from another process.
+
+The daemon owns one `StatusRecord`, updates it in place as events happen, and `StatusWriter`
+publishes it as JSON (temp file + rename, so a reader never sees half a record) on every state
+change and at least once a second while traffic flows. `vpnd status` needs no IPC: it reads the file
+and checks that the recorded PID is alive, so a crashed daemon shows as "not running" rather than
+as its last words. The format is documented in docs/architecture.md; vpnctl status parses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STATUS_VERSION = 1
+
+#: States a link can be in; "not running" is only ever produced by the reader.
+STATES = ("starting", "connecting", "listening", "handshake", "up", "down", "stopped")
+
+
+@dataclass
+class StatusRecord:
+    """Everything `vpnd status` shows. Counters are tunnel-side (IP packets and their bytes)."""
+
+    config: str
+    mode: str
+    interface: str
+    local: str
+    remote: str
+    key_fingerprint: str
+    pid: int = field(default_factory=os.getpid)
+    version: int = STATUS_VERSION
+    state: str = "starting"
+    since: float = field(default_factory=time.time)
+    reason: str | None = None
+    peer: str | None = None
+    session_started: float | None = None
+    session_age: float | None = None
+    rekeys: int = 0
+    epoch: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    last_rtt: float | None = None
+    missed_keepalives: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    reconnects: int = 0
+    links_up: int = 0
+    updated: float = 0.0
+
+    def set_state(self, state: str, reason: str | None = None) -> None:
+        """Move to `state` (recording since when) unless already there with the same reason."""
+        if state != self.state or reason != self.reason:
+            self.state = state
+            self.reason = reason
+            self.since = time.time()
+
+
+class StatusWriter:
+    """Publishes a StatusRecord atomically at `path` (creating its directory)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._tmp = f"{path}.tmp.{os.getpid()}"
+
+    def write(self, record: StatusRecord) -> None:
+        """Write the record now; errors are swallowed by the caller's choice, not here."""
+        record.updated = time.time()
+        if record.session_started is not None and record.state == "up":
+            record.session_age = round(record.updated - record.session_started, 3)
+        else:
+            record.session_age = None
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        data = json.dumps(asdict(record), sort_keys=True)
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+        os.replace(self._tmp, self.path)
+
+    def remove(self) -> None:
+        """Delete the published record (on clean shutdown)."""
+        for p in (self.path, self._tmp):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_status(path: str) -> dict[str, Any]:
+    """Read a published record; a missing file or dead PID yields state 'not running'."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record: dict[str, Any] = json.load(fh)
+    except FileNotFoundError:
+        return {
+            "version": STATUS_VERSION,
+            "state": "not running",
+            "reason": "no status file",
+            "statusfile": path,
+        }
+    except (OSError, ValueError) as exc:
+        return {
+            "version": STATUS_VERSION,
+            "state": "not running",
+            "reason": f"unreadable status file {path}: {exc}",
+            "statusfile": path,
+        }
+    if not _pid_alive(int(record.get("pid", 0))):
+        record["reason"] = (
+            f"daemon (pid {record.get('pid')}) is gone; last state {record.get('state')}"
+        )
+        record["state"] = "not running"
+    record["statusfile"] = path
+    return record
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def format_status(record: dict[str, Any]) -> str:
+    """A human, aligned rendering of one record."""
+    state = record.get("state", "?")
+    reason = record.get("reason")
+    since = record.get("since")
+    lines = [f"state:       {state}" + (f" ({reason})" if reason else "")]
+    if since:
+        lines.append(f"since:       {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}")
+    fields = [
+        ("mode", record.get("mode")),
+        ("interface", record.get("interface")),
+        (
+            "tunnel",
+            f"{record.get('local')} -> {record.get('remote')}" if record.get("local") else None,
+        ),
+        ("peer", record.get("peer")),
+        ("key", record.get("key_fingerprint")),
+        ("session age", _fmt_age(record.get("session_age")) if state == "up" else None),
+        ("rekeys", record.get("rekeys")),
+        (
+            "in",
+            f"{record.get('packets_in', 0)} packets, {_fmt_bytes(record.get('bytes_in', 0))}"
+            if "packets_in" in record
+            else None,
+        ),
+        (
+            "out",
+            f"{record.get('packets_out', 0)} packets, {_fmt_bytes(record.get('bytes_out', 0))}"
+            if "packets_out" in record
+            else None,
+        ),
+        (
+            "keepalive rtt",
+            f"{record['last_rtt'] * 1000:.2f} ms" if record.get("last_rtt") is not None else None,
+        ),
+        ("missed", record.get("missed_keepalives")),
+        ("reconnects", record.get("reconnects")),
+        ("pid", record.get("pid")),
+    ]
+    for name, value in fields:
+        if value is not None:
+            lines.append(f"{name + ':':<12} {value}")
+    drops = {k: v for k, v in (record.get("drops") or {}).items() if v}
+    if drops:
+        lines.append("drops:       " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return "\n".join(lines)
+
+
+def print_status(config: Any, as_json: bool = False) -> int:
+    """`vpnd status -f CONF`: print the record; exit 0 when the link is up, 1 otherwise."""
+    record = read_status(config.statusfile)
+    if as_json:
+        sys.stdout.write(json.dumps(record, sort_keys=True, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_status(record) + "\n")
+    return 0 if record.get("state") == "up" else 1

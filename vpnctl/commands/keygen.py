@@ -1,0 +1,139 @@
+"""``vpnctl keygen``: one 256-bit key per link; stage and promote replacements."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vpnctl.keystore import KeystoreError
+
+__all__ = ["main", "read_passphrase"]
+
+
+def read_passphrase(
+    env: str | None, file: Path | None, *, prompt: bool, confirm: bool
+) -> bytes | None:
+    """The passphrase from ``$env``, the first line of ``file``, or a prompt (None: no
+    encryption). Never echoed, never taken from the command line itself."""
+    if env is not None and file is not None:
+        raise KeystoreError("give either --passphrase-env or --passphrase-file, not both")
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise KeystoreError(f"--passphrase-env {env}: the variable is unset or empty")
+        return value.encode()
+    if file is not None:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise KeystoreError(f"{file}: cannot read passphrase file: {exc.strerror}") from None
+        if not lines or not lines[0]:
+            raise KeystoreError(f"{file}: the passphrase file is empty")
+        return lines[0].encode()
+    if prompt:
+        value = typer.prompt(
+            "Keystore passphrase", hide_input=True, confirmation_prompt=confirm, err=True
+        )
+        if not value:
+            raise KeystoreError("an empty passphrase protects nothing")
+        return str(value).encode()
+    return None
+
+
+def main(
+    ctx: typer.Context,
+    *,
+    rotate: Annotated[
+        str | None,
+        typer.Option(
+            "--rotate",
+            metavar="LINK",
+            help="Stage a new key for LINK beside the current one (which stays in use).",
+        ),
+    ] = None,
+    promote: Annotated[
+        str | None,
+        typer.Option(
+            "--promote",
+            metavar="LINK",
+            help="Make LINK's staged key current; the old key is kept as <link>.retired-<UTC>.",
+        ),
+    ] = None,
+    encrypt: Annotated[
+        bool, typer.Option("--encrypt", help="Encrypt new keys at rest (prompts for a passphrase).")
+    ] = False,
+    passphrase_env: Annotated[
+        str | None,
+        typer.Option(
+            "--passphrase-env", metavar="VAR", help="Encrypt with the passphrase in $VAR."
+        ),
+    ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--passphrase-file",
+            metavar="FILE",
+            help="Encrypt with the passphrase on the first line of FILE.",
+        ),
+    ] = None,
+) -> None:
+    """Create a key for every link of the inventory that has none.
+
+    Keys live in the keystore directory (0700), one file per link (0600, created with
+    O_EXCL). An existing key is never overwritten or regenerated: running keygen again
+    changes nothing. Keygen also records the tunnel addresses handed out from the pool.
+
+    Rotation: `--rotate LINK` stages a new key; `render` and `deploy` keep using the current
+    one until `--promote LINK`. With --encrypt (or a passphrase option) new keys are stored
+    encrypted (scrypt + ChaCha20-Poly1305); `keys` and `render` never need the passphrase.
+    """
+    from vpnctl.cli import workspace  # noqa: PLC0415 - vpnctl.cli imports this module
+
+    ws = workspace(ctx)
+    inventory = ws.load_inventory()
+    store = ws.keystore()
+    if rotate is not None and promote is not None:
+        raise KeystoreError("give either --rotate or --promote, not both")
+    for option, link in (("--rotate", rotate), ("--promote", promote)):
+        if link is not None and link not in {lk.name for lk in inventory.links}:
+            names = ", ".join(lk.name for lk in inventory.links)
+            raise KeystoreError(f"{option} {link}: no such link in {ws.inventory_path} ({names})")
+    if promote is not None:
+        info = store.promote(promote)
+        typer.echo(f"promoted {promote}  {info.fingerprint}  (now current; re-render and deploy)")
+        return
+    wants_encryption = encrypt or passphrase_env is not None or passphrase_file is not None
+    store.create()
+    if rotate is not None:
+        current = store.info(rotate)
+        passphrase = read_passphrase(
+            passphrase_env, passphrase_file, prompt=wants_encryption, confirm=True
+        )
+        info = store.generate(rotate, passphrase=passphrase, staged=True)
+        beside = f" beside {current.fingerprint}" if current else ""
+        typer.echo(
+            f"staged  {rotate}  {info.fingerprint}{beside}; "
+            f"`vpnctl keygen --promote {rotate}` makes it current"
+        )
+        return
+    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
+    passphrase = (
+        read_passphrase(passphrase_env, passphrase_file, prompt=wants_encryption, confirm=True)
+        if missing
+        else None
+    )
+    width = max(len(link.name) for link in inventory.links)
+    for link in inventory.links:
+        if link.name in missing:
+            info = store.generate(link.name, passphrase=passphrase)
+            action = "created"
+        else:
+            info = store.info(link.name)
+            action = "kept"
+        assert info is not None  # noqa: S101 - has_key/generate guarantee a key
+        note = "  (encrypted)" if info.encrypted else ""
+        typer.echo(f"{action:<8}{link.name:<{width}}  {info.fingerprint}{note}")
+    ws.allocated(inventory, persist=True)

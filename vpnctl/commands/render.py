@@ -1,0 +1,84 @@
+"""``vpnctl render``: paired vpnd configs into build/<host>/, --check and --diff."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vpnctl.inventory import UserError
+from vpnctl.rendering import RenderError, check_build, diff_build, render, write_build
+
+__all__ = ["main"]
+
+
+def main(
+    ctx: typer.Context,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Prove that the last render mirrors (addresses swapped, same port, transport, "
+            "key, keepalive, compression) and is up to date; exit 1 if not.",
+        ),
+    ] = False,
+    diff: Annotated[
+        bool,
+        typer.Option(
+            "--diff", help="Show what a render would change (unified diff); exit 1 if anything."
+        ),
+    ] = False,
+) -> None:
+    """Render each link's server and client configs (and systemd units) into build/<host>/.
+
+    Every rendered config passes vpnd's own parser; the output is byte-for-byte the same for
+    the same inventory and keys. build/<host>/manifest.json lists each file with its sha256,
+    the key path on the host and the key's fingerprint (keys themselves are never rendered:
+    `deploy` copies them from the keystore). Tunnel addresses left out of the inventory are
+    allocated from the pool and recorded in the keystore.
+    """
+    from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
+
+    if check and diff:
+        raise UserError("give either --check or --diff, not both")
+    ws = workspace(ctx)
+    inventory = ws.load_inventory()
+    store = ws.keystore()
+    store.check_directory()
+    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
+    if missing:
+        raise RenderError(
+            f"{store.root}: no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first"
+        )
+    fingerprints = {}
+    for link in inventory.links:
+        info = store.info(link.name)
+        assert info is not None  # noqa: S101 - has_key() was checked above
+        fingerprints[link.name] = info.fingerprint
+    inventory = ws.allocated(inventory, persist=not (check or diff))
+    files = render(inventory, fingerprints)
+    build = ws.build_path
+    if diff:
+        text = diff_build(files, build)
+        typer.echo(text, nl=False)
+        if text:
+            raise typer.Exit(EXIT_FAILED)
+        return
+    if check:
+        result = check_build(inventory, fingerprints, build, files)
+        for line in result.verified:
+            typer.echo(f"ok    {line}")
+        for line in result.problems:
+            typer.echo(f"FAIL  {line}")
+        if not result.ok:
+            typer.echo(f"{len(result.problems)} problem(s) in {build}/", err=True)
+            raise typer.Exit(EXIT_FAILED)
+        typer.echo(f"all {len(result.verified)} link(s) mirror; {build}/ is up to date")
+        return
+    changes = write_build(files, build)
+    for change in changes:
+        typer.echo(f"{change.action:<8}{build}/{change.path}")
+    hosts = len(inventory.hosts)
+    links = len(inventory.links)
+    summary = f"{len(changes)} file(s) changed" if changes else "no changes"
+    typer.echo(f"rendered {links} link(s) for {hosts} host(s) into {build}/: {summary}")

@@ -1,0 +1,1144 @@
+"""The operator's inventory (``inventory.yaml``): hosts, links, defaults -> a validated model.
+
+Theory of operation
+-------------------
+The YAML text is *composed* (``yaml.compose``) rather than loaded, so every node keeps its
+start mark and every problem can be reported as ``file:line path: message``, for example
+``inventory.yaml:41 links[2].tunnel.client: 198.19.0.1 is already used by links[0]``.
+
+Loading runs in stages, each collecting every problem it finds before giving up:
+
+1. **Shape.** A small hand-written reader walks the node tree: unknown keys (with a difflib
+   hint), wrong types, out-of-range values and duplicate YAML keys. Values resolve as
+   link setting > ``defaults`` > built-in default; host settings (ssh, prefix, systemd) as
+   host > ``defaults`` > built-in default.
+2. **Cross checks.** Duplicate names and underlay addresses, links naming missing hosts,
+   two TCP links on one server port (or two serial links on one device), colliding explicit
+   tunnel addresses, overlapping routes on a host, routes that would swallow the carrier,
+   interface names that clash on a host.
+3. **Pool allocation** (:func:`allocate_tunnels`, called by the commands with the keystore's
+   record). Links without ``tunnel:`` get a /30 block of ``defaults.tunnel_pool``: server
+   = block + 1, client = block + 2. The home block is SHA-256(link name) modulo the number
+   of blocks, probing upwards past blocks that hold a used address or overlap a route.
+   Allocations are recorded in ``keystore/allocations.json`` and reused on every later run,
+   so adding a link never moves another link's addresses, and the same inventory with the
+   same record always yields the same addresses.
+
+Every accepted scalar records its line under its dotted path in ``Inventory.lines``; later
+stages (allocation, rendering) use :meth:`Inventory.problem` to point at the right line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import posixpath
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+
+from vpnd_runtime.config import (
+    CIPHERS,
+    IFNAMSIZ,
+    IPOPTS_MAX,
+    MTU_MAX,
+    MTU_MIN,
+    SENDBUF_MAX,
+    SENDBUF_MIN,
+    SERIAL_SPEEDS,
+)
+
+__all__ = [
+    "DEFAULT_POOL",
+    "HOOKS",
+    "ROLES",
+    "Host",
+    "Inventory",
+    "InventoryError",
+    "Link",
+    "Problem",
+    "Side",
+    "Ssh",
+    "Tunables",
+    "UserError",
+    "allocate_tunnels",
+    "load_inventory",
+    "parse_inventory",
+]
+
+DEFAULT_POOL = IPv4Network("198.19.0.0/16")
+DEFAULT_PORT = 379
+HOOKS = ("linkup", "linkdown", "slipup", "slipdown")
+ROLES = ("server", "client")
+MAX_ROUTES = 9  # route1..route9 in the vpnd directive file
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class UserError(Exception):
+    """A problem the operator can fix (bad input, missing key...).
+
+    The vpnctl CLI prints ``str(error)`` to stderr and exits with code 2, never a traceback.
+    Every vpnctl library error meant for the operator derives from this class.
+    """
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One inventory problem: where it is (file, line, dotted path) and what is wrong."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where} {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class InventoryError(UserError):
+    """The inventory is invalid; ``problems`` lists every problem found, in file order."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.field))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class Ssh:
+    """How ``deploy``/``status`` reach a host: ``ssh -p port -i identity user@host``."""
+
+    host: str
+    port: int = 22
+    user: str = "root"
+    identity: str | None = None
+    options: tuple[str, ...] = ()
+    proxyjump: str | None = None
+
+
+@dataclass(frozen=True)
+class Host:
+    """A machine that runs vpnd daemons.
+
+    ``address`` is its underlay (WAN) address, the one clients dial. ``prefix`` is the
+    directory under which /etc/vpnd, /run/vpnd... live on that host ("/" on a real host, a
+    per-host directory in the lab). ``systemd`` is True, False or None (auto: deploy probes).
+    """
+
+    name: str
+    address: IPv4Address
+    ssh: Ssh
+    prefix: str = "/"
+    systemd: bool | None = None
+    index: int = 0
+
+    def path(self, *parts: str) -> str:
+        """An absolute path on the host, below its prefix: ``path("etc/vpnd", "l.conf")``."""
+        return posixpath.join(self.prefix, *parts)
+
+
+@dataclass(frozen=True)
+class Tunables:
+    """Link settings that ``defaults`` may set and each link may override."""
+
+    transport: str = "tcp"
+    port: int = DEFAULT_PORT
+    keepalive: float = 10.0
+    noanswer: int = 3
+    compress: int = 0  # 0 = off, 1..9 = zlib level
+    cipher: str = "chacha20-poly1305"
+    keyttl: float = 120.0
+    mtu: int = 1400
+    maxdelay: float | None = None
+    ipopts: int = 0
+    sendbuf: int = 65536
+    speed: int = 115200
+    localline: bool = False
+    nortscts: bool = False
+    xfilter: bool = False
+
+
+@dataclass(frozen=True)
+class Side:
+    """One end of a link: the host, its tunnel address and what lives behind it.
+
+    ``routes`` are the networks *behind this side*; they become route1..9 directives in the
+    *other* side's config, via this side's tunnel address.
+    """
+
+    host: str
+    tunnel: IPv4Address | None
+    routes: tuple[IPv4Network, ...] = ()
+    hooks: tuple[tuple[str, str], ...] = ()
+    device: str | None = None
+    modemchat: str | None = None
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point tunnel between a server host and a client host."""
+
+    name: str
+    server: Side
+    client: Side
+    interface: str
+    tunables: Tunables
+    index: int = 0
+
+    def side(self, role: str) -> Side:
+        """The ``"server"`` or ``"client"`` side."""
+        return self.server if role == "server" else self.client
+
+    @property
+    def transport(self) -> str:
+        """``tcp`` or ``serial``."""
+        return self.tunables.transport
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A validated inventory. ``lines`` maps dotted field paths to their source lines."""
+
+    file: str
+    hosts: tuple[Host, ...]
+    links: tuple[Link, ...]
+    pool: IPv4Network = DEFAULT_POOL
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def host(self, name: str) -> Host:
+        """The host called ``name`` (KeyError when there is none)."""
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    def link(self, name: str) -> Link:
+        """The link called ``name`` (KeyError when there is none)."""
+        for link in self.links:
+            if link.name == name:
+                return link
+        raise KeyError(name)
+
+    def line_of(self, path: str) -> int | None:
+        """The source line of ``path``, or of its nearest recorded parent."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return None
+
+    def problem(self, path: str, message: str) -> Problem:
+        """A :class:`Problem` located at ``path`` (its line looked up in ``lines``)."""
+        return Problem(self.file, self.line_of(path), path, message)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the shape reader
+
+_MISSING = object()
+
+
+class _Reader:
+    """Typed accessors over composed YAML nodes that record lines and collect problems."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+        self.lines: dict[str, int] = {}
+        self._constructor = SafeConstructor()
+
+    def fail(self, node: yaml.Node | int | None, path: str, message: str) -> None:
+        line = node if isinstance(node, int) or node is None else node.start_mark.line + 1
+        self.problems.append(Problem(self.file, line, path, message))
+
+    def scalar(self, node: yaml.Node, path: str) -> Any:
+        """The Python value of a scalar node, or _MISSING (problem recorded) otherwise."""
+        self.lines[path] = node.start_mark.line + 1
+        if not isinstance(node, yaml.ScalarNode):
+            kind = "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+            self.fail(node, path, f"expected a single value, got {kind}")
+            return _MISSING
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except ConstructorError as exc:
+            self.fail(node, path, f"cannot read value: {exc.problem}")
+            return _MISSING
+
+    def mapping(
+        self, node: yaml.Node, path: str, allowed: Iterable[str]
+    ) -> dict[str, yaml.Node] | None:
+        """Key -> value node of a mapping; unknown and duplicate keys are problems."""
+        self.lines[path] = node.start_mark.line + 1
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, path, f"expected a mapping (key: value), got {_kind(node)}")
+            return None
+        try:
+            self._constructor.flatten_mapping(node)  # YAML merge keys (<<: *defaults)
+        except ConstructorError as exc:
+            self.fail(node, path, f"cannot merge: {exc.problem}")
+            return None
+        allowed = list(allowed)
+        result: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            sub = f"{path}.{key}" if path else str(key)
+            if not isinstance(key, str):
+                self.fail(key_node, path or "(top)", "keys must be plain words")
+            elif key in result:
+                first = result[key].start_mark.line + 1
+                self.fail(key_node, sub, f"duplicate key (first given on line {first})")
+            elif key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                known = (
+                    f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(allowed)}"
+                )
+                self.fail(key_node, sub, f"unknown key; {known}")
+            else:
+                result[key] = value_node
+        return result
+
+    def sequence(self, node: yaml.Node, path: str) -> list[yaml.Node] | None:
+        """The items of a list node."""
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, path, f"expected a list, got {_kind(node)}")
+            return None
+        return list(node.value)
+
+    # ---- typed scalars --------------------------------------------------------------------
+    def text(self, node: yaml.Node, path: str, *, spaces: bool = False) -> str | None:
+        value = self.scalar(node, path)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str) or value == "":
+            self.fail(node, path, f"expected a non-empty string, got {_show(value)}")
+            return None
+        if not spaces and (any(c.isspace() for c in value) or "\0" in value):
+            self.fail(node, path, f"must not contain spaces: {value!r}")
+            return None
+        return value
+
+    def name(self, node: yaml.Node, path: str) -> str | None:
+        value = self.text(node, path)
+        if value is not None and not _NAME_RE.fullmatch(value):
+            self.fail(
+                node,
+                path,
+                f"{value!r} is not a valid name: use 1..63 of a-z 0-9 _ - (starting with a letter "
+                "or digit); names become file and unit names",
+            )
+            return None
+        return value
+
+    def integer(self, node: yaml.Node, path: str, low: int, high: int) -> int | None:
+        value = self.scalar(node, path)
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(node, path, f"expected a whole number, got {_show(value)}")
+            return None
+        if not low <= value <= high:
+            self.fail(node, path, f"must be between {low} and {high}, got {value}")
+            return None
+        return value
+
+    def seconds(self, node: yaml.Node, path: str) -> float | None:
+        value = self.scalar(node, path)
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(node, path, f"expected a number of seconds, got {_show(value)}")
+            return None
+        if not 0 < value < 1e9:
+            self.fail(node, path, f"must be a positive number of seconds, got {value}")
+            return None
+        return float(value)
+
+    def boolean(self, node: yaml.Node, path: str) -> bool | None:
+        value = self.scalar(node, path)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, bool):
+            self.fail(node, path, f"expected true or false, got {_show(value)}")
+            return None
+        return value
+
+    def choice(self, node: yaml.Node, path: str, choices: Iterable[str]) -> str | None:
+        value = self.scalar(node, path)
+        if value is _MISSING:
+            return None
+        choices = list(choices)
+        if value not in choices:
+            self.fail(node, path, f"must be one of {', '.join(choices)}; got {_show(value)}")
+            return None
+        return str(value)
+
+    def address(self, node: yaml.Node, path: str) -> IPv4Address | None:
+        value = self.scalar(node, path)
+        if value is _MISSING:
+            return None
+        try:
+            address = IPv4Address(str(value)) if isinstance(value, str) else None
+        except ValueError:
+            address = None
+        if address is None:
+            self.fail(node, path, f"expected an IPv4 address like 198.18.1.1, got {_show(value)}")
+            return None
+        if address.is_unspecified or address.is_multicast or address.is_loopback:
+            self.fail(node, path, f"{address} is not a usable unicast address")
+            return None
+        return address
+
+    def network(self, node: yaml.Node, path: str) -> IPv4Network | None:
+        value = self.scalar(node, path)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str):
+            self.fail(node, path, f"expected a network like 198.18.10.0/24, got {_show(value)}")
+            return None
+        try:
+            return IPv4Network(value)
+        except ValueError as exc:
+            try:
+                loose = IPv4Network(value, strict=False)
+            except ValueError:
+                self.fail(node, path, f"expected a network like 198.18.10.0/24: {exc}")
+                return None
+            self.fail(node, path, f"{value} has host bits set; did you mean {loose}?")
+            return None
+
+    def path_value(self, node: yaml.Node, path: str) -> str | None:
+        value = self.text(node, path)
+        if value is not None and not value.startswith("/"):
+            self.fail(node, path, f"must be an absolute path (starting with /), got {value!r}")
+            return None
+        return value
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"{node.value!r}" if node.value != "" else "nothing"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+# ---- tunables: one table drives defaults and per-link overrides ------------------------------
+
+_SERIAL_ONLY = ("speed", "localline", "nortscts", "xfilter")
+_TCP_ONLY = ("port", "ipopts")
+
+
+def _read_compress(r: _Reader, node: yaml.Node, path: str) -> int | None:
+    value = r.scalar(node, path)
+    if value is _MISSING:
+        return None
+    if value is False:
+        return 0
+    if value is True:
+        return 1
+    if isinstance(value, int) and 1 <= value <= 9:
+        return value
+    r.fail(node, path, f"expected false, true or a zlib level 1..9, got {_show(value)}")
+    return None
+
+
+def _read_speed(r: _Reader, node: yaml.Node, path: str) -> int | None:
+    value = r.integer(node, path, 1, 4_000_000)
+    if value is not None and value not in SERIAL_SPEEDS:
+        near = min(SERIAL_SPEEDS, key=lambda s: abs(s - value))
+        r.fail(node, path, f"{value} is not a serial line speed (nearest: {near})")
+        return None
+    return value
+
+
+_TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
+    "transport": lambda r, n, p: r.choice(n, p, ("tcp", "serial")),
+    "port": lambda r, n, p: r.integer(n, p, 1, 65535),
+    "keepalive": lambda r, n, p: r.seconds(n, p),
+    "noanswer": lambda r, n, p: r.integer(n, p, 1, 1_000_000),
+    "compress": _read_compress,
+    "cipher": lambda r, n, p: r.choice(n, p, CIPHERS),
+    "keyttl": lambda r, n, p: r.seconds(n, p),
+    "mtu": lambda r, n, p: r.integer(n, p, MTU_MIN, MTU_MAX),
+    "maxdelay": lambda r, n, p: r.seconds(n, p),
+    "ipopts": lambda r, n, p: r.integer(n, p, 0, IPOPTS_MAX),
+    "sendbuf": lambda r, n, p: r.integer(n, p, SENDBUF_MIN, SENDBUF_MAX),
+    "speed": _read_speed,
+    "localline": lambda r, n, p: r.boolean(n, p),
+    "nortscts": lambda r, n, p: r.boolean(n, p),
+    "xfilter": lambda r, n, p: r.boolean(n, p),
+}
+_HOST_SETTINGS = ("ssh", "prefix", "systemd")
+_DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", *_TUNABLE_READERS)
+_SSH_KEYS = ("host", "port", "user", "identity", "options", "proxyjump")
+_HOST_KEYS = ("name", "address", *_HOST_SETTINGS)
+_LINK_KEYS = (
+    "name",
+    "server",
+    "client",
+    "tunnel",
+    "routes",
+    "hooks",
+    "devices",
+    "modemchat",
+    "interface",
+    *_TUNABLE_READERS,
+)
+
+
+def _read_tunables(r: _Reader, fields: Mapping[str, yaml.Node], path: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, reader in _TUNABLE_READERS.items():
+        if key in fields:
+            value = reader(r, fields[key], f"{path}.{key}")
+            if value is not None:
+                values[key] = value
+    return values
+
+
+def _read_ssh(r: _Reader, node: yaml.Node, path: str) -> dict[str, Any]:
+    fields = r.mapping(node, path, _SSH_KEYS)
+    if fields is None:
+        return {}
+    out: dict[str, Any] = {}
+    if "host" in fields:
+        out["host"] = r.text(fields["host"], f"{path}.host")
+    if "port" in fields:
+        out["port"] = r.integer(fields["port"], f"{path}.port", 1, 65535)
+    if "user" in fields:
+        out["user"] = r.text(fields["user"], f"{path}.user")
+    if "identity" in fields:
+        out["identity"] = r.text(fields["identity"], f"{path}.identity")
+    if "proxyjump" in fields:
+        out["proxyjump"] = r.text(fields["proxyjump"], f"{path}.proxyjump")
+    if "options" in fields:
+        items = r.sequence(fields["options"], f"{path}.options")
+        options = []
+        for i, item in enumerate(items or []):
+            option = r.text(item, f"{path}.options[{i}]")
+            if option is not None and "=" not in option:
+                r.fail(item, f"{path}.options[{i}]", f"expected Key=value, got {option!r}")
+            elif option is not None:
+                options.append(option)
+        out["options"] = tuple(options)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _read_host_settings(r: _Reader, fields: Mapping[str, yaml.Node], path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "ssh" in fields:
+        out["ssh"] = _read_ssh(r, fields["ssh"], f"{path}.ssh")
+    if "prefix" in fields:
+        prefix = r.path_value(fields["prefix"], f"{path}.prefix")
+        if prefix is not None:
+            normal = posixpath.normpath(prefix)
+            if ".." in normal.split("/"):
+                r.fail(fields["prefix"], f"{path}.prefix", f"must not contain '..': {prefix!r}")
+            else:
+                out["prefix"] = "/" + normal.lstrip("/")
+    if "systemd" in fields:
+        value = r.scalar(fields["systemd"], f"{path}.systemd")
+        if value == "auto":
+            out["systemd"] = None
+        elif isinstance(value, bool):
+            out["systemd"] = value
+        elif value is not _MISSING:
+            r.fail(
+                fields["systemd"],
+                f"{path}.systemd",
+                f"expected true, false or auto, got {_show(value)}",
+            )
+    return out
+
+
+def _per_side(
+    r: _Reader, node: yaml.Node, path: str, read: Callable[[yaml.Node, str], Any]
+) -> dict[str, Any]:
+    """A ``{server: ..., client: ...}`` mapping read with ``read``; missing sides are absent."""
+    fields = r.mapping(node, path, ROLES)
+    if fields is None:
+        return {}
+    out = {}
+    for role in ROLES:
+        if role in fields:
+            value = read(fields[role], f"{path}.{role}")
+            if value is not None:
+                out[role] = value
+    return out
+
+
+def _read_routes(r: _Reader, node: yaml.Node, path: str) -> tuple[IPv4Network, ...] | None:
+    items = r.sequence(node, path)
+    if items is None:
+        return None
+    if len(items) > MAX_ROUTES:
+        r.fail(
+            items[MAX_ROUTES],
+            f"{path}[{MAX_ROUTES}]",
+            f"at most {MAX_ROUTES} routes per side (vpnd has route1..route9)",
+        )
+    nets = [r.network(item, f"{path}[{i}]") for i, item in enumerate(items[:MAX_ROUTES])]
+    return tuple(n for n in nets if n is not None)
+
+
+def _read_hooks(r: _Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...] | None:
+    fields = r.mapping(node, path, HOOKS)
+    if fields is None:
+        return None
+    out = []
+    for hook in HOOKS:
+        if hook in fields:
+            value = r.path_value(fields[hook], f"{path}.{hook}")
+            if value is not None:
+                out.append((hook, value))
+    return tuple(out)
+
+
+def _derived_interface(name: str) -> str:
+    """The default TUN name of a link: ``vpn-`` + the link name, cut to 15 characters."""
+    return ("vpn-" + name)[:IFNAMSIZ]
+
+
+def _pool_block(network: IPv4Network) -> bool:
+    return network.prefixlen <= 30
+
+
+def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
+    """Parse and validate inventory ``text`` (``file`` is used in messages).
+
+    Tunnel addresses left out stay None; :func:`allocate_tunnels` fills them in.
+    Raises :class:`InventoryError` listing every problem found.
+    """
+    r = _Reader(file)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise InventoryError([Problem(file, line, "", f"not valid YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise InventoryError([Problem(file, None, "", f"not valid YAML: {exc}")]) from None
+    if root is None:
+        raise InventoryError(
+            [
+                Problem(
+                    file,
+                    1,
+                    "",
+                    "the inventory is empty: it needs hosts and links (see inventory.example.yaml)",
+                )
+            ]
+        )
+    top = r.mapping(root, "", ("version", "defaults", "hosts", "links"))
+    if top is None:
+        raise InventoryError(r.problems)
+    if "version" in top:
+        r.integer(top["version"], "version", 1, 1)
+
+    # ---- defaults -------------------------------------------------------------------------
+    defaults_fields: Mapping[str, yaml.Node] = {}
+    if "defaults" in top:
+        defaults_fields = r.mapping(top["defaults"], "defaults", _DEFAULTS_KEYS) or {}
+    default_host = _read_host_settings(r, defaults_fields, "defaults")
+    default_tunables = _read_tunables(r, defaults_fields, "defaults")
+    pool = DEFAULT_POOL
+    if "tunnel_pool" in defaults_fields:
+        got = r.network(defaults_fields["tunnel_pool"], "defaults.tunnel_pool")
+        if got is not None and not _pool_block(got):
+            r.fail(
+                defaults_fields["tunnel_pool"],
+                "defaults.tunnel_pool",
+                f"{got} is too small: the pool hands out /30 blocks",
+            )
+        elif got is not None:
+            pool = got
+    if "ssh" in default_host and "host" in default_host["ssh"]:
+        r.fail(
+            r.lines["defaults.ssh.host"],
+            "defaults.ssh.host",
+            "the ssh target is per host: set hosts[N].ssh.host instead",
+        )
+
+    # ---- hosts ----------------------------------------------------------------------------
+    hosts: list[Host] = []
+    for i, node in enumerate(_required_list(r, top, "hosts", root)):
+        path = f"hosts[{i}]"
+        fields = r.mapping(node, path, _HOST_KEYS)
+        if fields is None:
+            continue
+        name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
+        address = r.address(fields["address"], f"{path}.address") if "address" in fields else None
+        for key in ("name", "address"):
+            if key not in fields:
+                r.fail(node, f"{path}.{key}", f"missing required key {key!r}")
+        own = _read_host_settings(r, fields, path)
+        if name is None or address is None:
+            continue
+        ssh_values = {**default_host.get("ssh", {}), **own.get("ssh", {})}
+        ssh_values.setdefault("host", str(address))
+        hosts.append(
+            Host(
+                name=name,
+                address=address,
+                ssh=Ssh(**ssh_values),
+                prefix=own.get("prefix", default_host.get("prefix", "/")),
+                systemd=own.get("systemd", default_host.get("systemd")),
+                index=i,
+            )
+        )
+
+    # ---- links ----------------------------------------------------------------------------
+    links: list[Link] = []
+    explicit: dict[int, dict[str, Any]] = {}
+    for i, node in enumerate(_required_list(r, top, "links", root)):
+        path = f"links[{i}]"
+        fields = r.mapping(node, path, _LINK_KEYS)
+        if fields is None:
+            continue
+        ok = True
+        for key in ("name", "server", "client"):
+            if key not in fields:
+                r.fail(node, f"{path}.{key}", f"missing required key {key!r}")
+                ok = False
+        name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
+        ends = {role: r.name(fields[role], f"{path}.{role}") for role in ROLES if role in fields}
+        own_tunables = _read_tunables(r, fields, path)
+        explicit[i] = own_tunables
+        tunables = Tunables(**{**default_tunables, **own_tunables})
+        tunnel = (
+            _per_side(r, fields["tunnel"], f"{path}.tunnel", r.address)
+            if "tunnel" in fields
+            else {}
+        )
+        if (
+            "tunnel" in fields
+            and set(tunnel) != set(ROLES)
+            and not _has_problem(r, f"{path}.tunnel")
+        ):
+            r.fail(
+                fields["tunnel"],
+                f"{path}.tunnel",
+                "give both server and client addresses, or leave tunnel out to use the pool",
+            )
+        routes = (
+            _per_side(r, fields["routes"], f"{path}.routes", lambda n, p: _read_routes(r, n, p))
+            if "routes" in fields
+            else {}
+        )
+        hooks = (
+            _per_side(r, fields["hooks"], f"{path}.hooks", lambda n, p: _read_hooks(r, n, p))
+            if "hooks" in fields
+            else {}
+        )
+        devices = (
+            _per_side(r, fields["devices"], f"{path}.devices", r.path_value)
+            if "devices" in fields
+            else {}
+        )
+        modemchat = (
+            _per_side(r, fields["modemchat"], f"{path}.modemchat", r.path_value)
+            if "modemchat" in fields
+            else {}
+        )
+        interface = None
+        if "interface" in fields:
+            interface = r.text(fields["interface"], f"{path}.interface")
+            if interface is not None and (
+                len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)
+            ):
+                r.fail(
+                    fields["interface"],
+                    f"{path}.interface",
+                    f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
+                )
+                interface = None
+
+        if tunables.transport == "serial":
+            for role in ROLES:
+                if role not in devices:
+                    r.fail(
+                        fields.get("devices", node),
+                        f"{path}.devices.{role}",
+                        f"a serial link needs the {role}'s serial device, e.g. /dev/ttyS0",
+                    )
+                    ok = False
+            for key in _TCP_ONLY:
+                if key in own_tunables:
+                    r.fail(fields[key], f"{path}.{key}", "applies only to tcp links")
+        else:
+            for key in ("devices", "modemchat"):
+                if key in fields:
+                    r.fail(
+                        fields[key],
+                        f"{path}.{key}",
+                        "applies only to serial links (set transport: serial)",
+                    )
+            for key in _SERIAL_ONLY:
+                if key in own_tunables:
+                    r.fail(
+                        fields[key],
+                        f"{path}.{key}",
+                        "applies only to serial links (set transport: serial)",
+                    )
+        if not ok or name is None or None in ends.values() or len(ends) != 2:
+            continue
+        sides = {
+            role: Side(
+                host=ends[role],
+                tunnel=tunnel.get(role),
+                routes=routes.get(role, ()),
+                hooks=hooks.get(role, ()),
+                device=devices.get(role),
+                modemchat=modemchat.get(role),
+            )
+            for role in ROLES
+        }
+        links.append(
+            Link(
+                name=name,
+                server=sides["server"],
+                client=sides["client"],
+                interface=interface or _derived_interface(name),
+                tunables=tunables,
+                index=i,
+            )
+        )
+    if r.problems:
+        raise InventoryError(r.problems)
+
+    inventory = Inventory(file, tuple(hosts), tuple(links), pool, dict(r.lines))
+    problems = _cross_check(
+        inventory,
+        explicit_interface={
+            link.index for link in links if f"links[{link.index}].interface" in r.lines
+        },
+    )
+    if problems:
+        raise InventoryError(problems)
+    return inventory
+
+
+def _has_problem(r: _Reader, prefix: str) -> bool:
+    return any(p.field.startswith(prefix) for p in r.problems)
+
+
+def _required_list(r: _Reader, top: Mapping[str, yaml.Node], key: str, root: yaml.Node) -> list:
+    if key not in top:
+        r.fail(root, key, f"missing required key {key!r} (a list of {key})")
+        return []
+    items = r.sequence(top[key], key)
+    if items is not None and not items:
+        r.fail(top[key], key, f"the list of {key} is empty")
+    return items or []
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    """Read and validate the inventory file at ``path`` (see :func:`parse_inventory`)."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InventoryError(
+            [
+                Problem(
+                    name,
+                    None,
+                    "",
+                    "no such inventory file (start from "
+                    "inventory.example.yaml: cp inventory.example.yaml "
+                    "inventory.yaml)",
+                )
+            ]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError([Problem(name, None, "", f"cannot read inventory: {exc}")]) from None
+    return parse_inventory(text, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: cross checks
+
+
+def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
+    problems: list[Problem] = []
+    add = problems.append
+
+    hosts_by_name: dict[str, Host] = {}
+    underlay: dict[IPv4Address, str] = {}
+    for host in inv.hosts:
+        path = f"hosts[{host.index}]"
+        if host.name in hosts_by_name:
+            add(
+                inv.problem(
+                    f"{path}.name",
+                    f"duplicate host name {host.name!r} "
+                    f"(also hosts[{hosts_by_name[host.name].index}])",
+                )
+            )
+            continue
+        hosts_by_name[host.name] = host
+        if host.address in underlay:
+            add(
+                inv.problem(
+                    f"{path}.address", f"{host.address} is already used by {underlay[host.address]}"
+                )
+            )
+        else:
+            underlay[host.address] = f"{path}.address"
+        if host.address in inv.pool:
+            add(
+                inv.problem(
+                    f"{path}.address",
+                    f"{host.address} lies inside the tunnel pool {inv.pool} (defaults.tunnel_pool)",
+                )
+            )
+
+    link_names: dict[str, int] = {}
+    tunnel_used: dict[IPv4Address, str] = {}
+    ports: dict[tuple[str, int], int] = {}
+    devices: dict[tuple[str, str], str] = {}
+    interfaces: dict[tuple[str, str], int] = {}
+    host_routes: dict[str, list[tuple[IPv4Network, str]]] = {}
+    for link in inv.links:
+        path = f"links[{link.index}]"
+        if link.name in link_names:
+            add(
+                inv.problem(
+                    f"{path}.name",
+                    f"duplicate link name {link.name!r} (also links[{link_names[link.name]}])",
+                )
+            )
+        else:
+            link_names[link.name] = link.index
+        missing = False
+        for role in ROLES:
+            host = link.side(role).host
+            if host not in hosts_by_name:
+                hint = difflib.get_close_matches(host, list(hosts_by_name), n=1, cutoff=0.6)
+                more = f"; did you mean {hint[0]!r}?" if hint else ""
+                add(inv.problem(f"{path}.{role}", f"no host named {host!r} in hosts{more}"))
+                missing = True
+        if missing:
+            continue
+        if link.server.host == link.client.host:
+            add(
+                inv.problem(
+                    f"{path}.client",
+                    f"server and client are both {link.server.host!r}: "
+                    "a link joins two different hosts",
+                )
+            )
+            continue
+
+        # Tunnel addresses: unique, distinct from every underlay address.
+        for role in ROLES:
+            address = link.side(role).tunnel
+            if address is None:
+                continue
+            where = f"{path}.tunnel.{role}"
+            if address in underlay:
+                add(inv.problem(where, f"{address} is the underlay address of {underlay[address]}"))
+            elif address in tunnel_used:
+                add(inv.problem(where, f"{address} is already used by {tunnel_used[address]}"))
+            else:
+                tunnel_used[address] = _owner(where)
+
+        # One listener per server port; one daemon per serial device.
+        if link.transport == "tcp":
+            key = (link.server.host, link.tunables.port)
+            if key in ports:
+                add(
+                    inv.problem(
+                        f"{path}.port",
+                        f"port {key[1]} on host {key[0]!r} is already used by links[{ports[key]}]",
+                    )
+                )
+            else:
+                ports[key] = link.index
+        else:
+            for role in ROLES:
+                device = link.side(role).device
+                dkey = (link.side(role).host, device or "")
+                if dkey in devices:
+                    add(
+                        inv.problem(
+                            f"{path}.devices.{role}",
+                            f"{device} on host {dkey[0]!r} is already used by {devices[dkey]}",
+                        )
+                    )
+                else:
+                    devices[dkey] = path
+
+        # Interface names per host.
+        for role in ROLES:
+            ikey = (link.side(role).host, link.interface)
+            if ikey in interfaces:
+                other = interfaces[ikey]
+                how = "" if link.index in explicit_interface else " (derived from the link name; "
+                how = how and how + "set links[N].interface to choose another)"
+                add(
+                    inv.problem(
+                        f"{path}.interface",
+                        f"interface {link.interface!r} on host "
+                        f"{ikey[0]!r} is already used by links[{other}]{how}",
+                    )
+                )
+            else:
+                interfaces[ikey] = link.index
+
+        # Routes behind one side are installed on the other side's host.
+        for role, other_role in (("server", "client"), ("client", "server")):
+            installing = link.side(other_role).host
+            carrier_peer = hosts_by_name[link.side(role).host].address
+            for j, net in enumerate(link.side(role).routes):
+                where = f"{path}.routes.{role}[{j}]"
+                if carrier_peer in net:
+                    add(
+                        inv.problem(
+                            where,
+                            f"{net} contains {link.side(role).host}'s underlay "
+                            f"address {carrier_peer}: the carrier would be routed into "
+                            "its own tunnel",
+                        )
+                    )
+                    continue
+                clash = next(
+                    (o for n, o in host_routes.get(installing, []) if n.overlaps(net)), None
+                )
+                if clash is not None:
+                    add(
+                        inv.problem(
+                            where, f"{net} overlaps {clash} (both routed on host {installing!r})"
+                        )
+                    )
+                else:
+                    host_routes.setdefault(installing, []).append((net, f"{where} ({net})"))
+    return problems
+
+
+def _owner(where: str) -> str:
+    """``links[0].tunnel.server`` -> ``links[0]``: how a collision names the other user."""
+    return where.split(".", 1)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: pool allocation
+
+
+def _home_block(name: str, blocks: int) -> int:
+    digest = hashlib.sha256(b"vpnctl-pool\0" + name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % blocks
+
+
+def _block_addresses(pool: IPv4Network, block: int) -> tuple[IPv4Address, IPv4Address]:
+    base = int(pool.network_address) + 4 * block
+    return IPv4Address(base + 1), IPv4Address(base + 2)
+
+
+def allocate_tunnels(
+    inv: Inventory, record: Mapping[str, tuple[IPv4Address, IPv4Address]], record_name: str
+) -> tuple[Inventory, dict[str, tuple[IPv4Address, IPv4Address]]]:
+    """Give every link without ``tunnel:`` a (server, client) address pair from the pool.
+
+    ``record`` maps link names to pairs allocated earlier (``keystore/allocations.json``,
+    named ``record_name`` in messages); those are kept whenever they are still in the pool.
+    Returns the inventory with every tunnel address set and the full record to persist
+    (earlier entries, including links since removed, are kept so their block stays reserved).
+    """
+    blocks = inv.pool.num_addresses // 4
+    used: set[IPv4Address] = {h.address for h in inv.hosts}
+    explicit_owner: dict[IPv4Address, tuple[str, str]] = {}  # address -> (link name, path)
+    for link in inv.links:
+        for role in ROLES:
+            address = link.side(role).tunnel
+            if address is not None:
+                explicit_owner[address] = (link.name, f"links[{link.index}].tunnel.{role}")
+    used |= set(explicit_owner)
+    routes = [net for link in inv.links for role in ROLES for net in link.side(role).routes]
+
+    new_record = dict(record)
+    problems: list[Problem] = []
+    pending: list[Link] = []
+    assigned: dict[str, tuple[IPv4Address, IPv4Address]] = {}
+    # Earlier allocations of links that still exist first (they own their blocks), then new ones.
+    for name, pair in sorted(record.items()):
+        if pair[0] in inv.pool and pair[1] in inv.pool:
+            for address in pair:
+                owner = explicit_owner.get(address)
+                if owner is not None and owner[0] != name:  # pinning one's own pair is fine
+                    problems.append(
+                        inv.problem(
+                            owner[1],
+                            f"{address} is already allocated to link {name!r} in {record_name}",
+                        )
+                    )
+            used.update(pair)
+    for link in inv.links:
+        if link.server.tunnel is not None:
+            continue
+        pair = record.get(link.name)
+        if pair is not None and pair[0] in inv.pool and pair[1] in inv.pool:
+            assigned[link.name] = pair
+        else:
+            pending.append(link)
+    for link in sorted(pending, key=lambda lk: lk.name):
+        home = _home_block(link.name, blocks)
+        for step in range(blocks):
+            block = (home + step) % blocks
+            net = IPv4Network((int(inv.pool.network_address) + 4 * block, 30))
+            if any(address in used for address in net):
+                continue
+            if any(net.overlaps(route) for route in routes):
+                continue
+            pair = _block_addresses(inv.pool, block)
+            break
+        else:
+            problems.append(
+                inv.problem(
+                    f"links[{link.index}].tunnel",
+                    f"the tunnel pool {inv.pool} is full; widen defaults.tunnel_pool",
+                )
+            )
+            continue
+        used.update(pair)
+        assigned[link.name] = pair
+        new_record[link.name] = pair
+    if problems:
+        raise InventoryError(problems)
+
+    links = []
+    for original in inv.links:
+        pair = assigned.get(original.name)
+        links.append(
+            original
+            if pair is None
+            else replace(
+                original,
+                server=replace(original.server, tunnel=pair[0]),
+                client=replace(original.client, tunnel=pair[1]),
+            )
+        )
+    return replace(inv, links=tuple(links)), new_record

@@ -1,0 +1,398 @@
+"""The operator's keystore: one 256-bit shared key per link, plus the tunnel address record.
+
+Layout of the keystore directory (mode 0700; every file 0600, created with O_EXCL)::
+
+    <link>.key              the key, in the runtime's key-file format (64 hex digits + "\\n")
+    <link>.key.enc          ... or the same key encrypted at rest (format below), never both
+    <link>.meta.json        {"version", "link", "fingerprint", "created", "encrypted"}: what
+                            `keys` and `render` need, so neither ever needs the passphrase
+    <link>.next.key[.enc]   a staged replacement (`keygen --rotate LINK`) with its
+    <link>.next.meta.json   metadata; the current key stays until `keygen --promote LINK`
+    <link>.retired-<UTC>.*  keys replaced by a promotion (kept, never deleted by vpnctl)
+    allocations.json        tunnel addresses handed out from the pool (see inventory.py)
+
+Rules: an existing key is never overwritten or regenerated; keys never appear in messages,
+listings or diffs (only fingerprints do).
+
+Encrypted key file format (text, so that it is recognisable with ``head``)::
+
+    vpnctl-encrypted-key 1
+    kdf: scrypt n=32768 r=8 p=1 salt=<32 hex digits>
+    aead: chacha20-poly1305 nonce=<24 hex digits>
+    link: <link name>
+    data: <hex of the 32-byte key sealed with its 16-byte tag>
+
+The AEAD key is scrypt(passphrase, salt); every header line before ``data:`` is the associated
+data, so changing a parameter or renaming the file to another link makes decryption fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from vpnctl.inventory import UserError
+from vpnd_runtime.keyfile import KEY_BYTES, KeyFileError, fingerprint, load_key
+
+__all__ = [
+    "ENCRYPTED_MAGIC",
+    "KeyInfo",
+    "Keystore",
+    "KeystoreError",
+    "format_age",
+]
+
+ENCRYPTED_MAGIC = "vpnctl-encrypted-key 1"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+_SALT_BYTES, _NONCE_BYTES = 16, 12
+_HEADER_RE = re.compile(
+    r"vpnctl-encrypted-key 1\n"
+    r"kdf: scrypt n=(?P<n>[0-9]+) r=(?P<r>[0-9]+) p=(?P<p>[0-9]+) salt=(?P<salt>[0-9a-f]{32})\n"
+    r"aead: chacha20-poly1305 nonce=(?P<nonce>[0-9a-f]{24})\n"
+    r"link: (?P<link>\S+)\n"
+)
+_DATA_RE = re.compile(r"data: (?P<data>[0-9a-f]{96})\n")
+ALLOCATIONS = "allocations.json"
+
+
+class KeystoreError(UserError):
+    """A keystore problem the operator can fix; the message names the file."""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be shown about a key: never the key itself."""
+
+    link: str
+    fingerprint: str
+    created: float  # Unix time
+    encrypted: bool
+    path: Path
+
+
+def format_age(seconds: float) -> str:
+    """A short human age: ``45s``, ``12m``, ``5h 3m``, ``9d 4h``."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def _write_exclusive(path: Path, data: bytes) -> None:
+    """Create ``path`` with O_EXCL, mode 0600, and write ``data`` (removed again on failure)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise KeystoreError(f"{path}: already exists; vpnctl never overwrites a key") from None
+    except OSError as exc:
+        raise KeystoreError(f"{path}: cannot create: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink()
+        raise KeystoreError(f"{path}: cannot write: {exc.strerror}") from None
+    os.close(fd)
+
+
+def _utc_text(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_utc(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def _aead_key(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase)
+
+
+def encrypt_key(key: bytes, link: str, passphrase: bytes) -> bytes:
+    """The encrypted key file bytes for ``key`` of ``link`` (format in the module docstring)."""
+    salt, nonce = os.urandom(_SALT_BYTES), os.urandom(_NONCE_BYTES)
+    header = (
+        f"{ENCRYPTED_MAGIC}\n"
+        f"kdf: scrypt n={SCRYPT_N} r={SCRYPT_R} p={SCRYPT_P} salt={salt.hex()}\n"
+        f"aead: chacha20-poly1305 nonce={nonce.hex()}\n"
+        f"link: {link}\n"
+    ).encode()
+    sealed = ChaCha20Poly1305(_aead_key(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)).encrypt(
+        nonce, key, header
+    )
+    return header + f"data: {sealed.hex()}\n".encode()
+
+
+def decrypt_key(data: bytes, link: str, passphrase: bytes, where: str) -> bytes:
+    """The 32-byte key inside encrypted key file ``data``; ``where`` names it in errors."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeystoreError(f"{where}: not an encrypted key file") from None
+    head = _HEADER_RE.match(text)
+    tail = _DATA_RE.fullmatch(text, head.end()) if head else None
+    if head is None or tail is None:
+        raise KeystoreError(f"{where}: not an encrypted key file ({ENCRYPTED_MAGIC!r} format)")
+    if head["link"] != link:
+        raise KeystoreError(f"{where}: holds the key of link {head['link']!r}, not {link!r}")
+    n, r, p = int(head["n"]), int(head["r"]), int(head["p"])
+    if not (2**10 <= n <= 2**22 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+        raise KeystoreError(f"{where}: unsupported scrypt parameters n={n} r={r} p={p}")
+    aead = ChaCha20Poly1305(_aead_key(passphrase, bytes.fromhex(head["salt"]), n, r, p))
+    try:
+        return aead.decrypt(
+            bytes.fromhex(head["nonce"]), bytes.fromhex(tail["data"]), head.group(0).encode()
+        )
+    except InvalidTag:
+        raise KeystoreError(f"{where}: wrong passphrase (or the file was altered)") from None
+
+
+class Keystore:
+    """The keystore directory ``root`` (see the module docstring for its layout)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ---- directory --------------------------------------------------------------------------
+    def create(self) -> None:
+        """Create the directory (mode 0700) if needed; refuse one that others can read."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeystoreError(f"{self.root}: cannot create keystore: {exc.strerror}") from None
+        self.check_directory()
+
+    def check_directory(self) -> None:
+        """Raise unless the keystore exists, is a directory and is private (no group/other)."""
+        try:
+            info = self.root.stat()
+        except FileNotFoundError:
+            raise KeystoreError(
+                f"{self.root}: no keystore here; run `vpnctl keygen` first"
+            ) from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise KeystoreError(f"{self.root}: not a directory")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o077:
+            raise KeystoreError(
+                f"{self.root}: keystore mode {mode:04o} lets others in; run chmod 700 {self.root}"
+            )
+
+    # ---- paths ------------------------------------------------------------------------------
+    def _stem(self, link: str, staged: bool = False) -> str:
+        return f"{link}.next" if staged else link
+
+    def key_path(self, link: str, *, staged: bool = False) -> Path:
+        """Path of the key file of ``link`` as stored (``.key`` or ``.key.enc``)."""
+        plain = self.root / f"{self._stem(link, staged)}.key"
+        encrypted = self.root / f"{self._stem(link, staged)}.key.enc"
+        return encrypted if encrypted.exists() and not plain.exists() else plain
+
+    def meta_path(self, link: str, *, staged: bool = False) -> Path:
+        """Path of the metadata (fingerprint, creation time) of the key of ``link``."""
+        return self.root / f"{self._stem(link, staged)}.meta.json"
+
+    def has_key(self, link: str, *, staged: bool = False) -> bool:
+        """True when ``link`` has a (current or staged) key in the store."""
+        stem = self._stem(link, staged)
+        return any((self.root / f"{stem}{ext}").exists() for ext in (".key", ".key.enc"))
+
+    # ---- keys -------------------------------------------------------------------------------
+    def generate(
+        self, link: str, *, passphrase: bytes | None = None, staged: bool = False
+    ) -> KeyInfo:
+        """Create a fresh random key for ``link`` (the staged one with ``staged``).
+
+        Never replaces a key: raises KeystoreError when one exists. With ``passphrase`` the
+        key is stored encrypted (scrypt + ChaCha20-Poly1305).
+        """
+        self.create()
+        if self.has_key(link, staged=staged):
+            which = "a staged key" if staged else "a key"
+            raise KeystoreError(
+                f"{self.key_path(link, staged=staged)}: {link!r} already has "
+                f"{which}; vpnctl never overwrites a key"
+            )
+        key = os.urandom(KEY_BYTES)
+        stem = self._stem(link, staged)
+        if passphrase is None:
+            path = self.root / f"{stem}.key"
+            _write_exclusive(path, (key.hex() + "\n").encode("ascii"))
+        else:
+            path = self.root / f"{stem}.key.enc"
+            _write_exclusive(path, encrypt_key(key, link, passphrase))
+        created = time.time()
+        meta = {
+            "version": 1,
+            "link": link,
+            "fingerprint": fingerprint(key),
+            "created": _utc_text(created),
+            "encrypted": passphrase is not None,
+        }
+        _write_exclusive(self.meta_path(link, staged=staged), _json_bytes(meta))
+        return self.info(link, staged=staged) or _impossible(link)
+
+    def info(self, link: str, *, staged: bool = False) -> KeyInfo | None:
+        """Fingerprint, creation time and encryption of the key of ``link`` (None: no key)."""
+        if not self.has_key(link, staged=staged):
+            return None
+        path = self.key_path(link, staged=staged)
+        meta_path = self.meta_path(link, staged=staged)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            return KeyInfo(
+                link=link,
+                fingerprint=str(meta["fingerprint"]),
+                created=_parse_utc(str(meta["created"])),
+                encrypted=bool(meta["encrypted"]),
+                path=path,
+            )
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeystoreError(f"{meta_path}: unreadable key metadata: {exc}") from None
+        if path.suffix == ".enc":
+            raise KeystoreError(
+                f"{meta_path}: missing; the fingerprint of an encrypted key is "
+                "only known from its metadata"
+            )
+        key = self._load_plain(path)
+        return KeyInfo(link, fingerprint(key), path.stat().st_mtime, False, path)
+
+    def _load_plain(self, path: Path) -> bytes:
+        try:
+            return load_key(path)
+        except KeyFileError as exc:
+            raise KeystoreError(str(exc)) from None
+
+    def load(self, link: str, *, passphrase: bytes | None = None, staged: bool = False) -> bytes:
+        """The 32-byte key of ``link``; encrypted keys need ``passphrase``."""
+        path = self.key_path(link, staged=staged)
+        if not path.exists():
+            raise KeystoreError(f"{path}: no key for link {link!r}; run `vpnctl keygen`")
+        if path.suffix != ".enc":
+            return self._load_plain(path)
+        if passphrase is None:
+            raise KeystoreError(
+                f"{path}: the key is encrypted; give a passphrase "
+                "(--passphrase-env VAR, --passphrase-file FILE or the prompt)"
+            )
+        self._check_private(path)
+        key = decrypt_key(path.read_bytes(), link, passphrase, str(path))
+        info = self.info(link, staged=staged)
+        if info is not None and info.fingerprint != fingerprint(key):
+            raise KeystoreError(
+                f"{self.meta_path(link, staged=staged)}: fingerprint does not match the key"
+            )
+        return key
+
+    def key_file_bytes(self, link: str, *, passphrase: bytes | None = None) -> bytes:
+        """The runtime key file (64 hex + newline) of ``link``, e.g. for ``deploy`` to install."""
+        return (self.load(link, passphrase=passphrase).hex() + "\n").encode("ascii")
+
+    def is_encrypted(self, link: str) -> bool:
+        """True when the current key of ``link`` is stored encrypted."""
+        return self.key_path(link).suffix == ".enc"
+
+    def _check_private(self, path: Path) -> None:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise KeystoreError(
+                f"{path}: mode {mode:04o} lets others read it; run chmod 600 {path}"
+            )
+
+    def promote(self, link: str) -> KeyInfo:
+        """Make the staged key of ``link`` current; the old one is kept as ``retired-<UTC>``."""
+        if not self.has_key(link, staged=True):
+            raise KeystoreError(
+                f"{self.root}: {link!r} has no staged key; "
+                f"run `vpnctl keygen --rotate {link}` first"
+            )
+        old = self.info(link)
+        if old is not None:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            retired = f"{link}.retired-{stamp}"
+            for path in (self.key_path(link), self.meta_path(link)):
+                if path.exists():
+                    target = self.root / path.name.replace(link, retired, 1)
+                    if target.exists():
+                        raise KeystoreError(f"{target}: already exists; try again in a second")
+                    os.link(path, target)
+                    path.unlink()
+        for path in (self.key_path(link, staged=True), self.meta_path(link, staged=True)):
+            if path.exists():
+                os.link(path, self.root / path.name.replace(f"{link}.next", link, 1))
+                path.unlink()
+        return self.info(link) or _impossible(link)
+
+    # ---- tunnel address record --------------------------------------------------------------
+    @property
+    def allocations_path(self) -> Path:
+        """``<keystore>/allocations.json``."""
+        return self.root / ALLOCATIONS
+
+    def load_allocations(self) -> dict[str, tuple[IPv4Address, IPv4Address]]:
+        """Link name -> (server, client) tunnel addresses allocated earlier ({} when none)."""
+        path = self.allocations_path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {
+                str(name): (IPv4Address(pair["server"]), IPv4Address(pair["client"]))
+                for name, pair in data["links"].items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeystoreError(f"{path}: unreadable allocation record: {exc}") from None
+
+    def save_allocations(self, record: Mapping[str, tuple[IPv4Address, IPv4Address]]) -> bool:
+        """Write the allocation record atomically when it changed; True when it was written."""
+        data = _json_bytes(
+            {
+                "version": 1,
+                "links": {
+                    name: {"server": str(pair[0]), "client": str(pair[1])}
+                    for name, pair in sorted(record.items())
+                },
+            }
+        )
+        path = self.allocations_path
+        with contextlib.suppress(FileNotFoundError):
+            if path.read_bytes() == data:
+                return False
+        self.create()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        _write_exclusive(tmp, data)
+        tmp.replace(path)
+        return True
+
+
+def _json_bytes(value: object) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _impossible(link: str) -> KeyInfo:
+    raise KeystoreError(f"key of {link!r} vanished while it was being written")

@@ -142,7 +142,7 @@ def test_xfilter_output_never_contains_raw_xon_or_xoff(payload: bytes) -> None:
     st.lists(st.integers(min_value=0), max_size=20),
     st.booleans(),
 )
-@settings(max_examples=300)
+@settings(max_examples=200)
 def test_noise_between_frames_never_raises_and_never_damages_real_frames(
     msgs: list[bytes], noise: list[bytes], cuts: list[int], xfilter: bool
 ) -> None:

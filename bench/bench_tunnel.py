@@ -32,41 +32,30 @@ SERVER_TUN, CLIENT_TUN = "198.19.0.1", "198.19.0.2"
 def iperf(pair: Pair, target: str, seconds: int, reps: int) -> float:
     """Median Mbit/s of `reps` single-stream iperf3 runs from client to server."""
     server = subprocess.Popen(
-        pair.server.cmd("iperf3", "-s", "-B", target, "-1"),
+        pair.server.cmd("iperf3", "-s", "-B", target),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     results = []
+
+    def attempt() -> dict | None:
+        proc = pair.client.run(
+            "iperf3", "-c", target, "-t", str(seconds), "-J", check=False, timeout=seconds + 30
+        )
+        try:
+            out = json.loads(proc.stdout)
+        except ValueError:
+            return None
+        return out if "sum_received" in out.get("end", {}) else None
+
     try:
         for _ in range(reps):
-            if server.poll() is not None:
-                server = subprocess.Popen(
-                    pair.server.cmd("iperf3", "-s", "-B", target, "-1"),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-
-            def attempt() -> dict | None:
-                proc = pair.client.run(
-                    "iperf3",
-                    "-c",
-                    target,
-                    "-t",
-                    str(seconds),
-                    "-J",
-                    check=False,
-                    timeout=seconds + 30,
-                )
-                return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-            out = poll_until(attempt, 10, interval=0.2, what="iperf3 run")
+            out = poll_until(attempt, 20, interval=0.3, what="iperf3 run")
             assert isinstance(out, dict)
             results.append(out["end"]["sum_received"]["bits_per_second"] / 1e6)
-            server.wait(timeout=10)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        server.kill()
+        server.wait()
     return statistics.median(results)
 
 

@@ -777,9 +777,7 @@ def _setup_logging(config: Config, daemon: bool, verbose: bool) -> None:
         )
         handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
     elif daemon:
-        logpath = os.path.splitext(config.statusfile)[0] + ".log"
-        if logpath.endswith(".status"):
-            logpath = logpath[: -len(".status")] + ".log"
+        logpath = log_path(config)
         os.makedirs(os.path.dirname(logpath) or ".", exist_ok=True)
         handler = logging.FileHandler(logpath)
         handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}: %(message)s"))
@@ -787,6 +785,14 @@ def _setup_logging(config: Config, daemon: bool, verbose: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"%(asctime)s {tag} %(levelname)s: %(message)s"))
     root.addHandler(handler)
+
+
+def log_path(config: Config) -> str:
+    """Where a detached daemon logs when there is no syslog socket: beside its status file."""
+    base = config.statusfile
+    for suffix in (".json", ".status"):
+        base = base.removesuffix(suffix)
+    return base + ".log"
 
 
 def _pid_running(pid: int) -> bool:

@@ -281,3 +281,51 @@ def test_shutdown_leaves_no_process_tun_route_pidfile_or_status(lab: Lab) -> Non
     )
     with pytest.raises(ProcessLookupError):
         os.kill(client.pid, 0)
+
+
+def test_daemon_mode_detaches_writes_pidfile_reloads_on_sighup_and_stops_on_sigterm(
+    lab: Lab,
+) -> None:
+    s_conf = lab.conf("server")
+    pidfile = lab.dir / "server.pid"
+    logfile = lab.dir / "server.log"  # no syslog here: the daemon logs beside its status file
+    # When started with --daemon, vpnd returns only once the daemon is serving
+    proc = lab.pair.server.run(sys.executable, "-m", "vpnd_runtime", "-f", str(s_conf), "--daemon")
+    assert proc.returncode == 0, proc.stderr
+    pid = int(pidfile.read_text())
+    try:
+        assert os.getsid(pid) != os.getsid(0)  # detached: a session of its own
+        with vpnd(lab.pair.client, lab.conf("client"), lab.dir, "client") as client:
+            poll_until(lambda: _up(client), 20, what="link up with the detached server")
+            # A SIGHUP with an unchanged file changes nothing
+            os.kill(pid, signal.SIGHUP)
+            poll_until(lambda: "configuration unchanged" in _read(logfile), 5, what="reload log")
+            # A broken file is refused and the running link kept
+            good = s_conf.read_text()
+            s_conf.write_text(good + "keepaliv 5\n")
+            os.kill(pid, signal.SIGHUP)
+            poll_until(lambda: "not reloaded" in _read(logfile), 5, what="refused reload")
+            assert "did you mean 'keepalive'" in _read(logfile)
+            assert _up(client)
+            # A changed file restarts the link with the new settings
+            s_conf.write_text(good + "keepalive 2\n")
+            os.kill(pid, signal.SIGHUP)
+            poll_until(lambda: "configuration changed" in _read(logfile), 5, what="reload")
+            poll_until(
+                lambda: _up(client) and client.status()["reconnects"] >= 1,
+                30,
+                what="link back after reload",
+            )
+        # A second daemon on the same pidfile refuses to start
+        again = lab.pair.server.run(
+            sys.executable, "-m", "vpnd_runtime", "-f", str(s_conf), "--daemon", check=False
+        )
+        assert again.returncode != 0
+        assert "already running" in again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    poll_until(lambda: not pidfile.exists(), 10, what="pidfile removed on SIGTERM")
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -296,3 +296,75 @@ def test_closing_a_transport_twice_is_harmless(cable: PtyPair) -> None:
     end.transport.close()
     with pytest.raises(LineDown, match="closed transport"):
         end.transport.write(b"x")
+
+
+def test_a_tunnel_over_the_line_loses_only_the_frame_that_noise_damaged(cable: PtyPair) -> None:
+    # The real protocol core on both ends, SLIP-framed, lossy (serial) mode.
+    from vpnd_runtime.proto.connection import Connection, Params
+    from vpnd_runtime.proto.events import LinkUp, Packets
+
+    psk = bytes(range(32))
+    params = Params(lossy=True)
+    t0 = time.monotonic()
+    ends = {}
+    for name, path, role in (("a", cable.a, "initiator"), ("b", cable.b, "responder")):
+        port = open_serial(path, 115200, rtscts=False, localline=True)
+        conn = Connection(role, psk, params, os.urandom, t0, framer=SlipFramer(), wall=time.time())
+        ends[name] = (SerialTransport(port), conn, [])
+    try:
+        ta, ca, events_a = ends["a"]
+        _, cb, events_b = ends["b"]
+        ca.start(t0, time.time())
+
+        def step() -> None:
+            for transport, conn, events in ends.values():
+                transport.write(conn.data_to_send())
+                transport.flush()
+                events.extend(conn.receive_data(transport.read(), time.monotonic()))
+                transport.write(conn.data_to_send())
+
+        def up() -> bool:
+            step()
+            return any(isinstance(e, LinkUp) for e in events_a) and any(
+                isinstance(e, LinkUp) for e in events_b
+            )
+
+        wait_until(up, 10, "the handshake over the serial line")
+        # Twenty packets, one frame each; noise flips a bit inside the eighth frame.
+        packets = [bytes([i]) * 300 for i in range(20)]
+        for i, packet in enumerate(packets):
+            ca.send_packets([packet], time.monotonic())
+            frame = bytearray(ca.data_to_send())
+            if i == 7:
+                at = next(k for k in range(len(frame) // 2, len(frame)) if 0x20 <= frame[k] < 0xC0)
+                frame[at] ^= 0x01
+            ta.write(bytes(frame))
+
+        def delivered() -> bool:
+            step()
+            got = [p for e in events_b if isinstance(e, Packets) for p in e.packets]
+            return len(got) >= len(packets) - 1
+
+        wait_until(delivered, 10, "the undamaged packets")
+        got = [p for e in events_b if isinstance(e, Packets) for p in e.packets]
+        assert got == packets[:7] + packets[8:]
+        assert cb.stats.drops == {"bad_tag": 1}
+        assert cb.state.value == "established"
+    finally:
+        for transport, _, _ in ends.values():
+            transport.close()
+
+
+def test_an_idle_line_reads_empty_and_only_a_hangup_is_line_down(cable: PtyPair) -> None:
+    end = open_end("a", cable.a)
+    try:
+        assert end.transport.read() == b""
+        # pyserial resets VMIN to 0 whenever its timeout is assigned (the chat does this):
+        # an empty read must still not be mistaken for a hangup.
+        end.transport.port.timeout = 0.2
+        assert end.transport.read() == b""
+        cable.cut()
+        with pytest.raises(LineDown):
+            end.transport.read()
+    finally:
+        end.transport.close()

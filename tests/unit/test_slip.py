@@ -190,3 +190,12 @@ def test_a_frame_damaged_by_noise_loses_only_itself() -> None:
     stream[61] = 0x41
     got = SlipFramer().decode(bytes(stream))
     assert got == [msgs[0], *msgs[2:]]
+
+
+def test_default_cap_carries_the_largest_frame_the_connection_builds() -> None:
+    from vpnd_runtime.proto.framing import MAX_MESSAGE
+
+    framer = SlipFramer()
+    biggest = bytes(range(256)) * (MAX_MESSAGE // 256) + b"\xc0" * (MAX_MESSAGE % 256)
+    assert len(biggest) == MAX_MESSAGE
+    assert framer.decode(framer.encode(biggest)) == [biggest]

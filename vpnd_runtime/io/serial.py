@@ -12,7 +12,10 @@ daemon's selector, not pyserial's internal select, decides when to wait.
 
 * ``read()`` returns whatever bytes are waiting (``b""`` when none). A read that returns EOF
   (the far side of a PTY closed, or the kernel hung the tty up) or fails with EIO/ENXIO means the
-  line is gone and raises ``LineDown``.
+  line is gone and raises ``LineDown``. The transport sets VMIN=1/VTIME=0 so that "nothing
+  waiting" is EAGAIN rather than a 0-byte read; should anyone reset VMIN to 0 (pyserial does
+  when its ``timeout`` is assigned, e.g. by the chat), an empty read is checked with poll()
+  for POLLHUP, so the answer stays right either way.
 * ``write(data)`` queues bytes and writes as much as the line accepts; a short write or EAGAIN
   leaves the rest in an internal buffer. ``pending()`` says how many bytes wait; the daemon asks
   the selector for EVENT_WRITE while ``pending()`` is non-zero and then calls ``flush()``.
@@ -34,6 +37,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import struct
 import termios
 
@@ -123,6 +127,16 @@ class SerialTransport:
         # pyserial keeps O_NONBLOCK, but make the contract explicit for ports opened elsewhere.
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        # pyserial (timeout=0) leaves VMIN=0, VTIME=0, where a read with nothing waiting
+        # returns 0 bytes, indistinguishable from a hangup. VMIN=1 with O_NONBLOCK makes an
+        # empty line EAGAIN and keeps 0 for end of file.
+        try:
+            attrs = termios.tcgetattr(self._fd)
+            attrs[6][termios.VMIN] = 1
+            attrs[6][termios.VTIME] = 0
+            termios.tcsetattr(self._fd, termios.TCSANOW, attrs)
+        except termios.error:
+            pass  # not a tty (a test double): read() falls back to asking poll()
 
     @classmethod
     def open(
@@ -148,9 +162,20 @@ class SerialTransport:
                 raise LineDown(f"{self.port.port}: line down ({os.strerror(exc.errno)})") from exc
             raise
         if not data:
-            raise LineDown(f"{self.port.port}: line down (end of file: far end closed)")
+            if self._hung_up():
+                raise LineDown(f"{self.port.port}: line down (hangup: far end closed)")
+            return b""  # VMIN was 0 (someone reconfigured the port): just no data yet
         self.bytes_in += len(data)
         return data
+
+    def _hung_up(self) -> bool:
+        """After an empty read: does the tty report a hangup (POLLHUP/POLLERR)?"""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        for _, revents in poller.poll(0):
+            if revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return True
+        return False
 
     def write(self, data: bytes) -> int:
         """Queue `data` and write what the line accepts now; return the bytes still pending."""

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import re
 
+from .framing import MAX_MESSAGE
+
 END = 0xC0
 ESC = 0xDB
 ESC_END = 0xDC
@@ -58,9 +60,9 @@ XOFF = 0x13
 ESC_XON = 0xDE
 ESC_XOFF = 0xDF
 
-# Large enough for any sealed frame the connection builds: a TUN offload super-packet
-# (65,535 + 10-byte virtio header) plus frame and AEAD headers, with room to spare.
-DEFAULT_MAX_MESSAGE = 128 * 1024
+# The same cap as the TCP length framer: the largest sealed frame the connection builds
+# (a batch of up to 256 KiB of packets plus frame and AEAD headers).
+DEFAULT_MAX_MESSAGE = MAX_MESSAGE
 
 _END_B = bytes([END])
 _ESC_B = bytes([ESC])

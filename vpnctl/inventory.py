@@ -931,8 +931,8 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
                     f"duplicate link name {link.name!r} (also links[{link_names[link.name]}])",
                 )
             )
-        else:
-            link_names[link.name] = link.index
+            continue
+        link_names[link.name] = link.index
         missing = False
         for role in ROLES:
             host = link.side(role).host

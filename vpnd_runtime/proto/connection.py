@@ -237,6 +237,7 @@ class Connection:
         self._peer_key_id: bytes | None = None
         self._rng = rng
         self._framer: Framer = framer if framer is not None else LengthFramer()
+        self._length_framed = type(self._framer) is LengthFramer
         self._guard = replay_guard if replay_guard is not None else ReplayGuard()
         self._created = now
         self._wall0 = wall
@@ -329,10 +330,14 @@ class Connection:
         self.stats.wire_bytes_in += len(data)
         events: list[Event] = []
         try:
-            for msg in self._framer.decode(data):
-                self.stats.frames_in += 1
+            msgs = self._framer.decode(data)
+            self.stats.frames_in += len(msgs)
+            for msg in msgs:
                 try:
-                    self._handle(msg, now, events)
+                    if msg and msg[0] == MSG_DATA:
+                        self._handle_data(msg, now, events)
+                    else:
+                        self._handle(msg, now, events)
                 except FrameRejected as exc:
                     if not self._lossy:
                         raise
@@ -358,7 +363,15 @@ class Connection:
         limit = self._batch_limit
         compress = self.params.compress
         level = self.params.compress_level
-        framer_encode = self._framer.encode
+        if self._length_framed:
+            seal = send.seal_framed
+        else:
+            framer_encode = self._framer.encode
+            send_seal = send.seal
+
+            def seal(inner: bytes) -> bytes:
+                return framer_encode(send_seal(inner))
+
         out = self._out
         pack = U32.pack
         parts: list[bytes] = [b"\x01\x00"]
@@ -372,7 +385,7 @@ class Connection:
             if n > MAX_PACKET:
                 raise LocalProtocolError(f"packet of {n} bytes exceeds the {MAX_PACKET}-byte limit")
             if count and size + n + 4 > limit:
-                out.append(framer_encode(send.seal(packets_inner(parts, compress, level))))
+                out.append(seal(packets_inner(parts, compress, level)))
                 nbatch += 1
                 parts = [b"\x01\x00"]
                 size = 0
@@ -383,7 +396,7 @@ class Connection:
             count += 1
             total += n
         if count:
-            out.append(framer_encode(send.seal(packets_inner(parts, compress, level))))
+            out.append(seal(packets_inner(parts, compress, level)))
             nbatch += 1
         stats.packets_out += len(packets)
         stats.bytes_out += total

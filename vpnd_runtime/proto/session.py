@@ -57,6 +57,7 @@ PACKETS_COMPRESSED = 0x01
 
 HEADER = struct.Struct(">BIQ")
 HEADER_LEN = HEADER.size  # 13
+FRAMED_HEADER = struct.Struct(">IBIQ")  # u32 frame length + HEADER
 TAG_LEN = 16
 NONCE = struct.Struct("<4xQ")
 U32 = struct.Struct(">I")
@@ -123,6 +124,15 @@ class SendState:
         self.counter = c + 1
         hdr = HEADER.pack(MSG_DATA, self.epoch, c)
         return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr)
+
+    def seal_framed(self, inner: bytes) -> bytes:
+        """`LengthFramer.encode(self.seal(inner))` with one copy fewer (the TCP hot path)."""
+        c = self.counter
+        if c >= COUNTER_LIMIT:
+            raise LocalProtocolError("send counter exhausted: the session must be rekeyed")
+        self.counter = c + 1
+        prefix = FRAMED_HEADER.pack(HEADER_LEN + len(inner) + TAG_LEN, MSG_DATA, self.epoch, c)
+        return prefix + self.aead.encrypt(NONCE.pack(c), inner, prefix[4:])
 
 
 class RecvState:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import selectors
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -363,6 +364,7 @@ def test_an_idle_line_reads_empty_and_only_a_hangup_is_line_down(cable: PtyPair)
         # an empty read must still not be mistaken for a hangup.
         end.transport.port.timeout = 0.2
         assert end.transport.read() == b""
+        assert termios.tcgetattr(end.transport.fileno())[6][termios.VMIN] == 1  # re-asserted
         cable.cut()
         with pytest.raises(LineDown):
             end.transport.read()

@@ -127,9 +127,14 @@ class SerialTransport:
         # pyserial keeps O_NONBLOCK, but make the contract explicit for ports opened elsewhere.
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        # pyserial (timeout=0) leaves VMIN=0, VTIME=0, where a read with nothing waiting
-        # returns 0 bytes, indistinguishable from a hangup. VMIN=1 with O_NONBLOCK makes an
-        # empty line EAGAIN and keeps 0 for end of file.
+        self._set_vmin()
+
+    def _set_vmin(self) -> None:
+        """VMIN=1, VTIME=0: with O_NONBLOCK an idle line is EAGAIN and 0 bytes means hangup.
+
+        pyserial (timeout=0) leaves VMIN=0, VTIME=0, where a read with nothing waiting returns
+        0 bytes, indistinguishable from a hangup.
+        """
         try:
             attrs = termios.tcgetattr(self._fd)
             attrs[6][termios.VMIN] = 1
@@ -164,7 +169,9 @@ class SerialTransport:
         if not data:
             if self._hung_up():
                 raise LineDown(f"{self.port.port}: line down (hangup: far end closed)")
-            return b""  # VMIN was 0 (someone reconfigured the port): just no data yet
+            # VMIN was 0 (pyserial reconfigured the port, e.g. after the chat): no data yet.
+            self._set_vmin()
+            return b""
         self.bytes_in += len(data)
         return data
 

@@ -514,3 +514,86 @@ def test_params_reject_bad_values_naming_the_field() -> None:
         Params(compress_level=10)
     with pytest.raises(ValueError, match="psk must be 32 bytes"):
         Connection("initiator", b"short", Params(), seeded_rng(1), 0.0)
+
+
+# --------------------------------------------------------------------------- lossy (serial) link
+def slip_pair(params: Params) -> tuple[Connection, Connection]:
+    from vpnd_runtime.proto.slip import SlipFramer
+
+    i = Connection(
+        "initiator", PSK, params, seeded_rng(1), 0.0, framer=SlipFramer(xfilter=True), wall=WALL
+    )
+    r = Connection(
+        "responder", PSK, params, seeded_rng(2), 0.0, framer=SlipFramer(xfilter=True), wall=WALL
+    )
+    return i, r
+
+
+def test_over_slip_a_noisy_line_loses_only_the_damaged_frames() -> None:
+    i, r = slip_pair(Params(lossy=True))
+    i.start(0.0)
+    r.receive_data(i.data_to_send(), 0.0)
+    i.receive_data(r.data_to_send(), 0.0)
+    assert [type(e) for e in r.receive_data(i.data_to_send(), 0.0)] == [LinkUp]
+    rnd = random.Random(8)
+    sent = random_packets(rnd, 50, hi=300)
+    wire = bytearray()
+    for k, pkt in enumerate(sent):
+        i.send_packets([pkt], 0.0)
+        frame = bytearray(i.data_to_send())
+        if k % 10 == 3:
+            frame[len(frame) // 2] ^= 0x40  # line noise inside the frame
+        wire += frame
+        if k % 10 == 7:
+            wire += b"\x13\x11junk\xc0"  # noise between frames
+    got = Pair.packets(r.receive_data(bytes(wire), 0.0))
+    assert got == [p for k, p in enumerate(sent) if k % 10 != 3]
+    assert sum(r.stats.drops.values()) >= 5
+    assert r.state is State.ESTABLISHED
+
+
+def test_lossy_link_that_loses_the_confirm_comes_up_on_the_next_authenticated_frame() -> None:
+    pair = Pair(Params(lossy=True))
+    pair.i.start(0.0)
+    pair.r.receive_data(pair.i.data_to_send(), 0.0)
+    pair.i.receive_data(pair.r.data_to_send(), 0.0)
+    pair.i.data_to_send()  # the CONFIRM is lost on the line
+    pair.i.send_packets([b"first"], 0.0)
+    events = pair.r.receive_data(pair.i.data_to_send(), 0.0)
+    assert [type(e) for e in events] == [LinkUp, Packets]
+
+
+def test_lossy_rekey_survives_a_lost_rekey_init() -> None:
+    pair = established(Params(lossy=True, keyttl=5.0, keepalive=2.0))
+    pair.advance(4.5)
+    pair.now = 5.0
+    pair.events_i += pair.i.tick(5.0)
+    pair.i.data_to_send()  # REKEY_INIT (and PING) lost
+    assert pair.i.next_deadline() == 6.0  # it will be repeated after one keepalive
+    pair.advance(8.0)
+    assert pair.i.stats.epoch == pair.r.stats.epoch == 1
+    pair.i.send_packets([b"after"], pair.now)
+    pair.r.send_packets([b"back"], pair.now)
+    pair.pump()
+    assert Pair.packets(pair.events_r)[-1:] == [b"after"]
+    assert Pair.packets(pair.events_i)[-1:] == [b"back"]
+
+
+def test_lossy_rekey_survives_a_lost_rekey_resp() -> None:
+    pair = established(Params(lossy=True, keyttl=5.0, keepalive=2.0))
+    pair.advance(4.5)
+    pair.now = 5.0
+    pair.events_i += pair.i.tick(5.0)
+    pair.r.receive_data(pair.i.data_to_send(), 5.0)
+    assert pair.r.stats.epoch == 1
+    pair.r.data_to_send()  # REKEY_RESP lost
+    pair.r.send_packets([b"lost in epoch 1"], 5.0)
+    assert pair.i.receive_data(pair.r.data_to_send(), 5.0) == []
+    assert pair.i.stats.drops == {"unknown_epoch": 1}
+    pair.advance(8.0)  # REKEY_INIT repeated, answered again in the old epoch
+    assert pair.i.stats.epoch == 1
+    pair.r.send_packets([b"arrives"], pair.now)
+    pair.i.send_packets([b"too"], pair.now)
+    pair.pump()
+    assert Pair.packets(pair.events_i)[-1:] == [b"arrives"]
+    assert Pair.packets(pair.events_r)[-1:] == [b"too"]

@@ -25,7 +25,8 @@ Wire protocol (every message is framed by the framer: u32 length over TCP, SLIP 
    The responder checks, in this order and before any DH: message shape, key id ("peer uses
    another key"), the psk AEAD tag, cipher and compression agreement, and the replay guard
    (timestamp strictly newer than the last accepted for this key, within `max_skew` of our wall
-   clock).  It declares `LinkUp` only on CONFIRM, so a replayed message 1 opens no session.
+   clock).  It declares `LinkUp` only on CONFIRM (on a lossy link: on any frame authenticated
+   with the session keys, which proves the same), so a replayed message 1 opens no session.
    The initiator declares `LinkUp` when message 2 authenticates.  No `LinkUp` within
    `handshake_timeout` of creation: `tick` returns `PeerDead`.
 
@@ -630,10 +631,13 @@ class Connection:
             raise RemoteProtocolError("empty inner message")
         kind = inner[0]
         if self._awaiting_confirm:
-            if kind != INNER_CONFIRM:
+            if kind == INNER_CONFIRM:
+                self._link_up(now, events)
+                return
+            if not self._lossy:
                 raise RemoteProtocolError("the first data message was not CONFIRM")
+            # Lossy link, CONFIRM lost: any frame sealed with the session keys proves the same.
             self._link_up(now, events)
-            return
         if kind == INNER_PACKETS:
             pkts = decode_packets(inner)
             if pkts:

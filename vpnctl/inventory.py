@@ -531,14 +531,14 @@ def _read_ssh(r: _Reader, node: yaml.Node, path: str) -> dict[str, Any]:
     if "user" in fields:
         out["user"] = r.text(fields["user"], f"{path}.user")
     if "identity" in fields:
-        out["identity"] = r.text(fields["identity"], f"{path}.identity")
+        out["identity"] = r.text(fields["identity"], f"{path}.identity", spaces=True)
     if "proxyjump" in fields:
         out["proxyjump"] = r.text(fields["proxyjump"], f"{path}.proxyjump")
     if "options" in fields:
         items = r.sequence(fields["options"], f"{path}.options")
         options = []
         for i, item in enumerate(items or []):
-            option = r.text(item, f"{path}.options[{i}]")
+            option = r.text(item, f"{path}.options[{i}]", spaces=True)
             if option is not None and "=" not in option:
                 r.fail(item, f"{path}.options[{i}]", f"expected Key=value, got {option!r}")
             elif option is not None:

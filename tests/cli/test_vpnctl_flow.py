@@ -357,3 +357,16 @@ def test_help_teaches_the_flow() -> None:
     assert "VPNCTL_INVENTORY" in result.stdout
     render_help = run("render", "--help")
     assert "--check" in render_help.stdout and "--diff" in render_help.stdout
+
+
+def test_keys_json_carries_the_same_facts_as_the_table(project: Path) -> None:
+    assert run("keygen").exit_code == 0
+    result = run("keys", "--json")
+    assert result.exit_code == 0
+    document = json.loads(result.stdout)
+    assert document["keystore"] == "keystore"
+    assert [(row["link"], row["fingerprint"], row["stored"]) for row in document["links"]] == [
+        ("office", fp(project, "office"), "plain"),
+        ("lab", fp(project, "lab"), "plain"),
+    ]
+    assert all(0 <= row["age_seconds"] < 600 for row in document["links"])

@@ -57,12 +57,14 @@ from typing import Any
 from vpnd_runtime.config import Config, ConfigError, load_config
 from vpnd_runtime.io import tcp
 from vpnd_runtime.io.hooks import HookRunner
+from vpnd_runtime.io.serial import SerialTransport
 from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, Tun, TunError
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
 from vpnd_runtime.proto.connection import Connection, Params
 from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
 from vpnd_runtime.proto.events import Closed, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
 from vpnd_runtime.proto.handshake import ReplayGuard
+from vpnd_runtime.proto.slip import SlipFramer
 from vpnd_runtime.status import StatusRecord, StatusWriter
 
 log = logging.getLogger("vpnd")
@@ -120,6 +122,41 @@ class RandomDev:
         os.close(self._fd)
 
 
+class SerialCarrier:
+    """The serial line seen through the daemon's Carrier interface (io/tcp.py)."""
+
+    def __init__(self, transport: SerialTransport, device: str) -> None:
+        self.transport = transport
+        self.peer = device
+
+    def fileno(self) -> int:
+        return self.transport.fileno()
+
+    def read(self) -> bytes:
+        """Bytes waiting; LineDown (an OSError) when the line is gone."""
+        data = self.transport.read()
+        if not data:
+            raise BlockingIOError
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def flush(self) -> bool:
+        return self.transport.flush() == 0
+
+    @property
+    def pending(self) -> bool:
+        return self.transport.pending() > 0
+
+    def check_carrier(self) -> None:
+        """LineDown when the modem dropped carrier (never with localline)."""
+        self.transport.check_carrier()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 @dataclass
 class Session:
     """One carrier connection and the protocol state riding on it."""
@@ -129,6 +166,7 @@ class Session:
     created: float
     up: bool = False
     closed: bool = False
+    framer: SlipFramer | None = None
     tx_registered: bool = field(default=False)
 
 
@@ -209,11 +247,16 @@ class Daemon:
             cfg.remote,
             self.fp,
         )
-        if cfg.mode == "server":
+        if cfg.mode == "server" and not cfg.is_serial:
             self._open_listener()
         else:
             self.status.set_state("connecting")
         self._publish(force=True)
+
+    @property
+    def _dials(self) -> bool:
+        """True when this end opens the carrier itself: a TCP client, or either end of a line."""
+        return self.config.mode == "client" or self.config.is_serial
 
     def _open_listener(self) -> None:
         cfg = self.config
@@ -238,7 +281,7 @@ class Daemon:
             d = s.conn.next_deadline()
             if d is not None:
                 deadline = min(deadline, d)
-        if self.config.mode == "client" and self.active is None:
+        if self._dials and self.active is None:
             if self.connecting is None and not self.pending:
                 deadline = min(deadline, self.next_attempt)
             elif self.connecting is not None:
@@ -256,9 +299,17 @@ class Daemon:
             deadline = s.conn.next_deadline()
             if deadline is not None and deadline <= now:
                 self._run_protocol(s, now, lambda s=s: s.conn.tick(now))
-        if self.config.mode == "client" and self.active is None and not self.pending:
+        if self.active is not None and isinstance(self.active.carrier, SerialCarrier):
+            try:
+                self.active.carrier.check_carrier()
+            except OSError as exc:
+                self._end_session(self.active, str(exc))
+        if self._dials and self.active is None and not self.pending:
             if self.connecting is None and now >= self.next_attempt and not self.stopping:
-                self._connect(now)
+                if self.config.is_serial:
+                    self._open_line(now)
+                else:
+                    self._connect(now)
             elif (
                 self.connecting is not None
                 and now - self.connect_started > self._handshake_timeout()
@@ -308,6 +359,47 @@ class Daemon:
         self._status_dirty = True
         log.info("connected to %s, handshaking", carrier.peer)
         self._run_protocol(session, now, lambda: conn.start(now))
+
+    def _open_line(self, now: float) -> None:
+        """Serial: open the device, run the modem chat, and start a session on the line."""
+        cfg = self.config
+        self.status.set_state("connecting")
+        self._status_dirty = True
+        try:
+            transport = SerialTransport.open(
+                cfg.server_host, cfg.speed, rtscts=not cfg.nortscts, localline=cfg.localline
+            )
+        except OSError as exc:
+            self._schedule_retry(now, f"cannot open {cfg.server_host}: {exc.strerror or exc}")
+            return
+        if cfg.modemchat:
+            result = _run_modemchat(cfg, transport)
+            if not result[0]:
+                transport.close()
+                self._schedule_retry(time.monotonic(), f"modem chat failed: {result[1]}")
+                return
+            now = time.monotonic()
+        carrier = SerialCarrier(transport, cfg.server_host)
+        role = "initiator" if cfg.mode == "client" else "responder"
+        framer = SlipFramer(xfilter=cfg.xfilter)
+        conn = Connection(
+            role,
+            self.key,
+            params_from_config(cfg),
+            self.rng,
+            now,
+            framer=framer,
+            replay_guard=self._guard() if role == "responder" else None,
+            wall=time.time(),
+        )
+        session = Session(carrier, conn, now, framer=framer)
+        self.pending.append(session)
+        self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
+        self.status.set_state("handshake")
+        self.status.peer = carrier.peer
+        log.info("line %s open at %d bit/s, handshaking", cfg.server_host, cfg.speed)
+        if role == "initiator":
+            self._run_protocol(session, now, lambda: conn.start(now))
 
     def _connect_failed(self, now: float, reason: str) -> None:
         if self.connecting is not None:
@@ -545,7 +637,7 @@ class Daemon:
             self._close_session(previous)
             self._watch_tun(not session.carrier.pending)
             return
-        if self.config.mode == "client":
+        if self._dials:
             # Other half-open attempts are moot once one session is up.
             for other in list(self.pending):
                 self._close_session(other)
@@ -638,8 +730,10 @@ class Daemon:
                 self.attempt = 0
         else:
             log.warning("%s: %s", session.carrier.peer, reason)
-        if self.config.mode == "client":
+        if self._dials:
             if self.active is None and not self.pending and not self.stopping:
+                if self.config.is_serial and self.config.mode == "server" and was_active is False:
+                    self.attempt = 0  # a line server just waits again for the client's handshake
                 self._schedule_retry(now, reason)
         elif self.active is None:
             self.status.set_state("listening", reason)
@@ -664,6 +758,9 @@ class Daemon:
                 self.status.missed_keepalives = getattr(stats, "missed_keepalives", 0)
                 for reason, count in (getattr(stats, "drops", None) or {}).items():
                     self.status.drops[f"proto_{reason}"] = count
+            if self.active.framer is not None:
+                for reason, count in self.active.framer.errors.items():
+                    self.status.drops[f"line_{reason}"] = count
         try:
             self.writer.write(self.status)
         except OSError as exc:
@@ -712,7 +809,7 @@ class Daemon:
             self.writer.remove()
             self.writer = StatusWriter(new.statusfile)
         try:
-            if new.mode == "server":
+            if new.mode == "server" and not new.is_serial:
                 self._open_listener()
             else:
                 self.status.set_state("connecting")
@@ -756,6 +853,19 @@ class Daemon:
         self._wake_w.close()
         self.rng.close()
         self.sel.close()
+
+
+def _run_modemchat(config: Config, transport: SerialTransport) -> tuple[bool, str]:
+    """Run the `modemchat` script on the open line before the link starts."""
+    from vpnd_runtime.io.chat import load_chat_script, run_chat  # noqa: PLC0415 — serial only
+
+    assert config.modemchat is not None  # noqa: S101 — checked by the caller
+    try:
+        script = load_chat_script(config.modemchat)
+    except (OSError, ValueError) as exc:
+        return False, str(exc)
+    result = run_chat(script, transport.port, on_step=lambda line: log.info("modemchat: %s", line))
+    return result.ok, result.reason
 
 
 def _disable_ipv6(ifname: str) -> None:

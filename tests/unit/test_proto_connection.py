@@ -220,7 +220,9 @@ def test_batches_respect_sendbuf_and_a_big_packet_travels_alone() -> None:
 def test_packet_above_the_virtio_plus_ip_maximum_is_refused() -> None:
     pair = established()
     with pytest.raises(LocalProtocolError, match="65546 bytes exceeds"):
-        pair.i.send_packets([bytes(65546)], 0.0)
+        pair.i.send_packets([b"fine", bytes(65546)], 0.0)
+    assert pair.i.data_to_send() == b""  # nothing of the refused call was sealed
+    assert pair.i.stats.packets_out == 0
 
 
 @pytest.mark.parametrize("cipher", ["chacha20-poly1305", "aes-256-gcm", "aes-128-gcm"])

@@ -381,10 +381,12 @@ class Connection:
         total = 0
         nbatch = 0
         stats = self.stats
+        if packets and (biggest := max(map(len, packets))) > MAX_PACKET:
+            raise LocalProtocolError(
+                f"packet of {biggest} bytes exceeds the {MAX_PACKET}-byte limit (nothing sent)"
+            )
         for p in packets:
             n = len(p)
-            if n > MAX_PACKET:
-                raise LocalProtocolError(f"packet of {n} bytes exceeds the {MAX_PACKET}-byte limit")
             if count and size + n + 4 > limit:
                 out.append(seal(packets_inner(parts, compress, level)))
                 nbatch += 1

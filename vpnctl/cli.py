@@ -16,7 +16,6 @@ Adding a command: write ``vpnctl/commands/<name>.py`` with ``main(ctx: typer.Con
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,5 +178,4 @@ _commands()
 
 def main() -> None:
     """Console entry point (``vpnctl``)."""
-    os.environ.setdefault("COLUMNS", "100")
     app(prog_name="vpnctl")

@@ -284,19 +284,23 @@ class _Reader:
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, path, f"expected a mapping (key: value), got {_kind(node)}")
             return None
+        own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
         try:
-            self._constructor.flatten_mapping(node)  # YAML merge keys (<<: *defaults)
+            self._constructor.flatten_mapping(node)  # YAML merge keys (<<: *common)
         except ConstructorError as exc:
             self.fail(node, path, f"cannot merge: {exc.problem}")
             return None
+        merged = len(node.value) - own  # flatten_mapping puts merged pairs first
         allowed = list(allowed)
         result: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
+        for index, (key_node, value_node) in enumerate(node.value):
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             sub = f"{path}.{key}" if path else str(key)
             if not isinstance(key, str):
                 self.fail(key_node, path or "(top)", "keys must be plain words")
-            elif key in result:
+            elif index < merged and key in allowed:
+                result[key] = value_node  # merged values may be overridden by the mapping's own
+            elif key in result and index - 1 >= merged and _own_key(node, merged, index, key):
                 first = result[key].start_mark.line + 1
                 self.fail(key_node, sub, f"duplicate key (first given on line {first})")
             elif key not in allowed:
@@ -427,6 +431,13 @@ class _Reader:
             self.fail(node, path, f"must be an absolute path (starting with /), got {value!r}")
             return None
         return value
+
+
+def _own_key(node: yaml.MappingNode, merged: int, index: int, key: str) -> bool:
+    """True when ``key`` already appeared among the mapping's own pairs before ``index``."""
+    return any(
+        isinstance(k, yaml.ScalarNode) and k.value == key for k, _ in node.value[merged:index]
+    )
 
 
 def _kind(node: yaml.Node) -> str:

@@ -405,3 +405,50 @@ def test_missing_inventory_file_says_how_to_start(tmp_path: Path) -> None:
         f"{tmp_path / 'inventory.yaml'}: no such inventory file (start from "
         "inventory.example.yaml: cp inventory.example.yaml inventory.yaml)"
     )
+
+
+def test_systemd_takes_true_false_or_auto() -> None:
+    text = HOSTS.replace(
+        "    address: 198.18.1.2\n", "    address: 198.18.1.2\n    systemd: maybe\n"
+    )
+    text += "links:\n  - {name: one, server: alpha, client: beta}\n"
+    assert problems(text) == [
+        "inv.yaml:6 hosts[1].systemd: expected true, false or auto, got 'maybe'"
+    ]
+
+
+def test_ssh_target_in_defaults_is_refused_because_it_is_per_host() -> None:
+    text = "defaults:\n  ssh:\n    host: 198.18.0.1\n" + with_links(
+        "- {name: one, server: alpha, client: beta}\n"
+    )
+    assert problems(text) == [
+        "inv.yaml:3 defaults.ssh.host: the ssh target is per host: set hosts[N].ssh.host instead"
+    ]
+
+
+def test_yaml_merge_keys_share_settings_between_links() -> None:
+    text = with_links("""\
+        - &common
+          name: one
+          server: alpha
+          client: beta
+          keepalive: 4
+        - <<: *common
+          name: two
+          client: gamma
+          port: 380
+    """)
+    inventory = parse_inventory(text, "inv.yaml")
+    two = inventory.link("two")
+    assert (two.server.host, two.client.host, two.tunables.keepalive) == ("alpha", "gamma", 4.0)
+
+
+def test_relative_prefix_and_hook_paths_are_refused() -> None:
+    text = HOSTS.replace("    address: 198.18.1.1\n", "    address: 198.18.1.1\n    prefix: srv\n")
+    text += "links:\n  - name: one\n    server: alpha\n    client: beta\n"
+    text += "    hooks:\n      server: {linkup: up.sh}\n"
+    assert problems(text) == [
+        "inv.yaml:4 hosts[0].prefix: must be an absolute path (starting with /), got 'srv'",
+        "inv.yaml:14 links[0].hooks.server.linkup: must be an absolute path (starting with /), "
+        "got 'up.sh'",
+    ]

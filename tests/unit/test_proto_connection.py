@@ -599,3 +599,12 @@ def test_lossy_rekey_survives_a_lost_rekey_resp() -> None:
     pair.pump()
     assert Pair.packets(pair.events_i)[-1:] == [b"arrives"]
     assert Pair.packets(pair.events_r)[-1:] == [b"too"]
+
+
+def test_a_busy_responder_makes_the_initiator_rekey_by_message_count() -> None:
+    pair = established(Params(rekey_after_messages=20))
+    for k in range(100):
+        pair.r.send_packets([b"download %d" % k], pair.now)
+        pair.pump()
+    assert pair.r.stats.rekeys >= 4
+    assert Pair.packets(pair.events_i) == [b"download %d" % k for k in range(100)]

@@ -623,6 +623,13 @@ class Connection:
         # Authenticated from here on: a violation is the (keyed) peer's fault, never a drop.
         self._last_in = now
         self.stats.missed_keepalives = 0
+        if (
+            self._initiator
+            and counter >= self.params.rekey_after_messages
+            and self._rekey_priv is None
+            and self.state is State.ESTABLISHED
+        ):
+            self._maybe_rekey(now)  # the peer is the busy sender: renew by its count too
         if epoch != self._recv_epoch:
             self._recv_epoch = epoch
             for old in [e for e in self._recv if e != epoch]:

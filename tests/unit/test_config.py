@@ -458,7 +458,8 @@ _seconds = st.one_of(
     st.integers(1, 3600).map(float),
     st.decimals(min_value="0.001", max_value="999", places=3).map(float).filter(lambda x: x > 0),
 )
-_path = st.from_regex(r"/[a-z0-9_.-]{1,12}(/[a-z0-9_.-]{1,12}){0,2}", fullmatch=True)
+_segment = st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=12)
+_path = st.lists(_segment, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts))
 
 
 @st.composite
@@ -516,7 +517,7 @@ def configs(draw: st.DrawFn) -> Config:
         linkdown=draw(st.none() | _path),
         slipup=draw(st.none() | _path),
         slipdown=draw(st.none() | _path),
-        interface=draw(st.from_regex(r"[a-z][a-z0-9-]{0,14}", fullmatch=True)),
+        interface=draw(st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=15)),
     )
     return Config(**values)  # type: ignore[arg-type]
 
@@ -543,3 +544,27 @@ def test_example_server_and_client_configs_parse_and_mirror_each_other():
     assert (server.keepalive, server.noanswer) == (client.keepalive, client.noanswer)
     assert server.routes[0].gateway == server.remote
     assert client.routes[0].gateway == client.remote
+
+
+# ---- hostile input -------------------------------------------------------------------------
+
+_words = st.one_of(
+    st.sampled_from(["mode", "server", "client", "local", "remote", "route1", "route10",
+                     "compress", "keysize", "cipher", "aes-gcm", "speed", "0", "/dev/ttyS0",
+                     "198.19.0.1", "255.255.255.0", "#", "\t", "\r", "yes", "1e9", "-1"]),
+    st.text(max_size=8),
+)  # fmt: skip
+_hostile_lines = st.lists(st.lists(_words, max_size=5).map(" ".join), max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_hostile_lines)
+def test_arbitrary_text_only_ever_raises_config_error_with_valid_line_numbers(lines: list[str]):
+    text = "\n".join(lines)
+    try:
+        parse_config(text, "h.conf")
+    except ConfigError as error:
+        total = text.count("\n") + 1
+        for single in error.errors:
+            assert single.line is None or 1 <= single.line <= total
+            assert str(single).startswith("h.conf")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import logging.handlers
 import os
@@ -660,6 +661,13 @@ class Daemon:
         tun.configure(cfg.local, cfg.remote, cfg.mtu)
         env = self._hook_env(session)
         self.hooks.submit("slipup", cfg.slipup, [tun.name], env)
+        if cfg.autoroute and cfg.mode == "client" and not cfg.is_serial:
+            try:
+                pinned = tun.pin_route(ipaddress.IPv4Address(cfg.server_host))
+                if pinned:
+                    log.info("autoroute: carrier route pinned: %s", pinned)
+            except TunError as exc:
+                log.warning("autoroute: %s", exc)
         for route in cfg.routes:
             try:
                 tun.add_route(route.network, route.gateway)

@@ -329,3 +329,12 @@ def test_daemon_mode_detaches_writes_pidfile_reloads_on_sighup_and_stops_on_sigt
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_autoroute_pins_the_carrier_route_while_up_and_removes_it_after(lab: Lab) -> None:
+    with vpnd(lab.pair.server, lab.conf("server"), lab.dir, "server") as server:
+        with vpnd(lab.pair.client, lab.conf("client", "autoroute\n"), lab.dir, "client") as c:
+            poll_until(lambda: _up(server) and _up(c), 20, what="link up")
+            assert f"198.18.1.1 dev {lab.pair.client_if}" in lab.pair.client.routes()
+            assert "carrier route pinned" in c.log()
+        assert f"198.18.1.1 dev {lab.pair.client_if}" not in lab.pair.client.routes()

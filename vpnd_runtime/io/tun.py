@@ -62,6 +62,7 @@ class Tun:
     fd: int
     index: int = 0
     _routes: list[Route] = field(default_factory=list)
+    _pinned: list[dict[str, object]] = field(default_factory=list)
 
     @classmethod
     def open(cls, name: str) -> Tun:
@@ -109,6 +110,36 @@ class Tun:
                 raise TunError(exc.code, f"route {network} via {gateway}: {exc}") from exc
         self._routes.append(Route(network, gateway))
 
+    def pin_route(self, dst: ipaddress.IPv4Address) -> str | None:
+        """Pin a host route to `dst` (the carrier's peer) along its current path.
+
+        Routes through the tunnel (route1..9) may cover the server's own address; the pinned /32
+        keeps the carrier's packets off the tunnel (no routing loop). Returns a description of
+        the path, or None when `dst` has no route or is already pinned (nothing to undo).
+        """
+        with IPRoute() as ipr:
+            try:
+                found = ipr.route("get", dst=str(dst))
+            except NetlinkError as exc:
+                raise TunError(exc.code, f"no route to {dst}: {exc}") from exc
+            if not found:
+                return None
+            gateway = found[0].get_attr("RTA_GATEWAY")
+            oif = found[0].get_attr("RTA_OIF")
+            if oif == self.index:
+                return None
+            spec = {"dst": f"{dst}/32", "oif": oif}
+            if gateway:
+                spec["gateway"] = gateway
+            try:
+                ipr.route("add", **spec)
+            except NetlinkError as exc:
+                if exc.code == errno.EEXIST:
+                    return None
+                raise TunError(exc.code, f"pinning route to {dst}: {exc}") from exc
+        self._pinned.append(spec)
+        return f"{dst} via {gateway or 'direct'} (ifindex {oif})"
+
     def remove_routes(self) -> list[str]:
         """Remove the routes this object added; returns the problems met (never raises)."""
         problems: list[str] = []
@@ -121,7 +152,14 @@ class Tun:
                 except NetlinkError as exc:
                     if exc.code not in (errno.ESRCH, errno.ENODEV):
                         problems.append(f"route {route.network}: {exc}")
+            for spec in self._pinned:
+                try:
+                    ipr.route("del", **spec)
+                except NetlinkError as exc:
+                    if exc.code not in (errno.ESRCH, errno.ENODEV):
+                        problems.append(f"pinned route {spec['dst']}: {exc}")
         self._routes.clear()
+        self._pinned.clear()
         return problems
 
     @property

@@ -927,6 +927,13 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
                 )
             )
 
+    # Who talks to whom over a carrier: routes on a host must never capture those addresses.
+    peers: dict[str, set[str]] = {name: set() for name in hosts_by_name}
+    for link in inv.links:
+        if link.server.host in peers and link.client.host in peers:
+            peers[link.server.host].add(link.client.host)
+            peers[link.client.host].add(link.server.host)
+
     link_names: dict[str, int] = {}
     tunnel_used: dict[IPv4Address, str] = {}
     ports: dict[tuple[str, int], int] = {}
@@ -980,11 +987,20 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
         # One listener per server port; one daemon per serial device.
         if link.transport == "tcp":
             key = (link.server.host, link.tunables.port)
+            ssh_port = hosts_by_name[link.server.host].ssh.port
             if key in ports:
                 add(
                     inv.problem(
                         f"{path}.port",
                         f"port {key[1]} on host {key[0]!r} is already used by links[{ports[key]}]",
+                    )
+                )
+            elif key[1] == ssh_port:
+                add(
+                    inv.problem(
+                        f"{path}.port",
+                        f"port {key[1]} on host {key[0]!r} is its ssh port: vpnd could not "
+                        "listen there (and deploy needs ssh)",
                     )
                 )
             else:
@@ -1023,16 +1039,18 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
         # Routes behind one side are installed on the other side's host.
         for role, other_role in (("server", "client"), ("client", "server")):
             installing = link.side(other_role).host
-            carrier_peer = hosts_by_name[link.side(role).host].address
             for j, net in enumerate(link.side(role).routes):
                 where = f"{path}.routes.{role}[{j}]"
-                if carrier_peer in net:
+                carried = next(
+                    (p for p in sorted(peers[installing]) if hosts_by_name[p].address in net), None
+                )
+                if carried is not None:
                     add(
                         inv.problem(
                             where,
-                            f"{net} contains {link.side(role).host}'s underlay "
-                            f"address {carrier_peer}: the carrier would be routed into "
-                            "its own tunnel",
+                            f"{net} contains {carried}'s underlay address "
+                            f"{hosts_by_name[carried].address}: {installing}'s carrier to "
+                            f"{carried} would be routed into a tunnel",
                         )
                     )
                     continue

@@ -370,3 +370,23 @@ def test_keys_json_carries_the_same_facts_as_the_table(project: Path) -> None:
         ("lab", fp(project, "lab"), "plain"),
     ]
     assert all(0 <= row["age_seconds"] < 600 for row in document["links"])
+
+
+def test_render_removes_files_of_a_link_dropped_from_the_inventory(project: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    inventory = project / "inventory.yaml"
+    text = inventory.read_text()
+    inventory.write_text(text[: text.index("  - name: lab\n")])
+    result = run("render")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "updated build/alpha/manifest.json\n"
+        "updated build/gamma/manifest.json\n"
+        "removed build/alpha/etc/vpnd/lab.conf\n"
+        "removed build/alpha/systemd/vpnd-lab.service\n"
+        "removed build/gamma/etc/vpnd/lab.conf\n"
+        "rendered 1 link(s) for 3 host(s) into build/: 5 file(s) changed\n"
+    )
+    assert sorted(p.name for p in (project / "build/gamma").rglob("*")) == ["manifest.json"]
+    assert run("render", "--check").exit_code == 0

@@ -201,7 +201,32 @@ def test_route_covering_the_far_underlay_address_is_refused() -> None:
     """)
     assert problems(text) == [
         "inv.yaml:13 links[0].routes.server[0]: 198.18.1.0/24 contains alpha's underlay "
-        "address 198.18.1.1: the carrier would be routed into its own tunnel"
+        "address 198.18.1.1: beta's carrier to alpha would be routed into a tunnel"
+    ]
+
+
+def test_route_covering_the_underlay_address_of_another_peer_is_refused() -> None:
+    text = with_links("""\
+        - name: one
+          server: alpha
+          client: beta
+          routes:
+            server: [198.18.1.3/32]
+        - name: two
+          server: gamma
+          client: beta
+    """)
+    assert problems(text) == [
+        "inv.yaml:13 links[0].routes.server[0]: 198.18.1.3/32 contains gamma's underlay "
+        "address 198.18.1.3: beta's carrier to gamma would be routed into a tunnel"
+    ]
+
+
+def test_link_port_equal_to_the_servers_ssh_port_is_refused() -> None:
+    text = with_links("- {name: one, server: alpha, client: beta, port: 22}\n")
+    assert problems(text) == [
+        "inv.yaml:9 links[0].port: port 22 on host 'alpha' is its ssh port: vpnd could not "
+        "listen there (and deploy needs ssh)"
     ]
 
 

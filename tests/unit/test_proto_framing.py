@@ -56,3 +56,21 @@ def test_zero_length_frame_is_rejected() -> None:
 def test_encoding_an_empty_message_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot be framed"):
         LengthFramer.encode(b"")
+
+
+def test_zero_copy_decoding_gives_the_same_messages_as_decode() -> None:
+    msgs = [b"a", b"b" * 1000, b"c" * 3]
+    stream = b"".join(LengthFramer.encode(m) for m in msgs)
+    for size in (1, 3, 5, 1004, len(stream)):
+        f = LengthFramer()
+        got: list[bytes] = []
+        for pos in range(0, len(stream), size):
+            got += [bytes(m) for m in f.decode_views(stream[pos : pos + size])]
+        assert got == msgs, size
+
+
+def test_zero_copy_decoding_checks_the_cap_too() -> None:
+    with pytest.raises(RemoteProtocolError, match="exceeds the cap"):
+        LengthFramer(max_message=8).decode_views(b"\0\0\0\x09" + bytes(9))
+    with pytest.raises(RemoteProtocolError, match="length 0"):
+        LengthFramer().decode_views(b"\0\0\0\0")

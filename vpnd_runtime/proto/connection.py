@@ -331,7 +331,10 @@ class Connection:
         self.stats.wire_bytes_in += len(data)
         events: list[Event] = []
         try:
-            msgs = self._framer.decode(data)
+            if self._length_framed:
+                msgs = self._framer.decode_views(data)  # type: ignore[attr-defined]
+            else:
+                msgs = self._framer.decode(data)
             self.stats.frames_in += len(msgs)
             for msg in msgs:
                 try:

@@ -86,6 +86,32 @@ class LengthFramer:
             buf += memoryview(data)[pos:]
         return out
 
+    def decode_views(self, data: bytes) -> list[bytes | memoryview]:
+        """Like `decode`, but complete messages of an immutable `bytes` chunk come back as
+        zero-copy memoryviews into it (the receive hot path of `Connection`; valid as long as
+        the chunk, which `bytes` keeps immutable)."""
+        if self._buf or type(data) is not bytes:
+            return list(self.decode(data))
+        view = memoryview(data)
+        out: list[bytes | memoryview] = []
+        pos = 0
+        end = len(data)
+        cap = self.max_message
+        unpack_from = _HEADER.unpack_from
+        while end - pos >= 4:
+            (n,) = unpack_from(data, pos)
+            if n == 0:
+                raise RemoteProtocolError("frame with length 0")
+            if n > cap:
+                raise RemoteProtocolError(f"frame length {n} exceeds the cap of {cap} bytes")
+            if end - pos - 4 < n:
+                break
+            out.append(view[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        if pos < end:
+            self._buf += view[pos:]
+        return out
+
 
 # Names used by docs/architecture.md.
 FrameDecoder = LengthFramer

@@ -50,7 +50,6 @@ STATE_FILE = "lab.json"
 TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 WAN_NET = ipaddress.IPv4Network("198.18.1.0/24")
 LAB_SPACE = ipaddress.IPv4Network("198.18.0.0/15")
-TUNNEL_BASE = ipaddress.IPv4Address("198.19.0.0")
 MAX_CLIENTS = 100
 SSHD_READY_TIMEOUT = 10.0
 # Fast liveness for lab links so tests and the demo see a cut link within seconds.
@@ -238,43 +237,55 @@ def _ssh_config(hosts: list[LabHost], directory: Path, control_dir: Path) -> str
             "    ServerAliveInterval 5",
             "    ServerAliveCountMax 2",
             "    ControlMaster auto",
-            f"    ControlPath {control_dir}/cm-%n",
+            f"    ControlPath {control_dir}/cm-%h",
             "    ControlPersist 60",
             "",
         ]
     return "\n".join(lines)
 
 
-def lab_inventory(hosts: list[LabHost], directory: Path) -> dict[str, object]:
-    """The inventory for a lab: its hosts and one link per client, server <-> client."""
+def lab_ssh_options(directory: Path, control_dir: Path) -> list[str]:
+    """ssh -o options that reach lab hosts: the lab's known_hosts pinned, multiplexed in the lab."""
+    return [
+        "IdentitiesOnly=yes",
+        f"UserKnownHostsFile={directory / 'known_hosts'}",
+        "StrictHostKeyChecking=yes",
+        "ControlMaster=auto",
+        f"ControlPath={control_dir}/cm-%h",
+        "ControlPersist=60",
+        "ServerAliveInterval=5",
+        "ServerAliveCountMax=2",
+    ]
+
+
+def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> dict[str, object]:
+    """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client."""
     server = hosts[0]
-    inv_hosts: dict[str, object] = {}
-    for host in hosts:
-        inv_hosts[host.name] = {
-            "address": host.mgmt_ip,
-            "wan": host.wan_ip,
-            "prefix": host.prefix,
+    return {
+        "version": 1,
+        "defaults": {
+            "ssh": {
+                "user": "root",
+                "identity": str(directory / "operator_key"),
+                "options": lab_ssh_options(directory, control_dir),
+            },
             "systemd": False,
-        }
-    links: dict[str, object] = {}
-    base = int(TUNNEL_BASE)
-    for idx, client in enumerate(hosts[1:], start=1):
-        links[f"l{idx}"] = {
-            "server": server.name,
-            "client": client.name,
-            "port": 4000 + idx,
-            "server_tunnel": str(ipaddress.IPv4Address(base + 4 * idx + 1)),
-            "client_tunnel": str(ipaddress.IPv4Address(base + 4 * idx + 2)),
-            "interface": f"vpn{idx}",
             "keepalive": LAB_KEEPALIVE,
             "noanswer": LAB_NOANSWER,
-        }
-    return {
-        "ssh_config": str(directory / "ssh_config"),
-        "keystore": str(directory / "keystore"),
-        "build": str(directory / "build"),
-        "hosts": inv_hosts,
-        "links": links,
+        },
+        "hosts": [
+            {
+                "name": host.name,
+                "address": host.wan_ip,
+                "ssh": {"host": host.mgmt_ip},
+                "prefix": host.prefix,
+            }
+            for host in hosts
+        ],
+        "links": [
+            {"name": f"l{idx}", "server": server.name, "client": client.name, "port": 4000 + idx}
+            for idx, client in enumerate(hosts[1:], start=1)
+        ],
     }
 
 
@@ -398,7 +409,7 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
     state.control_dir = str(control_dir)
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
-    _write_inventory(directory / "inventory.yaml", lab_inventory(hosts, directory))
+    _write_inventory(directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir))
     for host in hosts:
         _wait_tcp(host.mgmt_ip, 22, SSHD_READY_TIMEOUT)
 

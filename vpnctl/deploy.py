@@ -1,0 +1,960 @@
+"""``vpnctl deploy``: ship the runtime, the rendered configs and the keys; restart what changed.
+
+Theory of operation
+-------------------
+A deploy runs in phases; each phase runs over every host in parallel with a bounded pool, and
+every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection per host).
+
+1. **Runtime** (local, once). :func:`build_runtime` makes a wheelhouse under
+   ``build/.runtime/``: a wheel of ``vpnd_runtime`` built here (deterministic bytes) plus the
+   wheels of its imports (cryptography, pyroute2, pyserial and their dependencies) at the
+   versions installed on the operator's machine. Its *stamp* is a hash over the wheels.
+2. **Probe + plan.** One ssh call per host reports the installed runtime stamp, whether
+   systemd runs, the sha256 and mode of every file we would install, which links' daemons run,
+   and the manifest of the last deploy. :func:`plan_host` (pure) compares that with the
+   desired files: a link *changes* when any of its files (config, key, unit) differs or the
+   runtime changes; a link whose files match but whose daemon is not running is *started*; a
+   link in the last deploy but no longer rendered is *removed*. Nothing else is touched.
+   ``--dry-run`` stops here and prints a unified diff (key files redacted).
+3. **Apply.** For each host with changes: install the runtime if its stamp differs (a new
+   venv next to the old one, then an atomic symlink switch), back up the files of changed
+   links, unpack the new files from a tar stream on stdin (keys 0600, never in argv), stop
+   removed links, and (re)start changed links -- ``systemctl restart`` under systemd, else
+   SIGTERM by pidfile, wait, ``vpnd -f CONF --daemon``.
+4. **Confirm.** For each changed link, poll ``vpnd status --json`` at *both* ends until both
+   are up with the same key fingerprint (the one in the manifest), within ``wait`` seconds. A
+   link whose other end is not deployed yet cannot be confirmed and is reported as waiting.
+5. **Roll back** (commit-confirm). A link that does not come up gets its previous files
+   restored (or removed, if it is new) on every host where it changed, the previous runtime
+   switched back, and the previous daemon restarted; the reason is reported.
+6. **Commit.** Hosts that were not rolled back record the deployed manifest and drop their
+   backups.
+
+A second deploy of the same build finds every hash equal and every daemon running: it changes
+nothing, restarts nothing, and says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import difflib
+import hashlib
+import io
+import json
+import posixpath
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import vpnd_runtime
+from vpnctl.inventory import Host, Inventory, UserError
+from vpnctl.keystore import Keystore
+from vpnctl.ssh import SshError, SshHost, quote
+
+__all__ = [
+    "DeployError",
+    "DeployReport",
+    "DesiredFile",
+    "HostPlan",
+    "RemoteState",
+    "Runtime",
+    "build_runtime",
+    "deploy",
+    "desired_files",
+    "plan_host",
+    "redacted_diff",
+]
+
+RUNTIME_DIR = "opt/vpnd"  # below the host prefix: venv-<stamp>/, current -> venv-<stamp>
+RUNTIME_LINK = "usr/local/bin/vpnd"  # below the host prefix (rendering.RUNTIME_PATH)
+STATE_DIR = "var/lib/vpnctl"  # below the host prefix: deployed manifest, commit-confirm backups
+UNIT_DIR = "/etc/systemd/system"
+RUNTIME_DEPS = ("cryptography", "pyroute2", "pyserial")
+DEFAULT_JOBS = 8
+DEFAULT_WAIT = 30.0
+POLL_INTERVAL = 0.5
+STAMP_LEN = 16
+# A fixed timestamp for the files inside the runtime wheel: same sources -> same bytes -> same
+# stamp, so an unchanged runtime is never reinstalled.
+_ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
+
+Echo = Callable[[str], None]
+
+
+class DeployError(UserError):
+    """Deploy cannot proceed (missing build, unknown host, runtime build failure...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The runtime wheelhouse
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The wheelhouse shipped to hosts: its files and the stamp that names this version."""
+
+    stamp: str
+    wheels: tuple[Path, ...]  # installed into the host's venv
+    pip: Path  # pip's own wheel, run in place (``python pip.whl/pip``) to install them
+
+    def tarball(self) -> bytes:
+        """Wheels and pip as an uncompressed tar (wheels are already compressed)."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for wheel in self.wheels:
+                tar.add(wheel, arcname=wheel.name)
+            tar.add(self.pip, arcname=f"tools/{self.pip.name}")
+        return buf.getvalue()
+
+
+def _runtime_wheel(out_dir: Path) -> Path:
+    """Build ``vpnd_runtime-<version>-py3-none-any.whl`` from the package sources, byte-stable."""
+    version = vpnd_runtime.__version__
+    package = Path(vpnd_runtime.__file__).parent
+    dist = f"vpnd_runtime-{version}"
+    sources = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+    files: list[tuple[str, bytes]] = [
+        (f"vpnd_runtime/{p.relative_to(package).as_posix()}", p.read_bytes()) for p in sources
+    ]
+    requires = "".join(f"Requires-Dist: {dep}\n" for dep in RUNTIME_DEPS)
+    files += [
+        (
+            f"{dist}.dist-info/METADATA",
+            f"Metadata-Version: 2.1\nName: vpnd-runtime\nVersion: {version}\n{requires}".encode(),
+        ),
+        (
+            f"{dist}.dist-info/WHEEL",
+            b"Wheel-Version: 1.0\nGenerator: vpnctl\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        ),
+        (
+            f"{dist}.dist-info/entry_points.txt",
+            b"[console_scripts]\nvpnd = vpnd_runtime.cli:main\n",
+        ),
+        (f"{dist}.dist-info/top_level.txt", b"vpnd_runtime\n"),
+    ]
+    record = []
+    for name, data in files:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{dist}.dist-info/RECORD,,")
+    files.append((f"{dist}.dist-info/RECORD", ("\n".join(record) + "\n").encode()))
+    path = out_dir / f"{dist}-py3-none-any.whl"
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data)
+    tmp.replace(path)
+    return path
+
+
+def _dependency_pins() -> list[str]:
+    """``name==version`` for each runtime dependency as installed here (what the tests ran on)."""
+    pins = []
+    for dep in RUNTIME_DEPS:
+        try:
+            pins.append(f"{dep}=={metadata.version(dep)}")
+        except metadata.PackageNotFoundError as exc:
+            raise DeployError(f"runtime dependency {dep} is not installed here") from exc
+    return pins
+
+
+def build_runtime(cache: Path, echo: Echo | None = None) -> Runtime:
+    """Make (or reuse) the wheelhouse in `cache`; fetch dependency wheels only when pins change."""
+    cache.mkdir(parents=True, exist_ok=True)
+    deps = cache / "deps"
+    pins = _dependency_pins()
+    pip_pin = f"pip=={metadata.version('pip')}"
+    marker = deps / "PINS"
+    if not marker.exists() or marker.read_text().split() != [*pins, pip_pin]:
+        if echo:
+            echo(f"runtime: fetching wheels for {' '.join(pins)}")
+        tmp = cache / "deps.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(tmp), *pins],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode == 0:
+            tools = tmp / "tools"
+            tools.mkdir(exist_ok=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                 "--wheel-dir", str(tools), pip_pin],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )  # fmt: skip
+        if proc.returncode != 0:
+            raise DeployError(
+                f"cannot build the runtime wheelhouse (pip wheel {' '.join(pins)}): "
+                f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+            )
+        (tmp / "PINS").write_text("\n".join([*pins, pip_pin]) + "\n")
+        shutil.rmtree(deps, ignore_errors=True)
+        tmp.rename(deps)
+    own = cache / "own"
+    own.mkdir(exist_ok=True)
+    wheels = [*sorted(deps.glob("*.whl")), _runtime_wheel(own)]
+    digest = hashlib.sha256()
+    for wheel in sorted(wheels, key=lambda p: p.name):
+        digest.update(wheel.name.encode() + b"\0" + hashlib.sha256(wheel.read_bytes()).digest())
+    pip = sorted((deps / "tools").glob("pip-*.whl"))
+    if not pip:
+        raise DeployError(f"{deps / 'tools'}: no pip wheel; delete {cache} and retry")
+    return Runtime(stamp=digest.hexdigest()[:STAMP_LEN], wheels=tuple(wheels), pip=pip[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Planning (pure)
+
+
+@dataclass(frozen=True)
+class DesiredFile:
+    """A file deploy installs on a host. ``secret`` files never appear in any output."""
+
+    path: str
+    data: bytes = field(repr=False)
+    mode: int
+    link: str
+    kind: str  # "config" | "key" | "unit"
+    mtime: float | None = None
+
+    @property
+    def sha256(self) -> str:
+        """Hex digest of the content (compared with the host's copy)."""
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def secret(self) -> bool:
+        """True for key files."""
+        return self.kind == "key"
+
+
+@dataclass(frozen=True)
+class RemoteState:
+    """What the probe found on a host."""
+
+    stamp: str | None
+    systemd_running: bool
+    python: str | None
+    files: Mapping[str, tuple[str, int] | None]  # path -> (sha256, mode) or None when absent
+    running: Mapping[str, bool]  # link -> daemon alive
+    deployed: Mapping[str, Any] | None  # manifest recorded by the last successful deploy
+
+
+@dataclass
+class HostPlan:
+    """What deploy will do on one host."""
+
+    host: str
+    use_systemd: bool
+    runtime: bool  # install the runtime
+    changed: dict[str, list[str]]  # link -> why (files that differ, "runtime")
+    start: list[str]  # unchanged links whose daemon is not running
+    removed: list[str]  # links deployed before, not rendered any more
+    unchanged: list[str]
+    files: list[DesiredFile]  # the files that differ from the host's copies: written, backed up
+
+    @property
+    def noop(self) -> bool:
+        """True when nothing at all would be done on this host."""
+        return not (self.runtime or self.changed or self.start or self.removed)
+
+    @property
+    def restarts(self) -> list[str]:
+        """Links whose daemon will be (re)started."""
+        return sorted(set(self.changed) | set(self.start))
+
+
+def load_manifest(build: Path, host: str) -> dict[str, Any]:
+    """``build/<host>/manifest.json``; DeployError names the file when missing or damaged."""
+    path = build / host / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DeployError(f"{path}: not rendered; run `vpnctl render` first") from exc
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"{path}: unreadable manifest: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("links"), dict):
+        raise DeployError(f"{path}: not a vpnctl manifest (no 'links')")
+    return manifest
+
+
+def desired_files(
+    build: Path,
+    manifest: Mapping[str, Any],
+    keystore: Keystore,
+    *,
+    use_systemd: bool,
+    passphrase: bytes | None = None,
+) -> list[DesiredFile]:
+    """Every file a host should have: config, key and (under systemd) unit of each link.
+
+    Rendered files are read from ``build/<host>/`` and checked against the manifest's sha256, so
+    a build edited by hand after render is refused with the file's name.
+    """
+    host = manifest["host"]
+    out: list[DesiredFile] = []
+    for link, entry in sorted(manifest["links"].items()):
+        for rel, digest in sorted(entry.get("files", {}).items()):
+            local = build / host / rel
+            try:
+                data = local.read_bytes()
+            except OSError as exc:
+                raise DeployError(f"{local}: listed in the manifest but unreadable: {exc}") from exc
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise DeployError(
+                    f"{local}: does not match its sha256 in {build / host / 'manifest.json'}; "
+                    "re-run `vpnctl render` (do not edit build/ by hand)"
+                )
+            if rel.startswith("etc/vpnd/"):
+                out.append(DesiredFile(entry["config"], data, 0o644, link, "config"))
+            elif rel.startswith("systemd/") and use_systemd:
+                out.append(DesiredFile(posixpath.join(UNIT_DIR, Path(rel).name), data, 0o644,
+                                       link, "unit"))  # fmt: skip
+        info = keystore.info(link)
+        if info is None:
+            raise DeployError(f"{keystore.root}: no key for link {link!r}; run `vpnctl keygen`")
+        if info.fingerprint != entry.get("key_fingerprint"):
+            raise DeployError(
+                f"{build / host / 'manifest.json'}: link {link!r} was rendered for key "
+                f"{entry.get('key_fingerprint')} but the keystore holds {info.fingerprint}; "
+                "re-run `vpnctl render`"
+            )
+        key = keystore.key_file_bytes(link, passphrase=passphrase)
+        out.append(DesiredFile(entry["keyfile"], key, 0o600, link, "key", mtime=info.created))
+    return out
+
+
+def plan_host(
+    host: str,
+    manifest: Mapping[str, Any],
+    desired: Iterable[DesiredFile],
+    remote: RemoteState,
+    *,
+    runtime_stamp: str,
+    use_systemd: bool,
+) -> HostPlan:
+    """Decide what to do on one host from what should be there and what is there."""
+    runtime = remote.stamp != runtime_stamp
+    changed: dict[str, list[str]] = {}
+    files: list[DesiredFile] = []
+    by_link: dict[str, list[DesiredFile]] = {}
+    for item in desired:
+        by_link.setdefault(item.link, []).append(item)
+    for link, items in sorted(by_link.items()):
+        reasons = []
+        for item in items:
+            have = remote.files.get(item.path)
+            if have is None:
+                reasons.append(f"new {item.kind}")
+            elif have[0] != item.sha256:
+                reasons.append(f"{item.kind} changed")
+            elif have[1] != item.mode:
+                reasons.append(f"{item.kind} mode {have[1]:o}")
+            else:
+                continue
+            files.append(item)
+        if runtime:
+            reasons.append("runtime")
+        if reasons:
+            changed[link] = reasons
+    start = sorted(
+        link for link in by_link if link not in changed and not remote.running.get(link, False)
+    )
+    deployed_links = set((remote.deployed or {}).get("links", {}))
+    removed = sorted(deployed_links - set(manifest["links"]))
+    unchanged = sorted(link for link in by_link if link not in changed and link not in start)
+    return HostPlan(host, use_systemd, runtime, changed, start, removed, unchanged, files)
+
+
+def redacted_diff(
+    host: str, plan: HostPlan, current: Mapping[str, bytes | None], present: Iterable[str] = ()
+) -> str:
+    """A unified diff of every file the plan writes; key contents are replaced by a note.
+
+    `current` maps remote paths to their present bytes (None or missing: absent). Keys are never
+    read back from hosts: `present` names the secret files that exist there.
+    """
+    present = set(present)
+    chunks: list[str] = []
+    for item in plan.files:
+        old_name = f"{host}:{item.path} (deployed)"
+        new_name = f"{host}:{item.path} (new)"
+        if item.secret:
+            absent = item.path not in present
+            chunks.append(
+                f"--- {'/dev/null' if absent else old_name}\n+++ {new_name}\n"
+                f"@@ key file, contents redacted @@\n"
+                f"-[redacted]\n+[redacted key, mode {item.mode:04o}]\n"
+            )
+            continue
+        old = current.get(item.path)
+        old_lines = [] if old is None else old.decode(errors="replace").splitlines(keepends=True)
+        new_lines = item.data.decode(errors="replace").splitlines(keepends=True)
+        diff = "".join(
+            difflib.unified_diff(
+                old_lines,
+                new_lines,
+                "/dev/null" if old is None else old_name,
+                new_name,
+            )
+        )
+        chunks.append(diff or f"# {host}:{item.path}: mode change only\n")
+    return "".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------
+# Remote shell snippets (POSIX sh; every path quoted; no secret ever in a command line)
+
+
+def _rt(prefix: str, *parts: str) -> str:
+    return posixpath.join(prefix, RUNTIME_DIR, *parts)
+
+
+def _runtime_bin(prefix: str) -> str:
+    return posixpath.join(prefix, RUNTIME_LINK)
+
+
+_SH_FUNCS = r"""
+alive() {
+  [ -n "$1" ] && [ -r "/proc/$1/stat" ] && ! sed 's/.*) //' "/proc/$1/stat" | grep -q '^Z'
+}
+pid_of() { [ -f "$1" ] && cat "$1" 2>/dev/null; }
+"""
+
+
+def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
+    """One shell script reporting stamp, systemd, python, file hashes/modes, running links."""
+    prefix = manifest["prefix"]
+    lines = [_SH_FUNCS]
+    lines.append(f'echo "stamp $(cat {quote(_rt(prefix, "STAMP"))} 2>/dev/null || echo -)"')
+    lines.append(
+        'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
+    )
+    lines.append(
+        'echo "python $(python3 -c \'import sys; print("%d.%d" % sys.version_info[:2])\' '
+        '2>/dev/null || echo -)"'
+    )
+    for idx, path in enumerate(paths):
+        q = quote(path)
+        lines.append(
+            f'if [ -f {q} ]; then echo "file {idx} $(sha256sum < {q} | cut -d" " -f1) '
+            f'$(stat -c %a {q})"; else echo "file {idx} - -"; fi'
+        )
+    links = dict(manifest["links"])
+    deployed = posixpath.join(prefix, STATE_DIR, "manifest.json")
+    lines.append(f'echo "deployed $(base64 -w0 {quote(deployed)} 2>/dev/null || echo -)"')
+    for link, entry in sorted(links.items()):
+        lines.append(
+            f'if alive "$(pid_of {quote(entry["pidfile"])})" || '
+            f"{{ [ -d /run/systemd/system ] && systemctl is-active --quiet "
+            f'{quote(f"vpnd-{link}")} 2>/dev/null; }}; then echo "running {link} yes"; '
+            f'else echo "running {link} no"; fi'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_probe(text: str, paths: list[str]) -> RemoteState:
+    """The probe's output as a RemoteState (unknown lines are ignored)."""
+    stamp: str | None = None
+    systemd = False
+    python: str | None = None
+    files: dict[str, tuple[str, int] | None] = dict.fromkeys(paths)
+    running: dict[str, bool] = {}
+    deployed: dict[str, Any] | None = None
+    for line in text.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "stamp":
+            stamp = None if rest.strip() in {"", "-"} else rest.strip()
+        elif word == "systemd":
+            systemd = rest.strip() == "yes"
+        elif word == "python":
+            python = None if rest.strip() == "-" else rest.strip()
+        elif word == "file":
+            idx, digest, mode = rest.split()
+            if digest != "-":
+                files[paths[int(idx)]] = (digest, int(mode, 8))
+        elif word == "running":
+            link, state = rest.split()
+            running[link] = state == "yes"
+        elif word == "deployed" and rest.strip() not in {"", "-"}:
+            with contextlib.suppress(ValueError):
+                deployed = json.loads(base64.b64decode(rest.strip()))
+    return RemoteState(stamp, systemd, python, files, running, deployed)
+
+
+def _stop_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
+    """Stop one link's daemon and wait (bounded) until it is gone."""
+    if use_systemd:
+        return f"systemctl stop {quote(f'vpnd-{link}')} 2>/dev/null || true\n"
+    pf = quote(entry["pidfile"])
+    return (
+        f'pid=$(pid_of {pf}); if alive "$pid"; then kill -TERM "$pid"; i=0; '
+        f'while alive "$pid" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; '
+        f'alive "$pid" && kill -KILL "$pid"; fi; rm -f {pf}\n'
+    )
+
+
+def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: bool) -> str:
+    """Start one link's daemon; a failure prints `start-failed <link>: <message>`."""
+    if use_systemd:
+        unit = quote(f"vpnd-{link}")
+        return (
+            f"systemctl daemon-reload && systemctl enable --quiet {unit} && "
+            f"systemctl restart {unit} || echo 'start-failed {link}: systemctl restart failed'\n"
+        )
+    rundir = quote(posixpath.dirname(entry["pidfile"]))
+    statusdir = quote(posixpath.dirname(entry["statusfile"]))
+    return (
+        f"mkdir -p {rundir} {statusdir}; out=$({quote(_runtime_bin(prefix))} -f "
+        f"{quote(entry['config'])} --daemon </dev/null 2>&1) || "
+        f'echo "start-failed {link}: $(echo "$out" | tail -n 1)"\n'
+    )
+
+
+def install_runtime_script(prefix: str, stamp: str) -> str:
+    """Unpack the wheelhouse (tar on stdin) into a new venv and switch `current` to it."""
+    rt = quote(_rt(prefix))
+    venv = f"venv-{stamp}"
+    return f"""set -e
+umask 022
+mkdir -p {rt} {quote(posixpath.dirname(_runtime_bin(prefix)))}
+wh=$(mktemp -d {rt}/wheels.XXXXXX)
+trap 'rm -rf "$wh"' EXIT
+tar -x -f - -C "$wh"
+rm -rf {rt}/{venv}
+python3 -m venv --without-pip {rt}/{venv}
+{rt}/{venv}/bin/python "$(ls "$wh"/tools/pip-*.whl)/pip" install --quiet --no-index --no-deps \
+    --disable-pip-version-check --no-compile "$wh"/*.whl
+old=$(readlink {rt}/current 2>/dev/null || true)
+if [ -n "$old" ] && [ "$old" != {venv} ]; then ln -sfn "$old" {rt}/previous; fi
+ln -sfn {venv} {rt}/current.new && mv -T {rt}/current.new {rt}/current
+ln -sfn {rt}/current/bin/vpnd {quote(_runtime_bin(prefix))}
+echo {stamp} > {rt}/STAMP
+for d in {rt}/venv-*; do
+  b=$(basename "$d"); [ "$b" = {venv} ] || [ "$b" = "$old" ] || rm -rf "$d"
+done
+"""
+
+
+def _tar_files(files: Iterable[DesiredFile]) -> bytes:
+    """The files as a tar stream rooted at / (modes and key mtimes set; owner root)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for item in files:
+            info = tarfile.TarInfo(item.path.lstrip("/"))
+            info.size = len(item.data)
+            info.mode = item.mode
+            info.mtime = int(item.mtime if item.mtime is not None else time.time())
+            tar.addfile(info, io.BytesIO(item.data))
+    return buf.getvalue()
+
+
+def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[str, Any]) -> str:
+    """Back up the changed links' files, unpack the new ones (stdin), stop removed links,
+    (re)start changed and stopped links."""
+    prefix = manifest["prefix"]
+    backup = posixpath.join(prefix, STATE_DIR, "prev")
+    out = [_SH_FUNCS, "umask 077", f"rm -rf {quote(backup)}", f"mkdir -p {quote(backup)}"]
+    for idx, item in enumerate(plan.files):
+        src, dst = quote(item.path), quote(f"{backup}/{idx}")
+        out.append(f"if [ -f {src} ]; then cp -p {src} {dst}; else : > {dst}.absent; fi")
+    out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
+    for link in plan.removed:
+        entry = deployed.get("links", {}).get(link, {})
+        if entry.get("pidfile"):
+            out.append(_stop_sh(link, entry, plan.use_systemd))
+        for key in ("config", "keyfile", "statusfile"):
+            if entry.get(key):
+                out.append(f"rm -f {quote(entry[key])}")
+        if plan.use_systemd:
+            out.append(f"systemctl disable --quiet {quote(f'vpnd-{link}')} 2>/dev/null || true")
+            out.append(f"rm -f {quote(posixpath.join(UNIT_DIR, f'vpnd-{link}.service'))}")
+    for link in plan.restarts:
+        entry = manifest["links"][link]
+        out.append(_stop_sh(link, entry, plan.use_systemd))
+        out.append(_start_sh(link, entry, prefix, plan.use_systemd))
+    return "\n".join(out) + "\n"
+
+
+def rollback_script(
+    plan: HostPlan, manifest: Mapping[str, Any], links: Iterable[str], runtime_back: bool
+) -> str:
+    """Restore the backed-up files of `links`, switch the runtime back, restart the old daemons."""
+    prefix = manifest["prefix"]
+    backup = posixpath.join(prefix, STATE_DIR, "prev")
+    links = set(links)
+    out = [_SH_FUNCS]
+    if runtime_back:
+        rt = quote(_rt(prefix))
+        out.append(
+            f'if [ -L {rt}/previous ]; then ln -sfn "$(readlink {rt}/previous)" {rt}/current.new'
+            f" && mv -T {rt}/current.new {rt}/current && "
+            f"basename \"$(readlink {rt}/current)\" | sed 's/^venv-//' > {rt}/STAMP; fi"
+        )
+    restart = sorted(links | (set(plan.restarts) if runtime_back else set()))
+    for link in restart:
+        out.append(_stop_sh(link, manifest["links"][link], plan.use_systemd))
+    had_config: dict[str, bool] = {}
+    for idx, item in enumerate(plan.files):
+        if item.link not in links:
+            continue
+        src, dst = quote(f"{backup}/{idx}"), quote(item.path)
+        out.append(f"if [ -f {src}.absent ]; then rm -f {dst}; else cp -p {src} {dst}; fi")
+        if item.kind == "config":
+            had_config[item.link] = True
+    for link in restart:
+        entry = manifest["links"][link]
+        conf = quote(entry["config"])
+        out.append(f"if [ -f {conf} ]; then")
+        out.append("  " + _start_sh(link, entry, prefix, plan.use_systemd).strip())
+        out.append("fi")
+    return "\n".join(out) + "\n"
+
+
+def commit_script(manifest: Mapping[str, Any]) -> str:
+    """Record the deployed manifest (stdin) and drop the commit-confirm backups."""
+    state = posixpath.join(manifest["prefix"], STATE_DIR)
+    return (
+        f"umask 077; mkdir -p {quote(state)} && cat > {quote(state)}/manifest.json.new && "
+        f"mv {quote(state)}/manifest.json.new {quote(state)}/manifest.json && "
+        f"rm -rf {quote(state)}/prev\n"
+    )
+
+
+def status_command(manifest: Mapping[str, Any], link: str) -> str:
+    """The remote command printing one link's status record as JSON."""
+    entry = manifest["links"][link]
+    return quote(_runtime_bin(manifest["prefix"]), "status", "-f", entry["config"], "--json")
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+
+@dataclass
+class HostOutcome:
+    """What happened on one host."""
+
+    host: str
+    plan: HostPlan | None = None
+    error: str | None = None
+    confirmed: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)  # link -> why not confirmable
+    rolled_back: dict[str, str] = field(default_factory=dict)  # link -> why
+
+
+@dataclass
+class DeployReport:
+    """The result of a deploy: per host outcomes and the diff (dry run)."""
+
+    outcomes: dict[str, HostOutcome]
+    diff: str = ""
+    runtime_stamp: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """No host failed and nothing was rolled back."""
+        return all(o.error is None and not o.rolled_back for o in self.outcomes.values())
+
+    @property
+    def changed_anything(self) -> bool:
+        """True when some host had something to do."""
+        return any(o.plan is not None and not o.plan.noop for o in self.outcomes.values())
+
+
+class _Printer:
+    """Thread-safe progress lines: ``[ 2/20] client1   probed: l1 changed``."""
+
+    def __init__(self, echo: Echo, total: int) -> None:
+        self.echo = echo
+        self.total = total
+        self.lock = threading.Lock()
+        self.done = 0
+
+    def line(self, host: str, message: str, *, finished: bool = False) -> None:
+        with self.lock:
+            if finished:
+                self.done += 1
+            self.echo(f"[{self.done:>{len(str(self.total))}}/{self.total}] {host:<12} {message}")
+
+
+def _link_status(ssh: SshHost, manifest: Mapping[str, Any], link: str) -> dict[str, Any] | None:
+    """The status record of `link` on a host, or None when its runtime/config is absent."""
+    try:
+        result = ssh.run(status_command(manifest, link), timeout=10)
+    except SshError as exc:
+        return {"state": "unreachable", "reason": str(exc)}
+    try:
+        record = json.loads(result.stdout)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _confirm_link(
+    link: str,
+    ends: list[tuple[SshHost, Mapping[str, Any]]],
+    fingerprint: str,
+    wait: float,
+) -> tuple[str, str]:
+    """Poll both ends of `link`; return ("up"|"waiting"|"failed", explanation)."""
+    deadline = time.monotonic() + wait
+    last = "no status yet"
+    while True:
+        records = [_link_status(ssh, manifest, link) for ssh, manifest in ends]
+        states = []
+        for (ssh, _), record in zip(ends, records, strict=True):
+            if record is None:
+                states.append(f"{ssh.name}: not deployed")
+            else:
+                why = f" ({record['reason']})" if record.get("reason") else ""
+                states.append(f"{ssh.name}: {record.get('state')}{why}")
+        if all(r is not None and r.get("state") == "up" for r in records):
+            fps = {r.get("key_fingerprint") for r in records if r is not None}
+            if fps == {fingerprint}:
+                return "up", f"up at both ends, key {fingerprint}"
+            last = f"fingerprints differ: {sorted(str(f) for f in fps)} (expected {fingerprint})"
+        else:
+            last = "; ".join(states)
+        peer_missing = any(
+            r is None or r.get("state") in {"not running", "unreachable"} for r in records[1:]
+        )
+        if time.monotonic() >= deadline:
+            if peer_missing:
+                return "waiting", f"the other end is not up to confirm ({last})"
+            return "failed", f"not up within {wait:g}s: {last}"
+        time.sleep(POLL_INTERVAL)
+
+
+def deploy(
+    inventory: Inventory,
+    hosts: list[str],
+    build: Path,
+    keystore: Keystore,
+    *,
+    dry_run: bool = False,
+    wait: float = DEFAULT_WAIT,
+    jobs: int = DEFAULT_JOBS,
+    passphrase: bytes | None = None,
+    echo: Echo = print,
+    connect_timeout: float = 5.0,
+) -> DeployReport:
+    """Deploy the rendered build to `hosts` (names from the inventory); see the module doc."""
+    known = {h.name: h for h in inventory.hosts}
+    unknown = [h for h in hosts if h not in known]
+    if unknown:
+        raise DeployError(f"{inventory.file}: no host named {', '.join(unknown)}")
+    if not hosts:
+        raise DeployError("name at least one host, or give --all")
+    build = Path(build)
+    manifests = {h.name: load_manifest(build, h.name) for h in inventory.hosts}
+    ssh = {h.name: SshHost(h.name, h.ssh, connect_timeout=connect_timeout) for h in inventory.hosts}
+    runtime = build_runtime(build / ".runtime", echo)
+    tarball = runtime.tarball()
+    printer = _Printer(echo, len(hosts))
+    outcomes = {name: HostOutcome(name) for name in hosts}
+    states: dict[str, RemoteState] = {}
+
+    def probe(name: str) -> None:
+        host: Host = known[name]
+        manifest = manifests[name]
+        outcome = outcomes[name]
+        flag = manifest.get("systemd", "auto")
+        try:
+            all_files = desired_files(build, manifest, keystore, use_systemd=flag is not False,
+                                      passphrase=passphrase)  # fmt: skip
+            paths = [f.path for f in all_files]
+            result = ssh[name].run(probe_script(manifest, paths), timeout=30, check=True)
+            remote = parse_probe(result.text, paths)
+            if remote.python is None:
+                raise DeployError(f"{name}: python3 not found on the host (the runtime needs it)")
+            use_systemd = flag is True or (flag == "auto" and remote.systemd_running)
+            if flag is True and not remote.systemd_running:
+                raise DeployError(f"{name}: manifest says systemd but the host does not run it")
+            wanted = [f for f in all_files if use_systemd or f.kind != "unit"]
+            plan = plan_host(
+                host.name,
+                manifest,
+                wanted,
+                remote,
+                runtime_stamp=runtime.stamp,
+                use_systemd=use_systemd,
+            )
+        except (SshError, DeployError, UserError) as exc:
+            outcome.error = str(exc)
+            printer.line(name, f"FAILED probe: {exc}", finished=True)
+            return
+        states[name] = remote
+        outcome.plan = plan
+        printer.line(name, _describe(plan), finished=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(probe, hosts))
+
+    report = DeployReport(outcomes, runtime_stamp=runtime.stamp)
+    if dry_run:
+        report.diff = _dry_run_diff(outcomes, states, ssh, runtime.stamp)
+        return report
+
+    work = [n for n in hosts if outcomes[n].plan is not None and not outcomes[n].plan.noop]
+    if not work:
+        echo("no changes: every host is up to date, nothing restarted")
+        return report
+
+    printer = _Printer(echo, len(work))
+
+    def apply(name: str) -> None:
+        outcome = outcomes[name]
+        plan = outcome.plan
+        assert plan is not None  # noqa: S101 - filtered above
+        manifest = manifests[name]
+        try:
+            if plan.runtime:
+                printer.line(name, f"installing runtime {runtime.stamp}")
+                ssh[name].run(install_runtime_script(manifest["prefix"], runtime.stamp),
+                              stdin=tarball, timeout=300, check=True)  # fmt: skip
+            deployed = states[name].deployed or {}
+            result = ssh[name].run(apply_script(plan, manifest, deployed),
+                                   stdin=_tar_files(plan.files), timeout=120)  # fmt: skip
+            failures = [ln for ln in result.text.splitlines() if "-failed" in ln]
+            if result.returncode != 0 and not failures:
+                failures = [f"apply exited {result.returncode}: {result.error_text[-200:]}"]
+            for line in failures:
+                printer.line(name, line)
+            what = ", ".join(plan.restarts) or "none"
+            printer.line(name, f"applied; (re)started: {what}", finished=True)
+        except SshError as exc:
+            outcome.error = str(exc)
+            printer.line(name, f"FAILED apply: {exc}", finished=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(apply, work))
+
+    # 4. confirm every (re)started link from both ends
+    to_confirm: dict[str, list[str]] = {}  # link -> hosts where it was (re)started
+    for name in work:
+        plan = outcomes[name].plan
+        if outcomes[name].error is None and plan is not None:
+            for link in plan.restarts:
+                to_confirm.setdefault(link, []).append(name)
+    results: dict[str, tuple[str, str]] = {}
+
+    def confirm(link: str) -> None:
+        first = to_confirm[link][0]
+        peer = manifests[first]["links"][link]["peer"]
+        ends = [(ssh[first], manifests[first]), (ssh[peer], manifests[peer])]
+        fingerprint = manifests[first]["links"][link]["key_fingerprint"]
+        results[link] = _confirm_link(link, ends, fingerprint, wait)
+        state, why = results[link]
+        echo(f"link {link:<10} {state.upper() if state == 'failed' else state}: {why}")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(confirm, sorted(to_confirm)))
+
+    # 5. roll back what did not come up
+    failed = {link for link, (state, _) in results.items() if state == "failed"}
+    for link, (state, why) in results.items():
+        for name in to_confirm[link]:
+            if state == "up":
+                outcomes[name].confirmed.append(link)
+            elif state == "waiting":
+                outcomes[name].waiting[link] = why
+            else:
+                outcomes[name].rolled_back[link] = why
+
+    def rollback(name: str) -> None:
+        outcome = outcomes[name]
+        plan = outcome.plan
+        assert plan is not None  # noqa: S101
+        links = sorted(outcome.rolled_back)
+        echo(f"{name}: rolling back {', '.join(links)} (restoring previous files and daemons)")
+        try:
+            ssh[name].run(rollback_script(plan, manifests[name], links, plan.runtime),
+                          timeout=120, check=True)  # fmt: skip
+        except SshError as exc:
+            outcome.error = f"rollback failed: {exc}"
+
+    rollback_hosts = sorted({n for link in failed for n in to_confirm[link]})
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(rollback, rollback_hosts))
+
+    # 6. commit hosts that were not rolled back
+    def commit(name: str) -> None:
+        body = json.dumps(manifests[name], indent=2, sort_keys=True).encode()
+        with contextlib.suppress(SshError):
+            ssh[name].run(commit_script(manifests[name]), stdin=body, timeout=30, check=True)
+
+    committable = [n for n in work if outcomes[n].error is None and not outcomes[n].rolled_back]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(commit, committable))
+    return report
+
+
+def _describe(plan: HostPlan) -> str:
+    if plan.noop:
+        return f"up to date ({len(plan.unchanged)} link(s) running, nothing to do)"
+    parts = []
+    if plan.runtime:
+        parts.append("runtime: install")
+    for link, why in sorted(plan.changed.items()):
+        parts.append(f"{link}: {', '.join(why)}")
+    parts += [f"{link}: not running, start" for link in plan.start]
+    parts += [f"{link}: removed from inventory, stop" for link in plan.removed]
+    if plan.unchanged:
+        parts.append(f"unchanged: {', '.join(plan.unchanged)}")
+    return "; ".join(parts)
+
+
+def _dry_run_diff(
+    outcomes: Mapping[str, HostOutcome],
+    states: Mapping[str, RemoteState],
+    ssh: Mapping[str, SshHost],
+    stamp: str,
+) -> str:
+    """Fetch the deployed copies of the non-secret files that would change; diff them."""
+    chunks = []
+    for name, outcome in outcomes.items():
+        plan = outcome.plan
+        if plan is None or plan.noop:
+            continue
+        if plan.runtime:
+            chunks.append(f"# {name}: runtime {states[name].stamp or 'none'} -> {stamp}\n")
+        for link in plan.start:
+            chunks.append(f"# {name}: {link} is not running: would start it\n")
+        for link in plan.removed:
+            chunks.append(f"# {name}: {link} is no longer rendered: would stop and remove it\n")
+        current: dict[str, bytes | None] = {}
+        readable = [f.path for f in plan.files if not f.secret and states[name].files.get(f.path)]
+        if readable:
+            result = ssh[name].run(
+                f"tar -c -f - -C / {quote(*[p.lstrip('/') for p in readable])}", timeout=30
+            )
+            with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+                for member in tar.getmembers():
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        current["/" + member.name] = handle.read()
+        present = [path for path, have in states[name].files.items() if have is not None]
+        chunks.append(redacted_diff(name, plan, current, present))
+    return "".join(chunks)

@@ -6,7 +6,9 @@ the peer are unacceptable (bad frame, bad tag, replay, wrong key, ...).  After e
 from a `Connection` method that processes input, the connection is in `State.ERROR` and stays there.
 
 `reason` is a short human sentence for logs and the status record.  It never contains key
-material or plaintext.
+material or plaintext.  A RemoteProtocolError raised by `Connection.receive_data` also carries
+`events`: the events completed by the same call before the bad message (usually not needed,
+since the connection is over).
 """
 
 from __future__ import annotations

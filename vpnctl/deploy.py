@@ -42,6 +42,7 @@ import difflib
 import hashlib
 import io
 import json
+import os
 import posixpath
 import shutil
 import subprocess
@@ -172,17 +173,28 @@ def _dependency_pins() -> list[str]:
     return pins
 
 
-def build_runtime(cache: Path, echo: Echo | None = None) -> Runtime:
-    """Make (or reuse) the wheelhouse in `cache`; fetch dependency wheels only when pins change."""
+def wheel_cache() -> Path:
+    """Where dependency wheels are kept between deploys: ``$VPNCTL_WHEELS`` or the user cache."""
+    explicit = os.environ.get("VPNCTL_WHEELS")
+    if explicit:
+        return Path(explicit)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vpnctl" / "wheels"
+
+
+def build_runtime(cache: Path, echo: Echo | None = None, deps_cache: Path | None = None) -> Runtime:
+    """Make the wheelhouse: the runtime wheel in `cache`, dependency wheels in `deps_cache`
+    (default :func:`wheel_cache`), fetched only when the pinned versions change."""
     cache.mkdir(parents=True, exist_ok=True)
-    deps = cache / "deps"
+    deps = deps_cache or wheel_cache()
+    deps.parent.mkdir(parents=True, exist_ok=True)
     pins = _dependency_pins()
     pip_pin = f"pip=={metadata.version('pip')}"
     marker = deps / "PINS"
     if not marker.exists() or marker.read_text().split() != [*pins, pip_pin]:
         if echo:
             echo(f"runtime: fetching wheels for {' '.join(pins)}")
-        tmp = cache / "deps.tmp"
+        tmp = deps.with_name(f"{deps.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         proc = subprocess.run(
@@ -210,16 +222,17 @@ def build_runtime(cache: Path, echo: Echo | None = None) -> Runtime:
             )
         (tmp / "PINS").write_text("\n".join([*pins, pip_pin]) + "\n")
         shutil.rmtree(deps, ignore_errors=True)
-        tmp.rename(deps)
-    own = cache / "own"
-    own.mkdir(exist_ok=True)
-    wheels = [*sorted(deps.glob("*.whl")), _runtime_wheel(own)]
+        try:
+            tmp.rename(deps)
+        except OSError:  # a concurrent deploy filled the cache first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    wheels = [*sorted(deps.glob("*.whl")), _runtime_wheel(cache)]
     digest = hashlib.sha256()
     for wheel in sorted(wheels, key=lambda p: p.name):
         digest.update(wheel.name.encode() + b"\0" + hashlib.sha256(wheel.read_bytes()).digest())
     pip = sorted((deps / "tools").glob("pip-*.whl"))
     if not pip:
-        raise DeployError(f"{deps / 'tools'}: no pip wheel; delete {cache} and retry")
+        raise DeployError(f"{deps / 'tools'}: no pip wheel; delete {deps} and retry")
     return Runtime(stamp=digest.hexdigest()[:STAMP_LEN], wheels=tuple(wheels), pip=pip[-1])
 
 
@@ -615,20 +628,18 @@ def rollback_script(
     restart = sorted(links | (set(plan.restarts) if runtime_back else set()))
     for link in restart:
         out.append(_stop_sh(link, manifest["links"][link], plan.use_systemd))
-    had_config: dict[str, bool] = {}
     for idx, item in enumerate(plan.files):
         if item.link not in links:
             continue
         src, dst = quote(f"{backup}/{idx}"), quote(item.path)
         out.append(f"if [ -f {src}.absent ]; then rm -f {dst}; else cp -p {src} {dst}; fi")
-        if item.kind == "config":
-            had_config[item.link] = True
     for link in restart:
         entry = manifest["links"][link]
         conf = quote(entry["config"])
         out.append(f"if [ -f {conf} ]; then")
         out.append("  " + _start_sh(link, entry, prefix, plan.use_systemd).strip())
         out.append("fi")
+    out.append(f"rm -rf {quote(backup)}")
     return "\n".join(out) + "\n"
 
 
@@ -898,6 +909,34 @@ def deploy(
     rollback_hosts = sorted({n for link in failed for n in to_confirm[link]})
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(rollback, rollback_hosts))
+
+    def recheck(link: str) -> None:
+        """After a rollback: is the previous version of the link back up?"""
+        first = to_confirm[link][0]
+        peer = manifests[first]["links"][link]["peer"]
+        ends = [(ssh[first], manifests[first]), (ssh[peer], manifests[peer])]
+        records = []
+        deadline = time.monotonic() + wait
+        while True:
+            records = [_link_status(s, m, link) for s, m in ends]
+            if all(r is not None and r.get("state") == "up" for r in records):
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL)
+        states = ", ".join(
+            f"{s.name}: {'absent' if r is None else r.get('state')}"
+            for (s, _), r in zip(ends, records, strict=True)
+        )
+        restored[link] = states
+        echo(f"link {link:<10} after rollback: {states}")
+
+    restored: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(recheck, sorted(failed)))
+    for link, states in restored.items():
+        for name in to_confirm[link]:
+            outcomes[name].rolled_back[link] += f" -- previous version restored ({states})"
 
     # 6. commit hosts that were not rolled back
     def commit(name: str) -> None:

@@ -1,0 +1,273 @@
+"""``vpnctl status``: every link seen from both of its ends, gathered over ssh in parallel.
+
+Theory of operation
+-------------------
+The hosts to ask are the named ones (default: all) plus the far end of each of their links, so
+every link is always seen from both ends. Each host gets *one* ssh command (a short shell script
+from :func:`host_script`) that prints, for each of its links, the output of
+``<prefix>/usr/local/bin/vpnd status -f CONF --json`` (the daemon's status record, with
+``not running`` when its pid is gone), the key file's mtime (deploy sets it to the key's
+creation time, so it gives the key's age) and the host's clock (uptimes are computed with the
+host's own ``now``, so clock skew does not distort them).
+
+Hosts are asked in parallel (bounded pool). Each ssh call has a connect timeout and a wall-clock
+bound, so a host that does not answer is shown as ``unreachable`` within that bound and does
+not hold up the others.
+
+A link is **up** only when both ends report ``up`` with the same key fingerprint. Otherwise the
+table says why, from the ends' states and reasons: ``no answer from peer``, ``authentication
+failed``, ``not running``, ``unreachable``, ``not deployed``, or a fingerprint mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vpnctl.deploy import load_manifest, status_command
+from vpnctl.inventory import Inventory, UserError
+from vpnctl.keystore import format_age
+from vpnctl.ssh import SshError, SshHost, quote
+
+__all__ = ["EndStatus", "FleetStatus", "LinkStatus", "collect", "format_table", "host_script"]
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_JOBS = 16
+_MARK = "@@vpnctl"
+
+
+@dataclass
+class EndStatus:
+    """One end of one link as its host reports it."""
+
+    host: str
+    link: str
+    role: str
+    state: str  # up, connecting, listening, handshake, down, not running, not deployed, unreachable
+    reason: str | None = None
+    peer: str | None = None
+    uptime: float | None = None
+    last_rtt: float | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    key_fingerprint: str | None = None
+    key_age: float | None = None
+    pid: int | None = None
+
+
+@dataclass
+class LinkStatus:
+    """A link and both its ends; ``up`` only when both are up with the same key."""
+
+    link: str
+    up: bool
+    why: str
+    ends: list[EndStatus] = field(default_factory=list)
+
+
+@dataclass
+class FleetStatus:
+    """Everything ``vpnctl status`` shows."""
+
+    links: list[LinkStatus]
+    unreachable: dict[str, str]  # host -> why
+    elapsed: float = 0.0
+
+    @property
+    def all_up(self) -> bool:
+        """True when every link is up at both ends."""
+        return all(link.up for link in self.links)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document of ``vpnctl status --json`` (stable keys, for scripts)."""
+        return {
+            "version": 1,
+            "all_up": self.all_up,
+            "unreachable": self.unreachable,
+            "links": [asdict(link) for link in self.links],
+        }
+
+
+def host_script(manifest: Mapping[str, Any]) -> str:
+    """The one shell command run on a host: its clock, then each link's record and key mtime."""
+    lines = ["date +%s.%N"]
+    for link, entry in sorted(manifest["links"].items()):
+        lines.append(f"echo {quote(f'{_MARK} {link}')}")
+        lines.append(f"{status_command(manifest, link)} 2>/dev/null || true")
+        lines.append("echo")
+        lines.append(f"echo {quote(f'{_MARK}-key')} $(stat -c %Y {quote(entry['keyfile'])} "
+                     "2>/dev/null || echo -)")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list[EndStatus]:
+    """Turn one host's script output into an EndStatus per link of its manifest."""
+    lines = text.splitlines()
+    try:
+        now = float(lines[0])
+    except (IndexError, ValueError):
+        now = time.time()
+    records: dict[str, list[str]] = {}
+    key_mtime: dict[str, float | None] = {}
+    current: str | None = None
+    for line in lines[1:]:
+        if line.startswith(f"{_MARK}-key "):
+            value = line.split(" ", 1)[1].strip()
+            if current is not None:
+                key_mtime[current] = None if value == "-" else float(value)
+        elif line.startswith(f"{_MARK} "):
+            current = line.split(" ", 1)[1].strip()
+            records[current] = []
+        elif current is not None:
+            records[current].append(line)
+    ends = []
+    for link, entry in sorted(manifest["links"].items()):
+        end = EndStatus(host=host, link=link, role=entry.get("role", "?"), state="not deployed")
+        try:
+            record = json.loads("\n".join(records.get(link, [])) or "null")
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            end.state = str(record.get("state", "unknown"))
+            end.reason = record.get("reason")
+            end.peer = record.get("peer")
+            end.last_rtt = record.get("last_rtt")
+            end.bytes_in = record.get("bytes_in")
+            end.bytes_out = record.get("bytes_out")
+            end.key_fingerprint = record.get("key_fingerprint")
+            end.pid = record.get("pid")
+            since = record.get("since")
+            if end.state == "up" and isinstance(since, int | float):
+                end.uptime = max(0.0, now - since)
+        mtime = key_mtime.get(link)
+        if mtime is not None:
+            end.key_age = max(0.0, now - mtime)
+        ends.append(end)
+    return ends
+
+
+def _judge(link: str, ends: list[EndStatus]) -> LinkStatus:
+    """Is the link up, and if not, why (the most telling reason of either end)."""
+    ends = sorted(ends, key=lambda e: (e.role != "server", e.host))
+    if all(e.state == "up" for e in ends) and len(ends) == 2:
+        fps = {e.key_fingerprint for e in ends}
+        if len(fps) == 1:
+            return LinkStatus(link, True, "up", ends)
+        return LinkStatus(link, False, "key fingerprints differ between the ends", ends)
+    reasons = []
+    for end in ends:
+        if end.state == "up":
+            continue
+        why = end.reason or end.state
+        reasons.append(
+            f"{end.host}: {why}" if why == end.state else f"{end.host}: {end.state}, {why}"
+        )
+    return LinkStatus(link, False, "; ".join(reasons) or "incomplete", ends)
+
+
+def collect(
+    inventory: Inventory,
+    build: Path,
+    hosts: Iterable[str] = (),
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    jobs: int = DEFAULT_JOBS,
+    connect_timeout: float = 5.0,
+) -> FleetStatus:
+    """Ask every relevant host in parallel; hosts that do not answer within `timeout` are
+    reported unreachable."""
+    started = time.monotonic()
+    known = {h.name: h for h in inventory.hosts}
+    wanted = list(hosts) or list(known)
+    unknown = [h for h in wanted if h not in known]
+    if unknown:
+        raise UserError(f"{inventory.file}: no host named {', '.join(unknown)}")
+    manifests = {name: load_manifest(build, name) for name in known}
+    links = sorted({link for name in wanted for link in manifests[name]["links"]})
+    ask = sorted(
+        set(wanted)
+        | {manifests[n]["links"][ln]["peer"] for n in wanted for ln in manifests[n]["links"]}
+    )
+    ends: dict[str, list[EndStatus]] = {link: [] for link in links}
+    unreachable: dict[str, str] = {}
+
+    def ask_host(name: str) -> tuple[str, list[EndStatus] | str]:
+        ssh = SshHost(name, known[name].ssh, connect_timeout=min(connect_timeout, timeout))
+        try:
+            result = ssh.run(host_script(manifests[name]), timeout=timeout)
+        except SshError as exc:
+            return name, str(exc).removeprefix(f"{name}: ")
+        return name, parse_host_output(name, manifests[name], result.text)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        answers = list(pool.map(ask_host, ask))
+    for name, answer in answers:
+        if isinstance(answer, str):
+            unreachable[name] = answer
+            for link, entry in manifests[name]["links"].items():
+                if link in ends:
+                    ends[link].append(
+                        EndStatus(name, link, entry.get("role", "?"), "unreachable", answer)
+                    )
+            continue
+        for end in answer:
+            if end.link in ends:
+                ends[end.link].append(end)
+    result = [_judge(link, ends[link]) for link in links]
+    return FleetStatus(result, unreachable, time.monotonic() - started)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{n}B"
+
+
+def format_table(status: FleetStatus) -> str:
+    """One table: a row per link end, the link's verdict on its first row."""
+    header = ("LINK", "VERDICT", "HOST", "ROLE", "STATE", "PEER", "UPTIME", "RTT", "IN", "OUT",
+              "KEY", "KEY AGE")  # fmt: skip
+    rows: list[tuple[str, ...]] = []
+    for link in status.links:
+        for i, end in enumerate(link.ends):
+            state = (
+                end.state if not end.reason or end.state == "up" else f"{end.state}: {end.reason}"
+            )
+            rows.append(
+                (
+                    link.link if i == 0 else "",
+                    ("UP" if link.up else "DOWN") if i == 0 else "",
+                    end.host,
+                    end.role,
+                    state[:48],
+                    end.peer or "-",
+                    format_age(end.uptime) if end.uptime is not None else "-",
+                    f"{end.last_rtt * 1000:.1f}ms" if end.last_rtt is not None else "-",
+                    _fmt_bytes(end.bytes_in),
+                    _fmt_bytes(end.bytes_out),
+                    end.key_fingerprint or "-",
+                    format_age(end.key_age) if end.key_age is not None else "-",
+                )
+            )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    down = [link for link in status.links if not link.up]
+    out.append("")
+    if down:
+        out += [f"DOWN {link.link}: {link.why}" for link in down]
+    for host, why in sorted(status.unreachable.items()):
+        out.append(f"UNREACHABLE {host}: {why}")
+    up = len(status.links) - len(down)
+    out.append(f"{up}/{len(status.links)} link(s) up ({status.elapsed:.1f}s)")
+    return "\n".join(out) + "\n"

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from vpnctl.lab import LabState, lab_down, lab_up
+from vpnctl.lab import LabState, lab_down, lab_exec, lab_up
+
+__all__ = [
+    "daemon_pids",
+    "free_mgmt_net",
+    "lab_exec",
+    "lab_keys",
+    "lab_traces",
+    "poll_until",
+    "rendered_lab",
+    "running_lab",
+    "tunnel_ends",
+    "unique_tag",
+    "vpnctl",
+]
 
 T = TypeVar("T")
 
@@ -71,3 +88,65 @@ def lab_traces(tag: str) -> list[str]:
     found = [f"netns {line.split()[0]}" for line in netns.splitlines() if line.startswith(tag)]
     found += [f"link {name}" for name in links if name.startswith(tag)]
     return found
+
+
+VPNCTL = str(Path(sys.executable).with_name("vpnctl"))
+
+
+def vpnctl(
+    state: LabState, *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `vpnctl` CLI in the lab directory (inventory, keystore, build live there)."""
+    proc = subprocess.run(
+        [VPNCTL, *args],
+        cwd=state.directory,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"vpnctl {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+@contextmanager
+def rendered_lab(directory: Path, *, clients: int = 2, base: str = "t") -> Iterator[LabState]:
+    """A running lab whose inventory has been through `vpnctl keygen` and `vpnctl render`."""
+    with running_lab(directory, clients=clients, base=base) as state:
+        vpnctl(state, "keygen")
+        vpnctl(state, "render")
+        yield state
+
+
+def lab_keys(state: LabState) -> list[str]:
+    """The key material of every link (hex, as in the key files): what must never leak."""
+    return [
+        p.read_text().strip() for p in sorted((Path(state.directory) / "keystore").glob("*.key"))
+    ]
+
+
+def tunnel_ends(state: LabState) -> dict[str, tuple[str, str, str]]:
+    """link -> (client host, client tunnel address, server tunnel address) from the build."""
+    build = Path(state.directory) / "build"
+    out = {}
+    for manifest_path in sorted(build.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        for link, entry in manifest["links"].items():
+            if entry["role"] == "client":
+                peer = json.loads((build / entry["peer"] / "manifest.json").read_text())
+                out[link] = (manifest["host"], entry["local"], peer["links"][link]["local"])
+    return out
+
+
+def daemon_pids(state: LabState) -> dict[tuple[str, str], int]:
+    """(host, link) -> pid from every pidfile under the lab's host prefixes."""
+    pids = {}
+    for host in state.hosts:
+        for pidfile in Path(host.prefix, "run", "vpnd").glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                pids[(host.name, pidfile.stem)] = int(pidfile.read_text().strip())
+    return pids

@@ -1,0 +1,203 @@
+"""Deploy's pure parts, no hosts needed: planning, probe parsing, redacted diffs, the runtime wheel,
+the status parser. (They live beside the deploy e2e tests they back.)"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from vpnctl.deploy import (
+    DeployError,
+    DesiredFile,
+    RemoteState,
+    _runtime_wheel,
+    apply_script,
+    desired_files,
+    parse_probe,
+    plan_host,
+    redacted_diff,
+)
+from vpnctl.fleetstatus import _judge, parse_host_output
+from vpnctl.keystore import Keystore
+
+KEY = b"ab" * 32 + b"\n"
+PREFIX = "/srv/h1"
+
+
+def _manifest(*links: str) -> dict:
+    return {
+        "host": "h1",
+        "prefix": PREFIX,
+        "systemd": False,
+        "links": {
+            link: {
+                "role": "server",
+                "peer": "h2",
+                "config": f"{PREFIX}/etc/vpnd/{link}.conf",
+                "keyfile": f"{PREFIX}/etc/vpnd/{link}.key",
+                "pidfile": f"{PREFIX}/run/vpnd/{link}.pid",
+                "statusfile": f"{PREFIX}/run/vpnd/{link}.status.json",
+                "key_fingerprint": "ab12:cd34:ef56:7890",
+                "files": {},
+            }
+            for link in links
+        },
+    }
+
+
+def _desired(link: str, conf: bytes = b"mode server\n") -> list[DesiredFile]:
+    return [
+        DesiredFile(f"{PREFIX}/etc/vpnd/{link}.conf", conf, 0o644, link, "config"),
+        DesiredFile(f"{PREFIX}/etc/vpnd/{link}.key", KEY, 0o600, link, "key"),
+    ]
+
+
+def _remote(files: list[DesiredFile], *, stamp: str = "s1", running: tuple[str, ...] = (),
+            deployed: dict | None = None) -> RemoteState:  # fmt: skip
+    return RemoteState(
+        stamp=stamp,
+        systemd_running=False,
+        python="3.11",
+        files={f.path: (f.sha256, f.mode) for f in files},
+        running=dict.fromkeys(running, True),
+        deployed=deployed,
+    )
+
+
+def test_matching_files_and_running_daemons_plan_nothing() -> None:
+    desired = _desired("l1") + _desired("l2")
+    plan = plan_host("h1", _manifest("l1", "l2"), desired,
+                     _remote(desired, running=("l1", "l2")), runtime_stamp="s1",
+                     use_systemd=False)  # fmt: skip
+    assert plan.noop
+    assert plan.unchanged == ["l1", "l2"]
+    assert plan.files == []
+
+
+def test_a_changed_config_restarts_only_its_link_and_writes_only_that_file() -> None:
+    deployed = _desired("l1") + _desired("l2")
+    desired = _desired("l1", b"mode server\nroute1 198.18.60.0 255.255.255.0 198.19.0.2\n")
+    desired += _desired("l2")
+    plan = plan_host("h1", _manifest("l1", "l2"), desired,
+                     _remote(deployed, running=("l1", "l2")), runtime_stamp="s1",
+                     use_systemd=False)  # fmt: skip
+    assert plan.changed == {"l1": ["config changed"]}
+    assert plan.restarts == ["l1"]
+    assert [f.kind for f in plan.files] == ["config"]
+
+
+def test_a_new_runtime_restarts_every_link_but_rewrites_no_file() -> None:
+    desired = _desired("l1") + _desired("l2")
+    plan = plan_host("h1", _manifest("l1", "l2"), desired,
+                     _remote(desired, stamp="old", running=("l1", "l2")), runtime_stamp="new",
+                     use_systemd=False)  # fmt: skip
+    assert plan.runtime
+    assert plan.restarts == ["l1", "l2"]
+    assert plan.files == []
+
+
+def test_a_stopped_daemon_with_current_files_is_started_not_rewritten() -> None:
+    desired = _desired("l1")
+    plan = plan_host("h1", _manifest("l1"), desired, _remote(desired), runtime_stamp="s1",
+                     use_systemd=False)  # fmt: skip
+    assert plan.start == ["l1"]
+    assert plan.changed == {}
+    assert plan.restarts == ["l1"]
+
+
+def test_a_key_with_loose_mode_on_the_host_is_reinstalled() -> None:
+    desired = _desired("l1")
+    remote = _remote(desired, running=("l1",))
+    loose = dict(remote.files)
+    loose[desired[1].path] = (desired[1].sha256, 0o644)
+    remote = RemoteState("s1", False, "3.11", loose, {"l1": True}, None)
+    plan = plan_host("h1", _manifest("l1"), desired, remote, runtime_stamp="s1",
+                     use_systemd=False)  # fmt: skip
+    assert plan.changed == {"l1": ["key mode 644"]}
+
+
+def test_a_link_dropped_from_the_render_is_stopped_and_removed() -> None:
+    desired = _desired("l1")
+    plan = plan_host("h1", _manifest("l1"), desired,
+                     _remote(desired, running=("l1",), deployed=_manifest("l1", "old")),
+                     runtime_stamp="s1", use_systemd=False)  # fmt: skip
+    assert plan.removed == ["old"]
+    script = apply_script(plan, _manifest("l1"), _manifest("l1", "old"))
+    assert f"rm -f {PREFIX}/etc/vpnd/old.key" in script
+
+
+def test_the_dry_run_diff_redacts_key_contents() -> None:
+    deployed = _desired("l1", b"mode server\nport 1\n")
+    desired = _desired("l1", b"mode server\nport 2\n")
+    desired[1] = DesiredFile(desired[1].path, b"cd" * 32 + b"\n", 0o600, "l1", "key")
+    plan = plan_host("h1", _manifest("l1"), desired, _remote(deployed, running=("l1",)),
+                     runtime_stamp="s1", use_systemd=False)  # fmt: skip
+    diff = redacted_diff("h1", plan, {deployed[0].path: deployed[0].data}, [deployed[1].path])
+    assert "-port 1\n+port 2\n" in diff
+    assert "@@ key file, contents redacted @@" in diff
+    assert "cd" * 32 not in diff
+    assert "ab" * 32 not in diff
+
+
+def test_no_script_ever_carries_key_material() -> None:
+    desired = _desired("l1")
+    plan = plan_host("h1", _manifest("l1"), desired, _remote([]), runtime_stamp="s1",
+                     use_systemd=False)  # fmt: skip
+    assert KEY.strip().decode() not in apply_script(plan, _manifest("l1"), {})
+
+
+def test_probe_output_gives_hashes_modes_running_links_and_the_last_manifest() -> None:
+    paths = ["/a.conf", "/a.key"]
+    text = (
+        "stamp 0123456789abcdef\nsystemd no\npython 3.11\n"
+        f"file 0 {'e' * 64} 644\nfile 1 - -\n"
+        "deployed eyJsaW5rcyI6IHt9fQ==\nrunning l1 yes\nrunning l2 no\n"
+    )
+    state = parse_probe(text, paths)
+    assert state.stamp == "0123456789abcdef"
+    assert state.files == {"/a.conf": ("e" * 64, 0o644), "/a.key": None}
+    assert state.running == {"l1": True, "l2": False}
+    assert state.deployed == {"links": {}}
+    assert not state.systemd_running
+
+
+def test_runtime_wheel_is_byte_identical_across_builds(tmp_path: Path) -> None:
+    first = _runtime_wheel(tmp_path).read_bytes()
+    second = _runtime_wheel(tmp_path).read_bytes()
+    assert first == second
+    with zipfile.ZipFile(_runtime_wheel(tmp_path)) as zf:
+        names = zf.namelist()
+    assert "vpnd_runtime/cli.py" in names
+    assert not [n for n in names if n.startswith("vpnctl/")], "the operator tool is not shipped"
+
+
+def test_a_build_edited_after_render_is_refused_naming_the_file(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    (build / "h1" / "etc" / "vpnd").mkdir(parents=True)
+    conf = build / "h1" / "etc" / "vpnd" / "l1.conf"
+    conf.write_text("mode server\n")
+    manifest = _manifest("l1")
+    manifest["links"]["l1"]["files"] = {"etc/vpnd/l1.conf": "0" * 64}
+    with pytest.raises(DeployError, match=r"l1\.conf: does not match its sha256"):
+        desired_files(build, manifest, Keystore(tmp_path / "ks"), use_systemd=False)
+
+
+def test_status_output_of_a_host_becomes_one_end_per_link() -> None:
+    record = {"state": "up", "since": 1000.0, "peer": "198.18.1.1:379", "last_rtt": 0.002,
+              "bytes_in": 10, "bytes_out": 20, "key_fingerprint": "ab12", "pid": 7,
+              "reason": None}  # fmt: skip
+    text = (
+        "1100.5\n@@vpnctl l1\n" + json.dumps(record) + "\n\n@@vpnctl-key 100\n"
+        "@@vpnctl l2\n\n@@vpnctl-key -\n"
+    )
+    ends = parse_host_output("h1", _manifest("l1", "l2"), text)
+    assert ends[0].state == "up"
+    assert ends[0].uptime == pytest.approx(100.5)
+    assert ends[0].key_age == pytest.approx(1000.5)
+    assert ends[1].state == "not deployed"
+    verdict = _judge("l2", [ends[1]])
+    assert not verdict.up
+    assert "not deployed" in verdict.why

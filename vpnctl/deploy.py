@@ -705,9 +705,13 @@ class _Printer:
 
     def line(self, host: str, message: str, *, finished: bool = False) -> None:
         with self.lock:
+            width = len(str(self.total))
             if finished:
                 self.done += 1
-            self.echo(f"[{self.done:>{len(str(self.total))}}/{self.total}] {host:<12} {message}")
+                counter = f"[{self.done:>{width}}/{self.total}]"
+            else:
+                counter = f"[{'.' * width}/{self.total}]"
+            self.echo(f"{counter} {host:<12} {message}")
 
 
 def _link_status(ssh: SshHost, manifest: Mapping[str, Any], link: str) -> dict[str, Any] | None:

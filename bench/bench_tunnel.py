@@ -6,7 +6,8 @@ For each path it builds two namespaces joined by veth (198.18.1.0/24), runs a si
 iperf3 (`-t seconds`, `reps` times, median), and prints Mbit/s and the ratio to raw veth; then the
 ping RTT the tunnel adds and the daemons' peak RSS (VmHWM). Paths: raw veth, vpnd with
 ChaCha20-Poly1305, vpnd with AES-256-GCM, and wireguard-go / OpenVPN when they are installed
-(skipped with a note otherwise). Needs root, iproute2, iperf3 and ping.
+(skipped with a note otherwise; their setups are in bench/peers.py and the note column says how
+each is configured). Needs root, iproute2, iperf3 and ping.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.peers import PEERS
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
 from vpnd_runtime.keyfile import generate_key
 
@@ -131,9 +133,24 @@ def main(argv: list[str] | None = None) -> int:
                     f"ping RTT added by vpnd ({cipher}): {rtt - raw_rtt:+.3f} ms "
                     f"({raw_rtt:.3f} -> {rtt:.3f} ms); daemon peak RSS {rss / 1024:.1f} MiB"
                 )
-        for name in ("wireguard-go", "openvpn"):
-            if not shutil.which(name):
-                rows.append((name, None, "not installed: skipped"))
+            for peer in PEERS:
+                if peer.missing_tools():
+                    rows.append((peer.label, None, "not installed: skipped"))
+                    continue
+                try:
+                    with peer.start(pair) as tunnel:
+                        mbps = iperf(pair, tunnel.server_addr, args.seconds, args.reps)
+                        rtt = ping_rtt(pair, tunnel.server_addr)
+                        rss = max(peak_rss_kib(pid) for pid in tunnel.pids)
+                except (RuntimeError, AssertionError, subprocess.SubprocessError) as exc:
+                    # A comparison tool that will not come up is reported, not fatal.
+                    rows.append((peer.label, None, f"failed: {str(exc).splitlines()[0]}"))
+                    continue
+                rows.append((peer.label, mbps, tunnel.note))
+                extra.append(
+                    f"ping RTT added by {peer.label}: {rtt - raw_rtt:+.3f} ms "
+                    f"({raw_rtt:.3f} -> {rtt:.3f} ms); daemon peak RSS {rss / 1024:.1f} MiB"
+                )
     print(f"single TCP stream, iperf3 -t {args.seconds}, median of {args.reps}")
     print(f"{'path':<34} {'Mbit/s':>10} {'÷ raw':>7}")
     for name, mbps, note in rows:

@@ -464,10 +464,7 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     lines.append(
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
     )
-    lines.append(
-        'echo "python $(python3 -c \'import sys; print("%d.%d" % sys.version_info[:2])\' '
-        '2>/dev/null || echo -)"'
-    )
+    lines.append('echo "python $(command -v python3 || echo -)"')
     for idx, path in enumerate(paths):
         q = quote(path)
         lines.append(
@@ -555,6 +552,8 @@ mkdir -p {rt} {quote(posixpath.dirname(_runtime_bin(prefix)))}
 wh=$(mktemp -d {rt}/wheels.XXXXXX)
 trap 'rm -rf "$wh"' EXIT
 tar -x -f - -C "$wh"
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{
+  echo "python3 on this host is older than 3.11; the runtime needs 3.11+" >&2; exit 4; }}
 rm -rf {rt}/{venv}
 python3 -m venv --without-pip {rt}/{venv}
 {rt}/{venv}/bin/python "$(ls "$wh"/tools/pip-*.whl)/pip" install --quiet --no-index --no-deps \
@@ -654,9 +653,92 @@ def commit_script(manifest: Mapping[str, Any]) -> str:
 
 
 def status_command(manifest: Mapping[str, Any], link: str) -> str:
-    """The remote command printing one link's status record as JSON."""
+    """The remote command printing one link's status record as JSON (``vpnd status``)."""
     entry = manifest["links"][link]
     return quote(_runtime_bin(manifest["prefix"]), "status", "-f", entry["config"], "--json")
+
+
+_MARK = "@@vpnctl"
+
+
+def status_script(manifest: Mapping[str, Any], links: Iterable[str]) -> str:
+    """One shell script reading the status records of `links` on a host, no Python started.
+
+    It does what ``vpnd status`` does -- read the record the daemon publishes atomically and
+    check that its process is alive (via the pidfile) -- for every link in one go, plus the host
+    clock and each key file's mtime. Output per link: a marker line, ``config yes|no``,
+    ``alive yes|no``, the record on one line (or ``-``), ``keymtime <s>|-``.
+    """
+    lines = [_SH_FUNCS, "date +%s.%N"]
+    for link in links:
+        entry = manifest["links"][link]
+        sf, pf = quote(entry["statusfile"]), quote(entry["pidfile"])
+        lines += [
+            f"echo {quote(f'{_MARK} {link}')}",
+            f'if [ -f {quote(entry["config"])} ]; then echo "config yes"; '
+            'else echo "config no"; fi',
+            f'if alive "$(pid_of {pf})"; then echo "alive yes"; else echo "alive no"; fi',
+            f"if [ -f {sf} ]; then tr -d '\\n' < {sf}; echo; else echo -; fi",
+            f'echo "keymtime $(stat -c %Y {quote(entry["keyfile"])} 2>/dev/null || echo -)"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    """One link's status as read on its host: the daemon's record, judged for liveness."""
+
+    record: dict[str, Any] | None  # None: the link is not deployed on this host
+    key_mtime: float | None
+    now: float  # the host's clock when it was read
+
+
+def parse_status_output(text: str) -> dict[str, LinkRecord]:
+    """The output of :func:`status_script` as link -> LinkRecord.
+
+    A record whose daemon is gone, or a deployed link with no record, is ``not running`` --
+    the same rule ``vpnd status`` applies.
+    """
+    lines = text.splitlines()
+    try:
+        now = float(lines[0])
+    except (IndexError, ValueError):
+        now = time.time()
+    out: dict[str, LinkRecord] = {}
+    i = 1
+    while i < len(lines):
+        if not lines[i].startswith(f"{_MARK} "):
+            i += 1
+            continue
+        link = lines[i].split(" ", 1)[1].strip()
+        block = [*lines[i + 1 : i + 5], "", "", "", ""][:4]
+        i += 5
+        configured = block[0] == "config yes"
+        alive = block[1] == "alive yes"
+        record: dict[str, Any] | None = None
+        if block[2] not in {"", "-"}:
+            with contextlib.suppress(ValueError):
+                loaded = json.loads(block[2])
+                record = loaded if isinstance(loaded, dict) else None
+        if record is not None and not alive:
+            record["reason"] = f"daemon (pid {record.get('pid')}) is gone; last state " + str(
+                record.get("state")
+            )
+            record["state"] = "not running"
+        elif record is None and configured:
+            record = {"state": "not running", "reason": "no status record (never started?)"}
+        mtime_text = block[3].removeprefix("keymtime ").strip()
+        key_mtime = float(mtime_text) if mtime_text not in {"", "-"} else None
+        out[link] = LinkRecord(record if configured else None, key_mtime, now)
+    return out
+
+
+def read_statuses(
+    ssh: SshHost, manifest: Mapping[str, Any], links: Iterable[str], timeout: float = 10.0
+) -> dict[str, LinkRecord]:
+    """The status of `links` on one host in one ssh call (SshError when it does not answer)."""
+    result = ssh.run(status_script(manifest, list(links)), timeout=timeout)
+    return parse_status_output(result.text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,52 +796,93 @@ class _Printer:
             self.echo(f"{counter} {host:<12} {message}")
 
 
-def _link_status(ssh: SshHost, manifest: Mapping[str, Any], link: str) -> dict[str, Any] | None:
-    """The status record of `link` on a host, or None when its runtime/config is absent."""
-    try:
-        result = ssh.run(status_command(manifest, link), timeout=10)
-    except SshError as exc:
-        return {"state": "unreachable", "reason": str(exc)}
-    try:
-        record = json.loads(result.stdout)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
+def _poll_round(
+    wanted: Mapping[str, set[str]],
+    ssh: Mapping[str, SshHost],
+    manifests: Mapping[str, Mapping[str, Any]],
+    jobs: int,
+) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """One status read per host, in parallel: (host, link) -> record (None: not deployed)."""
+
+    def one(host: str) -> dict[tuple[str, str], dict[str, Any] | None]:
+        try:
+            found = read_statuses(ssh[host], manifests[host], sorted(wanted[host]))
+        except SshError as exc:
+            return {(host, link): {"state": "unreachable", "reason": str(exc)}
+                    for link in wanted[host]}  # fmt: skip
+        return {(host, link): found[link].record if link in found else None
+                for link in wanted[host]}  # fmt: skip
+
+    out: dict[tuple[str, str], dict[str, Any] | None] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted)))) as pool:
+        for part in pool.map(one, sorted(wanted)):
+            out.update(part)
+    return out
 
 
-def _confirm_link(
-    link: str,
-    ends: list[tuple[SshHost, Mapping[str, Any]]],
-    fingerprint: str,
-    wait: float,
-) -> tuple[str, str]:
-    """Poll both ends of `link`; return ("up"|"waiting"|"failed", explanation)."""
-    deadline = time.monotonic() + wait
-    last = "no status yet"
-    while True:
-        records = [_link_status(ssh, manifest, link) for ssh, manifest in ends]
-        states = []
-        for (ssh, _), record in zip(ends, records, strict=True):
-            if record is None:
-                states.append(f"{ssh.name}: not deployed")
-            else:
-                why = f" ({record['reason']})" if record.get("reason") else ""
-                states.append(f"{ssh.name}: {record.get('state')}{why}")
-        if all(r is not None and r.get("state") == "up" for r in records):
-            fps = {r.get("key_fingerprint") for r in records if r is not None}
-            if fps == {fingerprint}:
-                return "up", f"up at both ends, key {fingerprint}"
-            last = f"fingerprints differ: {sorted(str(f) for f in fps)} (expected {fingerprint})"
+def _describe_ends(ends: list[str], records: Mapping[tuple[str, str], Any], link: str) -> str:
+    parts = []
+    for host in ends:
+        record = records.get((host, link))
+        if record is None:
+            parts.append(f"{host}: not deployed")
         else:
-            last = "; ".join(states)
-        peer_missing = any(
-            r is None or r.get("state") in {"not running", "unreachable"} for r in records[1:]
-        )
-        if time.monotonic() >= deadline:
-            if peer_missing:
-                return "waiting", f"the other end is not up to confirm ({last})"
-            return "failed", f"not up within {wait:g}s: {last}"
-        time.sleep(POLL_INTERVAL)
+            why = f" ({record['reason']})" if record.get("reason") else ""
+            parts.append(f"{host}: {record.get('state')}{why}")
+    return "; ".join(parts)
+
+
+def confirm_links(
+    links: Mapping[str, list[str]],
+    fingerprints: Mapping[str, str],
+    ssh: Mapping[str, SshHost],
+    manifests: Mapping[str, Mapping[str, Any]],
+    *,
+    wait: float,
+    jobs: int,
+    on_result: Callable[[str, str, str], None] | None = None,
+) -> dict[str, tuple[str, str]]:
+    """Poll every link's two ends (``links``: link -> [changed end, other end]) until both are
+    up with the expected key fingerprint, or `wait` runs out.
+
+    Returns link -> ("up" | "waiting" | "failed", explanation); "waiting" when the other end is
+    not deployed or not running, so the link cannot be confirmed either way.
+    """
+    results: dict[str, tuple[str, str]] = {}
+    pending = dict(links)
+    deadline = time.monotonic() + wait
+    records: dict[tuple[str, str], dict[str, Any] | None] = {}
+    while pending:
+        wanted: dict[str, set[str]] = {}
+        for link, ends in pending.items():
+            for host in ends:
+                wanted.setdefault(host, set()).add(link)
+        records = _poll_round(wanted, ssh, manifests, jobs)
+        expired = time.monotonic() >= deadline
+        for link, ends in list(pending.items()):
+            ends_records = [records.get((host, link)) for host in ends]
+            verdict: tuple[str, str] | None = None
+            if all(r is not None and r.get("state") == "up" for r in ends_records):
+                fps = {r.get("key_fingerprint") for r in ends_records if r is not None}
+                if fps == {fingerprints[link]}:
+                    verdict = ("up", f"up at both ends, key {fingerprints[link]}")
+                elif expired:
+                    verdict = ("failed", f"key fingerprints differ: {sorted(map(str, fps))}")
+            elif expired:
+                last = _describe_ends(ends, records, link)
+                other = ends_records[-1]
+                if other is None or other.get("state") in {"not running", "unreachable"}:
+                    verdict = ("waiting", f"the other end is not up to confirm ({last})")
+                else:
+                    verdict = ("failed", f"not up within {wait:g}s: {last}")
+            if verdict is not None:
+                results[link] = verdict
+                del pending[link]
+                if on_result is not None:
+                    on_result(link, *verdict)
+        if pending:
+            time.sleep(POLL_INTERVAL)
+    return results
 
 
 def deploy(
@@ -873,19 +996,21 @@ def deploy(
         if outcomes[name].error is None and plan is not None:
             for link in plan.restarts:
                 to_confirm.setdefault(link, []).append(name)
-    results: dict[str, tuple[str, str]] = {}
 
-    def confirm(link: str) -> None:
+    def ends_of(link: str) -> list[str]:
         first = to_confirm[link][0]
-        peer = manifests[first]["links"][link]["peer"]
-        ends = [(ssh[first], manifests[first]), (ssh[peer], manifests[peer])]
-        fingerprint = manifests[first]["links"][link]["key_fingerprint"]
-        results[link] = _confirm_link(link, ends, fingerprint, wait)
-        state, why = results[link]
+        return [first, str(manifests[first]["links"][link]["peer"])]
+
+    fingerprints = {
+        link: str(manifests[names[0]]["links"][link]["key_fingerprint"])
+        for link, names in to_confirm.items()
+    }
+
+    def said(link: str, state: str, why: str) -> None:
         echo(f"link {link:<10} {state.upper() if state == 'failed' else state}: {why}")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(confirm, sorted(to_confirm)))
+    results = confirm_links({link: ends_of(link) for link in sorted(to_confirm)}, fingerprints,
+                            ssh, manifests, wait=wait, jobs=jobs, on_result=said)  # fmt: skip
 
     # 5. roll back what did not come up
     failed = {link for link, (state, _) in results.items() if state == "failed"}
@@ -914,30 +1039,29 @@ def deploy(
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(rollback, rollback_hosts))
 
-    def recheck(link: str) -> None:
-        """After a rollback: is the previous version of the link back up?"""
-        first = to_confirm[link][0]
-        peer = manifests[first]["links"][link]["peer"]
-        ends = [(ssh[first], manifests[first]), (ssh[peer], manifests[peer])]
-        records = []
+    restored: dict[str, str] = {}
+    if failed:
+        wanted: dict[str, set[str]] = {}
+        for link in failed:
+            for host in ends_of(link):
+                wanted.setdefault(host, set()).add(link)
         deadline = time.monotonic() + wait
         while True:
-            records = [_link_status(s, m, link) for s, m in ends]
-            if all(r is not None and r.get("state") == "up" for r in records):
-                break
-            if time.monotonic() >= deadline:
+            records = _poll_round(wanted, ssh, manifests, jobs)
+            back = all(
+                (r := records.get((h, link))) is not None and r.get("state") == "up"
+                for link in failed
+                for h in ends_of(link)
+            )
+            if back or time.monotonic() >= deadline:
                 break
             time.sleep(POLL_INTERVAL)
-        states = ", ".join(
-            f"{s.name}: {'absent' if r is None else r.get('state')}"
-            for (s, _), r in zip(ends, records, strict=True)
-        )
-        restored[link] = states
-        echo(f"link {link:<10} after rollback: {states}")
-
-    restored: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(recheck, sorted(failed)))
+        for link in sorted(failed):
+            restored[link] = ", ".join(
+                f"{h}: {'absent' if (r := records.get((h, link))) is None else r.get('state')}"
+                for h in ends_of(link)
+            )
+            echo(f"link {link:<10} after rollback: {restored[link]}")
     for link, states in restored.items():
         for name in to_confirm[link]:
             outcomes[name].rolled_back[link] += f" -- previous version restored ({states})"

@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 The hosts to ask are the named ones (default: all) plus the far end of each of their links, so
-every link is always seen from both ends. Each host gets *one* ssh command (a short shell script
-from :func:`host_script`) that prints, for each of its links, the output of
-``<prefix>/usr/local/bin/vpnd status -f CONF --json`` (the daemon's status record, with
-``not running`` when its pid is gone), the key file's mtime (deploy sets it to the key's
-creation time, so it gives the key's age) and the host's clock (uptimes are computed with the
-host's own ``now``, so clock skew does not distort them).
+every link is always seen from both ends. Each host gets *one* ssh command, a short shell script
+(:func:`vpnctl.deploy.status_script`) that does for all its links what ``vpnd status --json``
+does for one -- print the record the daemon publishes atomically, and whether its process is
+alive (else the link is ``not running``) -- without starting Python once per link. It also
+prints each key file's mtime (deploy sets it to the key's creation time, so it gives the key's
+age) and the host's clock (uptimes use the host's own ``now``, so clock skew does not distort
+them).
 
 Hosts are asked in parallel (bounded pool). Each ssh call has a connect timeout and a wall-clock
 bound, so a host that does not answer is shown as ``unreachable`` within that bound and does
@@ -21,7 +22,6 @@ failed``, ``not running``, ``unreachable``, ``not deployed``, or a fingerprint m
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -29,16 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpnctl.deploy import load_manifest, status_command
+from vpnctl.deploy import load_manifest, parse_status_output, status_script
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import format_age
-from vpnctl.ssh import SshError, SshHost, quote
+from vpnctl.ssh import SshError, SshHost
 
-__all__ = ["EndStatus", "FleetStatus", "LinkStatus", "collect", "format_table", "host_script"]
+__all__ = ["EndStatus", "FleetStatus", "LinkStatus", "collect", "format_table", "parse_host_output"]
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_JOBS = 16
-_MARK = "@@vpnctl"
 
 
 @dataclass
@@ -93,46 +92,15 @@ class FleetStatus:
         }
 
 
-def host_script(manifest: Mapping[str, Any]) -> str:
-    """The one shell command run on a host: its clock, then each link's record and key mtime."""
-    lines = ["date +%s.%N"]
-    for link, entry in sorted(manifest["links"].items()):
-        lines.append(f"echo {quote(f'{_MARK} {link}')}")
-        lines.append(f"{status_command(manifest, link)} 2>/dev/null || true")
-        lines.append("echo")
-        lines.append(f"echo {quote(f'{_MARK}-key')} $(stat -c %Y {quote(entry['keyfile'])} "
-                     "2>/dev/null || echo -)")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
 def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list[EndStatus]:
-    """Turn one host's script output into an EndStatus per link of its manifest."""
-    lines = text.splitlines()
-    try:
-        now = float(lines[0])
-    except (IndexError, ValueError):
-        now = time.time()
-    records: dict[str, list[str]] = {}
-    key_mtime: dict[str, float | None] = {}
-    current: str | None = None
-    for line in lines[1:]:
-        if line.startswith(f"{_MARK}-key "):
-            value = line.split(" ", 1)[1].strip()
-            if current is not None:
-                key_mtime[current] = None if value == "-" else float(value)
-        elif line.startswith(f"{_MARK} "):
-            current = line.split(" ", 1)[1].strip()
-            records[current] = []
-        elif current is not None:
-            records[current].append(line)
+    """Turn one host's :func:`vpnctl.deploy.status_script` output into an EndStatus per link."""
+    found = parse_status_output(text)
     ends = []
     for link, entry in sorted(manifest["links"].items()):
         end = EndStatus(host=host, link=link, role=entry.get("role", "?"), state="not deployed")
-        try:
-            record = json.loads("\n".join(records.get(link, [])) or "null")
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
+        read = found.get(link)
+        record = read.record if read is not None else None
+        if record is not None:
             end.state = str(record.get("state", "unknown"))
             end.reason = record.get("reason")
             end.peer = record.get("peer")
@@ -142,11 +110,10 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
             end.key_fingerprint = record.get("key_fingerprint")
             end.pid = record.get("pid")
             since = record.get("since")
-            if end.state == "up" and isinstance(since, int | float):
-                end.uptime = max(0.0, now - since)
-        mtime = key_mtime.get(link)
-        if mtime is not None:
-            end.key_age = max(0.0, now - mtime)
+            if end.state == "up" and isinstance(since, int | float) and read is not None:
+                end.uptime = max(0.0, read.now - since)
+        if read is not None and read.key_mtime is not None:
+            end.key_age = max(0.0, read.now - read.key_mtime)
         ends.append(end)
     return ends
 
@@ -199,7 +166,8 @@ def collect(
     def ask_host(name: str) -> tuple[str, list[EndStatus] | str]:
         ssh = SshHost(name, known[name].ssh, connect_timeout=min(connect_timeout, timeout))
         try:
-            result = ssh.run(host_script(manifests[name]), timeout=timeout)
+            result = ssh.run(status_script(manifests[name], manifests[name]["links"]),
+                             timeout=timeout)  # fmt: skip
         except SshError as exc:
             return name, str(exc).removeprefix(f"{name}: ")
         return name, parse_host_output(name, manifests[name], result.text)

@@ -41,6 +41,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -439,8 +440,43 @@ def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
 
 def namespace_pids(namespace: str) -> list[int]:
     """PIDs of the processes whose network namespace is `namespace` (our lab's, by name)."""
-    out = _run(["ip", "netns", "pids", namespace], check=False)
-    return [int(p) for p in out.split() if p.isdigit()]
+    return pids_in_namespaces([namespace]).get(namespace, [])
+
+
+def pids_in_namespaces(namespaces: list[str]) -> dict[str, list[int]]:
+    """namespace -> PIDs living in it, from one pass over /proc (like `ip netns pids`)."""
+    inodes: dict[tuple[int, int], str] = {}
+    for ns in namespaces:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/run/netns/{ns}")
+            inodes[(st.st_dev, st.st_ino)] = ns
+    found: dict[str, list[int]] = {ns: [] for ns in namespaces}
+    if not inodes:
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        ns = inodes.get((st.st_dev, st.st_ino))
+        if ns is not None:
+            found[ns].append(int(entry))
+    return found
+
+
+def _ip_batch(commands: list[str]) -> None:
+    """Run many `ip` commands in one process; failures (already gone) are ignored."""
+    if commands:
+        subprocess.run(
+            ["ip", "-force", "-batch", "-"],
+            input="\n".join(commands) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
 
 def lab_down(directory: str | Path) -> list[str]:
@@ -454,7 +490,8 @@ def lab_down(directory: str | Path) -> list[str]:
     # 1. ssh control masters (processes the operator's ssh started for this lab)
     ssh_config = directory / "ssh_config"
     if ssh_config.exists():
-        for host in state.hosts:
+
+        def close_master(host: LabHost) -> None:
             with contextlib.suppress(Exception):
                 subprocess.run(
                     ["ssh", "-F", str(ssh_config), "-O", "exit", host.name],
@@ -462,26 +499,24 @@ def lab_down(directory: str | Path) -> list[str]:
                     timeout=5,
                     check=False,
                 )
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(close_master, state.hosts))
     # 2. every process inside the lab's namespaces (sshd, its sessions, the vpnd daemons)
     pids: list[int] = []
-    for ns in state.namespaces:
-        for pid in namespace_pids(ns):
-            pids.append(pid)
-            removed.append(f"process {pid} in {ns}")
+    for ns, found in pids_in_namespaces(state.namespaces).items():
+        pids += found
+        removed += [f"process {pid} in {ns}" for pid in found]
     for pidfile in state.sshd_pidfiles:
         with contextlib.suppress(OSError, ValueError):
             pids.append(int(Path(pidfile).read_text().strip()))
     kill_pids(sorted(set(pids)))
     # 3. namespaces (their veth ends and the WAN go with them) and root links
     existing = set(_run(["ip", "netns", "list"], check=False).split())
-    for ns in state.namespaces:
-        if ns in existing:
-            _run(["ip", "netns", "del", ns], check=False)
-            removed.append(f"namespace {ns}")
-    for link in state.root_links:
-        if Path(f"/sys/class/net/{link}").exists():
-            _run(["ip", "link", "del", link], check=False)
-            removed.append(f"link {link}")
+    gone_ns = [ns for ns in state.namespaces if ns in existing]
+    gone_links = [link for link in state.root_links if Path(f"/sys/class/net/{link}").exists()]
+    _ip_batch([f"netns del {ns}" for ns in gone_ns] + [f"link del {ln}" for ln in gone_links])
+    removed += [f"namespace {ns}" for ns in gone_ns] + [f"link {ln}" for ln in gone_links]
     # 4. files
     if state.created_run_sshd:
         with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ from vpnctl.deploy import (
     parse_probe,
     plan_host,
     redacted_diff,
+    status_script,
 )
 from vpnctl.fleetstatus import _judge, parse_host_output
 from vpnctl.keystore import Keystore
@@ -190,14 +191,25 @@ def test_status_output_of_a_host_becomes_one_end_per_link() -> None:
               "bytes_in": 10, "bytes_out": 20, "key_fingerprint": "ab12", "pid": 7,
               "reason": None}  # fmt: skip
     text = (
-        "1100.5\n@@vpnctl l1\n" + json.dumps(record) + "\n\n@@vpnctl-key 100\n"
-        "@@vpnctl l2\n\n@@vpnctl-key -\n"
+        "1100.5\n"
+        f"@@vpnctl l1\nconfig yes\nalive yes\n{json.dumps(record)}\nkeymtime 100\n"
+        "@@vpnctl l2\nconfig no\nalive no\n-\nkeymtime -\n"
+        f"@@vpnctl l3\nconfig yes\nalive no\n{json.dumps(record)}\nkeymtime 100\n"
     )
-    ends = parse_host_output("h1", _manifest("l1", "l2"), text)
+    ends = parse_host_output("h1", _manifest("l1", "l2", "l3"), text)
     assert ends[0].state == "up"
     assert ends[0].uptime == pytest.approx(100.5)
     assert ends[0].key_age == pytest.approx(1000.5)
     assert ends[1].state == "not deployed"
+    assert ends[2].state == "not running", "a record whose daemon is gone is not trusted"
+    assert "pid 7" in (ends[2].reason or "")
     verdict = _judge("l2", [ends[1]])
     assert not verdict.up
     assert "not deployed" in verdict.why
+
+
+def test_the_status_script_reads_every_link_in_one_shell_without_python() -> None:
+    script = status_script(_manifest("l1", "l2"), ["l1", "l2"])
+    assert "python" not in script
+    assert script.count("@@vpnctl") == 2
+    assert f"{PREFIX}/run/vpnd/l2.status.json" in script

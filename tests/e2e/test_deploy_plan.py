@@ -213,3 +213,49 @@ def test_the_status_script_reads_every_link_in_one_shell_without_python() -> Non
     assert "python" not in script
     assert script.count("@@vpnctl") == 2
     assert f"{PREFIX}/run/vpnd/l2.status.json" in script
+
+
+INVENTORY = """version: 1
+hosts:
+  - name: alpha
+    address: 198.18.1.1
+  - name: beta
+    address: 198.18.1.2
+links:
+  - name: ab
+    server: alpha
+    client: beta
+"""
+
+
+def _cli(tmp_path: Path, *args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from vpnctl.cli import app
+
+    (tmp_path / "inventory.yaml").write_text(INVENTORY)
+    Keystore(tmp_path / "keystore").create()
+    result = CliRunner().invoke(
+        app,
+        ["-i", str(tmp_path / "inventory.yaml"), "--keystore", str(tmp_path / "keystore"),
+         "--build", str(tmp_path / "build"), *args],
+    )  # fmt: skip
+    return result.exit_code, result.output
+
+
+def test_deploy_to_an_unknown_host_names_the_inventory_and_the_host(tmp_path: Path) -> None:
+    code, out = _cli(tmp_path, "deploy", "gamma")
+    assert code == 2
+    assert "inventory.yaml: no host named gamma" in out
+
+
+def test_deploy_before_render_says_to_render_first(tmp_path: Path) -> None:
+    code, out = _cli(tmp_path, "deploy", "--all")
+    assert code == 2
+    assert "manifest.json: not rendered; run `vpnctl render` first" in out
+
+
+def test_deploy_with_neither_hosts_nor_all_is_refused(tmp_path: Path) -> None:
+    code, out = _cli(tmp_path, "deploy")
+    assert code == 2
+    assert "name at least one host, or give --all" in out

@@ -133,6 +133,8 @@ class SshHost:
                 "-o", f"ControlPath={control}/%C",
                 "-o", f"ControlPersist={DEFAULT_CONTROL_PERSIST}",
             ]  # fmt: skip
+        if "serveraliveinterval" not in keys:  # notice a dead multiplexed connection
+            argv += ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2"]
         for opt in s.options:
             argv += ["-o", opt]
         if s.identity:

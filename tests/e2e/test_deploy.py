@@ -74,6 +74,16 @@ def _ping_every_tunnel(state: LabState) -> None:
         assert " 0% packet loss" in out, f"{link}: ping {server_tunnel} from {client}: {out}"
 
 
+def test_deploying_one_end_first_waits_for_the_other_instead_of_rolling_back(
+    lab: LabState,
+) -> None:
+    proc = _run(lab, "deploy", "server", "--wait", "3")
+    assert proc.returncode == 0, proc.stdout
+    assert "ROLLED BACK" not in proc.stdout
+    assert "l1 deployed, not confirmed: the other end is not up to confirm" in proc.stdout
+    assert set(daemon_pids(lab)) == {("server", "l1"), ("server", "l2")}
+
+
 def test_first_deploy_brings_up_every_link_and_pings_cross_each_tunnel(lab: LabState) -> None:
     proc = _run(lab, "deploy", "--all", "--wait", "30")
     assert "installing runtime" in proc.stdout

@@ -975,11 +975,12 @@ def deploy(
             deployed = states[name].deployed or {}
             result = ssh[name].run(apply_script(plan, manifest, deployed),
                                    stdin=_tar_files(plan.files), timeout=120)  # fmt: skip
-            failures = [ln for ln in result.text.splitlines() if "-failed" in ln]
-            if result.returncode != 0 and not failures:
-                failures = [f"apply exited {result.returncode}: {result.error_text[-200:]}"]
-            for line in failures:
-                printer.line(name, line)
+            for line in result.text.splitlines():
+                if "start-failed" in line:  # the confirm phase will roll this link back
+                    printer.line(name, line)
+            if result.returncode != 0:
+                detail = result.error_text[-300:] or result.text.strip()[-300:]
+                raise SshError(name, f"apply exited {result.returncode}: {detail}")
             what = ", ".join(plan.restarts) or "none"
             printer.line(name, f"applied; (re)started: {what}", finished=True)
         except SshError as exc:

@@ -26,7 +26,7 @@ fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 demo: $(VENV)/.installed
-	$(PY) -m bench.demo
+	bash scripts/demo.sh
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.run_all

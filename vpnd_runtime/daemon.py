@@ -40,6 +40,7 @@ Inbound pipeline (carrier -> TUN), run when the carrier is readable:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -59,7 +60,7 @@ from vpnd_runtime.config import Config, ConfigError, load_config
 from vpnd_runtime.io import tcp
 from vpnd_runtime.io.hooks import HookRunner
 from vpnd_runtime.io.serial import SerialTransport
-from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, Tun, TunError
+from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, Tun, TunError, TunWriter
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
 from vpnd_runtime.proto.connection import Connection, Params
 from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
@@ -80,6 +81,8 @@ BACKOFF_CAP = 30.0
 BACKOFF_JITTER = 0.5
 #: A link that stayed up this long resets the backoff to its first step.
 BACKOFF_RESET_AFTER = 30.0
+#: Handshake deadline on serial lines, where a lost handshake message is retried by starting over.
+SERIAL_HANDSHAKE_TIMEOUT = 4.0
 #: How often the status file is refreshed while nothing changes.
 STATUS_INTERVAL = 1.0
 #: Longest a shutdown waits for linkdown/slipdown hooks.
@@ -98,6 +101,9 @@ def params_from_config(config: Config) -> Params:
         maxdelay=config.maxdelay,
         sendbuf=config.sendbuf,
         lossy=config.is_serial,
+        # A handshake message lost on a noisy line is only retried by starting over: keep that
+        # wait short on serial links (a handshake is ~200 bytes: 20 ms at 115200 bit/s).
+        handshake_timeout=SERIAL_HANDSHAKE_TIMEOUT if config.is_serial else 10.0,
     )
 
 
@@ -198,6 +204,8 @@ class Daemon:
         self.pending: list[Session] = []
         self.active: Session | None = None
         self.tun: Tun | None = None
+        self.tun_writer: TunWriter | None = None
+        self._in_base = (0, 0)  # packets/bytes written by TUN writers of earlier links
         self.tun_registered = False
         self.attempt = 0
         self.next_attempt = 0.0
@@ -381,26 +389,47 @@ class Daemon:
                 return
             now = time.monotonic()
         carrier = SerialCarrier(transport, cfg.server_host)
-        role = "initiator" if cfg.mode == "client" else "responder"
-        framer = SlipFramer(xfilter=cfg.xfilter)
-        conn = Connection(
-            role,
-            self.key,
-            params_from_config(cfg),
-            self.rng,
-            now,
-            framer=framer,
-            replay_guard=self._guard() if role == "responder" else None,
-            wall=time.time(),
-        )
+        conn, framer = self._line_connection(now)
         session = Session(carrier, conn, now, framer=framer)
         self.pending.append(session)
         self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
         self.status.set_state("handshake")
         self.status.peer = carrier.peer
         log.info("line %s open at %d bit/s, handshaking", cfg.server_host, cfg.speed)
+        self._start_line_handshake(session, now)
+
+    def _line_connection(self, now: float) -> tuple[Connection, SlipFramer]:
+        """A fresh protocol session for the line, with its SLIP framer (kept for drop counts)."""
+        cfg = self.config
+        role = "initiator" if cfg.mode == "client" else "responder"
+        params = params_from_config(cfg)
         if role == "initiator":
-            self._run_protocol(session, now, lambda: conn.start(now))
+            # Desynchronise from the far end's own handshake deadline.
+            timeout = params.handshake_timeout * self.jitter.uniform(1.0, 1.5)
+            params = dataclasses.replace(params, handshake_timeout=timeout)
+        framer = SlipFramer(xfilter=cfg.xfilter)
+        conn = Connection(
+            role,
+            self.key,
+            params,
+            self.rng,
+            now,
+            framer=framer,
+            replay_guard=self._guard() if role == "responder" else None,
+            wall=time.time(),
+        )
+        return conn, framer
+
+    def _start_line_handshake(self, session: Session, now: float) -> None:
+        if session.conn.role == "initiator":
+            self._run_protocol(session, now, lambda: session.conn.start(now))
+
+    def _restart_line_handshake(self, session: Session, now: float, reason: str) -> None:
+        log.info("%s: %s; handshaking again", session.carrier.peer, reason)
+        self.status.set_state("handshake", reason)
+        self._status_dirty = True
+        session.conn, session.framer = self._line_connection(now)
+        self._start_line_handshake(session, now)
 
     def _connect_failed(self, now: float, reason: str) -> None:
         if self.connecting is not None:
@@ -478,7 +507,6 @@ class Daemon:
     # ----------------------------------------------------------------- data path
     def _reader(self, session: Session) -> Callable[[int, float], None]:
         """The selector callback for a carrier: inbound pipeline, and flushing on writability."""
-        conn = session.conn
         carrier = session.carrier
 
         def on_event(mask: int, now: float) -> None:
@@ -502,7 +530,7 @@ class Daemon:
                 )
                 self._end_session(session, reason)
                 return
-            self._run_protocol(session, now, lambda: conn.receive_data(data, now))
+            self._run_protocol(session, now, lambda: session.conn.receive_data(data, now))
 
         return on_event
 
@@ -521,13 +549,12 @@ class Daemon:
             log.error("internal protocol misuse: %s", exc)
             self._end_session(session, f"internal error: {exc}")
             return
-        tun_fd = self.tun.fd if self.tun else -1
+        inbound: list[bytes] = []
         for ev in events:
             if type(ev) is Packets:
-                self._to_tun(tun_fd, ev.packets)
+                inbound += ev.packets
             elif type(ev) is LinkUp:
                 self._session_up(session, now)
-                tun_fd = self.tun.fd if self.tun else -1
             elif type(ev) is KeepaliveRtt:
                 self.status.last_rtt = ev.rtt
                 self.status.missed_keepalives = 0
@@ -535,32 +562,28 @@ class Daemon:
                 self.status.rekeys += 1
                 self.status.epoch = ev.epoch
                 log.info("session rekeyed (epoch %d)", ev.epoch)
-            elif type(ev) is PeerDead:
-                self._end_session(session, ev.reason)
+            elif type(ev) is PeerDead and not session.up and session.framer is not None:
+                # Serial: a handshake message was lost. Start over on the line, which stays open
+                # (closing a line loses whatever the far end is sending meanwhile).
+                self._restart_line_handshake(session, now, ev.reason)
                 return
-            elif type(ev) is Closed:
-                self._end_session(session, f"peer closed the link: {ev.reason}")
+            elif type(ev) in (PeerDead, Closed):
+                if inbound:
+                    self._to_tun(inbound)
+                    inbound = []
+                why = ev.reason if type(ev) is PeerDead else f"peer closed the link: {ev.reason}"
+                self._end_session(session, why)
                 return
+        if inbound:  # one hand-over per carrier read, not per frame: fewer thread wake-ups
+            self._to_tun(inbound)
         self._send(session)
 
-    def _to_tun(self, fd: int, packets: list[bytes]) -> None:
-        if fd < 0:
+    def _to_tun(self, packets: list[bytes]) -> None:
+        """Hand decrypted packets to the TUN writer (counted as dropped while the link is down)."""
+        if self.tun_writer is None:
             self.status.drops["link_down"] = self.status.drops.get("link_down", 0) + len(packets)
             return
-        write = os.write
-        n = 0
-        size = 0
-        for pkt in packets:
-            try:
-                write(fd, pkt)
-            except OSError as exc:
-                reason = "tun_full" if exc.errno == errno.EAGAIN else "tun_write"
-                self.status.drops[reason] = self.status.drops.get(reason, 0) + 1
-                continue
-            n += 1
-            size += len(pkt)
-        self.status.packets_in += n
-        self.status.bytes_in += size - n * VNET_HDR_LEN
+        self.tun_writer.put(packets)
 
     def _on_tun(self, mask: int, now: float) -> None:
         session = self.active
@@ -659,6 +682,7 @@ class Daemon:
         self.tun = tun
         _disable_ipv6(tun.name)
         tun.configure(cfg.local, cfg.remote, cfg.mtu)
+        self.tun_writer = TunWriter(tun.fd)
         env = self._hook_env(session)
         self.hooks.submit("slipup", cfg.slipup, [tun.name], env)
         if cfg.autoroute and cfg.mode == "client" and not cfg.is_serial:
@@ -714,6 +738,13 @@ class Daemon:
         self.hooks.submit("linkdown", cfg.linkdown, [*self._hook_args(session), reason], env)
         tun = self.tun
         self.tun = None
+        writer = self.tun_writer
+        self.tun_writer = None
+        if writer is not None:
+            writer.close()
+            self._in_base = (self._in_base[0] + writer.packets, self._in_base[1] + writer.bytes)
+            for why, count in writer.drops.items():
+                self.status.drops[why] = self.status.drops.get(why, 0) + count
         if tun is not None:
             for problem in tun.remove_routes():
                 log.warning("removing %s", problem)
@@ -740,8 +771,10 @@ class Daemon:
             log.warning("%s: %s", session.carrier.peer, reason)
         if self._dials:
             if self.active is None and not self.pending and not self.stopping:
-                if self.config.is_serial and self.config.mode == "server" and was_active is False:
-                    self.attempt = 0  # a line server just waits again for the client's handshake
+                if self.config.is_serial and not was_active:
+                    # The line opened but a handshake message was lost (noise, the far end
+                    # reopening its device): try again at once rather than backing off.
+                    self.attempt = 0
                 self._schedule_retry(now, reason)
         elif self.active is None:
             self.status.set_state("listening", reason)
@@ -760,6 +793,10 @@ class Daemon:
         now = time.monotonic()
         if not (force or self._status_dirty or now >= self._status_due):
             return
+        writer = self.tun_writer
+        if writer is not None:
+            self.status.packets_in = self._in_base[0] + writer.packets
+            self.status.bytes_in = self._in_base[1] + writer.bytes
         if self.active is not None:
             stats = getattr(self.active.conn, "stats", None)
             if stats is not None:

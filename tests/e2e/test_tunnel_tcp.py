@@ -111,7 +111,7 @@ def test_link_comes_up_pings_both_ways_reaches_route1_and_counts_exactly(lab: La
             c, s = client.status(), server.status()
             return c["packets_out"] == 5 and c["packets_in"] == 5 and s["packets_in"] == 5
 
-        poll_until(counted, 5, what="exact counters")
+        poll_until(counted, 10, what="exact counters")
         c, s = client.status(), server.status()
         assert (c["bytes_out"], c["bytes_in"]) == (5 * 84, 5 * 84)
         assert (s["packets_out"], s["bytes_in"], s["bytes_out"]) == (5, 5 * 84, 5 * 84)
@@ -299,18 +299,18 @@ def test_daemon_mode_detaches_writes_pidfile_reloads_on_sighup_and_stops_on_sigt
             poll_until(lambda: _up(client), 20, what="link up with the detached server")
             # A SIGHUP with an unchanged file changes nothing
             os.kill(pid, signal.SIGHUP)
-            poll_until(lambda: "configuration unchanged" in _read(logfile), 5, what="reload log")
+            poll_until(lambda: "configuration unchanged" in _read(logfile), 15, what="reload log")
             # A broken file is refused and the running link kept
             good = s_conf.read_text()
             s_conf.write_text(good + "keepaliv 5\n")
             os.kill(pid, signal.SIGHUP)
-            poll_until(lambda: "not reloaded" in _read(logfile), 5, what="refused reload")
+            poll_until(lambda: "not reloaded" in _read(logfile), 15, what="refused reload")
             assert "did you mean 'keepalive'" in _read(logfile)
             assert _up(client)
             # A changed file restarts the link with the new settings
             s_conf.write_text(good + "keepalive 2\n")
             os.kill(pid, signal.SIGHUP)
-            poll_until(lambda: "configuration changed" in _read(logfile), 5, what="reload")
+            poll_until(lambda: "configuration changed" in _read(logfile), 15, what="reload")
             poll_until(
                 lambda: _up(client) and client.status()["reconnects"] >= 1,
                 30,

@@ -67,7 +67,7 @@ from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
 from vpnd_runtime.proto.events import Closed, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
 from vpnd_runtime.proto.handshake import ReplayGuard
 from vpnd_runtime.proto.slip import SlipFramer
-from vpnd_runtime.status import StatusRecord, StatusWriter
+from vpnd_runtime.status import StatusRecord, StatusWriter, pid_alive
 
 log = logging.getLogger("vpnd")
 
@@ -950,16 +950,6 @@ def log_path(config: Config) -> str:
     return base + ".log"
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def write_pidfile(path: str) -> None:
     """Write our PID; refuse when a live vpnd already holds the file, replace a stale one."""
     try:
@@ -967,7 +957,7 @@ def write_pidfile(path: str) -> None:
             old = int(fh.read().strip() or 0)
     except (FileNotFoundError, ValueError):
         old = 0
-    if old and old != os.getpid() and _pid_running(old):
+    if old and old != os.getpid() and pid_alive(old):
         raise OSError(errno.EEXIST, f"pidfile {path}: vpnd already running as pid {old}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -94,7 +94,10 @@ class StatusWriter:
                 os.unlink(p)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process with this PID exists (ours to signal or not)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -123,7 +126,7 @@ def read_status(path: str) -> dict[str, Any]:
             "reason": f"unreadable status file {path}: {exc}",
             "statusfile": path,
         }
-    if not _pid_alive(int(record.get("pid", 0))):
+    if not pid_alive(int(record.get("pid", 0))):
         record["reason"] = (
             f"daemon (pid {record.get('pid')}) is gone; last state {record.get('state')}"
         )

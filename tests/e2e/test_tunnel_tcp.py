@@ -224,17 +224,22 @@ print(n, h.hexdigest(), flush=True)
 SENDER = """
 import socket, sys
 data = open(sys.argv[2], "rb").read()
-c = socket.create_connection((sys.argv[1], 5001), timeout=30); c.sendall(data); c.close()
+half = len(data) // 2
+c = socket.create_connection((sys.argv[1], 5001), timeout=30)
+c.sendall(data[:half]); print("half", flush=True)
+sys.stdin.readline()  # the test says when to go on (after a rekey)
+c.sendall(data[half:]); c.close()
 """
 
 
-def test_twenty_megabytes_cross_the_tunnel_intact(lab: Lab) -> None:
+def test_twenty_megabytes_cross_the_tunnel_intact_across_a_rekey(lab: Lab) -> None:
     blob = lab.dir / "blob"
     blob.write_bytes(os.urandom(20 * 1024 * 1024))
     want = hashlib.sha256(blob.read_bytes()).hexdigest()
+    rekey = "keyttl 1\n"
     with (
-        vpnd(lab.pair.server, lab.conf("server"), lab.dir, "server") as server,
-        vpnd(lab.pair.client, lab.conf("client"), lab.dir, "client") as client,
+        vpnd(lab.pair.server, lab.conf("server", rekey), lab.dir, "server") as server,
+        vpnd(lab.pair.client, lab.conf("client", rekey), lab.dir, "client") as client,
     ):
         poll_until(lambda: _up(server) and _up(client), 20, what="link up")
         receiver = subprocess.Popen(
@@ -242,18 +247,36 @@ def test_twenty_megabytes_cross_the_tunnel_intact(lab: Lab) -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
+        sender = None
         try:
             assert receiver.stdout is not None
             assert receiver.stdout.readline().strip() == "ready"
-            lab.pair.client.run(sys.executable, "-c", SENDER, SERVER_TUN, str(blob), timeout=60)
+            sender = subprocess.Popen(
+                lab.pair.client.cmd(sys.executable, "-c", SENDER, SERVER_TUN, str(blob)),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert sender.stdout is not None and sender.stdin is not None
+            # When the first 10 MB are through, wait for the session keys to be renewed
+            assert sender.stdout.readline().strip() == "half"
+            rekeys = client.status()["rekeys"]
+            poll_until(lambda: client.status()["rekeys"] > rekeys, 10, what="a rekey")
+            # Then the rest goes through on the new keys, on the same inner TCP connection
+            sender.stdin.write("go\n")
+            sender.stdin.close()
+            assert sender.wait(60) == 0
             out, _ = receiver.communicate(timeout=60)
         finally:
-            if receiver.poll() is None:
-                receiver.kill()
-                receiver.wait()
+            for proc in (receiver, sender):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         size, digest = out.split()
         assert int(size) == 20 * 1024 * 1024
         assert digest == want
+        assert server.status()["rekeys"] >= 1
+        assert client.status()["drops"] == {}
 
 
 def test_shutdown_leaves_no_process_tun_route_pidfile_or_status(lab: Lab) -> None:

@@ -15,6 +15,7 @@ import sys
 BENCHES = [
     ("protocol core in memory", "bench.bench_core"),
     ("tunnel throughput and latency", "bench.bench_tunnel"),
+    ("tunnel over a serial line", "bench.bench_serial"),
     ("fleet deploy and status", "bench.bench_fleet"),
 ]
 

@@ -206,6 +206,7 @@ class Daemon:
         self.tun: Tun | None = None
         self.tun_writer: TunWriter | None = None
         self._in_base = (0, 0)  # packets/bytes written by TUN writers of earlier links
+        self._wire_base = (0, 0)  # carrier bytes in/out of sessions already closed
         self.tun_registered = False
         self.attempt = 0
         self.next_attempt = 0.0
@@ -428,6 +429,11 @@ class Daemon:
         log.info("%s: %s; handshaking again", session.carrier.peer, reason)
         self.status.set_state("handshake", reason)
         self._status_dirty = True
+        st = session.conn.stats
+        self._wire_base = (
+            self._wire_base[0] + st.wire_bytes_in,
+            self._wire_base[1] + st.wire_bytes_out,
+        )
         session.conn, session.framer = self._line_connection(now)
         self._start_line_handshake(session, now)
 
@@ -781,6 +787,12 @@ class Daemon:
         self._status_dirty = True
 
     def _close_session(self, session: Session) -> None:
+        if not session.closed:
+            st = session.conn.stats
+            self._wire_base = (
+                self._wire_base[0] + st.wire_bytes_in,
+                self._wire_base[1] + st.wire_bytes_out,
+            )
         session.closed = True
         if session in self.pending:
             self.pending.remove(session)
@@ -797,6 +809,11 @@ class Daemon:
         if writer is not None:
             self.status.packets_in = self._in_base[0] + writer.packets
             self.status.bytes_in = self._in_base[1] + writer.bytes
+        wire_in, wire_out = self._wire_base
+        for s in self._sessions():
+            wire_in += s.conn.stats.wire_bytes_in
+            wire_out += s.conn.stats.wire_bytes_out
+        self.status.carrier_bytes_in, self.status.carrier_bytes_out = wire_in, wire_out
         if self.active is not None:
             stats = getattr(self.active.conn, "stats", None)
             if stats is not None:

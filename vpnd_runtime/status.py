@@ -47,6 +47,8 @@ class StatusRecord:
     bytes_out: int = 0
     packets_in: int = 0
     packets_out: int = 0
+    carrier_bytes_in: int = 0  # bytes on the TCP connection / serial line, framing included
+    carrier_bytes_out: int = 0
     last_rtt: float | None = None
     missed_keepalives: int = 0
     drops: dict[str, int] = field(default_factory=dict)
@@ -182,6 +184,13 @@ def format_status(record: dict[str, Any]) -> str:
             "out",
             f"{record.get('packets_out', 0)} packets, {_fmt_bytes(record.get('bytes_out', 0))}"
             if "packets_out" in record
+            else None,
+        ),
+        (
+            "carrier",
+            f"in {_fmt_bytes(record.get('carrier_bytes_in', 0))}, "
+            f"out {_fmt_bytes(record.get('carrier_bytes_out', 0))}"
+            if "carrier_bytes_in" in record
             else None,
         ),
         (

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ __all__ = [
     "poll_until",
     "rendered_lab",
     "running_lab",
+    "runtime_snapshot",
     "tunnel_ends",
     "unique_tag",
     "vpnctl",
@@ -91,15 +93,43 @@ def lab_traces(tag: str) -> list[str]:
 
 
 VPNCTL = str(Path(sys.executable).with_name("vpnctl"))
+_SNAPSHOT: list[str] = []
+
+
+def runtime_snapshot() -> str:
+    """A copy of vpnd_runtime's sources taken once per test session, put first on PYTHONPATH.
+
+    Deploy ships the runtime built from the sources it imports; while others edit the tree,
+    two deploys a minute apart would ship different runtimes. With the snapshot every vpnctl
+    run of the session ships (and the lab runs) the same runtime. Removed at exit.
+    """
+    if not _SNAPSHOT:
+        import atexit
+        import shutil
+
+        import vpnd_runtime
+
+        root = tempfile.mkdtemp(prefix="vpnctl-rt-")
+        shutil.copytree(
+            Path(vpnd_runtime.__file__).parent,
+            Path(root) / "vpnd_runtime",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        atexit.register(shutil.rmtree, root, True)
+        _SNAPSHOT.append(root)
+    return _SNAPSHOT[0]
 
 
 def vpnctl(
     state: LabState, *args: str, check: bool = True, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `vpnctl` CLI in the lab directory (inventory, keystore, build live there)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [runtime_snapshot(), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [VPNCTL, *args],
         cwd=state.directory,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

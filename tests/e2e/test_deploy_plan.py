@@ -259,3 +259,17 @@ def test_deploy_with_neither_hosts_nor_all_is_refused(tmp_path: Path) -> None:
     code, out = _cli(tmp_path, "deploy")
     assert code == 2
     assert "name at least one host, or give --all" in out
+
+
+def test_under_systemd_units_are_installed_and_links_restarted_with_systemctl() -> None:
+    desired = [
+        *_desired("l1"),
+        DesiredFile("/etc/systemd/system/vpnd-l1.service", b"[Unit]\n", 0o644, "l1", "unit"),
+    ]
+    plan = plan_host("h1", _manifest("l1"), desired, _remote([]), runtime_stamp="s1",
+                     use_systemd=True)  # fmt: skip
+    assert plan.changed == {"l1": ["new config", "new key", "new unit"]}
+    script = apply_script(plan, _manifest("l1"), {})
+    assert "systemctl daemon-reload && systemctl enable --quiet vpnd-l1" in script
+    assert "systemctl restart vpnd-l1" in script
+    assert "--daemon" not in script

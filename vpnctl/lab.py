@@ -315,6 +315,8 @@ def lab_up(
         raise LabError(
             f"management net {mgmt}: must be a /24 in 198.18.0.0/15 other than {WAN_NET}"
         )
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (it creates network namespaces); run it with sudo")
     for tool in ("ip", "sshd", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             raise LabError(f"`{tool}` not found: install iproute2 and openssh-server/-client")

@@ -222,3 +222,22 @@ def _files(prefix: str) -> dict[str, tuple[int, int]]:
             st = path.stat()
             out[str(path)] = (st.st_mtime_ns, st.st_mode)
     return out
+
+
+def test_a_link_dropped_from_the_inventory_is_stopped_and_removed_at_both_ends(
+    lab: LabState,
+) -> None:
+    inventory = Path(lab.directory) / "inventory.yaml"
+    good = inventory.read_text()
+    dropped = good.replace("- name: l2\n  server: server\n  client: client2\n  port: 4002\n", "")
+    assert dropped != good
+    inventory.write_text(dropped)
+    vpnctl(lab, "render")
+    proc = _run(lab, "deploy", "--all")
+    assert "l2: removed from inventory, stop" in proc.stdout
+    assert set(daemon_pids(lab)) == {("server", "l1"), ("client1", "l1")}
+    for host in ("server", "client2"):
+        prefix = next(h.prefix for h in lab.hosts if h.name == host)
+        assert not Path(prefix, "etc", "vpnd", "l2.key").exists()
+        assert not Path(prefix, "etc", "vpnd", "l2.conf").exists()
+    assert "no changes" in _run(lab, "deploy", "--all").stdout

@@ -60,7 +60,7 @@ from vpnd_runtime.config import Config, ConfigError, load_config
 from vpnd_runtime.io import tcp
 from vpnd_runtime.io.hooks import HookRunner
 from vpnd_runtime.io.serial import SerialTransport
-from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, Tun, TunError, TunWriter
+from vpnd_runtime.io.tun import READ_SIZE, Tun, TunError, TunWriter
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
 from vpnd_runtime.proto.connection import Connection, Params
 from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
@@ -75,6 +75,8 @@ log = logging.getLogger("vpnd")
 TUN_BATCH = 32
 #: Unauthenticated connections a server lets wait at once; more are closed on arrival.
 MAX_PENDING = 8
+#: How long a server stops accepting after accept() fails (e.g. out of file descriptors).
+ACCEPT_PAUSE = 1.0
 #: Reconnect backoff: first delay, cap, and jitter (the delay is scaled by uniform(1-J, 1)).
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -199,12 +201,17 @@ class Daemon:
         self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
         self.replay_guard: Any = None
         self.listener: socket.socket | None = None
+        self.listener_resume: float | None = None
+        self.relisten_at: float | None = None
         self.connecting: socket.socket | None = None
         self.connect_started = 0.0
         self.pending: list[Session] = []
         self.active: Session | None = None
         self.tun: Tun | None = None
         self.tun_writer: TunWriter | None = None
+        # A slow line must not be handed a whole batch at once (see TUN_BATCH).
+        self.tun_batch = 4 if config.is_serial else TUN_BATCH
+        self._up_hooks: set[str] = set()  # which "up" hooks ran, so each "down" runs only after
         self._in_base = (0, 0)  # packets/bytes written by TUN writers of earlier links
         self._wire_base = (0, 0)  # carrier bytes in/out of sessions already closed
         self.tun_registered = False
@@ -281,9 +288,26 @@ class Daemon:
         events = self.sel.select(max(0.0, min(timeout, STATUS_INTERVAL)))
         now = time.monotonic()
         for key, mask in events:
-            key.data(mask, now)
-        self._timers(now)
+            try:
+                key.data(mask, now)
+            except Exception as exc:  # a bug must cost a reconnect, not the daemon
+                self._recover(exc)
+        try:
+            self._timers(now)
+        except Exception as exc:  # likewise
+            self._recover(exc)
         self._publish()
+
+    def _recover(self, exc: BaseException) -> None:
+        """An unexpected error in a callback: log it with its traceback, end every session and
+        let the normal reconnect logic bring the link back."""
+        log.exception("internal error, restarting the link: %s", exc)
+        for s in list(self.pending):
+            self._close_session(s)
+        if self.active is not None:
+            self._end_session(self.active, f"internal error: {exc}")
+        elif self._dials and self.connecting is None and not self.stopping:
+            self._schedule_retry(time.monotonic(), f"internal error: {exc}")
 
     def _next_deadline(self, now: float) -> float:
         deadline = now + STATUS_INTERVAL
@@ -305,6 +329,11 @@ class Daemon:
         return params_from_config(self.config).handshake_timeout
 
     def _timers(self, now: float) -> None:
+        if self.relisten_at is not None and now >= self.relisten_at and not self.stopping:
+            self._relisten(now)
+        if self.listener_resume is not None and now >= self.listener_resume and self.listener:
+            self.listener_resume = None
+            self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
         for s in self._sessions():
             deadline = s.conn.next_deadline()
             if deadline is not None and deadline <= now:
@@ -471,7 +500,10 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                # Out of fds (EMFILE/ENFILE) leaves the listener readable: pause it, don't spin.
+                log.warning("accept failed: %s; not accepting for %.0f s", exc, ACCEPT_PAUSE)
+                self.sel.unregister(self.listener)
+                self.listener_resume = now + ACCEPT_PAUSE
                 return
             peer = f"{addr[0]}:{addr[1]}"
             if not tcp.client_allowed(addr, cfg.client_host, cfg.client_port):
@@ -485,11 +517,14 @@ class Daemon:
                 sock.close()
                 continue
             if len(self.pending) >= MAX_PENDING:
+                # Evict the oldest: idle connections cannot keep the real client out for long.
+                oldest = self.pending[0]
                 log.warning(
-                    "refused connection from %s: %d handshakes already waiting", peer, MAX_PENDING
+                    "%d handshakes waiting: dropping the oldest, from %s",
+                    MAX_PENDING,
+                    oldest.carrier.peer,
                 )
-                sock.close()
-                continue
+                self._close_session(oldest)
             carrier = tcp.TcpCarrier(sock, peer)
             conn = Connection(
                 "responder",
@@ -516,11 +551,11 @@ class Daemon:
         carrier = session.carrier
 
         def on_event(mask: int, now: float) -> None:
-            if mask & selectors.EVENT_WRITE and carrier.flush():
-                self._set_tx_wait(session, False)
-            if not mask & selectors.EVENT_READ or session.closed:
-                return
             try:
+                if mask & selectors.EVENT_WRITE and carrier.flush():
+                    self._set_tx_wait(session, False)
+                if not mask & selectors.EVENT_READ or session.closed:
+                    return
                 data = carrier.read()
             except (BlockingIOError, InterruptedError):
                 return
@@ -554,6 +589,9 @@ class Daemon:
         except ProtocolError as exc:
             log.error("internal protocol misuse: %s", exc)
             self._end_session(session, f"internal error: {exc}")
+            return
+        except OSError as exc:  # randomdev failing during a rekey or handshake
+            self._end_session(session, f"local error: {exc.strerror or exc}")
             return
         inbound: list[bytes] = []
         for ev in events:
@@ -599,18 +637,18 @@ class Daemon:
         read = os.read
         fd = tun.fd
         batch: list[bytes] = []
-        for _ in range(TUN_BATCH):
+        for _ in range(self.tun_batch):
             try:
                 batch.append(read(fd, READ_SIZE))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                log.error("TUN read failed: %s", exc)
-                break
+                self._end_session(session, f"TUN {tun.name} lost: {exc.strerror or exc}")
+                return
         if not batch:
             return
         self.status.packets_out += len(batch)
-        self.status.bytes_out += sum(map(len, batch)) - len(batch) * VNET_HDR_LEN
+        self.status.bytes_out += sum(map(len, batch)) - len(batch) * tun.hdr_len
         self._run_protocol(session, now, lambda: session.conn.send_packets(batch, now))
 
     def _send(self, session: Session) -> None:
@@ -671,26 +709,26 @@ class Daemon:
             # Other half-open attempts are moot once one session is up.
             for other in list(self.pending):
                 self._close_session(other)
+        self.link_since = now
         try:
             self._link_up(session)
-        except (OSError, TunError) as exc:
+        except OSError as exc:  # TunError included
             log.error("cannot bring the link up: %s", exc)
             self._end_session(session, f"local error: {exc}")
-            return
-        self.link_since = now
 
     def _link_up(self, session: Session) -> None:
         cfg = self.config
         if self.status.links_up:
             self.status.reconnects += 1
         self.status.links_up += 1
-        tun = Tun.open(cfg.interface)
+        tun = Tun.open(cfg.interface, offload=not cfg.is_serial)
         self.tun = tun
         _disable_ipv6(tun.name)
         tun.configure(cfg.local, cfg.remote, cfg.mtu)
-        self.tun_writer = TunWriter(tun.fd)
+        self.tun_writer = TunWriter(tun.fd, tun.hdr_len)
         env = self._hook_env(session)
         self.hooks.submit("slipup", cfg.slipup, [tun.name], env)
+        self._up_hooks.add("slipup")
         if cfg.autoroute and cfg.mode == "client" and not cfg.is_serial:
             try:
                 pinned = tun.pin_route(ipaddress.IPv4Address(cfg.server_host))
@@ -710,6 +748,7 @@ class Daemon:
                     exc,
                 )
         self.hooks.submit("linkup", cfg.linkup, self._hook_args(session), env)
+        self._up_hooks.add("linkup")
         self.status.set_state("up")
         self._status_dirty = True
         self._watch_tun(not session.carrier.pending)
@@ -738,24 +777,33 @@ class Daemon:
         return [cfg.interface, str(cfg.local), str(cfg.remote), session.carrier.peer]
 
     def _link_down(self, session: Session, reason: str) -> None:
+        """Undo `_link_up`, whatever part of it happened: each down hook runs only if its up
+        hook ran, and the TUN is closed even when removing routes fails."""
         cfg = self.config
         self._watch_tun(False)
         env = self._hook_env(session)
-        self.hooks.submit("linkdown", cfg.linkdown, [*self._hook_args(session), reason], env)
-        tun = self.tun
-        self.tun = None
-        writer = self.tun_writer
-        self.tun_writer = None
-        if writer is not None:
-            writer.close()
-            self._in_base = (self._in_base[0] + writer.packets, self._in_base[1] + writer.bytes)
-            for why, count in writer.drops.items():
-                self.status.drops[why] = self.status.drops.get(why, 0) + count
-        if tun is not None:
-            for problem in tun.remove_routes():
-                log.warning("removing %s", problem)
-            tun.close()
-            self.hooks.submit("slipdown", cfg.slipdown, [tun.name], env)
+        if "linkup" in self._up_hooks:
+            self.hooks.submit("linkdown", cfg.linkdown, [*self._hook_args(session), reason], env)
+        tun, self.tun = self.tun, None
+        writer, self.tun_writer = self.tun_writer, None
+        try:
+            if writer is not None:
+                drops = writer.close()
+                self._in_base = (
+                    self._in_base[0] + writer.packets,
+                    self._in_base[1] + writer.bytes,
+                )
+                for why, count in drops.items():
+                    self.status.drops[why] = self.status.drops.get(why, 0) + count
+            if tun is not None:
+                for problem in tun.remove_routes():
+                    log.warning("removing %s", problem)
+        finally:
+            if tun is not None:
+                tun.close()
+                if "slipup" in self._up_hooks:
+                    self.hooks.submit("slipdown", cfg.slipdown, [tun.name], env)
+            self._up_hooks.clear()
         self.status.session_started = None
         log.warning("link down: %s", reason)
 
@@ -870,17 +918,37 @@ class Daemon:
         if new.statusfile != self.writer.path:
             self.writer.remove()
             self.writer = StatusWriter(new.statusfile)
+        if new.mode == "server" and not new.is_serial:
+            self._relisten(time.monotonic())
+        else:
+            self.status.set_state("connecting")
+
+    def _relisten(self, now: float) -> None:
+        """Listen again after a reload; the port can stay busy for a moment (a hook's fork
+        holding the old socket until it execs), so retry rather than give up."""
         try:
-            if new.mode == "server" and not new.is_serial:
-                self._open_listener()
-            else:
-                self.status.set_state("connecting")
+            self._open_listener()
+            self.relisten_at = None
         except OSError as exc:
-            log.error("cannot listen after reload: %s", exc)
-            self.stopping = True
-            self.exit_code = 1
+            self.relisten_at = now + ACCEPT_PAUSE
+            self.status.set_state("down", f"cannot listen: {exc.strerror or exc}")
+            self._status_dirty = True
+            log.error(
+                "cannot listen on %s:%d: %s; retrying",
+                self.config.server_host,
+                self.config.server_port,
+                exc.strerror or exc,
+            )
 
     def _stop_link(self, reason: str) -> None:
+        # The listener first: hooks about to be forked must not inherit it.
+        self.relisten_at = None
+        if self.listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            self.listener_resume = None
         for s in list(self.pending):
             self._close_session(s)
         if self.active is not None:
@@ -896,11 +964,6 @@ class Daemon:
                 self.sel.unregister(self.connecting)
             self.connecting.close()
             self.connecting = None
-        if self.listener is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
 
     def _teardown(self) -> None:
         log.info("shutting down")

@@ -6,6 +6,7 @@ Each test builds its own pair of namespaces (server 198.18.1.1, client 198.18.1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -346,7 +347,8 @@ def test_daemon_mode_detaches_writes_pidfile_reloads_on_sighup_and_stops_on_sigt
         assert again.returncode != 0
         assert "already running" in again.stderr
     finally:
-        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     poll_until(lambda: not pidfile.exists(), 10, what="pidfile removed on SIGTERM")
 
 
@@ -361,3 +363,18 @@ def test_autoroute_pins_the_carrier_route_while_up_and_removes_it_after(lab: Lab
             assert f"198.18.1.1 dev {lab.pair.client_if}" in lab.pair.client.routes()
             assert "carrier route pinned" in c.log()
         assert f"198.18.1.1 dev {lab.pair.client_if}" not in lab.pair.client.routes()
+
+
+def test_a_deleted_tun_takes_the_link_down_and_it_comes_back_by_itself(lab: Lab) -> None:
+    tun = f"{lab.tag}t"
+    with (
+        vpnd(lab.pair.server, lab.conf("server"), lab.dir, "server") as server,
+        vpnd(lab.pair.client, lab.conf("client"), lab.dir, "client") as client,
+    ):
+        poll_until(lambda: _up(server) and _up(client), 20, what="link up")
+        # When someone deletes the client's interface under the running daemon
+        lab.pair.client.run("ip", "link", "del", tun)
+        # Then the client notices, tears the link down and builds it again
+        poll_until(lambda: f"TUN {tun} lost" in client.log(), 10, what="TUN loss noticed")
+        poll_until(lambda: _up(server) and _up(client), 30, what="link back up")
+        assert lab.pair.client.ping(SERVER_TUN)

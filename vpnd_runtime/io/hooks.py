@@ -9,9 +9,11 @@ local, remote and the peer's carrier address; the same facts are in VPND_* envir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -75,22 +77,23 @@ def run_hook(item: HookRun, timeout: float) -> int | None:
     env.update(dict(item.env))
     argv = [item.script, *item.args]
     try:
-        proc = subprocess.run(
-            argv,
-            env=env,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        log.warning("%s script %s killed after %.0f s timeout", item.event, item.script, timeout)
-        return None
+        # Its own session, so a timeout ends the script's children too (killpg), not just it.
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     except OSError as exc:
         log.error("%s script %s could not run: %s", item.event, item.script, exc.strerror or exc)
         return None
-    output = proc.stdout.decode(errors="replace").strip()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        log.warning("%s script %s killed after %.0f s timeout", item.event, item.script, timeout)
+        return None
+    output = out.decode(errors="replace").strip()
     if output:
         for line in output.splitlines()[-5:]:
             log.info("%s: %s", item.event, line)

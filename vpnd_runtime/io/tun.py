@@ -15,6 +15,7 @@ Contract (what the daemon relies on):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -22,6 +23,7 @@ import os
 import queue
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -48,6 +50,20 @@ class TunError(OSError):
     """The TUN interface could not be created or configured (message names the interface)."""
 
 
+@contextlib.contextmanager
+def _netlink(what: str) -> Iterator[IPRoute]:
+    """An IPRoute socket whose failures (NetlinkError is no OSError) surface as TunError."""
+    try:
+        with IPRoute() as ipr:
+            yield ipr
+    except NetlinkError as exc:
+        raise TunError(exc.code, f"{what}: {exc}") from exc
+    except OSError as exc:
+        if isinstance(exc, TunError):
+            raise
+        raise TunError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+
+
 @dataclass
 class Route:
     """A route through the tunnel: `dest` network via the far end."""
@@ -58,17 +74,23 @@ class Route:
 
 @dataclass
 class Tun:
-    """An open TUN device with virtio-net headers; `fd` is non-blocking."""
+    """An open TUN device; `fd` is non-blocking. With offload every packet read or written
+    carries a `hdr_len`-byte virtio-net header (0 without offload)."""
 
     name: str
     fd: int
+    hdr_len: int = VNET_HDR_LEN
     index: int = 0
     _routes: list[Route] = field(default_factory=list)
     _pinned: list[dict[str, object]] = field(default_factory=list)
 
     @classmethod
-    def open(cls, name: str) -> Tun:
-        """Create the interface `name` with IFF_VNET_HDR and TSO/checksum offload."""
+    def open(cls, name: str, offload: bool = True) -> Tun:
+        """Create the interface `name`, with IFF_VNET_HDR and TSO/checksum offload if `offload`.
+
+        Without offload (serial lines) the kernel segments to the MTU itself: a slow line must
+        not be handed 64 KiB super-packets that take seconds to cross it.
+        """
         if not name or len(name) > 15:
             raise TunError(errno.EINVAL, f"interface name {name!r}: 1 to 15 characters")
         try:
@@ -76,40 +98,33 @@ class Tun:
         except OSError as exc:
             raise TunError(exc.errno, f"cannot open /dev/net/tun: {exc.strerror}") from exc
         try:
-            ifr = struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
-            fcntl.ioctl(fd, TUNSETIFF, ifr)
-            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+            if offload:
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         except OSError as exc:
             os.close(fd)
             raise TunError(exc.errno, f"cannot create TUN {name}: {exc.strerror}") from exc
-        return cls(name=name, fd=fd)
+        return cls(name=name, fd=fd, hdr_len=VNET_HDR_LEN if offload else 0)
 
     def configure(
         self, local: ipaddress.IPv4Address, remote: ipaddress.IPv4Address, mtu: int
     ) -> None:
         """Give the link its point-to-point addresses and MTU, and bring it up."""
-        with IPRoute() as ipr:
+        with _netlink(f"configuring {self.name}") as ipr:
             links = ipr.link_lookup(ifname=self.name)
             if not links:
                 raise TunError(errno.ENODEV, f"TUN {self.name} vanished before configuration")
             self.index = links[0]
-            try:
-                ipr.link("set", index=self.index, mtu=mtu)
-                ipr.addr(
-                    "add", index=self.index, local=str(local), address=str(remote), prefixlen=32
-                )
-                ipr.link("set", index=self.index, state="up")
-            except NetlinkError as exc:
-                raise TunError(exc.code, f"configuring {self.name}: {exc}") from exc
+            ipr.link("set", index=self.index, mtu=mtu)
+            ipr.addr("add", index=self.index, local=str(local), address=str(remote), prefixlen=32)
+            ipr.link("set", index=self.index, state="up")
 
     def add_route(self, network: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address) -> None:
         """Route `network` through the tunnel; remembered so `remove_routes` can undo it."""
-        with IPRoute() as ipr:
-            try:
-                ipr.route("add", dst=str(network), gateway=str(gateway), oif=self.index)
-            except NetlinkError as exc:
-                raise TunError(exc.code, f"route {network} via {gateway}: {exc}") from exc
+        with _netlink(f"route {network} via {gateway}") as ipr:
+            ipr.route("add", dst=str(network), gateway=str(gateway), oif=self.index)
         self._routes.append(Route(network, gateway))
 
     def pin_route(self, dst: ipaddress.IPv4Address) -> str | None:
@@ -119,11 +134,8 @@ class Tun:
         keeps the carrier's packets off the tunnel (no routing loop). Returns a description of
         the path, or None when `dst` has no route or is already pinned (nothing to undo).
         """
-        with IPRoute() as ipr:
-            try:
-                found = ipr.route("get", dst=str(dst))
-            except NetlinkError as exc:
-                raise TunError(exc.code, f"no route to {dst}: {exc}") from exc
+        with _netlink(f"pinning the route to {dst}") as ipr:
+            found = ipr.route("get", dst=str(dst))
             if not found:
                 return None
             gateway = found[0].get_attr("RTA_GATEWAY")
@@ -138,28 +150,32 @@ class Tun:
             except NetlinkError as exc:
                 if exc.code == errno.EEXIST:
                     return None
-                raise TunError(exc.code, f"pinning route to {dst}: {exc}") from exc
+                raise
         self._pinned.append(spec)
         return f"{dst} via {gateway or 'direct'} (ifindex {oif})"
 
     def remove_routes(self) -> list[str]:
         """Remove the routes this object added; returns the problems met (never raises)."""
         problems: list[str] = []
-        with IPRoute() as ipr:
-            for route in reversed(self._routes):
-                try:
-                    ipr.route(
-                        "del", dst=str(route.network), gateway=str(route.gateway), oif=self.index
-                    )
-                except NetlinkError as exc:
-                    if exc.code not in (errno.ESRCH, errno.ENODEV):
-                        problems.append(f"route {route.network}: {exc}")
-            for spec in self._pinned:
-                try:
-                    ipr.route("del", **spec)
-                except NetlinkError as exc:
-                    if exc.code not in (errno.ESRCH, errno.ENODEV):
-                        problems.append(f"pinned route {spec['dst']}: {exc}")
+        specs = [
+            (
+                f"route {r.network}",
+                {"dst": str(r.network), "gateway": str(r.gateway), "oif": self.index},
+            )
+            for r in reversed(self._routes)
+        ] + [(f"pinned route {spec['dst']}", spec) for spec in self._pinned]
+        if not specs:
+            return problems
+        try:
+            with IPRoute() as ipr:
+                for what, spec in specs:
+                    try:
+                        ipr.route("del", **spec)
+                    except NetlinkError as exc:
+                        if exc.code not in (errno.ESRCH, errno.ENODEV):
+                            problems.append(f"{what}: {exc}")
+        except (OSError, NetlinkError) as exc:
+            problems.append(f"netlink: {exc}")
         self._routes.clear()
         self._pinned.clear()
         return problems
@@ -182,46 +198,64 @@ class TunWriter:
     Writing a 64 KiB super-packet makes the kernel do the receive work (segmentation, the inner
     TCP stack, waking the application) inside our write() call, with the GIL released. On its own
     thread that work overlaps with receiving and decrypting the next frame on the loop's thread.
-    The backlog is bounded: past `max_batches` queued batches, packets are dropped and counted, as
-    a full NIC queue would (the inner TCP then slows down).
+    The writer owns a duplicate of the TUN fd, so closing the Tun never hands a recycled fd number
+    to a write still in flight. The backlog is bounded in bytes: past `max_bytes` queued, packets
+    are dropped and counted, as a full NIC queue would (the inner TCP then slows down).
     """
 
-    def __init__(self, fd: int, max_batches: int = 512) -> None:
-        self.fd = fd
-        self.max_batches = max_batches
+    def __init__(self, fd: int, hdr_len: int = VNET_HDR_LEN, max_bytes: int = 8 << 20) -> None:
+        self.fd = os.dup(fd)
+        self.hdr_len = hdr_len
+        self.max_bytes = max_bytes
         self.packets = 0
         self.bytes = 0  # IP bytes, virtio headers excluded
         self.drops: dict[str, int] = {}
-        self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self.backlog = 0  # bytes queued, not yet written (approximate across threads)
+        self._stop = False
+        self._queue: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vpnd-tun-writer", daemon=True)
         self._thread.start()
 
     def put(self, packets: list[bytes]) -> None:
         """Queue a batch for writing (never blocks)."""
-        if self._queue.qsize() >= self.max_batches:
-            self.drops["tun_backlog"] = self.drops.get("tun_backlog", 0) + len(packets)
+        size = sum(map(len, packets))
+        if self.backlog + size > self.max_bytes:
+            self._count("tun_backlog", len(packets))
             return
-        self._queue.put(packets)
+        self.backlog += size
+        self._queue.put((packets, size))
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the thread (the caller closes the fd afterwards)."""
+    def close(self, timeout: float = 2.0) -> dict[str, int]:
+        """Stop the thread, dropping what is still queued (the link is going away), and close
+        our fd; returns the final drop counts, read after the thread has ended."""
+        self._stop = True
         self._queue.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            os.close(self.fd)
+        return dict(self.drops)
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + n
 
     def _run(self) -> None:
         write = os.write
         fd = self.fd
+        hdr = self.hdr_len
         get = self._queue.get
-        while (packets := get()) is not None:
-            n = size = 0
+        while (item := get()) is not None:
+            packets, size = item
+            self.backlog -= size
+            if self._stop:
+                continue
+            n = nbytes = 0
             for pkt in packets:
                 try:
                     write(fd, pkt)
                 except OSError as exc:
-                    reason = "tun_full" if exc.errno == errno.EAGAIN else "tun_write"
-                    self.drops[reason] = self.drops.get(reason, 0) + 1
+                    self._count("tun_full" if exc.errno == errno.EAGAIN else "tun_write")
                     continue
                 n += 1
-                size += len(pkt)
+                nbytes += len(pkt) - hdr
             self.packets += n
-            self.bytes += size - n * VNET_HDR_LEN
+            self.bytes += nbytes

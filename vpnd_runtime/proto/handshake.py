@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -137,9 +137,9 @@ class SessionKeys:
     `handshake_hash` identifies the session (equal on both ends).
     """
 
-    send_key: bytes
-    recv_key: bytes
-    chaining_key: bytes
+    send_key: bytes = field(repr=False)  # key material never shows in a repr or a log
+    recv_key: bytes = field(repr=False)
+    chaining_key: bytes = field(repr=False)
     handshake_hash: bytes
 
 

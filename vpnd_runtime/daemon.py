@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import ipaddress
 import logging
 import logging.handlers
@@ -67,7 +68,7 @@ from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
 from vpnd_runtime.proto.events import Closed, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
 from vpnd_runtime.proto.handshake import ReplayGuard
 from vpnd_runtime.proto.slip import SlipFramer
-from vpnd_runtime.status import StatusRecord, StatusWriter, pid_alive
+from vpnd_runtime.status import StatusRecord, StatusWriter
 
 log = logging.getLogger("vpnd")
 
@@ -214,6 +215,7 @@ class Daemon:
         self._up_hooks: set[str] = set()  # which "up" hooks ran, so each "down" runs only after
         self._in_base = (0, 0)  # packets/bytes written by TUN writers of earlier links
         self._wire_base = (0, 0)  # carrier bytes in/out of sessions already closed
+        self._drop_base: dict[str, int] = {}  # protocol/line drops of sessions already closed
         self.tun_registered = False
         self.attempt = 0
         self.next_attempt = 0.0
@@ -458,11 +460,7 @@ class Daemon:
         log.info("%s: %s; handshaking again", session.carrier.peer, reason)
         self.status.set_state("handshake", reason)
         self._status_dirty = True
-        st = session.conn.stats
-        self._wire_base = (
-            self._wire_base[0] + st.wire_bytes_in,
-            self._wire_base[1] + st.wire_bytes_out,
-        )
+        self._retire_counters(session)
         session.conn, session.framer = self._line_connection(now)
         self._start_line_handshake(session, now)
 
@@ -836,11 +834,7 @@ class Daemon:
 
     def _close_session(self, session: Session) -> None:
         if not session.closed:
-            st = session.conn.stats
-            self._wire_base = (
-                self._wire_base[0] + st.wire_bytes_in,
-                self._wire_base[1] + st.wire_bytes_out,
-            )
+            self._retire_counters(session)
         session.closed = True
         if session in self.pending:
             self.pending.remove(session)
@@ -849,6 +843,22 @@ class Daemon:
         session.carrier.close()
 
     # ----------------------------------------------------------------- status, signals, reload
+    def _session_drops(self, session: Session) -> dict[str, int]:
+        drops = {f"proto_{k}": v for k, v in session.conn.stats.drops.items() if v}
+        if session.framer is not None:
+            drops.update({f"line_{k}": v for k, v in session.framer.errors.items() if v})
+        return drops
+
+    def _retire_counters(self, session: Session) -> None:
+        """Fold a finished session's counters into the daemon's totals (they never go back)."""
+        st = session.conn.stats
+        self._wire_base = (
+            self._wire_base[0] + st.wire_bytes_in,
+            self._wire_base[1] + st.wire_bytes_out,
+        )
+        for k, v in self._session_drops(session).items():
+            self._drop_base[k] = self._drop_base.get(k, 0) + v
+
     def _publish(self, force: bool = False) -> None:
         now = time.monotonic()
         if not (force or self._status_dirty or now >= self._status_due):
@@ -862,15 +872,13 @@ class Daemon:
             wire_in += s.conn.stats.wire_bytes_in
             wire_out += s.conn.stats.wire_bytes_out
         self.status.carrier_bytes_in, self.status.carrier_bytes_out = wire_in, wire_out
+        drops = dict(self._drop_base)
+        for s in self._sessions():
+            for k, v in self._session_drops(s).items():
+                drops[k] = drops.get(k, 0) + v
+        self.status.drops.update(drops)
         if self.active is not None:
-            stats = getattr(self.active.conn, "stats", None)
-            if stats is not None:
-                self.status.missed_keepalives = getattr(stats, "missed_keepalives", 0)
-                for reason, count in (getattr(stats, "drops", None) or {}).items():
-                    self.status.drops[f"proto_{reason}"] = count
-            if self.active.framer is not None:
-                for reason, count in self.active.framer.errors.items():
-                    self.status.drops[f"line_{reason}"] = count
+            self.status.missed_keepalives = self.active.conn.stats.missed_keepalives
         try:
             self.writer.write(self.status)
         except OSError as exc:
@@ -907,6 +915,19 @@ class Daemon:
             return
         log.info("SIGHUP: configuration changed; restarting the link")
         self._stop_link("configuration reloaded")
+        if new.randomdev != self.config.randomdev:
+            try:
+                rng = RandomDev(new.randomdev)
+            except OSError as exc:
+                log.error(
+                    "SIGHUP: randomdev %s: %s; keeping %s",
+                    new.randomdev,
+                    exc,
+                    self.config.randomdev,
+                )
+            else:
+                self.rng.close()
+                self.rng = rng
         self.config = new
         self.key = key
         self.fp = fingerprint(key)
@@ -1030,32 +1051,31 @@ def log_path(config: Config) -> str:
     return base + ".log"
 
 
-def write_pidfile(path: str) -> None:
-    """Write our PID; refuse when a live vpnd already holds the file, replace a stale one."""
+def write_pidfile(path: str) -> int:
+    """Take the pidfile: a file holding our PID, flock'ed and kept open while we run.
+
+    A second vpnd on the same pidfile finds the lock held and refuses (no check-then-create race);
+    a stale file, whose process is gone and its lock with it, is simply taken over.
+    Returns the fd to hand to `remove_pidfile`.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        with open(path) as fh:
-            old = int(fh.read().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        old = 0
-    if old and old != os.getpid() and pid_alive(old):
-        raise OSError(errno.EEXIST, f"pidfile {path}: vpnd already running as pid {old}")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        old = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OSError(errno.EEXIST, f"pidfile {path}: vpnd already running as pid {old}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def remove_pidfile(path: str, fd: int) -> None:
+    """Delete the pidfile (still locked by us, so still ours) and release it."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{os.getpid()}\n")
-
-
-def remove_pidfile(path: str) -> None:
-    """Delete the pidfile if it is still ours."""
-    try:
-        with open(path) as fh:
-            if int(fh.read().strip() or 0) != os.getpid():
-                return
-        os.unlink(path)
-    except (FileNotFoundError, ValueError):
-        pass
+    os.close(fd)
 
 
 def _daemonize() -> int:
@@ -1101,9 +1121,10 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
                 os.write(ready_fd, b"ok" if error is None else f"vpnd: {error}".encode())
                 os.close(ready_fd)
 
+    pid_fd = -1
     try:
         if config.pidfile:
-            write_pidfile(config.pidfile)
+            pid_fd = write_pidfile(config.pidfile)
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         ready(str(exc.strerror or exc))
@@ -1115,5 +1136,5 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
         ready(str(exc))
         return 1
     finally:
-        if config.pidfile:
-            remove_pidfile(config.pidfile)
+        if config.pidfile and pid_fd >= 0:
+            remove_pidfile(config.pidfile, pid_fd)

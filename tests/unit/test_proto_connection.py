@@ -311,6 +311,61 @@ def test_oversized_length_to_a_connection_is_rejected_before_allocation() -> Non
     assert peak < 64 * 1024
 
 
+def test_before_the_handshake_a_frame_above_1_kib_is_refused_before_allocation() -> None:
+    for role in ("initiator", "responder"):
+        pair = Pair()
+        conn = pair.i if role == "initiator" else pair.r
+        if role == "initiator":
+            pair.i.start(0.0)
+        tracemalloc.start()
+        try:
+            with pytest.raises(
+                RemoteProtocolError,
+                match="1025 exceeds the cap of 1024 bytes before the handshake completes",
+            ):
+                conn.receive_data(struct.pack(">I", 1025) + bytes(1000), 0.0)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 * 1024, role
+        assert conn.state is State.ERROR
+
+
+def test_big_frames_right_behind_the_confirm_in_the_same_read_get_the_full_cap() -> None:
+    pair = Pair(Params(sendbuf=262144))
+    pair.i.start(0.0)
+    pair.r.receive_data(pair.i.data_to_send(), 0.0)
+    pair.i.receive_data(pair.r.data_to_send(), 0.0)
+    big = [bytes([k]) * 60000 for k in range(1, 4)]
+    pair.i.send_packets(big, 0.0)  # one 180 KB frame, behind the CONFIRM
+    events = pair.r.receive_data(pair.i.data_to_send(), 0.0)
+    assert [type(e) for e in events] == [LinkUp, Packets]
+    assert Pair.packets(events) == big
+
+
+def test_a_zero_length_packet_in_a_batch_ends_the_connection_even_on_a_lossy_link() -> None:
+    for params in (Params(), Params(lossy=True)):
+        pair = established(params)
+        pair.i._seal_inner(b"\x01\x00" + struct.pack(">I", 3) + b"abc" + bytes(4))
+        with pytest.raises(RemoteProtocolError, match="zero-length packet"):
+            pair.r.receive_data(pair.i.data_to_send(), 0.0)
+        assert pair.r.state is State.ERROR
+
+
+def test_a_zero_length_packet_is_not_sent() -> None:
+    pair = established()
+    with pytest.raises(LocalProtocolError, match="zero-length"):
+        pair.i.send_packets([b"x", b""], 0.0)
+    assert pair.i.data_to_send() == b""
+
+
+def test_an_empty_batch_is_accepted_and_delivers_nothing() -> None:
+    pair = established()
+    pair.i._seal_inner(b"\x01\x00")
+    assert pair.r.receive_data(pair.i.data_to_send(), 0.0) == []
+    assert pair.r.state is State.ESTABLISHED
+
+
 def test_lossy_mode_drops_and_counts_a_damaged_frame_and_continues() -> None:
     pair = established(Params(lossy=True))
     frames = []
@@ -339,34 +394,74 @@ def test_lossy_mode_tolerates_a_lost_frame() -> None:
 
 
 # --------------------------------------------------------------------------- rekey
+def frame_epochs(stream: bytes) -> list[int]:
+    """The key epoch of each length-framed DATA message in `stream` (what an observer sees)."""
+    out = []
+    pos = 0
+    while pos < len(stream):
+        (n,) = struct.unpack_from(">I", stream, pos)
+        assert stream[pos + 4] == 0x03, "not a DATA message"
+        out.append(struct.unpack_from(">I", stream, pos + 5)[0])
+        pos += 4 + n
+    return out
+
+
 def test_rekey_mid_stream_with_frames_in_flight_loses_no_packet() -> None:
     pair = established(Params(keyttl=5.0, keepalive=100.0))
     i, r = pair.i, pair.r
     got_i: list[bytes] = []
     got_r: list[bytes] = []
 
-    def deliver_to_r() -> None:
-        got_r.extend(Pair.packets(r.receive_data(i.data_to_send(), 6.0)))
+    def deliver_to_r() -> list[int]:
+        data = i.data_to_send()
+        got_r.extend(Pair.packets(r.receive_data(data, 6.0)))
+        return frame_epochs(data)
 
-    def deliver_to_i() -> None:
-        got_i.extend(Pair.packets(i.receive_data(r.data_to_send(), 6.0)))
+    def deliver_to_i() -> list[int]:
+        data = r.data_to_send()
+        got_i.extend(Pair.packets(i.receive_data(data, 6.0)))
+        return frame_epochs(data)
 
     i.send_packets([b"A0"], 1.0)
     assert i.tick(6.0) == []  # REKEY_INIT queued, still in epoch 0
     i.send_packets([b"A1", b"A2"], 6.0)  # epoch 0, behind the REKEY_INIT
     r.send_packets([b"B0"], 6.0)  # epoch 0, in flight towards i
-    deliver_to_r()  # r answers REKEY_RESP and switches its sending to epoch 1
-    assert r.stats.epoch == 1
-    r.send_packets([b"B1"], 6.0)  # epoch 1
+    assert deliver_to_r() == [0, 0, 0]  # A0, REKEY_INIT, A1+A2
+    assert r.stats.epoch == 0  # r answered, but keeps sending in epoch 0 ...
+    assert set(r._recv) == {0, 1}  # ... while already able to read epoch 1
+    r.send_packets([b"B1"], 6.0)
     i.send_packets([b"A3"], 6.0)  # still epoch 0: i has not seen the answer
-    deliver_to_i()  # B0 (epoch 0), REKEY_RESP, B1 (epoch 1)
-    assert i.stats.epoch == 1
-    i.send_packets([b"A4"], 6.0)  # epoch 1
-    deliver_to_r()  # A3 (epoch 0, old key still accepted) then A4 (epoch 1)
-    assert got_r == [b"A0", b"A1", b"A2", b"A3", b"A4"]
-    assert got_i == [b"B0", b"B1"]
-    assert i.stats.rekeys == r.stats.rekeys == 1
+    assert deliver_to_i() == [0, 0, 0]  # B0, REKEY_RESP, B1
+    assert i.stats.epoch == 1  # i switched on REKEY_RESP and confirms with an empty frame
+    i.send_packets([b"A4"], 6.0)
+    r.send_packets([b"B2"], 6.0)  # epoch 0: r has not seen epoch 1 from i yet
+    assert deliver_to_r() == [0, 1, 1]  # A3, the empty confirmation, A4
+    assert r.stats.epoch == 1
     assert set(r._recv) == {1}  # the old key is gone once the new epoch arrived
+    r.send_packets([b"B3"], 6.0)
+    assert deliver_to_i() == [0, 1]  # B2 (old key still accepted by i), B3
+    assert set(i._recv) == {1}
+    assert got_r == [b"A0", b"A1", b"A2", b"A3", b"A4"]
+    assert got_i == [b"B0", b"B1", b"B2", b"B3"]
+    assert i.stats.rekeys == r.stats.rekeys == 1
+
+
+def test_rekey_over_tcp_with_both_ends_streaming_loses_and_repeats_nothing() -> None:
+    pair = established(Params(keyttl=3.0, keepalive=1.0))
+    rnd = random.Random(4)
+    to_r = random_packets(rnd, 600, hi=400)
+    to_i = random_packets(rnd, 600, hi=400)
+    for k in range(0, 600, 4):
+        pair.advance(pair.now + 0.05)  # 7.5 s of traffic: two rekeys on the way
+        pair.i.send_packets(to_r[k : k + 4], pair.now)
+        pair.r.send_packets(to_i[k : k + 4], pair.now)
+        if k % 12 == 0:
+            pair.pump()
+    pair.pump()
+    assert pair.packets(pair.events_r) == to_r
+    assert pair.packets(pair.events_i) == to_i
+    assert pair.i.stats.rekeys == pair.r.stats.rekeys == 2
+    assert pair.i.stats.epoch == pair.r.stats.epoch == 2
 
 
 def test_rekey_after_a_message_count_keeps_a_long_stream_intact() -> None:
@@ -581,24 +676,56 @@ def test_lossy_rekey_survives_a_lost_rekey_init() -> None:
     assert Pair.packets(pair.events_i)[-1:] == [b"back"]
 
 
-def test_lossy_rekey_survives_a_lost_rekey_resp() -> None:
+def test_lossy_rekey_survives_a_lost_rekey_resp_without_losing_a_responder_packet() -> None:
     pair = established(Params(lossy=True, keyttl=5.0, keepalive=2.0))
     pair.advance(4.5)
     pair.now = 5.0
-    pair.events_i += pair.i.tick(5.0)
-    pair.r.receive_data(pair.i.data_to_send(), 5.0)
-    assert pair.r.stats.epoch == 1
-    pair.r.data_to_send()  # REKEY_RESP lost
-    pair.r.send_packets([b"lost in epoch 1"], 5.0)
-    assert pair.i.receive_data(pair.r.data_to_send(), 5.0) == []
-    assert pair.i.stats.drops == {"unknown_epoch": 1}
-    pair.advance(8.0)  # REKEY_INIT repeated, answered again in the old epoch
+    pair.events_i += pair.i.tick(5.0)  # REKEY_INIT
+    pair.events_r += pair.r.receive_data(pair.i.data_to_send(), 5.0)
+    pair.r.data_to_send()  # REKEY_RESP lost on the line
+    assert pair.r.stats.epoch == 0  # the responder keeps sending in epoch 0
+    to_i = [b"r->i %d" % k for k in range(40)]
+    to_r = [b"i->r %d" % k for k in range(40)]
+    for k in range(40):  # 10 s of traffic both ways; REKEY_INIT is repeated at 7.0
+        pair.advance(5.0 + 0.25 * (k + 1))
+        pair.r.send_packets([to_i[k]], pair.now)
+        pair.i.send_packets([to_r[k]], pair.now)
+        pair.pump()
+    assert Pair.packets(pair.events_i) == to_i  # not one dropped as unknown_epoch
+    assert Pair.packets(pair.events_r) == to_r
+    assert pair.i.stats.drops == pair.r.stats.drops == {}
+    # the delayed rekey completed at 7.0 s, the next one (keyttl later) on an intact line
+    assert pair.i.stats.rekeys == pair.r.stats.rekeys == 2
+    assert pair.i.stats.epoch == pair.r.stats.epoch == 2
+    assert set(pair.i._recv) == set(pair.r._recv) == {2}
+    assert not any(isinstance(e, PeerDead) for e in pair.events_i + pair.events_r)
+
+
+def test_idle_lossy_link_that_loses_the_new_epochs_first_frame_switches_on_the_next_ping() -> None:
+    pair = established(Params(lossy=True, keyttl=5.0, keepalive=2.0))
+    pair.advance(4.5)
+    pair.now = 5.0
+    pair.events_i += pair.i.tick(5.0)  # REKEY_INIT
+    pair.events_r += pair.r.receive_data(pair.i.data_to_send(), 5.0)
+    pair.events_i += pair.i.receive_data(pair.r.data_to_send(), 5.0)  # REKEY_RESP
     assert pair.i.stats.epoch == 1
-    pair.r.send_packets([b"arrives"], pair.now)
-    pair.i.send_packets([b"too"], pair.now)
+    pair.i.data_to_send()  # the empty frame of epoch 1 is lost
+    assert pair.r.stats.epoch == 0
+    pair.advance(6.0)  # the initiator's PING of epoch 1 completes the switch
+    assert pair.r.stats.epoch == 1
+    pair.r.send_packets([b"back"], pair.now)
     pair.pump()
-    assert Pair.packets(pair.events_i)[-1:] == [b"arrives"]
-    assert Pair.packets(pair.events_r)[-1:] == [b"too"]
+    assert Pair.packets(pair.events_i) == [b"back"]
+    assert pair.i.stats.drops == pair.r.stats.drops == {}
+
+
+def test_a_different_rekey_init_while_a_rekey_is_pending_is_refused() -> None:
+    pair = established(Params(keyttl=5.0, keepalive=100.0))
+    pair.i.tick(6.0)
+    pair.r.receive_data(pair.i.data_to_send(), 6.0)
+    pair.i._seal_inner(b"\x04" + struct.pack(">I32s", 1, bytes(range(1, 33))))
+    with pytest.raises(RemoteProtocolError, match="still being confirmed"):
+        pair.r.receive_data(pair.i.data_to_send(), 6.0)
 
 
 def test_a_busy_responder_makes_the_initiator_rekey_by_message_count() -> None:

@@ -74,3 +74,22 @@ def test_zero_copy_decoding_checks_the_cap_too() -> None:
         LengthFramer(max_message=8).decode_views(b"\0\0\0\x09" + bytes(9))
     with pytest.raises(RemoteProtocolError, match="length 0"):
         LengthFramer().decode_views(b"\0\0\0\0")
+
+
+def test_a_lowered_cap_is_named_in_the_error_with_its_note() -> None:
+    f = LengthFramer()
+    f.set_cap(1024, "before the handshake completes")
+    with pytest.raises(
+        RemoteProtocolError, match="1025 exceeds the cap of 1024 bytes before the handshake"
+    ):
+        f.decode(encode_frame(bytes(1025)))
+
+
+def test_decoding_with_a_limit_keeps_the_rest_for_the_cap_in_force_later() -> None:
+    stream = encode_frame(b"small") + encode_frame(bytes(5000))
+    f = LengthFramer()
+    f.set_cap(1024)
+    assert f.decode(stream, 1) == [b"small"]  # the big frame behind it is not looked at yet
+    f.set_cap(8192)
+    assert f.decode(b"") == [bytes(5000)]
+    assert f.buffered == 0

@@ -13,7 +13,11 @@ States::
     HANDSHAKE | ESTABLISHED --(close() / peer CLOSE / PeerDead)--> CLOSED
     any --(RemoteProtocolError from the peer's bytes)--> ERROR   (terminal)
 
-Wire protocol (every message is framed by the framer: u32 length over TCP, SLIP on serial):
+Wire protocol (every message is framed by the framer: u32 length over TCP, SLIP on serial).
+Until ESTABLISHED the u32 length framer accepts frames of at most `HANDSHAKE_MAX_MESSAGE` (1 KiB;
+the handshake messages are under 100 bytes), checked from the length alone before any buffer is
+sized: an unauthenticated peer cannot make us buffer 256 KiB.  Meanwhile frames are decoded one
+at a time, so frames that follow the handshake in the same read already get the full cap.
 
 1. Handshake, Noise ``NNpsk0_25519_ChaChaPoly_BLAKE2s`` with prologue ``b"vpnd/1"`` (see
    `handshake.py`)::
@@ -36,17 +40,29 @@ Wire protocol (every message is framed by the framer: u32 length over TCP, SLIP 
    zlib-compressed when that shrinks the batch.  Over TCP (`lossy=False`) any bad tag, gap,
    reorder or replay is a RemoteProtocolError; with `lossy=True` (serial) a frame that fails
    before authentication is dropped and counted in `stats.drops[reason]`, and counters only have
-   to increase.  A frame with a bad tag never produces a `Packets` event.
+   to increase.  A frame with a bad tag never produces a `Packets` event.  Once a frame has
+   authenticated, a malformed inner message is the keyed peer's fault and a RemoteProtocolError
+   in both modes; in particular a zero-length packet inside a PACKETS batch (`send_packets`
+   refuses to send one).  A batch with no packet at all is valid (see rekey).
 
-3. Rekey (forward secrecy per epoch, no packet lost): the initiator starts it when its epoch is
-   `keyttl` old or a counter of the epoch reaches `rekey_after_messages`.  It sends
-   REKEY_INIT(n+1, e') in epoch n; the responder answers REKEY_RESP(n+1, f') in epoch n and from
-   then on sends in epoch n+1; the initiator switches its sending to n+1 on REKEY_RESP.  The keys
-   of n+1 are HKDF(chaining key of n, X25519(e', f')).  A receiver keeps the old epoch's key until
-   the first frame of the new epoch authenticates, so frames still in flight are accepted.  On a
-   lossy link the initiator repeats REKEY_INIT every `keepalive` until answered.  The responder
-   gives up (`PeerDead`) when its current epoch is older than 2 x keyttl + handshake_timeout +
-   keepalive: the initiator must renew keys.
+3. Rekey (forward secrecy per epoch, no packet lost; key confirmation as in WireGuard): the
+   initiator starts it when its epoch is `keyttl` old or a counter of the epoch reaches
+   `rekey_after_messages`.  It sends REKEY_INIT(n+1, e') in epoch n; the responder answers
+   REKEY_RESP(n+1, f') in epoch n, installs the receive key of n+1 and keeps *sending* in epoch n.
+   The initiator switches its sending to n+1 on REKEY_RESP (`Rekeyed`) and at once sends an empty
+   PACKETS message (no packet) in n+1.  The responder switches its sending to n+1 (`Rekeyed`) only
+   when the first frame of n+1 from the initiator authenticates, which proves the initiator got
+   REKEY_RESP: a lost REKEY_RESP can never leave the responder sending in an epoch the initiator
+   cannot read.  The keys of n+1 are HKDF(chaining key of n, X25519(e', f')).  A receiver keeps
+   the old epoch's key until the first frame of the new epoch authenticates, so frames still in
+   flight are accepted; over TCP the order is strict, so every frame of n arrives before the first
+   of n+1 and nothing is lost, reordered or accepted twice.  On a lossy link the initiator repeats
+   REKEY_INIT every `keepalive` until answered (the responder repeats the same answer, in epoch
+   n); if the empty frame of n+1 is lost, the initiator's next frame (at the latest its next PING)
+   completes the switch.  Until the responder has switched, the initiator starts no new rekey on
+   the responder's message count.  The responder gives up (`PeerDead`) when its sending epoch is
+   older than 2 x keyttl + handshake_timeout + keepalive (counted from the REKEY_INIT that created
+   it): the initiator must renew keys, and complete the switch, well before that.
 
 4. Keepalive: each side sends PING every `keepalive` seconds once established; the peer answers
    PONG at once (`KeepaliveRtt`, `stats.last_rtt`).  At each keepalive instant, if nothing
@@ -70,7 +86,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import Closed, Event, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
-from .framing import Framer, LengthFramer
+from .framing import HANDSHAKE_MAX_MESSAGE, Framer, LengthFramer
 from .handshake import (
     FLAG_COMPRESS,
     MSG1_BODY_LEN,
@@ -200,6 +216,8 @@ _MSG1_LEN = 1 + 4 + MSG1_BODY_LEN
 _MSG2_LEN = 1 + MSG2_BODY_LEN
 _MIN_DATA = HEADER_LEN + TAG_LEN
 _CONFIRM = bytes([INNER_CONFIRM])
+#: A PACKETS message with no packet: the initiator's first frame of a new epoch (key confirmation).
+_EMPTY_PACKETS = bytes([INNER_PACKETS, 0])
 
 
 class Connection:
@@ -239,6 +257,11 @@ class Connection:
         self._rng = rng
         self._framer: Framer = framer if framer is not None else LengthFramer()
         self._length_framed = type(self._framer) is LengthFramer
+        self._full_cap = 0
+        if self._length_framed:
+            lf: LengthFramer = self._framer  # type: ignore[assignment]
+            self._full_cap = lf.max_message
+            lf.set_cap(min(HANDSHAKE_MAX_MESSAGE, self._full_cap), "before the handshake completes")
         self._guard = replay_guard if replay_guard is not None else ReplayGuard()
         self._created = now
         self._wall0 = wall
@@ -255,7 +278,9 @@ class Connection:
         self._batch_limit = min(params.sendbuf, MAX_BODY)
         # session
         self._send: SendState | None = None
-        self._prev_send: SendState | None = None
+        # responder during a rekey: the sending half of epoch n+1, used once the initiator's
+        # first frame of n+1 authenticates
+        self._next_send: SendState | None = None
         self._recv: dict[int, RecvState] = {}
         self._recv_epoch = 0
         self._ck = b""
@@ -330,32 +355,52 @@ class Connection:
             return []
         self.stats.wire_bytes_in += len(data)
         events: list[Event] = []
+        msgs: Sequence[bytes | memoryview]
         try:
             if self._length_framed:
-                msgs = self._framer.decode_views(data)  # type: ignore[attr-defined]
+                framer: LengthFramer = self._framer  # type: ignore[assignment]
+                if self.state is State.HANDSHAKE:
+                    # One frame at a time under the small cap, until the handshake completes.
+                    while self.state is State.HANDSHAKE:
+                        msgs = framer.decode(data, 1)
+                        data = b""
+                        if not msgs:
+                            return events
+                        self._process(msgs, now, events)
+                    if self.state is not State.ESTABLISHED:
+                        return events
+                msgs = framer.decode_views(data)
             else:
                 msgs = self._framer.decode(data)
-            self.stats.frames_in += len(msgs)
-            for msg in msgs:
-                try:
-                    if msg and msg[0] == MSG_DATA:
-                        self._handle_data(msg, now, events)
-                    else:
-                        self._handle(msg, now, events)
-                except FrameRejected as exc:
-                    if not self._lossy:
-                        raise
-                    self._count_drop(exc.drop, exc.reason)
-                if self.state is not State.HANDSHAKE and self.state is not State.ESTABLISHED:
-                    break
+            self._process(msgs, now, events)
         except RemoteProtocolError as exc:
             self.state = State.ERROR
             exc.events = events  # type: ignore[attr-defined]
             raise
         return events
 
+    def _process(self, msgs: Sequence[bytes | memoryview], now: float, events: list[Event]) -> None:
+        """Handle decoded messages in order; in lossy mode count and skip the rejected ones."""
+        self.stats.frames_in += len(msgs)
+        for msg in msgs:
+            try:
+                if msg and msg[0] == MSG_DATA:
+                    self._handle_data(msg, now, events)  # type: ignore[arg-type]
+                else:
+                    self._handle(msg, now, events)  # type: ignore[arg-type]
+            except FrameRejected as exc:
+                if not self._lossy:
+                    raise
+                self._count_drop(exc.drop, exc.reason)
+            if self.state is not State.HANDSHAKE and self.state is not State.ESTABLISHED:
+                break
+
     def send_packets(self, packets: Sequence[bytes], now: float) -> None:
-        """Seal `packets` into data frames (batches of at most `sendbuf` bytes) and queue them."""
+        """Seal `packets` into data frames (batches of at most `sendbuf` bytes) and queue them.
+
+        Raises LocalProtocolError (nothing sent) for a packet above MAX_PACKET bytes or an empty
+        one (the peer would refuse it as malformed).
+        """
         if self.state is not State.ESTABLISHED:
             self._check_usable()
             raise LocalProtocolError(
@@ -384,10 +429,13 @@ class Connection:
         total = 0
         nbatch = 0
         stats = self.stats
-        if packets and (biggest := max(map(len, packets))) > MAX_PACKET:
-            raise LocalProtocolError(
-                f"packet of {biggest} bytes exceeds the {MAX_PACKET}-byte limit (nothing sent)"
-            )
+        if packets:
+            if (biggest := max(map(len, packets))) > MAX_PACKET:
+                raise LocalProtocolError(
+                    f"packet of {biggest} bytes exceeds the {MAX_PACKET}-byte limit (nothing sent)"
+                )
+            if not min(map(len, packets)):
+                raise LocalProtocolError("zero-length packet (nothing sent)")
         for p in packets:
             n = len(p)
             if count and size + n + 4 > limit:
@@ -610,6 +658,8 @@ class Connection:
     def _link_up(self, now: float, events: list[Event]) -> None:
         self.state = State.ESTABLISHED
         self._awaiting_confirm = False
+        if self._length_framed:
+            self._framer.set_cap(self._full_cap)  # type: ignore[attr-defined]
         self.stats.established_at = now
         self._last_in = now
         self._next_ping = now + self.params.keepalive
@@ -634,11 +684,17 @@ class Connection:
         ):
             self._maybe_rekey(now)  # the peer is the busy sender: renew by its count too
         if epoch != self._recv_epoch:
+            # The peer's first frame of a new epoch: drop the old key; a responder now knows
+            # the initiator has the new keys and switches its sending too.
             self._recv_epoch = epoch
             for old in [e for e in self._recv if e != epoch]:
                 del self._recv[old]
-            self._prev_send = None
             self._rekey_answer = None
+            nxt = self._next_send
+            if nxt is not None and nxt.epoch == epoch:
+                self._send = nxt
+                self._next_send = None
+                self._rekeyed(epoch, events)
         if not inner:
             raise RemoteProtocolError("empty inner message")
         kind = inner[0]
@@ -698,7 +754,9 @@ class Connection:
                 self._seal_inner(self._rekey_msg)
                 self._rekey_retry_at = now + p.keepalive
             return
-        rs = self._recv.get(self._recv_epoch)
+        # The peer's count only once it sends in our epoch: until the responder has switched
+        # after the last rekey, its count is that of the old epoch.
+        rs = self._recv.get(self._recv_epoch) if self._recv_epoch == send.epoch else None
         peer_count = rs.next_counter if rs is not None else 0
         if (
             now - send.started < p.keyttl
@@ -723,23 +781,27 @@ class Connection:
             raise RemoteProtocolError("REKEY_INIT before keys")
         target, peer_pub = REKEY.unpack_from(inner, 1)
         answer = self._rekey_answer
-        if answer is not None and answer[0] == inner and self._prev_send is not None:
-            # The initiator repeats itself (lossy link): answer again in the old epoch.
-            self._emit(self._prev_send.seal(answer[1]))
-            return
+        if answer is not None and self._next_send is not None:
+            if answer[0] == inner:
+                # The initiator repeats itself (lossy link): answer again, still in epoch n.
+                self._seal_inner(answer[1])
+                return
+            raise RemoteProtocolError(
+                f"another REKEY_INIT for epoch {target} while epoch "
+                f"{self._next_send.epoch} is still being confirmed"
+            )
         if target != send.epoch + 1:
             raise RemoteProtocolError(f"REKEY_INIT for epoch {target}, expected {send.epoch + 1}")
         priv, pub = generate_keypair(self._rng)
         ck, k_i2r, k_r2i = rekey_keys(self._ck, dh(priv, peer_pub))
         cipher = self.params.cipher
         resp = bytes([INNER_REKEY_RESP]) + REKEY.pack(target, pub)
-        self._emit(send.seal(resp))
+        self._seal_inner(resp)
         self._ck = ck
         self._recv[target] = RecvState(make_aead(cipher, k_i2r), target, now)
-        self._prev_send = send
-        self._send = SendState(make_aead(cipher, k_r2i), target, now)
+        # Keep sending in epoch n until the initiator's first frame of n+1 (see _handle_data).
+        self._next_send = SendState(make_aead(cipher, k_r2i), target, now)
         self._rekey_answer = (bytes(inner), resp)
-        self._rekeyed(target, events)
 
     def _on_rekey_resp(self, inner: bytes, now: float, events: list[Event]) -> None:
         if not self._initiator:
@@ -750,7 +812,10 @@ class Connection:
         priv = self._rekey_priv
         if priv is None or target != self._rekey_target:
             if self._lossy and self._send is not None and target == self._send.epoch:
-                return  # a repeated answer to a rekey already done
+                # A repeated answer to a rekey already done: our first frame of the epoch may
+                # have been lost too, so confirm the new keys again.
+                self._seal_inner(_EMPTY_PACKETS)
+                return
             raise RemoteProtocolError(f"unexpected REKEY_RESP for epoch {target}")
         ck, k_i2r, k_r2i = rekey_keys(self._ck, dh(priv, peer_pub))
         cipher = self.params.cipher
@@ -760,6 +825,7 @@ class Connection:
         self._rekey_priv = None
         self._rekey_msg = None
         self._rekey_retry_at = None
+        self._seal_inner(_EMPTY_PACKETS)  # lets the responder switch even when we are idle
         self._rekeyed(target, events)
 
     def _rekeyed(self, epoch: int, events: list[Event]) -> None:

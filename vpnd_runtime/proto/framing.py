@@ -3,7 +3,10 @@
 A byte stream arrives in arbitrary chunks; `LengthFramer.decode` buffers a partial header or body
 and returns only complete messages, so any chunking of the same stream yields the same messages.
 The announced length is checked against `max_message` as soon as the 4 header bytes are there,
-before any buffer is sized for the body: a peer claiming 4 GiB costs us nothing.
+before any buffer is sized for the body: a peer claiming 4 GiB costs us nothing.  The cap can be
+changed between calls (`set_cap`): `Connection` keeps it small (`HANDSHAKE_MAX_MESSAGE`) while the
+peer is unauthenticated and widens it once the handshake completes, decoding one message at a
+time meanwhile (`decode(data, limit=1)`) so the frames behind the handshake get the full cap.
 
 The framer is pluggable: `Connection` only needs `decode(data) -> list[bytes]` and
 `encode(msg) -> bytes`.  The serial transport passes a SLIP framer with the same interface.
@@ -18,6 +21,8 @@ from .errors import RemoteProtocolError
 
 #: Largest message accepted by default: a 256 KiB sealed batch plus header and tag room.
 MAX_MESSAGE = 262144 + 64
+#: Cap before the handshake completes: messages 1 and 2 and the CONFIRM are under 100 bytes.
+HANDSHAKE_MAX_MESSAGE = 1024
 
 _HEADER = struct.Struct(">I")
 
@@ -37,13 +42,27 @@ class Framer(Protocol):
 class LengthFramer:
     """u32 big-endian length + message.  Length 0 or above the cap is a RemoteProtocolError."""
 
-    __slots__ = ("_buf", "max_message")
+    __slots__ = ("_buf", "_cap_note", "max_message")
 
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         if max_message < 1 or max_message > 0xFFFFFFFF:
             raise ValueError(f"max_message must be 1..{0xFFFFFFFF}, got {max_message}")
         self.max_message = max_message
+        self._cap_note = ""
         self._buf = bytearray()
+
+    def set_cap(self, max_message: int, note: str = "") -> None:
+        """Change the cap for the frames not yet decoded; `note` ends the over-cap error message
+        (e.g. "before the handshake completes") so the operator sees which cap was hit."""
+        if max_message < 1 or max_message > 0xFFFFFFFF:
+            raise ValueError(f"max_message must be 1..{0xFFFFFFFF}, got {max_message}")
+        self.max_message = max_message
+        self._cap_note = f" {note}" if note else ""
+
+    def _too_long(self, n: int) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"frame length {n} exceeds the cap of {self.max_message} bytes{self._cap_note}"
+        )
 
     @staticmethod
     def encode(msg: bytes) -> bytes:
@@ -58,8 +77,12 @@ class LengthFramer:
         """Bytes held back waiting for the rest of a message."""
         return len(self._buf)
 
-    def decode(self, data: bytes) -> list[bytes]:
-        """Return every complete message in the stream so far; keep the partial tail buffered."""
+    def decode(self, data: bytes, limit: int | None = None) -> list[bytes]:
+        """Return every complete message in the stream so far; keep the partial tail buffered.
+
+        With `limit`, return at most that many messages and keep the rest buffered (a later
+        call, even with b"", returns them, checked against the cap in force then).
+        """
         buf = self._buf
         if buf:
             buf += data
@@ -71,11 +94,13 @@ class LengthFramer:
         end = len(view)
         cap = self.max_message
         while end - pos >= 4:
+            if limit is not None and len(out) >= limit:
+                break
             (n,) = _HEADER.unpack_from(view, pos)
             if n == 0:
                 raise RemoteProtocolError("frame with length 0")
             if n > cap:
-                raise RemoteProtocolError(f"frame length {n} exceeds the cap of {cap} bytes")
+                raise self._too_long(n)
             if end - pos - 4 < n:
                 break
             out.append(bytes(view[pos + 4 : pos + 4 + n]))
@@ -103,7 +128,7 @@ class LengthFramer:
             if n == 0:
                 raise RemoteProtocolError("frame with length 0")
             if n > cap:
-                raise RemoteProtocolError(f"frame length {n} exceeds the cap of {cap} bytes")
+                raise self._too_long(n)
             if end - pos - 4 < n:
                 break
             out.append(view[pos + 4 : pos + 4 + n])

@@ -15,6 +15,8 @@ has to be greater.  The counter check happens after the tag check, so forged hea
 Inner messages (the plaintext) start with a type byte::
 
     0x01 PACKETS     flags u8 (bit 0: zlib-compressed) | body; body = (u32 BE length | packet)*
+                     every packet is at least 1 byte; an empty body (no packet at all) is valid:
+                     the initiator sends one to open a new epoch after a rekey
     0x02 PING        id u64
     0x03 PONG        id u64
     0x04 REKEY_INIT  target epoch u32 | e[32]
@@ -183,7 +185,11 @@ def packets_inner(parts: list[bytes], compress: bool, level: int) -> bytes:
 
 
 def decode_packets(inner: bytes) -> list[bytes]:
-    """Parse a PACKETS inner message (type byte included).  Raises RemoteProtocolError."""
+    """Parse a PACKETS inner message (type byte included).
+
+    Raises RemoteProtocolError for a malformed body, including a zero-length packet (no sender
+    of ours produces one: it would only be a way to make us do work for nothing).
+    """
     if len(inner) < 2:
         raise RemoteProtocolError("truncated PACKETS message")
     flags = inner[1]
@@ -214,6 +220,10 @@ def decode_packets(inner: bytes) -> list[bytes]:
         pos += 4
         if n > end - pos:
             raise RemoteProtocolError(f"packet length {n} runs past the PACKETS body")
+        if n == 0:
+            raise RemoteProtocolError(
+                f"zero-length packet in a PACKETS body (packet {len(out) + 1} of the batch)"
+            )
         out.append(body[pos : pos + n])
         pos += n
     return out

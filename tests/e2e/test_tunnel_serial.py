@@ -37,6 +37,10 @@ class Relay:
     left: str
     right: str
     noise: bytes = b""
+    #: Act as the client's modem first: answer AT commands with OK, a dial with this result;
+    #: bytes pass through only after a CONNECT.
+    dial_result: str | None = None
+    dialled: list[str] = field(default_factory=list)
     seen: bytearray = field(default_factory=bytearray)
     injected: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -57,6 +61,8 @@ class Relay:
         b = os.open(self.right, os.O_RDWR | os.O_NOCTTY)
         peer = {a: b, b: a}
         frames = 0
+        connected = self.dial_result is None
+        command = b""
         try:
             while not self._stop.is_set():
                 ready, _, _ = select.select([a, b], [], [], 0.1)
@@ -67,6 +73,13 @@ class Relay:
                         return
                     if not data:
                         return
+                    if not connected:  # the modem's command mode, on the client's side only
+                        if fd == b:
+                            command += data
+                            while b"\r" in command:
+                                line, _, command = command.partition(b"\r")
+                                connected = self._modem(b, line.strip().decode(errors="replace"))
+                        continue
                     self.seen += data
                     out = data
                     if self.noise and fd == a and SLIP_END in data:
@@ -80,6 +93,18 @@ class Relay:
         finally:
             os.close(a)
             os.close(b)
+
+    def _modem(self, fd: int, line: str) -> bool:
+        """Answer one AT command; True once the call is connected."""
+        if not line.upper().startswith("AT"):
+            return False
+        if line.upper().startswith("ATD"):
+            self.dialled.append(line)
+            assert self.dial_result is not None
+            os.write(fd, f"\r\n{self.dial_result}\r\n".encode())
+            return self.dial_result.startswith("CONNECT")
+        os.write(fd, b"\r\nOK\r\n")
+        return False
 
 
 @dataclass
@@ -210,6 +235,42 @@ def test_cut_line_takes_link_down_runs_slipdown_and_restore_brings_it_back(
             assert slab.pair.client.ping(SERVER_TUN, count=2)
         finally:
             relay.stop()
+
+
+CHAT = """\
+ABORT 'BUSY'
+ABORT 'NO CARRIER'
+TIMEOUT 3
+'' AT
+OK ATDT5551234
+CONNECT ''
+"""
+
+
+@pytest.mark.parametrize("answer", ["CONNECT 115200", "BUSY"])
+def test_modemchat_dials_before_the_link_starts_and_a_busy_line_is_retried(
+    slab: SerialLab, answer: str
+) -> None:
+    chat = slab.dir / "modem.chat"
+    chat.write_text(CHAT)
+    relay = Relay(slab.line1.b, slab.line2.a, dial_result=answer).start()
+    try:
+        with (
+            vpnd(slab.pair.server, slab.conf("server"), slab.dir, "server") as s,
+            vpnd(slab.pair.client, slab.conf("client", f"modemchat {chat}\n"), slab.dir, "c") as c,
+        ):
+            if answer.startswith("CONNECT"):
+                poll_until(lambda: _up(s) and _up(c), 30, what="link up after dialling")
+                assert relay.dialled == ["ATDT5551234"]
+                assert slab.pair.client.ping(SERVER_TUN, count=2)
+                assert "modemchat:" in c.log()
+            else:
+                poll_until(lambda: "modem chat failed" in c.log(), 20, what="the chat to fail")
+                assert "BUSY" in c.log()
+                poll_until(lambda: len(relay.dialled) >= 2, 20, what="a second dial")
+                assert c.state() != "up"
+    finally:
+        relay.stop()
 
 
 RECEIVER = """

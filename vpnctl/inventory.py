@@ -79,6 +79,16 @@ ROLES = ("server", "client")
 MAX_ROUTES = 9  # route1..route9 in the vpnd directive file
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SSH_HOST_RE = re.compile(
+    r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
+)
+_PREFIX_RE = re.compile(r"/[A-Za-z0-9_./-]*")
+_SSH_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_SSH_JUMP_ONE = (
+    r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?"
+    r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
+_SSH_JUMP_RE = re.compile(rf"{_SSH_JUMP_ONE}(?:,{_SSH_JUMP_ONE})*")
 
 
 class UserError(Exception):
@@ -535,16 +545,26 @@ def _read_ssh(r: _Reader, node: yaml.Node, path: str) -> dict[str, Any]:
     if fields is None:
         return {}
     out: dict[str, Any] = {}
-    if "host" in fields:
-        out["host"] = r.text(fields["host"], f"{path}.host")
+    # host, user and jump host go on ssh's command line: a leading '-' would be read as an
+    # option (``-oProxyCommand=...`` runs a command on the operator's machine), so only plain
+    # host/user syntax is accepted.
+    for key, pattern, what in (
+        ("host", _SSH_HOST_RE, "a host name or address"),
+        ("user", _SSH_USER_RE, "a user name (letters, digits, _ . -)"),
+        ("proxyjump", _SSH_JUMP_RE, "[user@]host[:port][,...]"),
+    ):
+        if key not in fields:
+            continue
+        value = r.text(fields[key], f"{path}.{key}")
+        if value is not None and not pattern.fullmatch(value):
+            r.fail(fields[key], f"{path}.{key}", f"expected {what}, not starting with '-': "
+                                                 f"{value!r}")  # fmt: skip
+        elif value is not None:
+            out[key] = value
     if "port" in fields:
         out["port"] = r.integer(fields["port"], f"{path}.port", 1, 65535)
-    if "user" in fields:
-        out["user"] = r.text(fields["user"], f"{path}.user")
     if "identity" in fields:
         out["identity"] = r.text(fields["identity"], f"{path}.identity", spaces=True)
-    if "proxyjump" in fields:
-        out["proxyjump"] = r.text(fields["proxyjump"], f"{path}.proxyjump")
     if "options" in fields:
         items = r.sequence(fields["options"], f"{path}.options")
         options = []
@@ -568,6 +588,10 @@ def _read_host_settings(r: _Reader, fields: Mapping[str, yaml.Node], path: str) 
             normal = posixpath.normpath(prefix)
             if ".." in normal.split("/"):
                 r.fail(fields["prefix"], f"{path}.prefix", f"must not contain '..': {prefix!r}")
+            elif not _PREFIX_RE.fullmatch(prefix):
+                # it ends up in systemd units and shell lines: no %, $, quotes or spaces
+                r.fail(fields["prefix"], f"{path}.prefix",
+                       f"use only letters, digits and _ . - / in a prefix: {prefix!r}")  # fmt: skip
             else:
                 out["prefix"] = "/" + normal.lstrip("/")
     if "systemd" in fields:

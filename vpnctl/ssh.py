@@ -2,8 +2,11 @@
 
 Theory of operation
 -------------------
-Every remote action is ``ssh [options] DESTINATION -- COMMAND`` run by :class:`SshHost`. Using the
-system client means the operator's ``~/.ssh/config``, agent, known_hosts and ProxyJump all apply.
+Every remote action is ``ssh [options] -- DESTINATION COMMAND`` run by :class:`SshHost`: the
+``--`` ends ssh's option parsing, so a destination can never be read as an option (the inventory
+also refuses a host, user or jump host starting with ``-``; this is the second line of defence).
+Using the system client means the operator's ``~/.ssh/config``, agent, known_hosts and
+ProxyJump all apply.
 Options added to whatever the operator configured:
 
 * ``BatchMode=yes`` -- never prompt (a prompt would hang a parallel deploy);
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -139,9 +143,12 @@ class SshHost:
             argv += ["-o", opt]
         if s.identity:
             argv += ["-i", os.path.expanduser(s.identity)]
+        for what, value in (("host", s.host), ("user", s.user), ("proxyjump", s.proxyjump)):
+            if value is not None and not _safe_word(value):
+                raise SshError(self.name, f"unsafe ssh {what} {value!r} (leading '-' or odd chars)")
         if s.proxyjump:
             argv += ["-J", s.proxyjump]
-        argv += ["-p", str(s.port), "-l", s.user, s.host]
+        argv += ["-p", str(s.port), "-l", s.user, "--", s.host]
         return argv
 
     def run(
@@ -158,7 +165,7 @@ class SshHost:
         SshTimeout when the whole call exceeds `timeout` seconds, and SshError for a non-zero
         remote status when `check` is set.
         """
-        argv = [*self.base_argv(), "--", command]
+        argv = [*self.base_argv(), command]
         try:
             proc = subprocess.run(
                 argv,
@@ -185,13 +192,23 @@ class SshHost:
 
     def close(self) -> None:
         """Ask the multiplexing master (if any) to exit; harmless when there is none."""
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError, SshError):
             subprocess.run(
-                [*self.base_argv()[:-1], "-O", "exit", self.settings.host],
+                [*self.base_argv()[:-2], "-O", "exit", "--", self.settings.host],
                 capture_output=True,
                 timeout=5,
                 check=False,
             )
+
+
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_.:@\[\],%+-]+")
+
+
+def _safe_word(value: str) -> bool:
+    """True when `value` cannot be taken for an ssh option (no leading '-', no odd characters)."""
+    return bool(_SAFE_WORD.fullmatch(value)) and not any(
+        part.startswith("-") or part.split("@")[-1].startswith("-") for part in value.split(",")
+    )
 
 
 def _is_ssh_failure(stderr: str) -> bool:

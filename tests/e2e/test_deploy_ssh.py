@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vpnctl.inventory import Ssh
-from vpnctl.ssh import SshHost, SshTimeout, SshUnreachable
+from vpnctl.ssh import SshError, SshHost, SshTimeout, SshUnreachable
 
 
 def test_every_call_is_batch_mode_bounded_and_multiplexed(tmp_path: Path, monkeypatch) -> None:
@@ -18,7 +18,7 @@ def test_every_call_is_batch_mode_bounded_and_multiplexed(tmp_path: Path, monkey
     assert "ConnectTimeout=3" in joined
     assert "ControlMaster=auto" in joined
     assert f"ControlPath={tmp_path}/vpnctl/cm/%C" in joined
-    assert argv[-5:] == ["-p", "22", "-l", "root", "198.18.0.9"]
+    assert argv[-6:] == ["-p", "22", "-l", "root", "--", "198.18.0.9"]
 
 
 def test_inventory_options_identity_and_jump_host_are_passed_through() -> None:
@@ -35,7 +35,7 @@ def test_inventory_options_identity_and_jump_host_are_passed_through() -> None:
     assert argv[argv.index("ControlPath=/tmp/x-%h") - 1 :][:2] == ["-o", "ControlPath=/tmp/x-%h"]
     assert argv[argv.index("-i") : argv.index("-i") + 2] == ["-i", "/keys/id"]
     assert argv[argv.index("-J") : argv.index("-J") + 2] == ["-J", "admin@198.18.0.254"]
-    assert argv[-5:] == ["-p", "2222", "-l", "ops", "198.18.0.9"]
+    assert argv[-6:] == ["-p", "2222", "-l", "ops", "--", "198.18.0.9"]
 
 
 def _fake_ssh(tmp_path: Path, body: str) -> str:
@@ -67,3 +67,20 @@ def test_stdin_carries_the_payload_never_the_command_line(tmp_path: Path) -> Non
     result = SshHost("h1", Ssh(host="x"), ssh_binary=echo).run("cat", stdin=b"secret-bytes")
     assert result.stdout == b"secret-bytes"
     assert "secret-bytes" not in (tmp_path / "fake-ssh.argv").read_text()
+
+
+def test_the_destination_follows_a_double_dash_in_every_ssh_call(tmp_path: Path) -> None:
+    record = _fake_ssh(tmp_path, 'printf "%s\\n" "$@" >> "$0.argv"')
+    host = SshHost("h1", Ssh(host="x"), ssh_binary=record)
+    host.run("true")
+    host.close()
+    calls = (tmp_path / "fake-ssh.argv").read_text().split("-l\nroot\n")[1:]
+    assert [call.splitlines()[:2] for call in calls] == [["--", "x"], ["-O", "exit"]]
+    assert (tmp_path / "fake-ssh.argv").read_text().splitlines()[-2:] == ["--", "x"]
+
+
+def test_a_destination_that_looks_like_an_option_is_refused_before_ssh_runs(tmp_path: Path) -> None:
+    record = _fake_ssh(tmp_path, 'printf "%s\\n" "$@" >> "$0.argv"')
+    with pytest.raises(SshError, match="unsafe ssh host"):
+        SshHost("h1", Ssh(host="-oProxyCommand=touch /tmp/x"), ssh_binary=record).run("true")
+    assert not (tmp_path / "fake-ssh.argv").exists()

@@ -477,3 +477,45 @@ def test_relative_prefix_and_hook_paths_are_refused() -> None:
         "inv.yaml:14 links[0].hooks.server.linkup: must be an absolute path (starting with /), "
         "got 'up.sh'",
     ]
+
+
+def test_ssh_host_user_or_jump_host_that_would_be_read_as_an_ssh_option_is_refused() -> None:
+    text = HOSTS.replace(
+        "    address: 198.18.1.1\n",
+        "    address: 198.18.1.1\n    ssh:\n      host: -oProxyCommand=touch\n"
+        "      user: -lroot\n      proxyjump: a@b,-oX=y\n",
+    )
+    text += "links:\n  - {name: one, server: alpha, client: beta}\n"
+    assert problems(text) == [
+        "inv.yaml:5 hosts[0].ssh.host: expected a host name or address, not starting with '-': "
+        "'-oProxyCommand=touch'",
+        "inv.yaml:6 hosts[0].ssh.user: expected a user name (letters, digits, _ . -), not "
+        "starting with '-': '-lroot'",
+        "inv.yaml:7 hosts[0].ssh.proxyjump: expected [user@]host[:port][,...], not starting "
+        "with '-': 'a@b,-oX=y'",
+    ]
+
+
+def test_plain_ssh_hosts_users_and_jump_chains_are_accepted() -> None:
+    text = HOSTS.replace(
+        "    address: 198.18.1.1\n",
+        "    address: 198.18.1.1\n    ssh:\n      host: gw-1.example.net\n"
+        "      user: vpn.admin\n      proxyjump: ops@198.18.0.254:2222,bastion\n",
+    )
+    text += "links:\n  - {name: one, server: alpha, client: beta}\n"
+    ssh = parse_inventory(text, "inv.yaml").hosts[0].ssh
+    assert (ssh.host, ssh.user, ssh.proxyjump) == (
+        "gw-1.example.net",
+        "vpn.admin",
+        "ops@198.18.0.254:2222,bastion",
+    )
+
+
+def test_prefix_with_characters_systemd_or_the_shell_would_expand_is_refused() -> None:
+    text = HOSTS.replace(
+        "    address: 198.18.1.1\n", "    address: 198.18.1.1\n    prefix: /srv/%h$X\n"
+    )
+    text += "links:\n  - {name: one, server: alpha, client: beta}\n"
+    assert problems(text) == [
+        "inv.yaml:4 hosts[0].prefix: use only letters, digits and _ . - / in a prefix: '/srv/%h$X'"
+    ]

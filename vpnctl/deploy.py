@@ -841,13 +841,20 @@ def confirm_links(
     wait: float,
     jobs: int,
     on_result: Callable[[str, str, str], None] | None = None,
+    restarted: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, tuple[str, str]]:
     """Poll every link's two ends (``links``: link -> [changed end, other end]) until both are
     up with the expected key fingerprint, or `wait` runs out.
 
-    Returns link -> ("up" | "waiting" | "failed", explanation); "waiting" when the other end is
-    not deployed or not running, so the link cannot be confirmed either way.
+    `restarted` names, per link, the ends this deploy (re)started (default: the first end).
+    Returns link -> ("up" | "waiting" | "failed", explanation). An end restarted by this deploy
+    that is not running is a failure (its start failed or it died): the link is rolled back.
+    "waiting" only when the other end was *not* touched by this deploy and is not deployed, not
+    running or unreachable, so the link cannot be confirmed either way.
     """
+    ours = {link: set(restarted.get(link, ())) if restarted else set() for link in links}
+    for link, ends in links.items():
+        ours[link].add(ends[0])
     results: dict[str, tuple[str, str]] = {}
     pending = dict(links)
     deadline = time.monotonic() + wait
@@ -871,7 +878,14 @@ def confirm_links(
             elif expired:
                 last = _describe_ends(ends, records, link)
                 other = ends_records[-1]
-                if other is None or other.get("state") in {"not running", "unreachable"}:
+                dead_here = [
+                    host
+                    for host, r in zip(ends, ends_records, strict=True)
+                    if host in ours[link] and (r is None or r.get("state") == "not running")
+                ]
+                if dead_here:
+                    verdict = ("failed", f"not running after the restart: {last}")
+                elif other is None or other.get("state") in {"not running", "unreachable"}:
                     verdict = ("waiting", f"the other end is not up to confirm ({last})")
                 else:
                     verdict = ("failed", f"not up within {wait:g}s: {last}")
@@ -1011,7 +1025,8 @@ def deploy(
         echo(f"link {link:<10} {state.upper() if state == 'failed' else state}: {why}")
 
     results = confirm_links({link: ends_of(link) for link in sorted(to_confirm)}, fingerprints,
-                            ssh, manifests, wait=wait, jobs=jobs, on_result=said)  # fmt: skip
+                            ssh, manifests, wait=wait, jobs=jobs, on_result=said,
+                            restarted=to_confirm)  # fmt: skip
 
     # 5. roll back what did not come up
     failed = {link for link, (state, _) in results.items() if state == "failed"}

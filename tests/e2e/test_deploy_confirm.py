@@ -1,0 +1,75 @@
+"""Deploy's confirm phase judged from scripted status reads (no hosts needed): when a link counts
+as up, as waiting for its other end, or as failed and to be rolled back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vpnctl.deploy import confirm_links
+from vpnctl.ssh import RemoteResult
+
+FP = "ab12:cd34"
+NOW = 5000.0
+
+
+def _manifest(host: str, peer: str) -> dict[str, Any]:
+    base = f"/srv/{host}"
+    return {
+        "host": host,
+        "prefix": base,
+        "links": {
+            "l1": {
+                "peer": peer,
+                "config": f"{base}/etc/vpnd/l1.conf",
+                "keyfile": f"{base}/etc/vpnd/l1.key",
+                "pidfile": f"{base}/run/vpnd/l1.pid",
+                "statusfile": f"{base}/run/vpnd/l1.status.json",
+                "key_fingerprint": FP,
+            }
+        },
+    }
+
+
+class ScriptedHost:
+    """Answers every status read with one fixed state for link l1 (None: daemon gone)."""
+
+    def __init__(self, state: str | None, pid: int = 42) -> None:
+        self.state = state
+        self.pid = pid
+
+    def run(self, command: str, **_: Any) -> RemoteResult:
+        if self.state is None:
+            block = "config yes\nalive no\n-\n"
+        else:
+            record = {"state": self.state, "pid": self.pid, "since": NOW - 1, "updated": NOW,
+                      "key_fingerprint": FP, "reason": None}  # fmt: skip
+            block = f"config yes\nalive yes\n{json.dumps(record)}\n"
+        text = f"{NOW}\n@@vpnctl l1\n{block}keymtime 100\npid {self.pid}\n"
+        return RemoteResult(0, text.encode(), b"")
+
+
+def _confirm(a: str | None, b: str | None, restarted: list[str]) -> tuple[str, str]:
+    ssh = {"a": ScriptedHost(a), "b": ScriptedHost(b)}
+    manifests = {"a": _manifest("a", "b"), "b": _manifest("b", "a")}
+    results = confirm_links({"l1": ["a", "b"]}, {"l1": FP}, ssh, manifests,  # type: ignore[arg-type]
+                            wait=0.0, jobs=2, restarted={"l1": restarted})  # fmt: skip
+    return results["l1"]
+
+
+def test_a_link_up_at_both_ends_with_the_manifest_key_is_confirmed() -> None:
+    assert _confirm("up", "up", ["a", "b"])[0] == "up"
+
+
+def test_a_link_whose_untouched_other_end_is_not_running_is_waiting() -> None:
+    assert _confirm("connecting", None, ["a"])[0] == "waiting"
+
+
+def test_a_link_broken_at_both_ends_by_this_deploy_fails_and_is_rolled_back() -> None:
+    verdict, why = _confirm("connecting", None, ["a", "b"])
+    assert verdict == "failed"
+    assert "b: not running" in why
+
+
+def test_a_restarted_end_that_is_not_running_fails_even_if_the_other_end_is_untouched() -> None:
+    assert _confirm(None, "up", ["a"])[0] == "failed"

@@ -15,20 +15,32 @@ every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection p
    desired files: a link *changes* when any of its files (config, key, unit) differs or the
    runtime changes; a link whose files match but whose daemon is not running is *started*; a
    link in the last deploy but no longer rendered is *removed*. Nothing else is touched.
-   ``--dry-run`` stops here and prints a unified diff (key files redacted).
+   ``--dry-run`` stops here and prints a unified diff (key files redacted). The probe also
+   reports the ssh user's uid (deploy needs root) and a *pending* marker (below): a host where
+   an earlier deploy applied changes but never committed them has every link restarted and
+   confirmed again, so an interrupted deploy is never taken as current.
 3. **Apply.** For each host with changes: install the runtime if its stamp differs (a new
-   venv next to the old one, then an atomic symlink switch), back up the files of changed
-   links, unpack the new files from a tar stream on stdin (keys 0600, never in argv), stop
-   removed links, and (re)start changed links -- ``systemctl restart`` under systemd, else
-   SIGTERM by pidfile, wait, ``vpnd -f CONF --daemon``.
-4. **Confirm.** For each changed link, poll ``vpnd status --json`` at *both* ends until both
-   are up with the same key fingerprint (the one in the manifest), within ``wait`` seconds. A
-   link whose other end is not deployed yet cannot be confirmed and is reported as waiting.
+   venv next to the old one, then an atomic symlink switch), write the pending marker, back up
+   the committed copies of the changed files (an existing backup of an uncommitted deploy is
+   kept, never overwritten), unpack the new files from a tar stream on stdin (keys 0600, never
+   in argv), stop removed links, and (re)start changed links -- ``systemctl restart`` under
+   systemd, else SIGTERM by pidfile, wait, ``vpnd -f CONF --daemon``. Its time bound grows with
+   the number of links. If the apply fails or times out, that host is rolled back at once (best
+   effort) and every link it shares with another host in this deploy is failed there too.
+4. **Confirm.** For each changed link, poll the status records at *both* ends until both are
+   up with the same key fingerprint (the one in the manifest), within ``wait`` seconds. An end
+   this deploy restarted that is not running fails the link. A link whose other end this deploy
+   did not touch and which is not deployed/running cannot be confirmed: reported as waiting.
 5. **Roll back** (commit-confirm). A link that does not come up gets its previous files
    restored (or removed, if it is new) on every host where it changed, the previous runtime
    switched back, and the previous daemon restarted; the reason is reported.
-6. **Commit.** Hosts that were not rolled back record the deployed manifest and drop their
-   backups.
+6. **Commit.** Every host whose steps all ran records what it now runs (the new manifest, with
+   rolled-back links at their previous entry) and only then drops its backups and the pending
+   marker. Ctrl-C during phases 3-6 rolls back the hosts already changed and not yet committed.
+
+Apply, rollback and commit each hold ``flock`` on ``<state dir>/lock`` on the host, so two
+deploys to one host never interleave (daemons are started with that descriptor closed). A host
+named twice on the command line is deployed once.
 
 A second deploy of the same build finds every hash equal and every daemon running: it changes
 nothing, restarts nothing, and says so.
@@ -272,6 +284,8 @@ class RemoteState:
     files: Mapping[str, tuple[str, int] | None]  # path -> (sha256, mode) or None when absent
     running: Mapping[str, bool]  # link -> daemon alive
     deployed: Mapping[str, Any] | None  # manifest recorded by the last successful deploy
+    pending: bool = False  # an earlier deploy applied changes here and never committed them
+    uid: int | None = None  # the ssh user's uid (deploy needs root)
 
 
 @dataclass
@@ -286,6 +300,7 @@ class HostPlan:
     removed: list[str]  # links deployed before, not rendered any more
     unchanged: list[str]
     files: list[DesiredFile]  # the files that differ from the host's copies: written, backed up
+    paths: dict[str, list[str]] = field(default_factory=dict)  # link -> all its paths (rollback)
 
     @property
     def noop(self) -> bool:
@@ -391,13 +406,19 @@ def plan_host(
             reasons.append("runtime")
         if reasons:
             changed[link] = reasons
+    if remote.pending:
+        # an interrupted deploy left uncommitted changes: restart and confirm every link (a
+        # failure rolls back to the backups that deploy kept), so it is never taken as current
+        for link in by_link:
+            changed.setdefault(link, []).append("interrupted deploy not committed")
     start = sorted(
         link for link in by_link if link not in changed and not remote.running.get(link, False)
     )
     deployed_links = set((remote.deployed or {}).get("links", {}))
     removed = sorted(deployed_links - set(manifest["links"]))
     unchanged = sorted(link for link in by_link if link not in changed and link not in start)
-    return HostPlan(host, use_systemd, runtime, changed, start, removed, unchanged, files)
+    paths = {link: [item.path for item in items] for link, items in by_link.items()}
+    return HostPlan(host, use_systemd, runtime, changed, start, removed, unchanged, files, paths)
 
 
 def redacted_diff(
@@ -465,6 +486,9 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
     )
     lines.append('echo "python $(command -v python3 || echo -)"')
+    lines.append('echo "uid $(id -u)"')
+    pending = posixpath.join(prefix, STATE_DIR, "pending")
+    lines.append(f'if [ -e {quote(pending)} ]; then echo "pending yes"; else echo "pending no"; fi')
     for idx, path in enumerate(paths):
         q = quote(path)
         lines.append(
@@ -492,6 +516,8 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
     files: dict[str, tuple[str, int] | None] = dict.fromkeys(paths)
     running: dict[str, bool] = {}
     deployed: dict[str, Any] | None = None
+    pending = False
+    uid: int | None = None
     for line in text.splitlines():
         word, _, rest = line.partition(" ")
         if word == "stamp":
@@ -500,17 +526,42 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
             systemd = rest.strip() == "yes"
         elif word == "python":
             python = None if rest.strip() == "-" else rest.strip()
+        elif word == "pending":
+            pending = rest.strip() == "yes"
+        elif word == "uid":
+            with contextlib.suppress(ValueError):
+                uid = int(rest.strip())
         elif word == "file":
-            idx, digest, mode = rest.split()
+            parts = rest.split()
+            if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) >= len(paths):
+                continue  # not ours (a login banner, a shell warning): ignore like other noise
+            idx, digest, mode = parts
             if digest != "-":
-                files[paths[int(idx)]] = (digest, int(mode, 8))
+                with contextlib.suppress(ValueError):
+                    files[paths[int(idx)]] = (digest, int(mode, 8))
         elif word == "running":
-            link, state = rest.split()
-            running[link] = state == "yes"
+            parts = rest.split()
+            if len(parts) == 2:
+                running[parts[0]] = parts[1] == "yes"
         elif word == "deployed" and rest.strip() not in {"", "-"}:
             with contextlib.suppress(ValueError):
                 deployed = json.loads(base64.b64decode(rest.strip()))
-    return RemoteState(stamp, systemd, python, files, running, deployed)
+    return RemoteState(stamp, systemd, python, files, running, deployed, pending, uid)
+
+
+LOCK_WAIT = 60  # seconds a deploy step waits for another deploy's lock on the same host
+
+
+def _lock_sh(prefix: str) -> str:
+    """Take the host's deploy lock (``flock`` on fd 9) for the rest of the script, so two
+    deploys (two operators, or one host named twice) never interleave apply/rollback/commit.
+    Daemons started under it close fd 9 (``9>&-``) so they do not hold it."""
+    state = quote(posixpath.join(prefix, STATE_DIR))
+    return (
+        f"mkdir -p {state} && exec 9>{state}/lock || exit 5\n"
+        f"if command -v flock >/dev/null 2>&1; then flock -w {LOCK_WAIT} 9 || "
+        "{ echo 'locked: another deploy is running on this host' >&2; exit 5; }; fi\n"
+    )
 
 
 def _stop_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
@@ -531,14 +582,15 @@ def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: boo
         unit = quote(f"vpnd-{link}")
         return (
             f"systemctl daemon-reload && systemctl enable --quiet {unit} && "
-            f"systemctl restart {unit} || echo 'start-failed {link}: systemctl restart failed'\n"
+            f"systemctl restart {unit} || "
+            f"echo {quote(f'start-failed {link}: systemctl restart failed')}\n"
         )
     rundir = quote(posixpath.dirname(entry["pidfile"]))
     statusdir = quote(posixpath.dirname(entry["statusfile"]))
     return (
         f"mkdir -p {rundir} {statusdir}; out=$({quote(_runtime_bin(prefix))} -f "
-        f"{quote(entry['config'])} --daemon </dev/null 2>&1) || "
-        f'echo "start-failed {link}: $(echo "$out" | tail -n 1)"\n'
+        f"{quote(entry['config'])} --daemon </dev/null 9>&- 2>&1) || "
+        f'echo {quote(f"start-failed {link}:")} "$(echo "$out" | tail -n 1)"\n'
     )
 
 
@@ -586,11 +638,23 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     """Back up the changed links' files, unpack the new ones (stdin), stop removed links,
     (re)start changed and stopped links."""
     prefix = manifest["prefix"]
-    backup = posixpath.join(prefix, STATE_DIR, "prev")
-    out = [_SH_FUNCS, "umask 077", f"rm -rf {quote(backup)}", f"mkdir -p {quote(backup)}"]
-    for idx, item in enumerate(plan.files):
-        src, dst = quote(item.path), quote(f"{backup}/{idx}")
-        out.append(f"if [ -f {src} ]; then cp -p {src} {dst}; else : > {dst}.absent; fi")
+    state = posixpath.join(prefix, STATE_DIR)
+    backup, pending = quote(f"{state}/prev"), quote(f"{state}/pending")
+    out = [_SH_FUNCS, _lock_sh(prefix), "umask 077"]
+    # The backup holds the last *committed* version of each file. A pending marker means an
+    # earlier deploy was interrupted after it started changing files: its backup is kept and
+    # files it already backed up are not backed up again (they may be uncommitted now).
+    out.append(f"[ -e {pending} ] || rm -rf {backup}")
+    out.append(f"mkdir -p {backup}/files {backup}/absent && : > {pending} && sync -f {pending}"
+               " 2>/dev/null; true")  # fmt: skip
+    for item in plan.files:
+        src = quote(item.path)
+        saved, absent = _backup_paths(prefix, item.path)
+        out.append(
+            f"if [ ! -e {saved} ] && [ ! -e {absent} ]; then "
+            f'if [ -f {src} ]; then mkdir -p "$(dirname {saved})" && cp -p {src} {saved}; '
+            f'else mkdir -p "$(dirname {absent})" && : > {absent}; fi; fi'
+        )
     out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
     for link in plan.removed:
         entry = deployed.get("links", {}).get(link, {})
@@ -609,14 +673,30 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     return "\n".join(out) + "\n"
 
 
-def rollback_script(
-    plan: HostPlan, manifest: Mapping[str, Any], links: Iterable[str], runtime_back: bool
-) -> str:
-    """Restore the backed-up files of `links`, switch the runtime back, restart the old daemons."""
-    prefix = manifest["prefix"]
+def _backup_paths(prefix: str, path: str) -> tuple[str, str]:
+    """Where the committed copy of `path` is kept during a deploy, and its "was absent" marker
+    (both quoted for the shell)."""
     backup = posixpath.join(prefix, STATE_DIR, "prev")
+    rel = path.lstrip("/")
+    return quote(f"{backup}/files/{rel}"), quote(f"{backup}/absent/{rel}")
+
+
+def rollback_script(
+    plan: HostPlan,
+    manifest: Mapping[str, Any],
+    links: Iterable[str],
+    runtime_back: bool,
+    *,
+    finish: bool = False,
+) -> str:
+    """Restore the backed-up files of `links`, switch the runtime back, restart the old daemons.
+
+    With `finish` (the whole host went back: nothing of this deploy stays), the backups and the
+    pending marker are dropped too; otherwise the commit that follows drops them."""
+    prefix = manifest["prefix"]
+    state = posixpath.join(prefix, STATE_DIR)
     links = set(links)
-    out = [_SH_FUNCS]
+    out = [_SH_FUNCS, _lock_sh(prefix)]
     if runtime_back:
         rt = quote(_rt(prefix))
         out.append(
@@ -627,28 +707,32 @@ def rollback_script(
     restart = sorted(links | (set(plan.restarts) if runtime_back else set()))
     for link in restart:
         out.append(_stop_sh(link, manifest["links"][link], plan.use_systemd))
-    for idx, item in enumerate(plan.files):
-        if item.link not in links:
-            continue
-        src, dst = quote(f"{backup}/{idx}"), quote(item.path)
-        out.append(f"if [ -f {src}.absent ]; then rm -f {dst}; else cp -p {src} {dst}; fi")
+    paths = {path for link in links for path in plan.paths.get(link, [])}
+    paths |= {item.path for item in plan.files if item.link in links}
+    for path in sorted(paths):
+        saved, absent = _backup_paths(prefix, path)
+        dst = quote(path)
+        out.append(f"if [ -e {absent} ]; then rm -f {dst}; elif [ -f {saved} ]; then "
+                   f"cp -p {saved} {dst}; fi")  # fmt: skip
     for link in restart:
         entry = manifest["links"][link]
         conf = quote(entry["config"])
         out.append(f"if [ -f {conf} ]; then")
         out.append("  " + _start_sh(link, entry, prefix, plan.use_systemd).strip())
         out.append("fi")
-    out.append(f"rm -rf {quote(backup)}")
+    if finish:
+        out.append(f"rm -rf {quote(state)}/prev {quote(state)}/pending")
     return "\n".join(out) + "\n"
 
 
 def commit_script(manifest: Mapping[str, Any]) -> str:
-    """Record the deployed manifest (stdin) and drop the commit-confirm backups."""
+    """Record the deployed manifest (stdin), then drop the commit-confirm backups and the
+    pending marker -- in that order, so an interruption never loses the committed state."""
     state = posixpath.join(manifest["prefix"], STATE_DIR)
     return (
-        f"umask 077; mkdir -p {quote(state)} && cat > {quote(state)}/manifest.json.new && "
+        _lock_sh(manifest["prefix"]) + f"umask 077; cat > {quote(state)}/manifest.json.new && "
         f"mv {quote(state)}/manifest.json.new {quote(state)}/manifest.json && "
-        f"rm -rf {quote(state)}/prev\n"
+        f"rm -rf {quote(state)}/prev {quote(state)}/pending\n"
     )
 
 
@@ -914,6 +998,7 @@ def deploy(
 ) -> DeployReport:
     """Deploy the rendered build to `hosts` (names from the inventory); see the module doc."""
     known = {h.name: h for h in inventory.hosts}
+    hosts = list(dict.fromkeys(hosts))  # a host named twice is deployed once, not in parallel
     unknown = [h for h in hosts if h not in known]
     if unknown:
         raise DeployError(f"{inventory.file}: no host named {', '.join(unknown)}")
@@ -939,6 +1024,12 @@ def deploy(
             paths = [f.path for f in all_files]
             result = ssh[name].run(probe_script(manifest, paths), timeout=30, check=True)
             remote = parse_probe(result.text, paths)
+            if remote.uid is None or remote.uid != 0:
+                user = host.ssh.user
+                raise DeployError(
+                    f"{name}: ssh user {user!r} is not root (uid {remote.uid}); deploy installs "
+                    "under the host prefix and manages daemons: set ssh.user: root for this host"
+                )
             if remote.python is None:
                 raise DeployError(f"{name}: python3 not found on the host (the runtime needs it)")
             use_systemd = flag is True or (flag == "auto" and remote.systemd_running)
@@ -975,6 +1066,72 @@ def deploy(
         return report
 
     printer = _Printer(echo, len(work))
+    applied: set[str] = set()  # hosts where the apply script was started (may have changes)
+    try:
+        _apply_confirm_commit(
+            work, outcomes, manifests, states, ssh, runtime=runtime, tarball=tarball,
+            printer=printer, applied=applied, wait=wait, jobs=jobs, echo=echo,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        echo("interrupted: rolling back the hosts already changed")
+        for name in sorted(applied):
+            _rollback_host(name, outcomes[name], manifests[name], ssh[name], echo=echo,
+                           why="interrupted (Ctrl-C)")  # fmt: skip
+        raise
+    return report
+
+
+def apply_timeout(plan: HostPlan) -> float:
+    """The time bound of one host's apply: each stop may wait 10 s for a daemon to exit, so the
+    bound grows with the number of links the apply stops and starts."""
+    return 60.0 + 15.0 * (len(plan.restarts) + len(plan.removed))
+
+
+def _rollback_host(
+    name: str,
+    outcome: HostOutcome,
+    manifest: Mapping[str, Any],
+    ssh: SshHost,
+    *,
+    echo: Echo,
+    why: str,
+) -> None:
+    """Put every link this deploy touched on `name` back (best effort) and say so."""
+    plan = outcome.plan
+    if plan is None:
+        return
+    links = plan.restarts
+    echo(f"{name}: rolling back {', '.join(links) or 'runtime'} ({why})")
+    for link in links:
+        outcome.rolled_back.setdefault(link, why)
+    try:
+        ssh.run(rollback_script(plan, manifest, links, plan.runtime, finish=True),
+                timeout=apply_timeout(plan), check=True)  # fmt: skip
+    except SshError as exc:
+        note = f"rollback failed too ({exc}); the next deploy finds it pending and retries"
+        outcome.error = f"{outcome.error}; {note}" if outcome.error else note
+        echo(f"{name}: {note}")
+    else:
+        for link in links:
+            outcome.rolled_back[link] += " -- previous files and daemons restored"
+
+
+def _apply_confirm_commit(
+    work: list[str],
+    outcomes: dict[str, HostOutcome],
+    manifests: Mapping[str, Mapping[str, Any]],
+    states: Mapping[str, RemoteState],
+    ssh: Mapping[str, SshHost],
+    *,
+    runtime: Runtime,
+    tarball: bytes,
+    printer: _Printer,
+    applied: set[str],
+    wait: float,
+    jobs: int,
+    echo: Echo,
+) -> None:
+    """Phases 3-6 of the module doc for the hosts in `work` (their plans are not no-ops)."""
 
     def apply(name: str) -> None:
         outcome = outcomes[name]
@@ -982,13 +1139,15 @@ def deploy(
         assert plan is not None  # noqa: S101 - filtered above
         manifest = manifests[name]
         try:
+            applied.add(name)
             if plan.runtime:
                 printer.line(name, f"installing runtime {runtime.stamp}")
                 ssh[name].run(install_runtime_script(manifest["prefix"], runtime.stamp),
                               stdin=tarball, timeout=300, check=True)  # fmt: skip
             deployed = states[name].deployed or {}
             result = ssh[name].run(apply_script(plan, manifest, deployed),
-                                   stdin=_tar_files(plan.files), timeout=120)  # fmt: skip
+                                   stdin=_tar_files(plan.files),
+                                   timeout=apply_timeout(plan))  # fmt: skip
             for line in result.text.splitlines():
                 if "start-failed" in line:  # the confirm phase will roll this link back
                     printer.line(name, line)
@@ -1000,17 +1159,26 @@ def deploy(
         except SshError as exc:
             outcome.error = str(exc)
             printer.line(name, f"FAILED apply: {exc}", finished=True)
+            _rollback_host(name, outcome, manifest, ssh[name], echo=printer.echo,
+                           why="apply failed")  # fmt: skip
+            if "rollback failed" not in (outcome.error or ""):
+                applied.discard(name)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(apply, work))
 
     # 4. confirm every (re)started link from both ends
     to_confirm: dict[str, list[str]] = {}  # link -> hosts where it was (re)started
+    broken_elsewhere: dict[str, str] = {}  # link -> host whose apply of it failed
     for name in work:
         plan = outcomes[name].plan
-        if outcomes[name].error is None and plan is not None:
-            for link in plan.restarts:
+        if plan is None:
+            continue
+        for link in plan.restarts:
+            if outcomes[name].error is None:
                 to_confirm.setdefault(link, []).append(name)
+            else:
+                broken_elsewhere[link] = name
 
     def ends_of(link: str) -> list[str]:
         first = to_confirm[link][0]
@@ -1024,9 +1192,15 @@ def deploy(
     def said(link: str, state: str, why: str) -> None:
         echo(f"link {link:<10} {state.upper() if state == 'failed' else state}: {why}")
 
-    results = confirm_links({link: ends_of(link) for link in sorted(to_confirm)}, fingerprints,
-                            ssh, manifests, wait=wait, jobs=jobs, on_result=said,
-                            restarted=to_confirm)  # fmt: skip
+    results: dict[str, tuple[str, str]] = {}
+    for link in sorted(set(to_confirm) & set(broken_elsewhere)):
+        # the other end went back to its old version: this end must follow it
+        results[link] = ("failed", f"the apply on {broken_elsewhere[link]} failed and was "
+                                   "rolled back there")  # fmt: skip
+        said(link, *results[link])
+    checked = {link: ends_of(link) for link in sorted(to_confirm) if link not in results}
+    results.update(confirm_links(checked, fingerprints, ssh, manifests, wait=wait, jobs=jobs,
+                                 on_result=said, restarted=to_confirm))  # fmt: skip
 
     # 5. roll back what did not come up
     failed = {link for link, (state, _) in results.items() if state == "failed"}
@@ -1047,7 +1221,7 @@ def deploy(
         echo(f"{name}: rolling back {', '.join(links)} (restoring previous files and daemons)")
         try:
             ssh[name].run(rollback_script(plan, manifests[name], links, plan.runtime),
-                          timeout=120, check=True)  # fmt: skip
+                          timeout=apply_timeout(plan), check=True)  # fmt: skip
         except SshError as exc:
             outcome.error = f"rollback failed: {exc}"
 
@@ -1078,20 +1252,40 @@ def deploy(
                 for h in ends_of(link)
             )
             echo(f"link {link:<10} after rollback: {restored[link]}")
-    for link, states in restored.items():
+    for link, link_states in restored.items():
         for name in to_confirm[link]:
-            outcomes[name].rolled_back[link] += f" -- previous version restored ({states})"
+            outcomes[name].rolled_back[link] += f" -- previous version restored ({link_states})"
 
-    # 6. commit hosts that were not rolled back
+    # 6. commit every host whose steps all ran: it records what it now runs -- the new entry of
+    # each link that stayed, the previously deployed entry of each link rolled back
     def commit(name: str) -> None:
-        body = json.dumps(manifests[name], indent=2, sort_keys=True).encode()
-        with contextlib.suppress(SshError):
+        record = _committed_manifest(manifests[name], states[name].deployed,
+                                     outcomes[name].rolled_back)  # fmt: skip
+        body = json.dumps(record, indent=2, sort_keys=True).encode()
+        try:
             ssh[name].run(commit_script(manifests[name]), stdin=body, timeout=30, check=True)
+            applied.discard(name)
+        except SshError as exc:
+            outcomes[name].error = f"commit failed ({exc}); the next deploy will confirm it again"
 
-    committable = [n for n in work if outcomes[n].error is None and not outcomes[n].rolled_back]
+    committable = [n for n in work if outcomes[n].error is None]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(commit, committable))
-    return report
+
+
+def _committed_manifest(
+    manifest: Mapping[str, Any], previous: Mapping[str, Any] | None, rolled_back: Iterable[str]
+) -> dict[str, Any]:
+    """The manifest a host records at commit: rolled-back links keep their previous entry (or
+    are left out when they had none), so "removed" planning stays right next time."""
+    record = json.loads(json.dumps(manifest))
+    old_links = (previous or {}).get("links", {})
+    for link in rolled_back:
+        if link in old_links:
+            record["links"][link] = old_links[link]
+        else:
+            record["links"].pop(link, None)
+    return record
 
 
 def _describe(plan: HostPlan) -> str:

@@ -191,6 +191,19 @@ def test_a_daemon_that_died_is_started_again_without_rewriting_files(lab: LabSta
     assert {h.name: _files(h.prefix) for h in lab.hosts} == files
 
 
+def test_an_interrupted_deploy_left_pending_is_confirmed_and_committed_not_taken_as_current(
+    lab: LabState,
+) -> None:
+    state = Path(next(h.prefix for h in lab.hosts if h.name == "client1"), "var/lib/vpnctl")
+    (state / "pending").write_text("")  # what an apply cut off before its commit leaves
+    proc = _run(lab, "deploy", "--all", "--wait", "30")
+    assert "l1: interrupted deploy not committed" in proc.stdout
+    assert "confirmed up at both ends: l1" in proc.stdout
+    assert not (state / "pending").exists()
+    assert not (state / "prev").exists()
+    assert "no changes" in _run(lab, "deploy", "--all").stdout
+
+
 def test_no_key_appears_in_any_output_log_or_command_line(lab: LabState) -> None:
     OUTPUTS.append(vpnctl(lab, "status", check=False).stdout)
     OUTPUTS.append(vpnctl(lab, "status", "--json", check=False).stdout)

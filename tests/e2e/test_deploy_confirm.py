@@ -73,3 +73,57 @@ def test_a_link_broken_at_both_ends_by_this_deploy_fails_and_is_rolled_back() ->
 
 def test_a_restarted_end_that_is_not_running_fails_even_if_the_other_end_is_untouched() -> None:
     assert _confirm(None, "up", ["a"])[0] == "failed"
+
+
+class RecordingHost(ScriptedHost):
+    """A host whose apply exits with `apply_rc`; remembers which kind of script it ran."""
+
+    def __init__(self, apply_rc: int) -> None:
+        super().__init__("up")
+        self.apply_rc = apply_rc
+        self.ran: list[str] = []
+
+    def run(self, command: str, **kwargs: Any) -> RemoteResult:
+        if "@@vpnctl" in command:
+            return super().run(command, **kwargs)
+        if "tar -x" in command:
+            self.ran.append("apply")
+            return RemoteResult(self.apply_rc, b"", b"tar: cannot open" if self.apply_rc else b"")
+        if "manifest.json.new" in command:
+            self.ran.append("commit")
+        else:
+            self.ran.append("rollback+finish" if "/pending" in command else "rollback")
+        return RemoteResult(0, b"", b"")
+
+
+def test_a_host_whose_apply_fails_is_rolled_back_and_its_peer_follows() -> None:
+    from vpnctl.deploy import (
+        DesiredFile,
+        HostOutcome,
+        RemoteState,
+        _apply_confirm_commit,
+        _Printer,
+        plan_host,
+    )
+
+    manifests = {"a": _manifest("a", "b"), "b": _manifest("b", "a")}
+    outcomes, states = {}, {}
+    for name in ("a", "b"):
+        conf = DesiredFile(f"/srv/{name}/etc/vpnd/l1.conf", b"new\n", 0o644, "l1", "config")
+        states[name] = RemoteState("s1", False, "python3", {conf.path: ("old", 0o644)},
+                                   {"l1": True}, None)  # fmt: skip
+        plan = plan_host(name, manifests[name], [conf], states[name], runtime_stamp="s1",
+                         use_systemd=False)  # fmt: skip
+        outcomes[name] = HostOutcome(name, plan)
+    ssh = {"a": RecordingHost(apply_rc=3), "b": RecordingHost(apply_rc=0)}
+    lines: list[str] = []
+    applied: set[str] = set()
+    _apply_confirm_commit(["a", "b"], outcomes, manifests, states, ssh,  # type: ignore[arg-type]
+                          runtime=None, tarball=b"", printer=_Printer(lines.append, 2),  # type: ignore[arg-type]
+                          applied=applied, wait=0.0, jobs=2, echo=lines.append)  # fmt: skip
+    assert ssh["a"].ran == ["apply", "rollback+finish"]
+    assert ssh["b"].ran == ["apply", "rollback", "commit"]
+    assert "apply exited 3" in (outcomes["a"].error or "")
+    assert "previous files and daemons restored" in outcomes["a"].rolled_back["l1"]
+    assert "the apply on a failed" in outcomes["b"].rolled_back["l1"]
+    assert applied == set(), "nothing is left to roll back on Ctrl-C"

@@ -13,8 +13,10 @@ from vpnctl.deploy import (
     DeployError,
     DesiredFile,
     RemoteState,
+    _committed_manifest,
     _runtime_wheel,
     apply_script,
+    commit_script,
     desired_files,
     parse_probe,
     plan_host,
@@ -273,3 +275,48 @@ def test_under_systemd_units_are_installed_and_links_restarted_with_systemctl() 
     assert "systemctl daemon-reload && systemctl enable --quiet vpnd-l1" in script
     assert "systemctl restart vpnd-l1" in script
     assert "--daemon" not in script
+
+
+def test_a_pending_marker_from_an_interrupted_deploy_restarts_and_confirms_every_link() -> None:
+    files = _desired("l1") + _desired("l2")
+    remote = RemoteState(**{**_remote(files, running=("l1", "l2")).__dict__, "pending": True})
+    plan = plan_host("h1", _manifest("l1", "l2"), files, remote, runtime_stamp="s1",
+                     use_systemd=False)  # fmt: skip
+    assert plan.changed == {
+        "l1": ["interrupted deploy not committed"],
+        "l2": ["interrupted deploy not committed"],
+    }
+    assert plan.files == [], "nothing is rewritten; the links are restarted and confirmed"
+    assert plan.paths["l1"] == [f.path for f in _desired("l1")]
+
+
+def test_probe_reports_the_users_uid_and_a_pending_deploy_and_ignores_noise() -> None:
+    paths = ["/a"]
+    text = "Welcome!\nuid 1000\npending yes\nfile 0 abc 644\nfile 7 x y\nfile zz\nrunning odd\n"
+    remote = parse_probe(text, paths)
+    assert (remote.uid, remote.pending, remote.files["/a"]) == (1000, True, ("abc", 0o644))
+
+
+def test_apply_keeps_the_backup_of_an_uncommitted_deploy_and_holds_the_host_lock() -> None:
+    files = _desired("l1", b"mode server\nnew\n")
+    plan = plan_host("h1", _manifest("l1"), files, _remote(_desired("l1")), runtime_stamp="s1",
+                     use_systemd=False)  # fmt: skip
+    script = apply_script(plan, _manifest("l1"), {})
+    state = f"{PREFIX}/var/lib/vpnctl"
+    assert f"[ -e {state}/pending ] || rm -rf {state}/prev" in script
+    assert f": > {state}/pending" in script
+    assert "flock -w" in script
+    assert script.index("flock -w") < script.index("tar -x")
+    assert "--daemon </dev/null 9>&-" in script, "a daemon must not inherit the lock"
+    commit = commit_script(_manifest("l1"))
+    assert "flock -w" in commit
+    assert commit.index("manifest.json") < commit.index("/pending")
+
+
+def test_a_rolled_back_link_is_recorded_at_its_previous_version_on_commit() -> None:
+    new = _manifest("l1", "l2")
+    old = _manifest("l1")
+    old["links"]["l1"]["key_fingerprint"] = "old"
+    record = _committed_manifest(new, old, ["l1", "l2"])
+    assert record["links"] == {"l1": old["links"]["l1"]}
+    assert _committed_manifest(new, None, [])["links"] == new["links"]

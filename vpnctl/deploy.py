@@ -640,7 +640,7 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     backup, pending = quote(f"{state}/prev"), quote(f"{state}/pending")
-    out = [_SH_FUNCS, _lock_sh(prefix), "umask 077"]
+    out = [_SH_FUNCS, _lock_sh(prefix), 'echo "applied-at $(date +%s.%N)"', "umask 077"]
     # The backup holds the last *committed* version of each file. A pending marker means an
     # earlier deploy was interrupted after it started changing files: its backup is kept and
     # files it already backed up are not backed up again (they may be uncommitted now).
@@ -751,7 +751,7 @@ def status_script(manifest: Mapping[str, Any], links: Iterable[str]) -> str:
     It does what ``vpnd status`` does -- read the record the daemon publishes atomically and
     check that its process is alive (via the pidfile) -- for every link in one go, plus the host
     clock and each key file's mtime. Output per link: a marker line, ``config yes|no``,
-    ``alive yes|no``, the record on one line (or ``-``), ``keymtime <s>|-``.
+    ``alive yes|no``, the record on one line (or ``-``), ``keymtime <s>|-``, ``pidfile <pid>|-``.
     """
     lines = [_SH_FUNCS, "date +%s.%N"]
     for link in links:
@@ -764,6 +764,7 @@ def status_script(manifest: Mapping[str, Any], links: Iterable[str]) -> str:
             f'if alive "$(pid_of {pf})"; then echo "alive yes"; else echo "alive no"; fi',
             f"if [ -f {sf} ]; then tr -d '\\n' < {sf}; echo; else echo -; fi",
             f'echo "keymtime $(stat -c %Y {quote(entry["keyfile"])} 2>/dev/null || echo -)"',
+            f'p=$(pid_of {pf}); echo "pidfile ${{p:--}}"',
         ]
     return "\n".join(lines) + "\n"
 
@@ -777,11 +778,17 @@ class LinkRecord:
     now: float  # the host's clock when it was read
 
 
+STALE_AFTER = 5.0  # a running daemon rewrites its record every second (docs/architecture.md)
+
+
 def parse_status_output(text: str) -> dict[str, LinkRecord]:
     """The output of :func:`status_script` as link -> LinkRecord.
 
     A record whose daemon is gone, or a deployed link with no record, is ``not running`` --
-    the same rule ``vpnd status`` applies.
+    the same rule ``vpnd status`` applies. A record is only trusted when it was written by the
+    process the pidfile names (else ``not running``: a leftover of an earlier daemon) and
+    rewritten within :data:`STALE_AFTER` seconds of the host's clock (else ``stale``: the
+    daemon is hung or its record is not its own).
     """
     lines = text.splitlines()
     try:
@@ -795,8 +802,8 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
             i += 1
             continue
         link = lines[i].split(" ", 1)[1].strip()
-        block = [*lines[i + 1 : i + 5], "", "", "", ""][:4]
-        i += 5
+        block = [*lines[i + 1 : i + 6], "", "", "", "", ""][:5]
+        i += 6
         configured = block[0] == "config yes"
         alive = block[1] == "alive yes"
         record: dict[str, Any] | None = None
@@ -811,10 +818,32 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
             record["state"] = "not running"
         elif record is None and configured:
             record = {"state": "not running", "reason": "no status record (never started?)"}
+        elif record is not None:
+            _judge_freshness(record, block[4].removeprefix("pidfile ").strip(), now)
         mtime_text = block[3].removeprefix("keymtime ").strip()
         key_mtime = float(mtime_text) if mtime_text not in {"", "-"} else None
         out[link] = LinkRecord(record if configured else None, key_mtime, now)
     return out
+
+
+def _judge_freshness(record: dict[str, Any], pidfile_pid: str, now: float) -> None:
+    """Mark `record` (of a live pidfile process) not running/stale unless it is that process's
+    and recent (see :func:`parse_status_output`)."""
+    pid = record.get("pid")
+    updated = record.get("updated")
+    if str(pid) != pidfile_pid:
+        record["reason"] = (
+            f"status record is from pid {pid}, the pidfile names {pidfile_pid}; last state "
+            f"{record.get('state')}"
+        )
+        record["state"] = "not running"
+    elif not isinstance(updated, int | float) or now - updated > STALE_AFTER:
+        age = f"{now - updated:.0f}s" if isinstance(updated, int | float) else "never"
+        record["reason"] = (
+            f"status record not rewritten for {age} (daemon pid {pid} hung?); last state "
+            f"{record.get('state')}"
+        )
+        record["state"] = "stale"
 
 
 def read_statuses(
@@ -926,6 +955,7 @@ def confirm_links(
     jobs: int,
     on_result: Callable[[str, str, str], None] | None = None,
     restarted: Mapping[str, Iterable[str]] | None = None,
+    not_before: Mapping[str, float] | None = None,
 ) -> dict[str, tuple[str, str]]:
     """Poll every link's two ends (``links``: link -> [changed end, other end]) until both are
     up with the expected key fingerprint, or `wait` runs out.
@@ -934,7 +964,9 @@ def confirm_links(
     Returns link -> ("up" | "waiting" | "failed", explanation). An end restarted by this deploy
     that is not running is a failure (its start failed or it died): the link is rolled back.
     "waiting" only when the other end was *not* touched by this deploy and is not deployed, not
-    running or unreachable, so the link cannot be confirmed either way.
+    running or unreachable, so the link cannot be confirmed either way. `not_before` gives, per
+    host, the host's clock when its daemons were restarted: a record there whose ``since`` is
+    older belongs to a daemon from before the restart and counts as ``stale``.
     """
     ours = {link: set(restarted.get(link, ())) if restarted else set() for link in links}
     for link, ends in links.items():
@@ -949,6 +981,21 @@ def confirm_links(
             for host in ends:
                 wanted.setdefault(host, set()).add(link)
         records = _poll_round(wanted, ssh, manifests, jobs)
+        for (host, link), record in records.items():
+            floor = (not_before or {}).get(host)
+            since = record.get("since") if record is not None else None
+            if (
+                record is not None
+                and floor is not None
+                and host in ours.get(link, ())
+                and record.get("state") not in {"not running", "unreachable", "stale"}
+                and (not isinstance(since, int | float) or since < floor)
+            ):
+                record["reason"] = (
+                    f"record predates the restart (since {since}); last state "
+                    + str(record.get("state"))
+                )
+                record["state"] = "stale"
         expired = time.monotonic() >= deadline
         for link, ends in list(pending.items()):
             ends_records = [records.get((host, link)) for host in ends]
@@ -965,7 +1012,8 @@ def confirm_links(
                 dead_here = [
                     host
                     for host, r in zip(ends, ends_records, strict=True)
-                    if host in ours[link] and (r is None or r.get("state") == "not running")
+                    if host in ours[link]
+                    and (r is None or r.get("state") in {"not running", "stale"})
                 ]
                 if dead_here:
                     verdict = ("failed", f"not running after the restart: {last}")
@@ -1133,6 +1181,8 @@ def _apply_confirm_commit(
 ) -> None:
     """Phases 3-6 of the module doc for the hosts in `work` (their plans are not no-ops)."""
 
+    applied_at: dict[str, float] = {}  # host -> its clock when apply began (before restarts)
+
     def apply(name: str) -> None:
         outcome = outcomes[name]
         plan = outcome.plan
@@ -1149,6 +1199,9 @@ def _apply_confirm_commit(
                                    stdin=_tar_files(plan.files),
                                    timeout=apply_timeout(plan))  # fmt: skip
             for line in result.text.splitlines():
+                if line.startswith("applied-at "):
+                    with contextlib.suppress(ValueError):
+                        applied_at[name] = float(line.split()[1])
                 if "start-failed" in line:  # the confirm phase will roll this link back
                     printer.line(name, line)
             if result.returncode != 0:
@@ -1200,7 +1253,8 @@ def _apply_confirm_commit(
         said(link, *results[link])
     checked = {link: ends_of(link) for link in sorted(to_confirm) if link not in results}
     results.update(confirm_links(checked, fingerprints, ssh, manifests, wait=wait, jobs=jobs,
-                                 on_result=said, restarted=to_confirm))  # fmt: skip
+                                 on_result=said, restarted=to_confirm,
+                                 not_before=applied_at))  # fmt: skip
 
     # 5. roll back what did not come up
     failed = {link for link, (state, _) in results.items() if state == "failed"}

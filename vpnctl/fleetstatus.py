@@ -11,9 +11,14 @@ prints each key file's mtime (deploy sets it to the key's creation time, so it g
 age) and the host's clock (uptimes use the host's own ``now``, so clock skew does not distort
 them).
 
-Hosts are asked in parallel (bounded pool). Each ssh call has a connect timeout and a wall-clock
-bound, so a host that does not answer is shown as ``unreachable`` within that bound and does
-not hold up the others.
+Hosts are asked in parallel (a pool of ``jobs``) under *one* overall deadline, ``timeout``
+seconds from the start: each ssh call is bounded by the time left, and a host whose turn comes
+after the deadline is not asked and shows as ``unreachable``. So ``vpnctl status`` answers within
+about ``timeout`` seconds whatever the number of hosts and silent hosts.
+
+A record is trusted only when the pidfile names the process that wrote it and it was rewritten
+within the last few seconds (the daemon rewrites it every second): otherwise the end shows as
+``not running`` or ``stale`` (see :func:`vpnctl.deploy.parse_status_output`).
 
 A link is **up** only when both ends report ``up`` with the same key fingerprint. Otherwise the
 table says why, from the ends' states and reasons: ``no answer from peer``, ``authentication
@@ -38,6 +43,7 @@ __all__ = ["EndStatus", "FleetStatus", "LinkStatus", "collect", "format_table", 
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_JOBS = 16
+MIN_CALL = 0.2  # seconds: below this an ssh call cannot succeed; the host is not asked
 
 
 @dataclass
@@ -163,11 +169,16 @@ def collect(
     ends: dict[str, list[EndStatus]] = {link: [] for link in links}
     unreachable: dict[str, str] = {}
 
+    deadline = started + timeout
+
     def ask_host(name: str) -> tuple[str, list[EndStatus] | str]:
-        ssh = SshHost(name, known[name].ssh, connect_timeout=min(connect_timeout, timeout))
+        left = deadline - time.monotonic()
+        if left < MIN_CALL:
+            return name, f"not asked: the {timeout:g}s bound ran out first (raise --jobs)"
+        ssh = SshHost(name, known[name].ssh, connect_timeout=min(connect_timeout, left))
         try:
             result = ssh.run(status_script(manifests[name], manifests[name]["links"]),
-                             timeout=timeout)  # fmt: skip
+                             timeout=left)  # fmt: skip
         except SshError as exc:
             return name, str(exc).removeprefix(f"{name}: ")
         return name, parse_host_output(name, manifests[name], result.text)

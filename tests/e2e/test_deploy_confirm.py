@@ -34,18 +34,19 @@ def _manifest(host: str, peer: str) -> dict[str, Any]:
 class ScriptedHost:
     """Answers every status read with one fixed state for link l1 (None: daemon gone)."""
 
-    def __init__(self, state: str | None, pid: int = 42) -> None:
+    def __init__(self, state: str | None, pid: int = 42, since: float = NOW - 1) -> None:
         self.state = state
         self.pid = pid
+        self.since = since
 
     def run(self, command: str, **_: Any) -> RemoteResult:
         if self.state is None:
             block = "config yes\nalive no\n-\n"
         else:
-            record = {"state": self.state, "pid": self.pid, "since": NOW - 1, "updated": NOW,
+            record = {"state": self.state, "pid": self.pid, "since": self.since, "updated": NOW,
                       "key_fingerprint": FP, "reason": None}  # fmt: skip
             block = f"config yes\nalive yes\n{json.dumps(record)}\n"
-        text = f"{NOW}\n@@vpnctl l1\n{block}keymtime 100\npid {self.pid}\n"
+        text = f"{NOW}\n@@vpnctl l1\n{block}keymtime 100\npidfile {self.pid}\n"
         return RemoteResult(0, text.encode(), b"")
 
 
@@ -69,6 +70,16 @@ def test_a_link_broken_at_both_ends_by_this_deploy_fails_and_is_rolled_back() ->
     verdict, why = _confirm("connecting", None, ["a", "b"])
     assert verdict == "failed"
     assert "b: not running" in why
+
+
+def test_an_up_record_older_than_the_restart_is_not_taken_for_the_new_daemon() -> None:
+    ssh = {"a": ScriptedHost("up", since=NOW - 100), "b": ScriptedHost("up")}
+    manifests = {"a": _manifest("a", "b"), "b": _manifest("b", "a")}
+    results = confirm_links({"l1": ["a", "b"]}, {"l1": FP}, ssh, manifests,  # type: ignore[arg-type]
+                            wait=0.0, jobs=2, restarted={"l1": ["a"]},
+                            not_before={"a": NOW - 10})  # fmt: skip
+    assert results["l1"][0] == "failed"
+    assert "predates the restart" in results["l1"][1]
 
 
 def test_a_restarted_end_that_is_not_running_fails_even_if_the_other_end_is_untouched() -> None:

@@ -19,6 +19,7 @@ from vpnctl.deploy import (
     commit_script,
     desired_files,
     parse_probe,
+    parse_status_output,
     plan_host,
     redacted_diff,
     status_script,
@@ -191,12 +192,12 @@ def test_a_build_edited_after_render_is_refused_naming_the_file(tmp_path: Path) 
 def test_status_output_of_a_host_becomes_one_end_per_link() -> None:
     record = {"state": "up", "since": 1000.0, "peer": "198.18.1.1:379", "last_rtt": 0.002,
               "bytes_in": 10, "bytes_out": 20, "key_fingerprint": "ab12", "pid": 7,
-              "reason": None}  # fmt: skip
+              "reason": None, "updated": 1100.0}  # fmt: skip
     text = (
         "1100.5\n"
-        f"@@vpnctl l1\nconfig yes\nalive yes\n{json.dumps(record)}\nkeymtime 100\n"
-        "@@vpnctl l2\nconfig no\nalive no\n-\nkeymtime -\n"
-        f"@@vpnctl l3\nconfig yes\nalive no\n{json.dumps(record)}\nkeymtime 100\n"
+        f"@@vpnctl l1\nconfig yes\nalive yes\n{json.dumps(record)}\nkeymtime 100\npidfile 7\n"
+        "@@vpnctl l2\nconfig no\nalive no\n-\nkeymtime -\npidfile -\n"
+        f"@@vpnctl l3\nconfig yes\nalive no\n{json.dumps(record)}\nkeymtime 100\npidfile -\n"
     )
     ends = parse_host_output("h1", _manifest("l1", "l2", "l3"), text)
     assert ends[0].state == "up"
@@ -320,3 +321,21 @@ def test_a_rolled_back_link_is_recorded_at_its_previous_version_on_commit() -> N
     record = _committed_manifest(new, old, ["l1", "l2"])
     assert record["links"] == {"l1": old["links"]["l1"]}
     assert _committed_manifest(new, None, [])["links"] == new["links"]
+
+
+def _one_record(record: dict, pidfile: str, now: float = 1100.0) -> dict:
+    text = f"{now}\n@@vpnctl l1\nconfig yes\nalive yes\n{json.dumps(record)}\nkeymtime -\n"
+    return parse_status_output(text + f"pidfile {pidfile}\n")["l1"].record or {}
+
+
+def test_a_status_record_written_by_another_pid_than_the_pidfiles_is_not_trusted() -> None:
+    got = _one_record({"state": "up", "pid": 7, "updated": 1100.0}, pidfile="8")
+    assert got["state"] == "not running"
+    assert "from pid 7, the pidfile names 8" in got["reason"]
+
+
+def test_a_status_record_not_rewritten_for_more_than_five_seconds_is_stale() -> None:
+    got = _one_record({"state": "up", "pid": 7, "updated": 1094.0}, pidfile="7")
+    assert got["state"] == "stale"
+    assert "not rewritten for 6s" in got["reason"]
+    assert _one_record({"state": "up", "pid": 7, "updated": 1096.0}, pidfile="7")["state"] == "up"

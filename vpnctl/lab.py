@@ -40,7 +40,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -426,18 +426,43 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
-    """SIGTERM processes we started, then SIGKILL whichever outlive `timeout` seconds."""
+def kill_pids(
+    pids: list[int], timeout: float = 5.0, *, ours: Callable[[int], bool] | None = None
+) -> None:
+    """SIGTERM processes we started, then SIGKILL whichever outlive `timeout` seconds.
+
+    `ours`, when given, is asked again right before each signal: a PID that exited and was
+    reused by an unrelated process meanwhile is left alone."""
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+        if ours is None or ours(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     for pid in pids:
-        if pid_alive(pid):
+        if pid_alive(pid) and (ours is None or ours(pid)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _netns_id(pid: int) -> tuple[int, int] | None:
+    """(dev, inode) of the network namespace of `pid`, None when it is gone."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _namespace_ids(namespaces: list[str]) -> set[tuple[int, int]]:
+    """(dev, inode) of each named namespace that still exists."""
+    out = set()
+    for ns in namespaces:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/run/netns/{ns}")
+            out.add((st.st_dev, st.st_ino))
+    return out
 
 
 def namespace_pids(namespace: str) -> list[int]:
@@ -482,7 +507,8 @@ def _ip_batch(commands: list[str]) -> None:
 
 
 def lab_down(directory: str | Path) -> list[str]:
-    """Remove every trace of the lab recorded in `directory`; return what was removed.
+    """Remove every trace of the lab recorded in `directory`; return what was removed (and
+    any pidfile PID left alone because it is not in the lab).
 
     Idempotent: anything already gone is skipped. Raises LabError only when no state exists.
     """
@@ -509,10 +535,19 @@ def lab_down(directory: str | Path) -> list[str]:
     for ns, found in pids_in_namespaces(state.namespaces).items():
         pids += found
         removed += [f"process {pid} in {ns}" for pid in found]
+    # A pidfile is only a hint: its PID may since belong to anything. Only processes whose
+    # network namespace is one of the lab's are signalled (checked again before SIGKILL).
+    lab_ns = _namespace_ids(state.namespaces)
+
+    def ours(pid: int) -> bool:
+        return _netns_id(pid) in lab_ns
+
     for pidfile in state.sshd_pidfiles:
         with contextlib.suppress(OSError, ValueError):
-            pids.append(int(Path(pidfile).read_text().strip()))
-    kill_pids(sorted(set(pids)))
+            pid = int(Path(pidfile).read_text().strip())
+            if pid not in pids and pid_alive(pid) and not ours(pid):
+                removed.append(f"left alone: pid {pid} from {pidfile} is not in the lab")
+    kill_pids(sorted(set(pids)), ours=ours)
     # 3. namespaces (their veth ends and the WAN go with them) and root links
     existing = set(_run(["ip", "netns", "list"], check=False).split())
     gone_ns = [ns for ns in state.namespaces if ns in existing]

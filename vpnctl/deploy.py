@@ -56,6 +56,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import subprocess
 import sys
@@ -324,7 +325,31 @@ def load_manifest(build: Path, host: str) -> dict[str, Any]:
         raise DeployError(f"{path}: unreadable manifest: {exc}") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("links"), dict):
         raise DeployError(f"{path}: not a vpnctl manifest (no 'links')")
+    _check_manifest(path, manifest)
     return manifest
+
+
+_MANIFEST_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_MANIFEST_PATH = re.compile(r"/[A-Za-z0-9_./-]*")
+
+
+def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Names and paths from a manifest go into remote shell lines and systemd units: refuse
+    anything but the plain names and paths `vpnctl render` writes (DeployError names the field)."""
+    prefix = manifest.get("prefix")
+    if not isinstance(prefix, str) or not _MANIFEST_PATH.fullmatch(prefix):
+        raise DeployError(f"{path}: prefix {prefix!r} is not a plain absolute path")
+    for link, entry in manifest["links"].items():
+        if not _MANIFEST_NAME.fullmatch(str(link)) or not isinstance(entry, dict):
+            raise DeployError(f"{path}: link name {link!r} is not a valid link name")
+        peer = entry.get("peer")
+        if peer is not None and not _MANIFEST_NAME.fullmatch(str(peer)):
+            raise DeployError(f"{path}: links.{link}.peer {peer!r} is not a valid host name")
+        for key in ("config", "keyfile", "pidfile", "statusfile"):
+            value = entry.get(key)
+            if not isinstance(value, str) or not _MANIFEST_PATH.fullmatch(value):
+                raise DeployError(f"{path}: links.{link}.{key} {value!r} is not a plain "
+                                  "absolute path")  # fmt: skip
 
 
 def desired_files(
@@ -1072,14 +1097,7 @@ def deploy(
             paths = [f.path for f in all_files]
             result = ssh[name].run(probe_script(manifest, paths), timeout=30, check=True)
             remote = parse_probe(result.text, paths)
-            if remote.uid is None or remote.uid != 0:
-                user = host.ssh.user
-                raise DeployError(
-                    f"{name}: ssh user {user!r} is not root (uid {remote.uid}); deploy installs "
-                    "under the host prefix and manages daemons: set ssh.user: root for this host"
-                )
-            if remote.python is None:
-                raise DeployError(f"{name}: python3 not found on the host (the runtime needs it)")
+            check_remote(name, host.ssh.user, remote)
             use_systemd = flag is True or (flag == "auto" and remote.systemd_running)
             if flag is True and not remote.systemd_running:
                 raise DeployError(f"{name}: manifest says systemd but the host does not run it")
@@ -1342,6 +1360,18 @@ def _committed_manifest(
     return record
 
 
+def check_remote(name: str, user: str, remote: RemoteState) -> None:
+    """Refuse a host deploy cannot work on, naming it: a non-root ssh user, no python3."""
+    if remote.uid != 0:
+        found = "unknown" if remote.uid is None else str(remote.uid)
+        raise DeployError(
+            f"{name}: ssh user {user!r} is not root (uid {found}); deploy installs files and "
+            "manages daemons on the host: set ssh.user: root for it in the inventory"
+        )
+    if remote.python is None:
+        raise DeployError(f"{name}: python3 not found on the host (the runtime needs it)")
+
+
 def _describe(plan: HostPlan) -> str:
     if plan.noop:
         return f"up to date ({len(plan.unchanged)} link(s) running, nothing to do)"
@@ -1381,11 +1411,19 @@ def _dry_run_diff(
             result = ssh[name].run(
                 f"tar -c -f - -C / {quote(*[p.lstrip('/') for p in readable])}", timeout=30
             )
-            with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
-                for member in tar.getmembers():
-                    handle = tar.extractfile(member)
-                    if handle is not None:
-                        current["/" + member.name] = handle.read()
+            if result.returncode != 0:
+                raise DeployError(
+                    f"{name}: cannot read the deployed files for the diff (tar exited "
+                    f"{result.returncode}: {result.error_text[-200:] or 'no message'})"
+                )
+            try:
+                with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+                    for member in tar.getmembers():
+                        handle = tar.extractfile(member)
+                        if handle is not None:
+                            current["/" + member.name] = handle.read()
+            except tarfile.TarError as exc:
+                raise DeployError(f"{name}: unreadable tar of the deployed files: {exc}") from exc
         present = [path for path, have in states[name].files.items() if have is not None]
         chunks.append(redacted_diff(name, plan, current, present))
     return "".join(chunks)

@@ -339,3 +339,55 @@ def test_a_status_record_not_rewritten_for_more_than_five_seconds_is_stale() -> 
     assert got["state"] == "stale"
     assert "not rewritten for 6s" in got["reason"]
     assert _one_record({"state": "up", "pid": 7, "updated": 1096.0}, pidfile="7")["state"] == "up"
+
+
+def test_a_non_root_ssh_user_is_refused_by_host_name_not_with_a_traceback() -> None:
+    from vpnctl.deploy import check_remote
+
+    remote = parse_probe("uid 1000\npython /usr/bin/python3\nstamp -\n", [])
+    with pytest.raises(DeployError, match=r"^h1: ssh user 'ops' is not root \(uid 1000\)"):
+        check_remote("h1", "ops", remote)
+    check_remote("h1", "root", parse_probe("uid 0\npython /usr/bin/python3\n", []))
+
+
+def _write_manifest(tmp_path: Path, manifest: dict) -> None:
+    (tmp_path / "h1").mkdir(exist_ok=True)
+    (tmp_path / "h1" / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_manifest_with_a_link_name_or_path_unsafe_for_the_shell_is_refused(
+    tmp_path: Path,
+) -> None:
+    from vpnctl.deploy import load_manifest
+
+    _write_manifest(tmp_path, _manifest("l1"))
+    assert load_manifest(tmp_path, "h1")["links"]["l1"]["peer"] == "h2"
+    bad_link = _manifest("l1")
+    bad_link["links"]["x; rm -rf /"] = bad_link["links"].pop("l1")
+    _write_manifest(tmp_path, bad_link)
+    with pytest.raises(DeployError, match=r"manifest\.json: link name 'x; rm -rf /'"):
+        load_manifest(tmp_path, "h1")
+    bad_path = _manifest("l1")
+    bad_path["links"]["l1"]["pidfile"] = "/run/$(reboot).pid"
+    _write_manifest(tmp_path, bad_path)
+    with pytest.raises(DeployError, match=r"links\.l1\.pidfile '/run/\$\(reboot\)\.pid'"):
+        load_manifest(tmp_path, "h1")
+    bad_prefix = {**_manifest("l1"), "prefix": "/srv/%h"}
+    _write_manifest(tmp_path, bad_prefix)
+    with pytest.raises(DeployError, match="prefix '/srv/%h' is not a plain absolute path"):
+        load_manifest(tmp_path, "h1")
+
+
+def test_a_dry_run_whose_tar_of_the_deployed_files_fails_says_so_by_host() -> None:
+    from vpnctl.deploy import HostOutcome, _dry_run_diff
+    from vpnctl.ssh import RemoteResult
+
+    class TarFails:
+        def run(self, command: str, **_: object) -> RemoteResult:
+            return RemoteResult(2, b"", b"tar: etc/vpnd/l1.conf: Cannot open: Permission denied")
+
+    new = _desired("l1", b"mode server\nnew\n")
+    remote = _remote(_desired("l1"))
+    plan = plan_host("h1", _manifest("l1"), new, remote, runtime_stamp="s1", use_systemd=False)
+    with pytest.raises(DeployError, match=r"^h1: cannot read the deployed files .*Permission"):
+        _dry_run_diff({"h1": HostOutcome("h1", plan)}, {"h1": remote}, {"h1": TarFails()}, "s1")  # type: ignore[dict-item]

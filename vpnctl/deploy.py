@@ -893,6 +893,7 @@ class HostOutcome:
     confirmed: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # link -> why not confirmable
     rolled_back: dict[str, str] = field(default_factory=dict)  # link -> why
+    runtime_switched: bool = False  # the new runtime was installed (a rollback switches back)
 
 
 @dataclass
@@ -1171,7 +1172,7 @@ def _rollback_host(
     for link in links:
         outcome.rolled_back.setdefault(link, why)
     try:
-        ssh.run(rollback_script(plan, manifest, links, plan.runtime, finish=True),
+        ssh.run(rollback_script(plan, manifest, links, outcome.runtime_switched, finish=True),
                 timeout=apply_timeout(plan), check=True)  # fmt: skip
     except SshError as exc:
         note = f"rollback failed too ({exc}); the next deploy finds it pending and retries"
@@ -1212,6 +1213,7 @@ def _apply_confirm_commit(
                 printer.line(name, f"installing runtime {runtime.stamp}")
                 ssh[name].run(install_runtime_script(manifest["prefix"], runtime.stamp),
                               stdin=tarball, timeout=300, check=True)  # fmt: skip
+                outcome.runtime_switched = True
             deployed = states[name].deployed or {}
             result = ssh[name].run(apply_script(plan, manifest, deployed),
                                    stdin=_tar_files(plan.files),
@@ -1292,7 +1294,7 @@ def _apply_confirm_commit(
         links = sorted(outcome.rolled_back)
         echo(f"{name}: rolling back {', '.join(links)} (restoring previous files and daemons)")
         try:
-            ssh[name].run(rollback_script(plan, manifests[name], links, plan.runtime),
+            ssh[name].run(rollback_script(plan, manifests[name], links, outcome.runtime_switched),
                           timeout=apply_timeout(plan), check=True)  # fmt: skip
         except SshError as exc:
             outcome.error = f"rollback failed: {exc}"

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from vpnctl.deploy import confirm_links
-from vpnctl.ssh import RemoteResult
+from vpnctl.ssh import RemoteResult, SshError
 
 FP = "ab12:cd34"
 NOW = 5000.0
@@ -138,3 +138,38 @@ def test_a_host_whose_apply_fails_is_rolled_back_and_its_peer_follows() -> None:
     assert "previous files and daemons restored" in outcomes["a"].rolled_back["l1"]
     assert "the apply on a failed" in outcomes["b"].rolled_back["l1"]
     assert applied == set(), "nothing is left to roll back on Ctrl-C"
+
+
+def test_a_runtime_install_that_fails_is_not_switched_back_to_an_older_runtime() -> None:
+    from vpnctl.deploy import (
+        DesiredFile,
+        HostOutcome,
+        RemoteState,
+        _apply_confirm_commit,
+        _Printer,
+        plan_host,
+    )
+
+    class InstallFails(RecordingHost):
+        commands: list[str]
+
+        def run(self, command: str, **kwargs: Any) -> RemoteResult:
+            self.commands = [*getattr(self, "commands", []), command]
+            if "python3 -m venv" in command:  # what SshHost.run(check=True) does on exit 1
+                raise SshError("a", "remote command failed (1): no space left on device")
+            return super().run(command, **kwargs)
+
+    manifests = {"a": _manifest("a", "b")}
+    conf = DesiredFile("/srv/a/etc/vpnd/l1.conf", b"new\n", 0o644, "l1", "config")
+    states = {"a": RemoteState("old", False, "python3", {conf.path: ("x", 0o644)}, {}, None)}
+    plan = plan_host("a", manifests["a"], [conf], states["a"], runtime_stamp="new",
+                     use_systemd=False)  # fmt: skip
+    outcomes = {"a": HostOutcome("a", plan)}
+    host = InstallFails(apply_rc=0)
+    runtime = type("R", (), {"stamp": "new"})()
+    _apply_confirm_commit(["a"], outcomes, manifests, states, {"a": host},  # type: ignore[dict-item]
+                          runtime=runtime, tarball=b"", printer=_Printer(lambda _: None, 1),  # type: ignore[arg-type]
+                          applied=set(), wait=0.0, jobs=1, echo=lambda _: None)  # fmt: skip
+    assert host.ran == ["rollback+finish"]
+    assert "opt/vpnd/previous" not in host.commands[-1]
+    assert "remote command failed" in (outcomes["a"].error or "")

@@ -53,7 +53,8 @@ class EndStatus:
     host: str
     link: str
     role: str
-    state: str  # up, connecting, listening, handshake, down, not running, not deployed, unreachable
+    state: str  # up, connecting, listening, handshake, down, not running, stale, not deployed,
+    # unreachable
     reason: str | None = None
     peer: str | None = None
     uptime: float | None = None

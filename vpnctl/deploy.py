@@ -670,15 +670,18 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     # earlier deploy was interrupted after it started changing files: its backup is kept and
     # files it already backed up are not backed up again (they may be uncommitted now).
     out.append(f"[ -e {pending} ] || rm -rf {backup}")
-    out.append(f"mkdir -p {backup}/files {backup}/absent && : > {pending} && sync -f {pending}"
-               " 2>/dev/null; true")  # fmt: skip
+    out.append(f"mkdir -p {backup}/files {backup}/absent && : > {pending} || "
+               "{ echo 'apply-failed: cannot write the backup' >&2; exit 3; }")  # fmt: skip
+    out.append(f"sync -f {pending} 2>/dev/null || true")
     for item in plan.files:
         src = quote(item.path)
         saved, absent = _backup_paths(prefix, item.path)
         out.append(
             f"if [ ! -e {saved} ] && [ ! -e {absent} ]; then "
             f'if [ -f {src} ]; then mkdir -p "$(dirname {saved})" && cp -p {src} {saved}; '
-            f'else mkdir -p "$(dirname {absent})" && : > {absent}; fi; fi'
+            f'else mkdir -p "$(dirname {absent})" && : > {absent}; fi || '
+            f"{{ rm -f {saved}; echo {quote(f'apply-failed: cannot back up {item.path}')} >&2; "
+            "exit 3; }; fi"
         )
     out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
     for link in plan.removed:

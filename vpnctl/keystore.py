@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from vpnctl.inventory import UserError
-from vpnd_runtime.keyfile import KEY_BYTES, KeyFileError, fingerprint, load_key
+from vpnd_runtime.keyfile import KEY_BYTES, KeyFileError, fingerprint, load_key, write_exclusive
 
 __all__ = [
     "ENCRYPTED_MAGIC",
@@ -97,24 +97,12 @@ def format_age(seconds: float) -> str:
 
 def _write_exclusive(path: Path, data: bytes) -> None:
     """Create ``path`` with O_EXCL, mode 0600, and write ``data`` (removed again on failure)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
+        write_exclusive(path, data)
     except FileExistsError:
         raise KeystoreError(f"{path}: already exists; vpnctl never overwrites a key") from None
     except OSError as exc:
-        raise KeystoreError(f"{path}: cannot create: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        path.unlink()
-        raise KeystoreError(f"{path}: cannot write: {exc.strerror}") from None
-    os.close(fd)
+        raise KeystoreError(f"{path}: cannot create or write: {exc.strerror}") from None
 
 
 def _utc_text(when: float) -> str:

@@ -53,6 +53,33 @@ def _read_random(randomdev: str, count: int) -> bytes:
     return b"".join(chunks)
 
 
+class _WriteFailed(OSError):
+    """The file was created but writing it failed (it has been removed again)."""
+
+
+def write_exclusive(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create `path` with O_EXCL|O_NOFOLLOW and mode 0600 and write `data`, synced.
+
+    The one way secrets reach the disk (vpnd key files, vpnctl's keystore): an existing file, even
+    a dangling symlink, is never replaced (FileExistsError), and a partly written file is removed
+    (raised as an OSError subclass after the file is gone).
+    """
+    name = os.fspath(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only clear bits; make the mode exact anyway
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(name)
+        raise _WriteFailed(exc.errno, exc.strerror) from exc
+    os.close(fd)
+
+
 def generate_key(path: str | os.PathLike[str], randomdev: str = "/dev/random") -> bytes:
     """Create a new key file at ``path`` from 32 bytes of ``randomdev`` and return the key.
 
@@ -61,25 +88,14 @@ def generate_key(path: str | os.PathLike[str], randomdev: str = "/dev/random") -
     """
     name = os.fspath(path)
     key = _read_random(randomdev, KEY_BYTES)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(name, flags, 0o600)
+        write_exclusive(name, (key.hex() + "\n").encode("ascii"))
     except FileExistsError:
         raise KeyFileError(name, "refusing to overwrite an existing key file") from None
+    except _WriteFailed as exc:
+        raise KeyFileError(name, f"cannot write key file: {exc.strerror}") from None
     except OSError as exc:
         raise KeyFileError(name, f"cannot create key file: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)  # the umask can only clear bits; make the mode exact anyway
-        data = (key.hex() + "\n").encode("ascii")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        os.unlink(name)
-        raise KeyFileError(name, f"cannot write key file: {exc.strerror}") from None
-    os.close(fd)
     return key
 
 

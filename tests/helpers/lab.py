@@ -9,12 +9,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from tests.helpers.wait import poll_until
 from vpnctl.lab import LabState, lab_down, lab_exec, lab_up
 
 __all__ = [
@@ -67,18 +67,6 @@ def running_lab(directory: Path, *, clients: int = 2, base: str = "t") -> Iterat
         yield state
     finally:
         lab_down(directory)
-
-
-def poll_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
-    """Call `check` until it returns something truthy; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last: T = check()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-        last = check()
-    return last
 
 
 def lab_traces(tag: str) -> list[str]:

@@ -12,11 +12,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.helpers.wait import poll_until
+
+__all__ = ["poll_until"]  # re-exported: tests import it from here
 
 _counter = itertools.count()
 
@@ -32,20 +35,6 @@ def run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Compl
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
-
-
-def poll_until(
-    condition: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition"
-) -> object:
-    """Return the first truthy value of `condition()`, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass

@@ -15,20 +15,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from tests.helpers.wait import poll_until
+
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` every few milliseconds; raise TimeoutError naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)  # a bounded poll step, not a fixed wait
-        delay = min(delay * 2, 0.05)
+    """`poll_until` under the name the serial tests use."""
+    poll_until(predicate, timeout, what)
 
 
 @dataclass

@@ -37,13 +37,13 @@ def timed(state: LabState, *args: str, check: bool = True) -> tuple[float, str]:
     return time.monotonic() - started, proc.stdout
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=20, help="lab hosts (server + clients)")
     parser.add_argument("--jobs", type=int, default=8, help="deploy/status parallelism")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_fleet: needs root (network namespaces)", file=sys.stderr)
         return 2

@@ -84,6 +84,8 @@ BACKOFF_CAP = 30.0
 BACKOFF_JITTER = 0.5
 #: A link that stayed up this long resets the backoff to its first step.
 BACKOFF_RESET_AFTER = 30.0
+#: Deadline for a TCP connect, and then for the handshake on it.
+HANDSHAKE_TIMEOUT = 10.0
 #: Handshake deadline on serial lines, where a lost handshake message is retried by starting over.
 SERIAL_HANDSHAKE_TIMEOUT = 4.0
 #: How often the status file is refreshed while nothing changes.
@@ -106,7 +108,7 @@ def params_from_config(config: Config) -> Params:
         lossy=config.is_serial,
         # A handshake message lost on a noisy line is only retried by starting over: keep that
         # wait short on serial links (a handshake is ~200 bytes: 20 ms at 115200 bit/s).
-        handshake_timeout=SERIAL_HANDSHAKE_TIMEOUT if config.is_serial else 10.0,
+        handshake_timeout=SERIAL_HANDSHAKE_TIMEOUT if config.is_serial else HANDSHAKE_TIMEOUT,
     )
 
 
@@ -321,14 +323,11 @@ class Daemon:
             if self.connecting is None and not self.pending:
                 deadline = min(deadline, self.next_attempt)
             elif self.connecting is not None:
-                deadline = min(deadline, self.connect_started + self._handshake_timeout())
+                deadline = min(deadline, self.connect_started + HANDSHAKE_TIMEOUT)
         return deadline
 
     def _sessions(self) -> list[Session]:
         return [*self.pending, self.active] if self.active else list(self.pending)
-
-    def _handshake_timeout(self) -> float:
-        return params_from_config(self.config).handshake_timeout
 
     def _timers(self, now: float) -> None:
         if self.relisten_at is not None and now >= self.relisten_at and not self.stopping:
@@ -351,10 +350,7 @@ class Daemon:
                     self._open_line(now)
                 else:
                     self._connect(now)
-            elif (
-                self.connecting is not None
-                and now - self.connect_started > self._handshake_timeout()
-            ):
+            elif self.connecting is not None and now - self.connect_started > HANDSHAKE_TIMEOUT:
                 self._connect_failed(now, "connect timed out")
 
     # ----------------------------------------------------------------- client side

@@ -38,6 +38,7 @@ from vpnctl.deploy import load_manifest, parse_status_output, status_script
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import format_age
 from vpnctl.ssh import SshError, SshHost
+from vpnd_runtime.status import format_bytes
 
 __all__ = ["EndStatus", "FleetStatus", "LinkStatus", "collect", "format_table", "parse_host_output"]
 
@@ -203,14 +204,7 @@ def collect(
 
 
 def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "K", "M", "G"):
-        if value < 1024 or unit == "G":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{n}B"
+    return "-" if n is None else format_bytes(n, compact=True)
 
 
 def format_table(status: FleetStatus) -> str:

@@ -137,13 +137,16 @@ def read_status(path: str) -> dict[str, Any]:
     return record
 
 
-def _fmt_bytes(n: int) -> str:
+def format_bytes(n: int, compact: bool = False) -> str:
+    """A byte count for people: `1.5 MiB`, or `1.5M` when `compact` (for tables)."""
+    units = ("B", "K", "M", "G") if compact else ("B", "KiB", "MiB", "GiB")
+    sep = "" if compact else " "
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in units:
+        if value < 1024 or unit == units[-1]:
+            return f"{value:.0f}{sep}{unit}" if unit == "B" else f"{value:.1f}{sep}{unit}"
         value /= 1024
-    return f"{n} B"
+    return f"{n}{sep}B"  # pragma: no cover - the loop always returns
 
 
 def _fmt_age(seconds: float | None) -> str:
@@ -176,20 +179,20 @@ def format_status(record: dict[str, Any]) -> str:
         ("rekeys", record.get("rekeys")),
         (
             "in",
-            f"{record.get('packets_in', 0)} packets, {_fmt_bytes(record.get('bytes_in', 0))}"
+            f"{record.get('packets_in', 0)} packets, {format_bytes(record.get('bytes_in', 0))}"
             if "packets_in" in record
             else None,
         ),
         (
             "out",
-            f"{record.get('packets_out', 0)} packets, {_fmt_bytes(record.get('bytes_out', 0))}"
+            f"{record.get('packets_out', 0)} packets, {format_bytes(record.get('bytes_out', 0))}"
             if "packets_out" in record
             else None,
         ),
         (
             "carrier",
-            f"in {_fmt_bytes(record.get('carrier_bytes_in', 0))}, "
-            f"out {_fmt_bytes(record.get('carrier_bytes_out', 0))}"
+            f"in {format_bytes(record.get('carrier_bytes_in', 0))}, "
+            f"out {format_bytes(record.get('carrier_bytes_out', 0))}"
             if "carrier_bytes_in" in record
             else None,
         ),

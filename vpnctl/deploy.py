@@ -5,16 +5,27 @@ Theory of operation
 A deploy runs in phases; each phase runs over every host in parallel with a bounded pool, and
 every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection per host).
 
-1. **Runtime** (local, once). :func:`build_runtime` makes a wheelhouse under
-   ``build/.runtime/``: a wheel of ``vpnd_runtime`` built here (deterministic bytes) plus the
-   wheels of its imports (cryptography, pyroute2, pyserial and their dependencies) at the
-   versions installed on the operator's machine. Its *stamp* is a hash over the wheels.
+1. **Runtime** (local, once per host *target*). A :class:`Target` is what a binary wheel must
+   match on a host: CPython major.minor, machine (``uname -m``) and glibc version, as the probe
+   reports them. :func:`build_runtime` makes a wheelhouse for one target: a wheel of
+   ``vpnd_runtime`` built here (deterministic bytes, pure, fits every target) plus the wheels of
+   its imports (cryptography, pyroute2, pyserial and their dependencies) at the versions
+   installed on the operator's machine. For the operator's own target these come from
+   ``pip wheel`` into :func:`wheel_cache` (as they always did: no network once warm); for any
+   other target from ``pip download --only-binary=:all: --no-deps --python-version X.Y
+   --implementation cp --platform manylinux_2_N_<arch>...`` (every manylinux tag the host's
+   glibc accepts) into a cache keyed by the target and the pins. A target no wheel exists for
+   fails that host at planning, naming host and target; nothing is applied there. The runtime's
+   *stamp* is a hash over the wheels and the target, so hosts with different targets get their
+   own bundle and a host whose Python was upgraded gets a fresh venv.
 2. **Probe + plan.** One ssh call per host reports the installed runtime stamp, whether
-   systemd runs, the sha256 and mode of every file we would install, which links' daemons run,
-   and the manifest of the last deploy. :func:`plan_host` (pure) compares that with the
-   desired files: a link *changes* when any of its files (config, key, unit) differs or the
-   runtime changes; a link whose files match but whose daemon is not running is *started*; a
-   link in the last deploy but no longer rendered is *removed*. Nothing else is touched.
+   systemd runs, the host's target, the sha256 and mode of every file we would install, which
+   links' daemons run, and the manifest of the last deploy (the wheelhouse for the host's
+   target is built, or found cached, between probe and plan). :func:`plan_host` (pure)
+   compares that with the desired files: a link *changes* when any of its files (config, key,
+   unit) differs or the runtime changes; a link whose files match but whose daemon is not
+   running is *started*; a link in the last deploy but no longer rendered is *removed*.
+   Nothing else is touched.
    ``--dry-run`` stops here and prints a unified diff (key files redacted). The probe also
    reports the ssh user's uid (deploy needs root) and a *pending* marker (below): a host where
    an earlier deploy applied changes but never committed them has every link restarted and
@@ -55,6 +66,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import posixpath
 import re
 import shutil
@@ -76,6 +88,11 @@ from vpnctl.inventory import Host, Inventory, UserError
 from vpnctl.keystore import Keystore
 from vpnctl.ssh import SshError, SshHost, quote
 
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # pip (which deploy runs anyway) vendors the same library
+    from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+
 __all__ = [
     "DeployError",
     "DeployReport",
@@ -83,9 +100,12 @@ __all__ = [
     "HostPlan",
     "RemoteState",
     "Runtime",
+    "Target",
     "build_runtime",
     "deploy",
     "desired_files",
+    "local_target",
+    "parse_target",
     "plan_host",
     "redacted_diff",
 ]
@@ -164,7 +184,7 @@ def _runtime_wheel(out_dir: Path) -> Path:
     record.append(f"{dist}.dist-info/RECORD,,")
     files.append((f"{dist}.dist-info/RECORD", ("\n".join(record) + "\n").encode()))
     path = out_dir / f"{dist}-py3-none-any.whl"
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in files:
             info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
@@ -173,6 +193,98 @@ def _runtime_wheel(out_dir: Path) -> Path:
             zf.writestr(info, data)
     tmp.replace(path)
     return path
+
+
+MIN_PYTHON = (3, 11)
+MIN_GLIBC = (2, 17)  # manylinux2014: the oldest baseline the runtime's binary wheels ship for
+# Machines whose manylinux history starts before 2014 (manylinux1 = glibc 2.5, 2010 = 2.12).
+_OLD_MANYLINUX = {"x86_64": (2, 5), "i686": (2, 5)}
+_LEGACY_ALIASES = {(2, 17): "manylinux2014", (2, 12): "manylinux2010", (2, 5): "manylinux1"}
+
+
+@dataclass(frozen=True, order=True)
+class Target:
+    """What a binary wheel must match on a host: CPython ``python`` (major, minor), the
+    machine (``uname -m``) and the glibc version (None: no glibc, e.g. musl)."""
+
+    python: tuple[int, int]
+    machine: str
+    glibc: tuple[int, int] | None
+    implementation: str = "cpython"
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe name, e.g. ``cp312-x86_64-glibc2.36`` (cache dirs, stamps, errors)."""
+        impl = "cp" if self.implementation == "cpython" else self.implementation
+        libc = f"glibc{self.glibc[0]}.{self.glibc[1]}" if self.glibc else "noglibc"
+        return f"{impl}{self.python[0]}{self.python[1]}-{self.machine}-{libc}"
+
+    def platform_tags(self) -> list[str]:
+        """Every manylinux platform tag this host accepts, best (newest glibc) first: what
+        ``pip download --platform`` is given. DeployError when there is none."""
+        if self.implementation != "cpython":
+            raise DeployError(f"target {self.key}: the runtime needs CPython, not "
+                              f"{self.implementation}")  # fmt: skip
+        if self.glibc is None:
+            raise DeployError(f"target {self.key}: no glibc on the host (musl?); the runtime's "
+                              "binary wheels are built for glibc (manylinux)")  # fmt: skip
+        if not re.fullmatch(r"[a-z0-9_]+", self.machine):
+            raise DeployError(f"target {self.key}: machine {self.machine!r} is not a plain name")
+        major, minor = self.glibc
+        oldest = _OLD_MANYLINUX.get(self.machine, MIN_GLIBC)
+        if major != 2 or (major, minor) < oldest:
+            raise DeployError(
+                f"target {self.key}: glibc {major}.{minor} is older than any manylinux wheel "
+                f"for {self.machine} (needs {oldest[0]}.{oldest[1]}+)"
+            )
+        tags = []
+        for m in range(minor, oldest[1] - 1, -1):
+            tags.append(f"manylinux_2_{m}_{self.machine}")
+            alias = _LEGACY_ALIASES.get((2, m))
+            if alias:
+                tags.append(f"{alias}_{self.machine}")
+        return tags
+
+
+def parse_target(text: str) -> Target | None:
+    """The probe's ``target`` line (``cpython 3.12 aarch64 glibc 2.31``; no libc words on a
+    host without glibc) as a Target; None when it is not in that form."""
+    words = text.split()
+    if len(words) not in (3, 5):
+        return None
+    impl, version, machine = words[:3]
+    match = re.fullmatch(r"(\d+)\.(\d+)", version)
+    if not match or not re.fullmatch(r"[A-Za-z0-9_]+", machine) or not impl.isalnum():
+        return None
+    glibc: tuple[int, int] | None = None
+    if len(words) == 5:
+        libc = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)*", words[4])
+        if words[3] == "glibc" and libc:
+            glibc = (int(libc[1]), int(libc[2]))
+        elif words[3] == "glibc":
+            return None
+    return Target((int(match[1]), int(match[2])), machine, glibc, impl)
+
+
+def local_target() -> Target:
+    """The operator machine's own target (its wheels are what ``pip wheel`` builds here)."""
+    name, version = platform.libc_ver()
+    glibc = None
+    if name == "glibc" and (m := re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)*", version)):
+        glibc = (int(m[1]), int(m[2]))
+    return Target(
+        (sys.version_info.major, sys.version_info.minor),
+        platform.machine(),
+        glibc,
+        sys.implementation.name,
+    )
+
+
+# Printed by the probe: `target <implementation> <major.minor> <machine> [glibc <version>]`.
+TARGET_PY = (
+    "import platform, sys; print(sys.implementation.name, '%d.%d' % sys.version_info[:2], "
+    "platform.machine(), *platform.libc_ver())"
+)
 
 
 def _dependency_pins() -> list[str]:
@@ -186,6 +298,52 @@ def _dependency_pins() -> list[str]:
     return pins
 
 
+_PY_IMPL = {"cpython": "CPython"}
+
+
+def _marker_env(target: Target) -> dict[str, str]:
+    """PEP 508 marker values of a Linux CPython host of `target`."""
+    major, minor = target.python
+    return {
+        "implementation_name": target.implementation,
+        "platform_python_implementation": _PY_IMPL.get(
+            target.implementation, target.implementation
+        ),
+        "python_version": f"{major}.{minor}",
+        "python_full_version": f"{major}.{minor}.0",
+        "implementation_version": f"{major}.{minor}.0",
+        "platform_machine": target.machine,
+        "platform_system": "Linux",
+        "sys_platform": "linux",
+        "os_name": "posix",
+        "extra": "",
+    }
+
+
+def dependency_closure(target: Target) -> list[str]:
+    """``name==version`` of every distribution the runtime needs on `target`, at the versions
+    installed here: the runtime dependencies and what they require (markers evaluated for
+    the target, extras skipped), sorted. The foreign-target wheelhouse downloads exactly these."""
+    env = _marker_env(target)
+    seen: dict[str, str] = {}
+    todo = list(RUNTIME_DEPS)
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        try:
+            seen[name] = metadata.version(name)
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError as exc:
+            raise DeployError(f"runtime dependency {name} (needed on {target.key}) is not "
+                              "installed here, so its version is unknown") from exc  # fmt: skip
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(env):
+                todo.append(req.name)
+    return sorted(f"{name}=={version}" for name, version in seen.items())
+
+
 def wheel_cache() -> Path:
     """Where dependency wheels are kept between deploys: ``$VPNCTL_WHEELS`` or the user cache."""
     explicit = os.environ.get("VPNCTL_WHEELS")
@@ -195,58 +353,113 @@ def wheel_cache() -> Path:
     return base / "vpnctl" / "wheels"
 
 
-def build_runtime(cache: Path, echo: Echo | None = None, deps_cache: Path | None = None) -> Runtime:
-    """Make the wheelhouse: the runtime wheel in `cache`, dependency wheels in `deps_cache`
-    (default :func:`wheel_cache`), fetched only when the pinned versions change."""
-    cache.mkdir(parents=True, exist_ok=True)
-    deps = deps_cache or wheel_cache()
-    deps.parent.mkdir(parents=True, exist_ok=True)
-    pins = _dependency_pins()
-    pip_pin = f"pip=={metadata.version('pip')}"
-    marker = deps / "PINS"
-    if not marker.exists() or marker.read_text().split() != [*pins, pip_pin]:
-        if echo:
-            echo(f"runtime: fetching wheels for {' '.join(pins)}")
-        tmp = deps.with_name(f"{deps.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(tmp), *pins],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if proc.returncode == 0:
-            tools = tmp / "tools"
-            tools.mkdir(exist_ok=True)
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                 "--wheel-dir", str(tools), pip_pin],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )  # fmt: skip
-        if proc.returncode != 0:
-            raise DeployError(
-                f"cannot build the runtime wheelhouse (pip wheel {' '.join(pins)}): "
-                f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
-            )
-        (tmp / "PINS").write_text("\n".join([*pins, pip_pin]) + "\n")
-        shutil.rmtree(deps, ignore_errors=True)
-        try:
-            tmp.rename(deps)
-        except OSError:  # a concurrent deploy filled the cache first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    wheels = [*sorted(deps.glob("*.whl")), _runtime_wheel(cache)]
-    digest = hashlib.sha256()
+def target_cache(deps: Path, target: Target, pins: Iterable[str]) -> Path:
+    """The cache dir of a foreign target's wheels: next to `deps`, named by the target and a
+    hash of the pins (new pins -> new dir, so an old wheelhouse is never mixed in)."""
+    digest = hashlib.sha256("\n".join(pins).encode()).hexdigest()[:12]
+    return deps.with_name(f"{deps.name}-{target.key}-{digest}")
+
+
+def runtime_stamp(wheels: Iterable[Path], target: Target) -> str:
+    """The stamp of a wheelhouse for `target`: a hash over the wheels' names and bytes and the
+    target's key (a host whose Python or glibc changed gets a fresh venv)."""
+    digest = hashlib.sha256(f"target {target.key}\0".encode())
     for wheel in sorted(wheels, key=lambda p: p.name):
         digest.update(wheel.name.encode() + b"\0" + hashlib.sha256(wheel.read_bytes()).digest())
+    return digest.hexdigest()[:STAMP_LEN]
+
+
+def _pip(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+
+
+def _fill_cache(deps: Path, marker: list[str], fetch: Callable[[Path], str | None]) -> None:
+    """Fill `deps` unless its PINS file says `marker`: `fetch(tmp)` fills a fresh dir (returns an
+    error text or None), which then replaces `deps` atomically."""
+    pins_file = deps / "PINS"
+    if pins_file.exists() and pins_file.read_text().split() == marker:
+        return
+    deps.parent.mkdir(parents=True, exist_ok=True)
+    tmp = deps.with_name(f"{deps.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tools").mkdir(parents=True)
+    try:
+        error = fetch(tmp)
+        if error is not None:
+            raise DeployError(error)
+        (tmp / "PINS").write_text("\n".join(marker) + "\n")
+        shutil.rmtree(deps, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a concurrent deploy filled it first: use theirs
+            tmp.rename(deps)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else f"pip exited {proc.returncode}"
+
+
+def build_runtime(
+    cache: Path,
+    echo: Echo | None = None,
+    deps_cache: Path | None = None,
+    target: Target | None = None,
+) -> Runtime:
+    """Make the wheelhouse for `target` (default: this machine's): the runtime wheel in
+    `cache`, dependency wheels in `deps_cache` (default :func:`wheel_cache`), fetched only when
+    the pinned versions change. This machine's target uses ``pip wheel`` into `deps_cache` as
+    always; another target ``pip download``s binary wheels for it into :func:`target_cache`
+    (DeployError naming the target and the pin when none exists)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    deps = deps_cache or wheel_cache()
+    here = local_target()
+    target = target or here
+    pip_pin = f"pip=={metadata.version('pip')}"
+    if target == here:
+        pins = _dependency_pins()
+
+        def fetch_local(tmp: Path) -> str | None:
+            if echo:
+                echo(f"runtime: fetching wheels for {' '.join(pins)}")
+            proc = _pip(["wheel", "--quiet", "--wheel-dir", str(tmp), *pins])
+            if proc.returncode == 0:
+                proc = _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp / "tools"),
+                             pip_pin])  # fmt: skip
+            if proc.returncode != 0:
+                return (f"cannot build the runtime wheelhouse (pip wheel {' '.join(pins)}): "
+                        f"{_last_line(proc)}")  # fmt: skip
+            return None
+
+        _fill_cache(deps, [*pins, pip_pin], fetch_local)
+    else:
+        tags = target.platform_tags()
+        pins = dependency_closure(target)
+        deps = target_cache(deps, target, [*pins, pip_pin])
+        platform_args = [arg for tag in tags for arg in ("--platform", tag)]
+        major, minor = target.python
+
+        def fetch_foreign(tmp: Path) -> str | None:
+            if echo:
+                echo(f"runtime: fetching {target.key} wheels for {' '.join(pins)}")
+            for dest, wanted in ((tmp, pins), (tmp / "tools", [pip_pin])):
+                proc = _pip(["download", "--quiet", "--only-binary=:all:", "--no-deps",
+                             "--implementation", "cp", "--python-version", f"{major}.{minor}",
+                             *platform_args, "--dest", str(dest), *wanted])  # fmt: skip
+                if proc.returncode != 0:
+                    return (f"no binary wheel set for target {target.key} (CPython "
+                            f"{major}.{minor}, {target.machine}, manylinux up to glibc "
+                            f"{target.glibc[0]}.{target.glibc[1]}) among "  # type: ignore[index]
+                            f"{' '.join(wanted)}: {_last_line(proc)}")  # fmt: skip
+            return None
+
+        _fill_cache(deps, [*pins, pip_pin], fetch_foreign)
+    wheels = [*sorted(deps.glob("*.whl")), _runtime_wheel(cache)]
     pip = sorted((deps / "tools").glob("pip-*.whl"))
     if not pip:
         raise DeployError(f"{deps / 'tools'}: no pip wheel; delete {deps} and retry")
-    return Runtime(stamp=digest.hexdigest()[:STAMP_LEN], wheels=tuple(wheels), pip=pip[-1])
+    return Runtime(stamp=runtime_stamp(wheels, target), wheels=tuple(wheels), pip=pip[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +500,8 @@ class RemoteState:
     deployed: Mapping[str, Any] | None  # manifest recorded by the last successful deploy
     pending: bool = False  # an earlier deploy applied changes here and never committed them
     uid: int | None = None  # the ssh user's uid (deploy needs root)
+    target: Target | None = None  # the host's python/machine/glibc (None: not reported)
+    target_text: str | None = None  # the probe's raw target line (None: no such line)
 
 
 @dataclass
@@ -503,7 +718,8 @@ pid_of() { [ -f "$1" ] && cat "$1" 2>/dev/null; }
 
 
 def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
-    """One shell script reporting stamp, systemd, python, file hashes/modes, running links."""
+    """One shell script reporting stamp, systemd, python, target, file hashes/modes, running
+    links."""
     prefix = manifest["prefix"]
     lines = [_SH_FUNCS]
     lines.append(f'echo "stamp $(cat {quote(_rt(prefix, "STAMP"))} 2>/dev/null || echo -)"')
@@ -511,6 +727,7 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
     )
     lines.append('echo "python $(command -v python3 || echo -)"')
+    lines.append(f'echo "target $(python3 -c {quote(TARGET_PY)} 2>/dev/null || echo -)"')
     lines.append('echo "uid $(id -u)"')
     pending = posixpath.join(prefix, STATE_DIR, "pending")
     lines.append(f'if [ -e {quote(pending)} ]; then echo "pending yes"; else echo "pending no"; fi')
@@ -543,6 +760,7 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
     deployed: dict[str, Any] | None = None
     pending = False
     uid: int | None = None
+    target_text: str | None = None
     for line in text.splitlines():
         word, _, rest = line.partition(" ")
         if word == "stamp":
@@ -553,6 +771,8 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
             python = None if rest.strip() == "-" else rest.strip()
         elif word == "pending":
             pending = rest.strip() == "yes"
+        elif word == "target":
+            target_text = rest.strip()
         elif word == "uid":
             with contextlib.suppress(ValueError):
                 uid = int(rest.strip())
@@ -571,7 +791,9 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
         elif word == "deployed" and rest.strip() not in {"", "-"}:
             with contextlib.suppress(ValueError):
                 deployed = json.loads(base64.b64decode(rest.strip()))
-    return RemoteState(stamp, systemd, python, files, running, deployed, pending, uid)
+    target = parse_target(target_text) if target_text is not None else None
+    return RemoteState(stamp, systemd, python, files, running, deployed, pending, uid, target,
+                       target_text)  # fmt: skip
 
 
 LOCK_WAIT = 60  # seconds a deploy step waits for another deploy's lock on the same host
@@ -1060,6 +1282,34 @@ def confirm_links(
     return results
 
 
+class _RuntimeBuilder:
+    """One wheelhouse per distinct target, built on first demand by whichever probe thread
+    asks first (others with that target wait for it); a failure is remembered and reported for
+    every host of that target, naming the host."""
+
+    def __init__(self, cache: Path, echo: Echo) -> None:
+        self.cache = cache
+        self.echo = echo
+        self.lock = threading.Lock()
+        self.locks: dict[Target, threading.Lock] = {}
+        self.built: dict[Target, Runtime | DeployError] = {}
+
+    def get(self, host: str, target: Target) -> Runtime:
+        """The runtime for `target`; DeployError ``<host>: target <key>: ...`` if none."""
+        with self.lock:
+            lock = self.locks.setdefault(target, threading.Lock())
+        with lock:
+            if target not in self.built:
+                try:
+                    self.built[target] = build_runtime(self.cache, self.echo, target=target)
+                except DeployError as exc:
+                    self.built[target] = exc
+        found = self.built[target]
+        if isinstance(found, DeployError):
+            raise DeployError(f"{host}: no runtime for its target {target.key}: {found}")
+        return found
+
+
 def deploy(
     inventory: Inventory,
     hosts: list[str],
@@ -1084,11 +1334,12 @@ def deploy(
     build = Path(build)
     manifests = {h.name: load_manifest(build, h.name) for h in inventory.hosts}
     ssh = {h.name: SshHost(h.name, h.ssh, connect_timeout=connect_timeout) for h in inventory.hosts}
-    runtime = build_runtime(build / ".runtime", echo)
-    tarball = runtime.tarball()
+    here = local_target()
+    runtimes = _RuntimeBuilder(build / ".runtime", echo)
     printer = _Printer(echo, len(hosts))
     outcomes = {name: HostOutcome(name) for name in hosts}
     states: dict[str, RemoteState] = {}
+    host_runtime: dict[str, Runtime] = {}
 
     def probe(name: str) -> None:
         host: Host = known[name]
@@ -1102,6 +1353,8 @@ def deploy(
             result = ssh[name].run(probe_script(manifest, paths), timeout=30, check=True)
             remote = parse_probe(result.text, paths)
             check_remote(name, host.ssh.user, remote)
+            # a probe without a target line (none of ours) is taken as the operator's target
+            runtime = runtimes.get(name, remote.target or here)
             use_systemd = flag is True or (flag == "auto" and remote.systemd_running)
             if flag is True and not remote.systemd_running:
                 raise DeployError(f"{name}: manifest says systemd but the host does not run it")
@@ -1119,15 +1372,18 @@ def deploy(
             printer.line(name, f"FAILED probe: {exc}", finished=True)
             return
         states[name] = remote
+        host_runtime[name] = runtime
         outcome.plan = plan
         printer.line(name, _describe(plan), finished=True)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(probe, hosts))
 
-    report = DeployReport(outcomes, runtime_stamp=runtime.stamp)
+    stamps = sorted({runtime.stamp for runtime in host_runtime.values()})
+    report = DeployReport(outcomes, runtime_stamp=", ".join(stamps))
     if dry_run:
-        report.diff = _dry_run_diff(outcomes, states, ssh, runtime.stamp)
+        report.diff = _dry_run_diff(outcomes, states, ssh,
+                                    {n: r.stamp for n, r in host_runtime.items()})  # fmt: skip
         return report
 
     work = [n for n in hosts if outcomes[n].plan is not None and not outcomes[n].plan.noop]
@@ -1135,11 +1391,18 @@ def deploy(
         echo("no changes: every host is up to date, nothing restarted")
         return report
 
+    tarballs: dict[str, bytes] = {}  # stamp -> tar, made once per target that is installed
+    for name in work:
+        runtime = host_runtime[name]
+        if outcomes[name].plan.runtime and runtime.stamp not in tarballs:  # type: ignore[union-attr]
+            tarballs[runtime.stamp] = runtime.tarball()
+    host_runtimes = {name: (host_runtime[name], tarballs.get(host_runtime[name].stamp, b""))
+                     for name in work}  # fmt: skip
     printer = _Printer(echo, len(work))
     applied: set[str] = set()  # hosts where the apply script was started (may have changes)
     try:
         _apply_confirm_commit(
-            work, outcomes, manifests, states, ssh, runtime=runtime, tarball=tarball,
+            work, outcomes, manifests, states, ssh, host_runtimes=host_runtimes,
             printer=printer, applied=applied, wait=wait, jobs=jobs, echo=echo,
         )  # fmt: skip
     except KeyboardInterrupt:
@@ -1193,15 +1456,19 @@ def _apply_confirm_commit(
     states: Mapping[str, RemoteState],
     ssh: Mapping[str, SshHost],
     *,
-    runtime: Runtime,
-    tarball: bytes,
+    runtime: Runtime | None = None,
+    tarball: bytes = b"",
+    host_runtimes: Mapping[str, tuple[Runtime, bytes]] | None = None,
     printer: _Printer,
     applied: set[str],
     wait: float,
     jobs: int,
     echo: Echo,
 ) -> None:
-    """Phases 3-6 of the module doc for the hosts in `work` (their plans are not no-ops)."""
+    """Phases 3-6 of the module doc for the hosts in `work` (their plans are not no-ops).
+
+    `host_runtimes` gives each host's wheelhouse and its tar (for its target); a host not in it
+    gets `runtime` and `tarball`."""
 
     applied_at: dict[str, float] = {}  # host -> its clock when apply began (before restarts)
 
@@ -1213,9 +1480,11 @@ def _apply_confirm_commit(
         try:
             applied.add(name)
             if plan.runtime:
-                printer.line(name, f"installing runtime {runtime.stamp}")
-                ssh[name].run(install_runtime_script(manifest["prefix"], runtime.stamp),
-                              stdin=tarball, timeout=300, check=True)  # fmt: skip
+                rt, tar = (host_runtimes or {}).get(name) or (runtime, tarball)
+                assert rt is not None  # noqa: S101 - a plan installs a runtime only if built
+                printer.line(name, f"installing runtime {rt.stamp}")
+                ssh[name].run(install_runtime_script(manifest["prefix"], rt.stamp),
+                              stdin=tar, timeout=300, check=True)  # fmt: skip
                 outcome.runtime_switched = True
             deployed = states[name].deployed or {}
             result = ssh[name].run(apply_script(plan, manifest, deployed),
@@ -1366,7 +1635,8 @@ def _committed_manifest(
 
 
 def check_remote(name: str, user: str, remote: RemoteState) -> None:
-    """Refuse a host deploy cannot work on, naming it: a non-root ssh user, no python3."""
+    """Refuse a host deploy cannot work on, naming it: a non-root ssh user, no python3, a
+    python3 too old or whose target cannot be read."""
     if remote.uid != 0:
         found = "unknown" if remote.uid is None else str(remote.uid)
         raise DeployError(
@@ -1375,6 +1645,13 @@ def check_remote(name: str, user: str, remote: RemoteState) -> None:
         )
     if remote.python is None:
         raise DeployError(f"{name}: python3 not found on the host (the runtime needs it)")
+    if remote.target_text is not None and remote.target is None:
+        raise DeployError(f"{name}: cannot tell the host's Python target: python3 -c printed "
+                          f"{remote.target_text!r}")  # fmt: skip
+    if remote.target is not None and remote.target.python < MIN_PYTHON:
+        have, need, key = remote.target.python, MIN_PYTHON, remote.target.key
+        raise DeployError(f"{name}: python3 on the host is {have[0]}.{have[1]} (target {key}); "
+                          f"the runtime needs {need[0]}.{need[1]}+")  # fmt: skip
 
 
 def _describe(plan: HostPlan) -> str:
@@ -1396,16 +1673,20 @@ def _dry_run_diff(
     outcomes: Mapping[str, HostOutcome],
     states: Mapping[str, RemoteState],
     ssh: Mapping[str, SshHost],
-    stamp: str,
+    stamps: Mapping[str, str] | str,
 ) -> str:
-    """Fetch the deployed copies of the non-secret files that would change; diff them."""
+    """Fetch the deployed copies of the non-secret files that would change; diff them.
+    `stamps` is each host's new runtime stamp (or one stamp for all)."""
     chunks = []
     for name, outcome in outcomes.items():
         plan = outcome.plan
         if plan is None or plan.noop:
             continue
         if plan.runtime:
-            chunks.append(f"# {name}: runtime {states[name].stamp or 'none'} -> {stamp}\n")
+            target = states[name].target
+            what = f" (target {target.key})" if target else ""
+            new = stamps if isinstance(stamps, str) else stamps[name]
+            chunks.append(f"# {name}: runtime {states[name].stamp or 'none'} -> {new}{what}\n")
         for link in plan.start:
             chunks.append(f"# {name}: {link} is not running: would start it\n")
         for link in plan.removed:

@@ -391,3 +391,95 @@ def test_a_dry_run_whose_tar_of_the_deployed_files_fails_says_so_by_host() -> No
     plan = plan_host("h1", _manifest("l1"), new, remote, runtime_stamp="s1", use_systemd=False)
     with pytest.raises(DeployError, match=r"^h1: cannot read the deployed files .*Permission"):
         _dry_run_diff({"h1": HostOutcome("h1", plan)}, {"h1": remote}, {"h1": TarFails()}, "s1")  # type: ignore[dict-item]
+
+
+FLEET = """version: 1
+hosts:
+  - name: alpha
+    address: 198.18.1.1
+  - name: beta
+    address: 198.18.1.2
+  - name: gamma
+    address: 198.18.1.3
+links:
+  - name: ab
+    server: alpha
+    client: beta
+  - name: ga
+    server: gamma
+    client: alpha
+"""
+
+
+def test_each_target_gets_its_own_runtime_and_a_target_without_wheels_fails_only_its_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alpha runs the operator's Python; gamma Python 3.13 on the same machine; beta an aarch64
+    with a glibc older than any manylinux wheel: beta fails at planning naming host and
+    target, before anything is applied, and the others plan a runtime stamped for their own
+    target."""
+    from typer.testing import CliRunner
+
+    from vpnctl import deploy as deploymod
+    from vpnctl.cli import app
+    from vpnctl.inventory import load_inventory
+    from vpnctl.ssh import RemoteResult
+
+    here = deploymod.local_target()
+    libc = f" glibc {here.glibc[0]}.{here.glibc[1]}" if here.glibc else ""
+    targets = {
+        "alpha": f"cpython {here.python[0]}.{here.python[1]} {here.machine}{libc}",
+        "beta": "cpython 3.12 aarch64 glibc 2.12",
+        "gamma": f"cpython 3.13 {here.machine}{libc}",
+    }
+    ran: list[tuple[str, str]] = []
+
+    class ProbedHost:
+        def __init__(self, name: str, settings: object, **_: object) -> None:
+            self.name = name
+
+        def run(self, command: str, **_: object) -> RemoteResult:
+            ran.append((self.name, "probe" if 'echo "uid $(id -u)"' in command else command))
+            out = "stamp -\nsystemd no\npython /usr/bin/python3\nuid 0\n"
+            out += f"target {targets[self.name]}\n"
+            return RemoteResult(0, out.encode(), b"")
+
+    built: list[deploymod.Target] = []
+    real_build = deploymod.build_runtime
+
+    def build(cache: Path, echo: object = None, deps_cache: object = None, target=None):
+        built.append(target)
+        if target.key == "cp312-aarch64-glibc2.12":
+            return real_build(cache, None, tmp_path / "wheels", target=target)  # fails: no tags
+        wheel = tmp_path / f"{target.key}.whl"
+        wheel.write_bytes(target.key.encode())
+        stamp = deploymod.runtime_stamp([wheel], target)
+        return deploymod.Runtime(stamp=stamp, wheels=(wheel,), pip=wheel)
+
+    (tmp_path / "inventory.yaml").write_text(FLEET)
+    Keystore(tmp_path / "keystore").create()
+    base = ["-i", str(tmp_path / "inventory.yaml"), "--keystore", str(tmp_path / "keystore"),
+            "--build", str(tmp_path / "build")]  # fmt: skip
+    for step in ("keygen", "render"):
+        result = CliRunner().invoke(app, [*base, step])
+        assert result.exit_code == 0, result.output
+    monkeypatch.setattr(deploymod, "SshHost", ProbedHost)
+    monkeypatch.setattr(deploymod, "build_runtime", build)
+    lines: list[str] = []
+    report = deploymod.deploy(load_inventory(tmp_path / "inventory.yaml"),
+                              ["alpha", "beta", "gamma"], tmp_path / "build",
+                              Keystore(tmp_path / "keystore"), dry_run=True, jobs=1,
+                              echo=lines.append)  # fmt: skip
+    assert sorted(t.key for t in built) == sorted(
+        {deploymod.parse_target(t).key for t in targets.values()}  # type: ignore[union-attr]
+    ), "one build per distinct target"
+    beta = report.outcomes["beta"]
+    assert beta.plan is None
+    assert (beta.error or "").startswith("beta: no runtime for its target cp312-aarch64-glibc2.12:")
+    assert "glibc 2.12 is older than any manylinux wheel" in (beta.error or "")
+    assert [what for host, what in ran if host == "beta"] == ["probe"], "nothing applied on beta"
+    alpha, gamma = report.outcomes["alpha"].plan, report.outcomes["gamma"].plan
+    assert alpha is not None and gamma is not None and alpha.runtime and gamma.runtime
+    assert f"target {here.key})" in report.diff and "target cp313-" in report.diff
+    stamps = report.runtime_stamp.split(", ")
+    assert len(stamps) == 2, "alpha and gamma have different targets, so different stamps"

@@ -388,9 +388,7 @@ class Daemon:
         conn = Connection(
             "initiator", self.key, params_from_config(cfg), self.rng, now, wall=time.time()
         )
-        session = Session(carrier, conn, now)
-        self.pending.append(session)
-        self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
+        session = self._add_pending(carrier, conn, now)
         self.status.set_state("handshake")
         self.status.peer = carrier.peer
         self._status_dirty = True
@@ -418,9 +416,7 @@ class Daemon:
             now = time.monotonic()
         carrier = SerialCarrier(transport, cfg.server_host)
         conn, framer = self._line_connection(now)
-        session = Session(carrier, conn, now, framer=framer)
-        self.pending.append(session)
-        self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
+        session = self._add_pending(carrier, conn, now, framer)
         self.status.set_state("handshake")
         self.status.peer = carrier.peer
         log.info("line %s open at %d bit/s, handshaking", cfg.server_host, cfg.speed)
@@ -529,9 +525,7 @@ class Daemon:
                 replay_guard=self._guard(),
                 wall=time.time(),
             )
-            session = Session(carrier, conn, now)
-            self.pending.append(session)
-            self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
+            self._add_pending(carrier, conn, now)
             log.info("connection from %s, waiting for its handshake", peer)
 
     def _guard(self) -> Any:
@@ -660,13 +654,23 @@ class Daemon:
             return
         self._set_tx_wait(session, carrier.pending)
 
+    def _add_pending(
+        self, carrier: tcp.Carrier, conn: Connection, now: float, framer: SlipFramer | None = None
+    ) -> Session:
+        """A new carrier connection, watched for input, waiting for its handshake."""
+        session = Session(carrier, conn, now, framer=framer)
+        self.pending.append(session)
+        self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
+        return session
+
     def _set_tx_wait(self, session: Session, waiting: bool) -> None:
         """Watch the carrier for writability, and pause the TUN, exactly while output is queued."""
         if waiting == session.tx_registered or session.closed:
             return
         session.tx_registered = waiting
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
-        self.sel.modify(session.carrier.fileno(), events, self._reader(session))
+        fd = session.carrier.fileno()
+        self.sel.modify(fd, events, self.sel.get_key(fd).data)  # the same callback, new interest
         if session is self.active:
             self._watch_tun(not waiting)
 

@@ -42,8 +42,6 @@ TUN_F_TSO6 = 0x04
 VNET_HDR_LEN = 10
 #: One read can return a 64 KiB GSO super-packet plus its virtio header.
 READ_SIZE = 65535 + VNET_HDR_LEN
-#: A virtio header for a plain packet: no GSO, no checksum offload pending.
-PLAIN_VNET_HDR = bytes(VNET_HDR_LEN)
 
 
 class TunError(OSError):
@@ -179,11 +177,6 @@ class Tun:
         self._routes.clear()
         self._pinned.clear()
         return problems
-
-    @property
-    def routes(self) -> list[Route]:
-        """The routes currently installed through this interface by us."""
-        return list(self._routes)
 
     def close(self) -> None:
         """Close the fd: the kernel deletes the (non-persistent) interface and its routes."""

@@ -8,22 +8,11 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.workspace import workspace
 from vpnctl import deploy as deploymod
 from vpnctl.inventory import load_inventory
 from vpnctl.keystore import Keystore
 from vpnctl.ssh import RemoteResult
-
-INVENTORY = """version: 1
-hosts:
-  - name: alpha
-    address: 198.18.1.1
-  - name: beta
-    address: 198.18.1.2
-links:
-  - name: ab
-    server: alpha
-    client: beta
-"""
 
 RAN: list[tuple[str, str]] = []
 
@@ -54,10 +43,7 @@ def test_ctrl_c_during_apply_rolls_back_every_host_already_changed(
 
     from vpnctl.cli import app
 
-    (tmp_path / "inventory.yaml").write_text(INVENTORY)
-    Keystore(tmp_path / "keystore").create()
-    base = ["-i", str(tmp_path / "inventory.yaml"), "--keystore", str(tmp_path / "keystore"),
-            "--build", str(tmp_path / "build")]  # fmt: skip
+    base = workspace(tmp_path)
     for step in ("keygen", "render"):
         result = CliRunner().invoke(app, [*base, step])
         assert result.exit_code == 0, result.output

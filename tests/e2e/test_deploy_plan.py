@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.workspace import workspace
 from vpnctl.deploy import (
     DeployError,
     DesiredFile,
@@ -218,31 +219,12 @@ def test_the_status_script_reads_every_link_in_one_shell_without_python() -> Non
     assert f"{PREFIX}/run/vpnd/l2.status.json" in script
 
 
-INVENTORY = """version: 1
-hosts:
-  - name: alpha
-    address: 198.18.1.1
-  - name: beta
-    address: 198.18.1.2
-links:
-  - name: ab
-    server: alpha
-    client: beta
-"""
-
-
 def _cli(tmp_path: Path, *args: str) -> tuple[int, str]:
     from typer.testing import CliRunner
 
     from vpnctl.cli import app
 
-    (tmp_path / "inventory.yaml").write_text(INVENTORY)
-    Keystore(tmp_path / "keystore").create()
-    result = CliRunner().invoke(
-        app,
-        ["-i", str(tmp_path / "inventory.yaml"), "--keystore", str(tmp_path / "keystore"),
-         "--build", str(tmp_path / "build"), *args],
-    )  # fmt: skip
+    result = CliRunner().invoke(app, [*workspace(tmp_path), *args])
     return result.exit_code, result.output
 
 

@@ -170,9 +170,7 @@ def test_parse_error_plain_ack_and_extended_ack() -> None:
 
 def test_error_messages_say_what_why_and_a_hint() -> None:
     text = nl.describe_error("adding route 198.19.8.0/24", errno.EPERM)
-    assert (
-        text == "adding route 198.19.8.0/24: Operation not permitted (needs root (CAP_NET_ADMIN))"
-    )
+    assert text == "adding route 198.19.8.0/24: Operation not permitted (needs root: CAP_NET_ADMIN)"
     text = nl.describe_error(
         "adding route x", errno.EINVAL, "Invalid prefix for given prefix length"
     )

@@ -93,13 +93,13 @@ NLMSGERR = struct.Struct("=i")
 
 #: What an errno usually means for these requests, appended to the kernel's own wording.
 HINTS = {
-    errno.EPERM: "needs root (CAP_NET_ADMIN)",
-    errno.EACCES: "needs root (CAP_NET_ADMIN)",
+    errno.EPERM: "needs root: CAP_NET_ADMIN",
+    errno.EACCES: "needs root: CAP_NET_ADMIN",
     errno.EEXIST: "it already exists",
-    errno.ENODEV: "no such interface (was it removed?)",
+    errno.ENODEV: "no such interface: was it removed?",
     errno.ESRCH: "no such route",
     errno.EADDRNOTAVAIL: "no such address on the interface",
-    errno.ENETUNREACH: "no route to that network (is the gateway reachable?)",
+    errno.ENETUNREACH: "is the gateway on a connected network?",
 }
 
 

@@ -129,8 +129,7 @@ class Tun:
 
         Remembered so `remove_route`/`remove_routes` can undo it.
         """
-        what = f"route {network} " + (f"via {gateway}" if gateway else f"dev {self.name}")
-        with _netlink(what) as nl:
+        with _netlink(f"TUN {self.name}") as nl:
             nl.add_route(network, oif=self.index, gateway=gateway)
         self._routes.append(Route(network, gateway))
 
@@ -143,7 +142,7 @@ class Tun:
         route = mine[-1]
         self._routes.remove(route)
         try:
-            with _netlink(f"removing route {network} from {self.name}") as nl:
+            with _netlink(f"TUN {self.name}") as nl:
                 nl.del_route(network, oif=self.index, gateway=route.gateway)
         except TunError as exc:
             if exc.errno in (errno.ESRCH, errno.ENODEV):

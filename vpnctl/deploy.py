@@ -9,7 +9,7 @@ every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection p
    match on a host: CPython major.minor, machine (``uname -m``) and glibc version, as the probe
    reports them. :func:`build_runtime` makes a wheelhouse for one target: a wheel of
    ``vpnd_runtime`` built here (deterministic bytes, pure, fits every target) plus the wheels of
-   its imports (cryptography, pyroute2, pyserial and their dependencies) at the versions
+   its imports (cryptography, pyserial and their dependencies) at the versions
    installed on the operator's machine. For the operator's own target these come from
    ``pip wheel`` into :func:`wheel_cache` (as they always did: no network once warm); for any
    other target from ``pip download --only-binary=:all: --no-deps --python-version X.Y
@@ -114,7 +114,7 @@ RUNTIME_DIR = "opt/vpnd"  # below the host prefix: venv-<stamp>/, current -> ven
 RUNTIME_LINK = "usr/local/bin/vpnd"  # below the host prefix (rendering.RUNTIME_PATH)
 STATE_DIR = "var/lib/vpnctl"  # below the host prefix: deployed manifest, commit-confirm backups
 UNIT_DIR = "/etc/systemd/system"
-RUNTIME_DEPS = ("cryptography", "pyroute2", "pyserial")
+RUNTIME_DEPS = ("cryptography", "pyserial")
 DEFAULT_JOBS = 8
 DEFAULT_WAIT = 30.0
 POLL_INTERVAL = 0.5

@@ -25,12 +25,10 @@ the file and resolves relative paths against the config file's directory.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -337,6 +335,8 @@ def _host_text(host: str) -> str:
 
 def _float_text(value: float) -> str:
     """Plain decimal notation (never an exponent) that reads back to the same float."""
+    from decimal import Decimal  # noqa: PLC0415 - lazy: the daemon never renders a config
+
     text = format(Decimal(repr(value)), "f")
     return text[:-2] if text.endswith(".0") else text
 
@@ -625,6 +625,8 @@ def _unknown_message(keyword: str) -> str:
         return f"route index {match.group(1)} is out of range: extra routes are route1..route9"
     if keyword.lower() in _DIRECTIVES:
         return f"unknown directive; directives are lowercase: did you mean {keyword.lower()!r}?"
+    import difflib  # noqa: PLC0415 - lazy: only a bad config needs the hint
+
     hints = difflib.get_close_matches(keyword.lower(), list(_DIRECTIVES), n=1, cutoff=0.6)
     if hints:
         return f"unknown directive; did you mean {hints[0]!r}?"
@@ -820,6 +822,8 @@ def parse_peer(
         fail(None, None, f"peer name {name!r} must be letters, digits, '_', '.', '-' (≤ 64)")
     for number, keyword, args in _lex(text):
         if keyword not in _PEER_DIRECTIVES:
+            import difflib  # noqa: PLC0415 - lazy: only a bad peer file needs the hint
+
             hints = difflib.get_close_matches(keyword.lower(), _PEER_DIRECTIVES, n=1, cutoff=0.6)
             where = "the hub's config" if keyword in _DIRECTIVES else None
             message = (

@@ -136,22 +136,38 @@ def _global_options(
         ),
     ] = Path(DEFAULT_INVENTORY),
     keystore: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--keystore",
             envvar="VPNCTL_KEYSTORE",
-            help="Keystore directory: link keys (0600) and tunnel address allocations.",
+            help="Keystore directory: link keys (0600) and tunnel address allocations "
+            "[default: keystore/ beside the inventory].",
+            show_default=False,
         ),
-    ] = Path(DEFAULT_KEYSTORE),
+    ] = None,
     build: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            "--build", envvar="VPNCTL_BUILD", help="Where `render` writes build/<host>/ trees."
+            "--build",
+            envvar="VPNCTL_BUILD",
+            help="Where `render` writes build/<host>/ trees [default: build/ beside the "
+            "inventory].",
+            show_default=False,
         ),
-    ] = Path(DEFAULT_BUILD),
+    ] = None,
 ) -> None:
     """Global options go before the command: `vpnctl -i lab.yaml render`."""
-    ctx.obj = Workspace(inventory, keystore, build)
+    ctx.obj = Workspace(
+        inventory,
+        keystore if keystore is not None else beside(inventory, DEFAULT_KEYSTORE),
+        build if build is not None else beside(inventory, DEFAULT_BUILD),
+    )
+
+
+def beside(inventory: Path, name: str) -> Path:
+    """``name`` in the inventory's directory: keystore/ and build/ follow the inventory, so
+    `vpnctl -i ../site/inventory.yaml keygen` never makes a new keystore where it is run."""
+    return inventory.parent / name
 
 
 def _commands() -> None:

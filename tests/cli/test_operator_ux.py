@@ -104,3 +104,28 @@ def test_a_malformed_encrypted_key_is_refused_without_the_passphrase(project: Pa
         "vpnctl: keystore/lab.key.enc: malformed encrypted key file (not the "
         "'vpnctl-encrypted-key 1' format)\n"
     )
+
+
+# ---- 4. keystore/ and build/ follow the inventory --------------------------------------------
+
+
+def test_keystore_and_build_default_to_the_inventory_directory(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = project / "some" / "where"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    keygen = run("-i", "../../inventory.yaml", "keygen")
+    assert keygen.exit_code == 0, keygen.output
+    assert (project / "keystore/office.key").exists()
+    render = run("-i", "../../inventory.yaml", "render")
+    assert render.exit_code == 0, render.output
+    assert render.stdout.splitlines()[-1] == (
+        "rendered 2 link(s) for 3 host(s) into ../../build/: 10 file(s) changed"
+    )
+    assert (project / "build/alpha/manifest.json").exists()
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+    # the explicit options still win
+    other = run("-i", "../../inventory.yaml", "--keystore", "ks", "keys")
+    assert other.exit_code == 1
+    assert "(no key: run vpnctl keygen)" in other.stdout

@@ -129,3 +129,101 @@ def test_keystore_and_build_default_to_the_inventory_directory(
     other = run("-i", "../../inventory.yaml", "--keystore", "ks", "keys")
     assert other.exit_code == 1
     assert "(no key: run vpnctl keygen)" in other.stdout
+
+
+# ---- 2. pre-flight once, before any host -----------------------------------------------------
+
+UNREACHABLE_HOSTS = """version: 1
+defaults:
+  ssh:
+    options: [ConnectTimeout=2, BatchMode=yes]
+hosts:
+  - name: alpha
+    address: 198.18.1.1
+    ssh: {host: 127.0.0.1, port: 1}
+  - name: beta
+    address: 198.18.1.2
+    ssh: {host: 127.0.0.1, port: 1}
+links:
+  - name: ab
+    server: alpha
+    client: beta
+"""
+
+
+@pytest.fixture
+def closed(project: Path) -> Path:
+    """The project with two hosts whose ssh goes to a closed loopback port (refused at once)."""
+    (project / "inventory.yaml").write_text(UNREACHABLE_HOSTS)
+    return project
+
+
+def test_a_wrong_passphrase_is_one_message_before_any_host(closed: Path) -> None:
+    assert run("keygen", "--passphrase-env", "PW", env={"PW": "right"}).exit_code == 0
+    assert run("render").exit_code == 0
+    result = run("deploy", "--dry-run", "--all", "--passphrase-env", "PW", env={"PW": "wrong"})
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "vpnctl: keystore/ab.key.enc: wrong passphrase (or the file was altered)\n"
+    )
+
+
+def test_without_a_terminal_deploy_never_prompts_for_the_passphrase(closed: Path) -> None:
+    assert run("keygen", "--passphrase-env", "PW", env={"PW": "right"}).exit_code == 0
+    assert run("render").exit_code == 0
+    result = run("deploy", "--dry-run", "--all")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "vpnctl: a passphrase is needed and there is no terminal to ask it on: give "
+        "--passphrase-env VAR or --passphrase-file FILE\n"
+    )
+
+
+def test_a_broken_key_stops_deploy_before_any_host(closed: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    os.chmod(closed / "keystore/ab.key", 0o640)
+    result = run("deploy", "--all")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "vpnctl: keystore/ab.key: key file mode 0640 lets others read it; "
+        "run chmod 600 keystore/ab.key\n"
+    )
+
+
+# ---- 5. a stale build is refused -------------------------------------------------------------
+
+
+def test_deploy_refuses_a_build_older_than_the_inventory(closed: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    inventory = closed / "inventory.yaml"
+    inventory.write_text(
+        inventory.read_text().replace("    client: beta\n", "    client: beta\n    keepalive: 7\n")
+    )
+    result = run("deploy", "--all")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "vpnctl: build/ does not match inventory.yaml and keystore/ (4 file(s) differ: "
+        "build/alpha/etc/vpnd/ab.conf, build/alpha/manifest.json, build/beta/etc/vpnd/ab.conf "
+        "and 1 more); run `vpnctl render` first\n"
+    )
+
+
+def test_deploy_refuses_a_build_with_a_link_no_longer_in_the_inventory(closed: Path) -> None:
+    inventory = closed / "inventory.yaml"
+    inventory.write_text(
+        UNREACHABLE_HOSTS + "  - name: ba\n    server: beta\n    client: alpha\n    port: 380\n"
+    )
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    inventory.write_text(UNREACHABLE_HOSTS)
+    result = run("deploy", "--dry-run", "alpha")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("vpnctl: build/ does not match inventory.yaml and keystore/ (")
+    assert "build/alpha/etc/vpnd/ba.conf" in result.stderr
+    assert result.stderr.endswith("; run `vpnctl render` first\n")

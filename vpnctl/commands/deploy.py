@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vpnctl.deploy import DEFAULT_JOBS, DEFAULT_WAIT, deploy
-from vpnctl.inventory import UserError
+from vpnctl.deploy import DEFAULT_JOBS, DEFAULT_WAIT, DeployError, deploy, load_manifest
+from vpnctl.inventory import Inventory, UserError
+from vpnctl.keystore import Keystore
+from vpnctl.rendering import changed_paths
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from vpnctl.cli import Workspace
+
+__all__ = ["main", "preflight"]
 
 
 def main(  # noqa: PLR0917 - typer maps each option to a parameter
@@ -49,18 +54,13 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     Exit 1 when a host failed or a link was rolled back.
     """
     from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
-    from vpnctl.commands.keygen import read_passphrase  # noqa: PLC0415
 
     ws = workspace(ctx)
     inventory = ws.load_inventory()
     if all_hosts and hosts:
         raise UserError("give host names or --all, not both")
     names = [h.name for h in inventory.hosts] if all_hosts else list(hosts or [])
-    store = ws.keystore()
-    store.check_directory()
-    passphrase = None
-    if any(store.is_encrypted(link.name) for link in inventory.links if store.has_key(link.name)):
-        passphrase = read_passphrase(passphrase_env, passphrase_file, prompt=True, confirm=False)
+    store = preflight(ws, inventory, names, passphrase_env, passphrase_file)
     report = deploy(
         inventory,
         names,
@@ -69,7 +69,7 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
         dry_run=dry_run,
         wait=wait,
         jobs=jobs,
-        passphrase=passphrase,
+        passphrase=None,
         echo=typer.echo,
     )
     if dry_run:
@@ -78,6 +78,64 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
         _summary(report)
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+class _UnlockedKeystore(Keystore):
+    """The keystore with the keys the pre-flight loaded (and checked) once, so deploy neither
+    asks for nor derives a passphrase again per host."""
+
+    def __init__(self, root: Path, keys: dict[str, bytes]) -> None:
+        super().__init__(root)
+        self._keys = keys
+
+    def load(self, link: str, *, passphrase: bytes | None = None, staged: bool = False) -> bytes:
+        """The key the pre-flight loaded for ``link``, else the keystore's."""
+        if not staged and link in self._keys:
+            return self._keys[link]
+        return super().load(link, passphrase=passphrase, staged=staged)
+
+
+def preflight(
+    ws: Workspace,
+    inventory: Inventory,
+    names: list[str],
+    passphrase_env: str | None,
+    passphrase_file: Path | None,
+) -> Keystore:
+    """Everything deploy can check locally, once, before it contacts any host (a UserError,
+    exit 2, with one message): host names, the keystore, build/ matching the inventory and the
+    keystore (else "run vpnctl render"), the passphrase (never prompted for without a terminal)
+    and every key file of the links deployed."""
+    from vpnctl.commands.keygen import read_passphrase  # noqa: PLC0415
+    from vpnctl.commands.render import rendered  # noqa: PLC0415
+
+    known = [h.name for h in inventory.hosts]
+    unknown = [name for name in dict.fromkeys(names) if name not in known]
+    if unknown:
+        raise UserError(
+            f"{ws.inventory_path}: no host named {', '.join(unknown)}; "
+            f"the hosts are: {', '.join(known)}"
+        )
+    if not names:
+        raise UserError(f"name at least one host, or give --all (hosts: {', '.join(known)})")
+    manifests = [load_manifest(ws.build_path, name) for name in names]  # "run vpnctl render"
+    store = ws.keystore()
+    store.check_directory()
+    _, _, files = rendered(ws, persist=False)
+    stale = changed_paths(files, ws.build_path)
+    if stale:
+        shown = ", ".join(f"{ws.build_path}/{p}" for p in stale[:3])
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        raise DeployError(
+            f"{ws.build_path}/ does not match {ws.inventory_path} and {store.root}/ "
+            f"({len(stale)} file(s) differ: {shown}{more}); run `vpnctl render` first"
+        )
+    links = sorted({link for manifest in manifests for link in manifest["links"]})
+    passphrase = None
+    if any(store.is_encrypted(link) for link in links):
+        passphrase = read_passphrase(passphrase_env, passphrase_file, prompt=True, confirm=False)
+    keys = {link: store.load(link, passphrase=passphrase) for link in links}
+    return _UnlockedKeystore(store.root, keys)
 
 
 def _summary(report: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,13 @@ import typer
 
 from vpnctl.keystore import KeystoreError
 
-__all__ = ["main", "read_passphrase"]
+__all__ = ["can_prompt", "main", "read_passphrase"]
+
+
+def can_prompt() -> bool:
+    """True when a person can be asked: standard input is a terminal. Without one vpnctl
+    never prompts (a script would hang or get getpass's warning and "Aborted!")."""
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 def read_passphrase(
@@ -34,6 +41,11 @@ def read_passphrase(
             raise KeystoreError(f"{file}: the passphrase file is empty")
         return lines[0].encode()
     if prompt:
+        if not can_prompt():
+            raise KeystoreError(
+                "a passphrase is needed and there is no terminal to ask it on: "
+                "give --passphrase-env VAR or --passphrase-file FILE"
+            )
         value = typer.prompt(
             "Keystore passphrase", hide_input=True, confirmation_prompt=confirm, err=True
         )

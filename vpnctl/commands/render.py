@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vpnctl.inventory import UserError
+from vpnctl.inventory import Inventory, UserError
 from vpnctl.rendering import RenderError, check_build, diff_build, render, write_build
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from vpnctl.cli import Workspace
+
+__all__ = ["main", "rendered"]
+
+
+def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str], dict[str, bytes]]:
+    """What `vpnctl render` would write now: (allocated inventory, link -> key fingerprint
+    computed from the key file, build-relative path -> bytes). `deploy` compares it with build/
+    to refuse a stale build. With ``persist`` new tunnel allocations are recorded."""
+    inventory = ws.load_inventory()
+    store = ws.keystore()
+    store.check_directory()
+    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
+    if missing:
+        raise RenderError(
+            f"{store.root}: no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first"
+        )
+    fingerprints = {}
+    for link in inventory.links:
+        info = store.info(link.name)
+        assert info is not None  # noqa: S101 - has_key() was checked above
+        fingerprints[link.name] = info.fingerprint
+    inventory = ws.allocated(inventory, persist=persist)
+    return inventory, fingerprints, render(inventory, fingerprints)
 
 
 def main(
@@ -42,21 +66,7 @@ def main(
     if check and diff:
         raise UserError("give either --check or --diff, not both")
     ws = workspace(ctx)
-    inventory = ws.load_inventory()
-    store = ws.keystore()
-    store.check_directory()
-    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
-    if missing:
-        raise RenderError(
-            f"{store.root}: no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first"
-        )
-    fingerprints = {}
-    for link in inventory.links:
-        info = store.info(link.name)
-        assert info is not None  # noqa: S101 - has_key() was checked above
-        fingerprints[link.name] = info.fingerprint
-    inventory = ws.allocated(inventory, persist=not (check or diff))
-    files = render(inventory, fingerprints)
+    inventory, fingerprints, files = rendered(ws, persist=not (check or diff))
     build = ws.build_path
     if diff:
         text = diff_build(files, build)

@@ -86,7 +86,7 @@ from typing import Any
 import vpnd_runtime
 from vpnctl.inventory import Host, Inventory, UserError
 from vpnctl.keystore import Keystore
-from vpnctl.ssh import SshError, SshHost, quote
+from vpnctl.ssh import SshError, SshHost, SshTimeout, SshUnreachable, quote
 
 try:
     from packaging.requirements import Requirement
@@ -1119,6 +1119,7 @@ class HostOutcome:
     waiting: dict[str, str] = field(default_factory=dict)  # link -> why not confirmable
     rolled_back: dict[str, str] = field(default_factory=dict)  # link -> why
     runtime_switched: bool = False  # the new runtime was installed (a rollback switches back)
+    unreachable: bool = False  # the probe could not reach the host (ssh failed or timed out)
 
 
 @dataclass
@@ -1369,7 +1370,9 @@ def deploy(
             )
         except (SshError, DeployError, UserError) as exc:
             outcome.error = str(exc)
-            printer.line(name, f"FAILED probe: {exc}", finished=True)
+            outcome.unreachable = isinstance(exc, SshUnreachable | SshTimeout)
+            printer.line(name, f"FAILED probe: {str(exc).removeprefix(f'{name}: ')}",
+                         finished=True)  # fmt: skip
             return
         states[name] = remote
         host_runtime[name] = runtime
@@ -1388,7 +1391,8 @@ def deploy(
 
     work = [n for n in hosts if outcomes[n].plan is not None and not outcomes[n].plan.noop]
     if not work:
-        echo("no changes: every host is up to date, nothing restarted")
+        if report.ok:  # never "no changes" after a failure: the recap says what failed
+            echo("no changes: every host is up to date, nothing restarted")
         return report
 
     tarballs: dict[str, bytes] = {}  # stamp -> tar, made once per target that is installed

@@ -227,3 +227,53 @@ def test_deploy_refuses_a_build_with_a_link_no_longer_in_the_inventory(closed: P
     assert result.stderr.startswith("vpnctl: build/ does not match inventory.yaml and keystore/ (")
     assert "build/alpha/etc/vpnd/ba.conf" in result.stderr
     assert result.stderr.endswith("; run `vpnctl render` first\n")
+
+
+# ---- 3. a recap per host, never "no changes" after a failure ---------------------------------
+
+
+def test_dry_run_to_unreachable_hosts_ends_with_a_recap_not_no_changes(closed: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    result = run("deploy", "--dry-run", "--all", "-j", "1")
+    assert result.exit_code == 1
+    refused = "ssh: connect to host 127.0.0.1 port 1: Connection refused"
+    assert result.stdout == (
+        f"[1/2] alpha        FAILED probe: unreachable: {refused}\n"
+        f"[2/2] beta         FAILED probe: unreachable: {refused}\n"
+        "\n"
+        "RECAP (dry run: nothing was changed)\n"
+        f"alpha  unreachable  {refused}\n"
+        f"beta   unreachable  {refused}\n"
+        "2 host(s): 0 ok, 0 changed, 0 failed, 2 unreachable\n"
+    )
+    assert "no changes" not in result.output
+
+
+def test_recap_sorts_each_host_into_ok_changed_failed_unreachable() -> None:
+    from vpnctl.commands.deploy import format_recap, recap
+    from vpnctl.deploy import DeployReport, HostOutcome, HostPlan
+
+    def plan(host: str, changed: dict[str, list[str]]) -> HostPlan:
+        return HostPlan(host, False, False, changed, [], [], [], [], {})
+
+    outcomes = {
+        "alpha": HostOutcome("alpha", plan("alpha", {}), None),
+        "beta": HostOutcome("beta", plan("beta", {"ab": ["config changed"]}), confirmed=["ab"]),
+        "gamma": HostOutcome(
+            "gamma", plan("gamma", {"cd": ["new key"]}), rolled_back={"cd": "not up within 3s"}
+        ),
+        "delta": HostOutcome("delta", None, "delta: unreachable: ssh: timed out", unreachable=True),
+        "eps": HostOutcome("eps", None, "eps: python3 not found on the host"),
+    }
+    text = format_recap(recap(DeployReport(outcomes), dry_run=False), dry_run=False)
+    assert text == (
+        "\n"
+        "RECAP\n"
+        "alpha  ok\n"
+        "beta   changed      ab confirmed\n"
+        "gamma  failed       cd rolled back\n"
+        "delta  unreachable  ssh: timed out\n"
+        "eps    failed       python3 not found on the host\n"
+        "5 host(s): 1 ok, 1 changed, 2 failed, 1 unreachable\n"
+    )

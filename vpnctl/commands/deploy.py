@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vpnctl.deploy import DEFAULT_JOBS, DEFAULT_WAIT, DeployError, deploy, load_manifest
+from vpnctl.deploy import (
+    DEFAULT_JOBS,
+    DEFAULT_WAIT,
+    DeployError,
+    DeployReport,
+    deploy,
+    load_manifest,
+)
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import Keystore
 from vpnctl.rendering import changed_paths
@@ -15,7 +22,7 @@ from vpnctl.rendering import changed_paths
 if TYPE_CHECKING:
     from vpnctl.cli import Workspace
 
-__all__ = ["main", "preflight"]
+__all__ = ["format_recap", "main", "preflight", "recap"]
 
 
 def main(  # noqa: PLR0917 - typer maps each option to a parameter
@@ -73,9 +80,12 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
         echo=typer.echo,
     )
     if dry_run:
-        typer.echo(report.diff or "no changes", nl=not report.diff)
+        if report.diff or report.ok:
+            typer.echo(report.diff or "no changes", nl=not report.diff)
     else:
         _summary(report)
+    rows = recap(report, dry_run=dry_run)
+    typer.echo(format_recap(rows, dry_run=dry_run), nl=False)
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
 
@@ -138,13 +148,57 @@ def preflight(
     return _UnlockedKeystore(store.root, keys)
 
 
-def _summary(report: object) -> None:
-    from vpnctl.deploy import DeployReport  # noqa: PLC0415
+RESULTS = ("ok", "changed", "failed", "unreachable")
 
-    assert isinstance(report, DeployReport)  # noqa: S101
+
+def _host_error(host: str, error: str) -> str:
+    """An outcome's error without the host name and the word "unreachable" the recap shows."""
+    return error.removeprefix(f"{host}: ").removeprefix("unreachable: ")
+
+
+def recap(report: DeployReport, *, dry_run: bool) -> list[dict[str, Any]]:
+    """One entry per host, as `ansible-playbook` ends: ``result`` is ok (nothing to do),
+    changed (something was -- or with --dry-run would be -- changed), failed (an error or a
+    rollback) or unreachable; ``detail`` says what, in a few words."""
+    rows = []
     for name, outcome in report.outcomes.items():
-        if outcome.error:
-            typer.echo(f"{name}: FAILED: {outcome.error}")
+        plan = outcome.plan
+        detail: list[str] = []
+        if outcome.error is not None:
+            result = "unreachable" if outcome.unreachable else "failed"
+            detail.append(_host_error(name, outcome.error))
+        elif outcome.rolled_back:
+            result = "failed"
+        elif plan is None or plan.noop:
+            result = "ok"
+        else:
+            result = "changed"
+        if plan is not None and outcome.error is None and not plan.noop:
+            if dry_run:
+                detail.append(f"would (re)start {', '.join(plan.restarts) or 'nothing'}")
+            else:
+                detail += [f"{link} rolled back" for link in sorted(outcome.rolled_back)]
+                detail += [f"{link} confirmed" for link in sorted(outcome.confirmed)]
+                detail += [f"{link} not confirmed" for link in sorted(outcome.waiting)]
+            if plan.removed:
+                detail.append(f"{'would stop' if dry_run else 'stopped'} {', '.join(plan.removed)}")
+        rows.append({"host": name, "result": result, "detail": "; ".join(detail)})
+    return rows
+
+
+def format_recap(rows: list[dict[str, Any]], *, dry_run: bool) -> str:
+    """The recap table and its count line; never "no changes" when a host failed."""
+    width = max([len(r["host"]) for r in rows] + [4])
+    lines = ["", "RECAP" + (" (dry run: nothing was changed)" if dry_run else "")]
+    for row in rows:
+        lines.append(f"{row['host']:<{width}}  {row['result']:<11}  {row['detail']}".rstrip())
+    counts = {result: sum(r["result"] == result for r in rows) for result in RESULTS}
+    lines.append(f"{len(rows)} host(s): " + ", ".join(f"{counts[r]} {r}" for r in RESULTS))
+    return "\n".join(lines) + "\n"
+
+
+def _summary(report: DeployReport) -> None:
+    for name, outcome in report.outcomes.items():
         for link, why in sorted(outcome.rolled_back.items()):
             typer.echo(f"{name}: {link} ROLLED BACK: {why}")
         for link, why in sorted(outcome.waiting.items()):

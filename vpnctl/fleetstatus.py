@@ -161,7 +161,8 @@ def collect(
     wanted = list(hosts) or list(known)
     unknown = [h for h in wanted if h not in known]
     if unknown:
-        raise UserError(f"{inventory.file}: no host named {', '.join(unknown)}")
+        raise UserError(f"{inventory.file}: no host named {', '.join(unknown)}; "
+                        f"the hosts are: {', '.join(known)}")  # fmt: skip
     manifests = {name: load_manifest(build, name) for name in known}
     links = sorted({link for name in wanted for link in manifests[name]["links"]})
     ask = sorted(

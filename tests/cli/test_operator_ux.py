@@ -277,3 +277,73 @@ def test_recap_sorts_each_host_into_ok_changed_failed_unreachable() -> None:
         "eps    failed       python3 not found on the host\n"
         "5 host(s): 1 ok, 1 changed, 2 failed, 1 unreachable\n"
     )
+
+
+# ---- 8. messages -----------------------------------------------------------------------------
+
+
+def test_a_yaml_syntax_error_shows_the_line_a_caret_and_the_tab_hint(project: Path) -> None:
+    (project / "inventory.yaml").write_text("version: 1\nhosts:\n\t- name: a\n")
+    result = run("keys")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "inventory.yaml:3: not valid YAML: found character '\\t' that cannot start any token\n"
+        "   - name: a\n"
+        "  ^\n"
+        "  hint: this line holds a tab; YAML indents with spaces only\n"
+    )
+
+
+def test_a_yaml_error_without_a_tab_shows_the_line_and_caret(project: Path) -> None:
+    (project / "inventory.yaml").write_text("version: 1\nhosts: [a, b\nlinks: []\n")
+    result = run("keys")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "inventory.yaml:3: not valid YAML: expected ',' or ']', but got ':'\n"
+        "  links: []\n"
+        "       ^\n"
+    )
+
+
+def test_netmask_and_wrong_family_messages_say_what_to_write(project: Path) -> None:
+    inventory = project / "inventory.yaml"
+    text = inventory.read_text()
+    text = text.replace("        - 198.18.30.0/24", "        - 198.18.30.0 255.255.255.0")
+    text = text.replace("      - 198.18.10.0/24", "      - 2001:db8::/32")
+    text = text.replace("    address: 198.18.1.2", "    address: 2001:db8::2")
+    inventory.write_text(text)
+    result = run("keys")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "inventory.yaml:112 hosts[1].address: expected an IPv4 address like 198.18.1.1, got "
+        "'2001:db8::2'; this field takes an IPv4 address, 2001:db8::2 is IPv6\n"
+        "inventory.yaml:144 links[0].routes.server[0]: expected a network like 198.18.10.0/24, "
+        "got '2001:db8::/32'; this field takes an IPv4 network, 2001:db8::/32 is IPv6\n"
+        "inventory.yaml:167 links[1].routes.client[0]: expected a network like 198.18.10.0/24, "
+        "got '198.18.30.0 255.255.255.0'; write 198.18.30.0/24\n"
+    )
+
+
+def test_deploy_and_status_to_an_unknown_host_list_the_known_hosts(project: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    for command in ("deploy", "status"):
+        result = run(command, "nosuch")
+        assert result.exit_code == 2, command
+        assert result.stdout == ""
+        assert result.stderr == (
+            "vpnctl: inventory.yaml: no host named nosuch; the hosts are: alpha, beta, gamma\n"
+        ), command
+
+
+def test_a_second_rotate_says_how_to_promote_or_discard(project: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("keygen", "--rotate", "lab").exit_code == 0
+    staged = json.loads((project / "keystore/lab.next.meta.json").read_text())["fingerprint"]
+    result = run("keygen", "--rotate", "lab")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"vpnctl: keystore/lab.next.key: 'lab' already has a staged key ({staged}); make it "
+        "current with `vpnctl keygen --promote lab`, or discard it with "
+        "`rm keystore/lab.next.*` and rotate again\n"
+    )

@@ -121,6 +121,13 @@ def main(
     store.create()
     if rotate is not None:
         current = store.info(rotate)
+        staged_info = store.info(rotate, staged=True)
+        if staged_info is not None:
+            raise KeystoreError(
+                f"{staged_info.path}: {rotate!r} already has a staged key "
+                f"({staged_info.fingerprint}); make it current with `vpnctl keygen --promote "
+                f"{rotate}`, or discard it with `rm {store.root}/{rotate}.next.*` and rotate again"
+            )
         passphrase = read_passphrase(
             passphrase_env, passphrase_file, prompt=wants_encryption, confirm=True
         )

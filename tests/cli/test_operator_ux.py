@@ -347,3 +347,366 @@ def test_a_second_rotate_says_how_to_promote_or_discard(project: Path) -> None:
         "current with `vpnctl keygen --promote lab`, or discard it with "
         "`rm keystore/lab.next.*` and rotate again\n"
     )
+
+
+# ---- 6. status that reads at a glance --------------------------------------------------------
+
+
+def _fleet() -> object:
+    from vpnctl.fleetstatus import EndStatus, FleetStatus, LinkStatus
+
+    def end(host: str, role: str, state: str, **kw: object) -> EndStatus:
+        return EndStatus(host, "office", role, state, **kw)  # type: ignore[arg-type]
+
+    up: dict[str, object] = {
+        "peer": "198.18.1.2:41234",
+        "uptime": 3725.2,
+        "last_rtt": 0.00299923,
+        "bytes_in": 123456789,
+        "bytes_out": 98765,
+        "key_fingerprint": "ab12:cd34:ef56:7890",
+        "key_age": 90061.0,
+    }
+    office = LinkStatus("office", True, "up", [end("alpha", "server", "up", **up),
+                                                end("beta", "client", "up", **up)])  # fmt: skip
+    lab = LinkStatus(
+        "lab",
+        False,
+        "alpha: connecting, no answer from peer; gamma: unreachable",
+        [
+            EndStatus("alpha", "lab", "server", "connecting", "no answer from peer"),
+            EndStatus("gamma", "lab", "client", "unreachable", "ssh: Could not resolve hostname"),
+        ],
+    )
+    return FleetStatus([office, lab], {"gamma": "ssh: Could not resolve hostname"}, 2.99923)
+
+
+WIDE_TABLE = (
+    "LINK    VERDICT  HOST   ROLE    STATE        PEER              UPTIME  RTT    IN      OUT    "
+    "KEY                  KEY AGE\n"
+    "office  UP       alpha  server  up           198.18.1.2:41234  1h 2m   3.0ms  117.7M  96.5K  "
+    "ab12:cd34:ef56:7890  1d 1h\n"
+    "                 beta   client  up           198.18.1.2:41234  1h 2m   3.0ms  117.7M  96.5K  "
+    "ab12:cd34:ef56:7890  1d 1h\n"
+    "lab     DOWN     alpha  server  connecting   -                 -       -      -       -      -"
+    "                    -\n"
+    "                 gamma  client  unreachable  -                 -       -      -       -      -"
+    "                    -\n"
+)
+FOOTER = (
+    "\n"
+    "DOWN lab: alpha: connecting, no answer from peer; gamma: unreachable\n"
+    "UNREACHABLE gamma: ssh: Could not resolve hostname\n"
+    "1/2 link(s) up (3.0s)\n"
+)
+
+
+def test_status_at_200_columns_shows_every_column_and_each_failure_once() -> None:
+    from vpnctl.fleetstatus import format_table
+
+    text = format_table(_fleet(), width=200)  # type: ignore[arg-type]
+    assert text == WIDE_TABLE + FOOTER
+    assert text.count("Could not resolve") == 1
+
+
+def test_status_at_80_columns_drops_columns_by_priority_and_wraps() -> None:
+    from vpnctl.fleetstatus import format_table
+
+    text = format_table(_fleet(), width=80)  # type: ignore[arg-type]
+    assert text == (
+        "LINK    VERDICT  HOST   STATE        UPTIME  RTT    IN      OUT\n"
+        "office  UP       alpha  up           1h 2m   3.0ms  117.7M  96.5K\n"
+        "                 beta   up           1h 2m   3.0ms  117.7M  96.5K\n"
+        "lab     DOWN     alpha  connecting   -       -      -       -\n"
+        "                 gamma  unreachable  -       -      -       -\n"
+        "\n"
+        "DOWN lab: alpha: connecting, no answer from peer; gamma: unreachable\n"
+        "UNREACHABLE gamma: ssh: Could not resolve hostname\n"
+        "1/2 link(s) up (3.0s)\n"
+        "(not shown to fit 80 columns: PEER, KEY AGE, ROLE, KEY; --wide shows all)\n"
+    )
+    narrow = format_table(_fleet(), width=50)  # type: ignore[arg-type]
+    assert narrow == (
+        "LINK    VERDICT  HOST   STATE        UPTIME  RTT\n"
+        "office  UP       alpha  up           1h 2m   3.0ms\n"
+        "                 beta   up           1h 2m   3.0ms\n"
+        "lab     DOWN     alpha  connecting   -       -\n"
+        "                 gamma  unreachable  -       -\n"
+        "\n"
+        "DOWN lab: alpha: connecting, no answer from peer;\n"
+        "  gamma: unreachable\n"
+        "UNREACHABLE gamma: ssh: Could not resolve hostname\n"
+        "1/2 link(s) up (3.0s)\n"
+        "(not shown to fit 50 columns: PEER, KEY AGE, ROLE,\n"
+        "  KEY, IN, OUT; --wide shows all)\n"
+    )
+
+
+def test_status_colours_only_when_asked_and_honours_no_color(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vpnctl.commands.status import use_color
+    from vpnctl.fleetstatus import format_table
+
+    painted = format_table(_fleet(), width=200, color=True)  # type: ignore[arg-type]
+    assert "\x1b[32mUP\x1b[0m" in painted and "\x1b[31mDOWN\x1b[0m" in painted
+    assert "\x1b" not in format_table(_fleet(), width=200)  # type: ignore[arg-type]
+
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_color(Tty())  # type: ignore[arg-type]
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color(Tty())  # type: ignore[arg-type]
+
+
+def test_status_of_unreachable_hosts_through_the_cli_says_each_failure_once(
+    closed: Path,
+) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    result = run("status", "-j", "1", env={"COLUMNS": "80"})
+    assert result.exit_code == 1
+    refused = "ssh: connect to host 127.0.0.1 port 1: Connection refused"
+    lines = result.stdout.splitlines()
+    assert lines[:6] == [
+        "LINK  VERDICT  HOST   ROLE    STATE        UPTIME  RTT  IN  OUT  KEY  KEY AGE",
+        "ab    DOWN     alpha  server  unreachable  -       -    -   -    -    -",
+        "               beta   client  unreachable  -       -    -   -    -    -",
+        "",
+        "DOWN ab: alpha: unreachable; beta: unreachable",
+        f"UNREACHABLE alpha: {refused}",
+    ]
+    assert lines[6] == f"UNREACHABLE beta: {refused}"
+    assert lines[7].startswith("0/1 link(s) up (") and lines[7].endswith("s)")
+    assert lines[8:] == ["(not shown to fit 80 columns: PEER; --wide shows all)"]
+    assert result.stdout.count("Connection refused") == 2  # once per host, nowhere else
+    wide = run("status", "--wide", env={"COLUMNS": "80"})
+    assert wide.stdout.splitlines()[0].split("  ")[-1] == "KEY AGE"
+    assert "PEER" in wide.stdout.splitlines()[0]
+
+
+def _pty_run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Run the real vpnctl on a pseudo-terminal (stdin, stdout and stderr) and return all it
+    wrote there."""
+    import pty
+    import subprocess
+    import sys
+
+    main, sub = pty.openpty()
+    vpnctl = str(Path(sys.executable).with_name("vpnctl"))
+    proc = subprocess.Popen([vpnctl, *args], cwd=cwd, env=env, stdin=sub, stdout=sub,
+                            stderr=sub, close_fds=True)  # fmt: skip
+    os.close(sub)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(main)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_on_a_terminal_status_is_coloured_unless_no_color(closed: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k not in {"NO_COLOR", "COLUMNS"}}
+    env["COLUMNS"] = "200"
+    painted = _pty_run(["status"], closed, env)
+    assert "\x1b[31mDOWN\x1b[0m" in painted
+    assert "asked 2/2 host(s)" in painted  # progress while hosts answer, erased after
+    plain = _pty_run(["status"], closed, {**env, "NO_COLOR": "1"})
+    assert "DOWN" in plain and "\x1b[31m" not in plain and "\x1b[32m" not in plain
+
+
+def test_deploy_without_a_passphrase_option_prompts_only_on_a_terminal(closed: Path) -> None:
+    assert run("keygen", "--passphrase-env", "PW", env={"PW": "right"}).exit_code == 0
+    assert run("render").exit_code == 0
+    # on a terminal it asks (nobody answers here: the test ends the process once it asked)
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    main, sub = pty.openpty()
+    vpnctl = str(Path(sys.executable).with_name("vpnctl"))
+    proc = subprocess.Popen([vpnctl, "deploy", "--dry-run", "--all"], cwd=closed,
+                            stdin=sub, stdout=sub, stderr=sub, close_fds=True)  # fmt: skip
+    os.close(sub)
+    seen = b""
+    try:
+        from tests.helpers.wait import poll_until
+
+        def prompted() -> bool:
+            nonlocal seen
+            if select.select([main], [], [], 0.2)[0]:
+                seen += os.read(main, 4096)
+            return b"Keystore passphrase" in seen
+
+        poll_until(prompted, timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        os.close(main)
+    assert b"Keystore passphrase" in seen
+
+
+# ---- 11. strings from hosts are data ---------------------------------------------------------
+
+ESC_STATE = "up\x1b]0;owned\x07"
+HOSTILE = {
+    "state": "up",
+    "reason": "\x1b[2J\x1b[Hcleared your screen",
+    "peer": "198.18.1.2:5\x1b[31m",
+    "since": 1000.0,
+    "updated": 1100.0,
+    "pid": 7,
+    "key_fingerprint": "ab12:cd34:ef56:7890\u202e",
+    "bytes_in": 1,
+    "bytes_out": 2,
+    "last_rtt": 0.001,
+}
+
+
+def _status_text(record: object, *, keymtime: str = "100", now: str = "1100.5") -> str:
+    line = record if isinstance(record, str) else json.dumps(record)
+    return f"{now}\n@@vpnctl l1\nconfig yes\nalive yes\n{line}\nkeymtime {keymtime}\npidfile 7\n"
+
+
+def _manifest() -> dict:
+    prefix = "/srv/h1"
+    return {"host": "h1", "prefix": prefix, "links": {"l1": {
+        "role": "server", "peer": "h2", "config": f"{prefix}/l1.conf",
+        "keyfile": f"{prefix}/l1.key", "pidfile": f"{prefix}/l1.pid",
+        "statusfile": f"{prefix}/l1.json", "key_fingerprint": "ab12:cd34:ef56:7890"}}}  # fmt: skip
+
+
+def test_escape_sequences_from_a_host_are_shown_as_escapes_never_raw() -> None:
+    from vpnctl.deploy import parse_status_output
+    from vpnctl.fleetstatus import end_row, parse_host_output
+
+    record = parse_status_output(_status_text(HOSTILE))["l1"].record
+    assert record is not None
+    assert record["peer"] == "198.18.1.2:5\\x1b[31m"
+    assert record["key_fingerprint"] == "ab12:cd34:ef56:7890\\u202e"
+    (end,) = parse_host_output("h1", _manifest(), _status_text(HOSTILE))
+    row = end_row(end)
+    assert row["PEER"] == "198.18.1.2:5\\x1b[31m"
+    assert not any("\x1b" in cell or "\u202e" in cell for cell in row.values())
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({**HOSTILE, "last_rtt": "fast"}, "field 'last_rtt' is 'fast', not a number"),
+        ({**HOSTILE, "state": 7}, "field 'state' is 7, not a string"),
+        ({**HOSTILE, "bytes_in": True}, "field 'bytes_in' is True, not an integer"),
+        ({**HOSTILE, "drops": {"x": "y"}}, "field 'drops' is not a mapping of counts"),
+        ([1, 2], "the status record is list, not a JSON object"),
+        ('{"state": "up", "pid', "the status record is not JSON (cut short?)"),
+        ({**HOSTILE, "reason": ["\x1b[2J"]}, "field 'reason' is ['\\x1b[2J'], not a string"),
+    ],
+)
+def test_a_malformed_record_is_that_hosts_error(record: object, problem: str) -> None:
+    from vpnctl.fleetstatus import MalformedAnswer, parse_host_output
+
+    with pytest.raises(MalformedAnswer) as caught:
+        parse_host_output("h1", _manifest(), _status_text(record))
+    assert str(caught.value) == f"link l1: malformed answer: {problem}"
+
+
+def test_a_truncated_answer_is_that_hosts_error() -> None:
+    from vpnctl.fleetstatus import MalformedAnswer, parse_host_output
+
+    with pytest.raises(MalformedAnswer, match=r"^answer cut short: nothing about link\(s\) l1$"):
+        parse_host_output("h1", _manifest(), "1100.5\n")
+
+
+def test_bad_numbers_from_a_host_never_raise() -> None:
+    from vpnctl.deploy import parse_status_output
+
+    read = parse_status_output(_status_text(HOSTILE, keymtime="12x\x1b", now="nan"))["l1"]
+    assert read.key_mtime is None
+    assert read.now > 1e9  # the host's clock was not a number: ours is used
+
+
+class HostileHost:
+    """An ssh host whose status script answer is chosen per host name: the transport is
+    replaced, every byte of the answer goes through the real parser and table."""
+
+    answers: dict[str, str] = {}
+
+    def __init__(self, name: str, *_: object, **__: object) -> None:
+        self.name = name
+
+    def run(self, command: str, **_: object) -> object:
+        from vpnctl.ssh import RemoteResult
+
+        return RemoteResult(0, HostileHost.answers[self.name].encode(), b"")
+
+
+def test_status_shows_a_hostile_host_as_its_own_error_line(
+    closed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from vpnctl import fleetstatus
+
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    now = time.time()
+    good = {**HOSTILE, "reason": None, "updated": now, "since": now - 5}
+    good["key_fingerprint"] = fp(closed, "ab")
+
+    def answer(record: object) -> str:
+        return _status_text(record, now=str(now)).replace("@@vpnctl l1", "@@vpnctl ab")
+
+    HostileHost.answers = {
+        "alpha": answer(good),
+        "beta": answer({**good, "bytes_out": "lots\x1b[5m"}),
+    }
+    monkeypatch.setattr(fleetstatus, "SshHost", HostileHost)
+    result = run("status", "--wide")
+    assert result.exit_code == 1
+    assert "\x1b" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[2].split() == ["beta", "client", "bad", "answer"] + ["-"] * 7
+    assert lines[4:6] == [
+        "DOWN ab: beta: bad answer",
+        "BAD ANSWER beta: link ab: malformed answer: field 'bytes_out' is 'lots\\x1b[5m', not "
+        "an integer",
+    ]
+    assert lines[1].split()[:6] == ["ab", "DOWN", "alpha", "server", "up", "198.18.1.2:5\\x1b[31m"]
+    doc = json.loads(run("status", "--json").stdout)
+    assert doc["bad_answers"] == {"beta": lines[5].removeprefix("BAD ANSWER beta: ")}
+
+
+def test_a_bad_answer_during_confirm_fails_the_link_so_it_is_rolled_back() -> None:
+    from vpnctl.deploy import confirm_links
+
+    class Host:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def run(self, command: str, **_: object) -> object:
+            from vpnctl.ssh import RemoteResult
+
+            return RemoteResult(0, self.text.encode(), b"")
+
+    manifest = _manifest()
+    ssh = {
+        "h1": Host(_status_text({**HOSTILE, "last_rtt": "x"}, keymtime="\x1b[2Jx")),
+        "h2": Host(_status_text(HOSTILE, keymtime="nan")),
+    }
+    results = confirm_links({"l1": ["h1", "h2"]}, {"l1": "ab12:cd34:ef56:7890"}, ssh,  # type: ignore[arg-type]
+                            {"h1": manifest, "h2": manifest}, wait=0, jobs=2)  # fmt: skip
+    state, why = results["l1"]
+    assert state == "failed"
+    assert "h1: bad answer (malformed answer: field 'last_rtt' is 'x', not a number)" in why

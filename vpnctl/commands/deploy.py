@@ -15,6 +15,7 @@ from vpnctl.deploy import (
     deploy,
     load_manifest,
 )
+from vpnctl.hostdata import clean_text
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import Keystore
 from vpnctl.rendering import changed_paths
@@ -77,17 +78,23 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
         wait=wait,
         jobs=jobs,
         passphrase=None,
-        echo=typer.echo,
+        echo=_echo,
     )
     if dry_run:
         if report.diff or report.ok:
-            typer.echo(report.diff or "no changes", nl=not report.diff)
+            _echo(report.diff or "no changes", nl=not report.diff)
     else:
         _summary(report)
     rows = recap(report, dry_run=dry_run)
-    typer.echo(format_recap(rows, dry_run=dry_run), nl=False)
+    _echo(format_recap(rows, dry_run=dry_run), nl=False)
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _echo(text: str, *, nl: bool = True) -> None:
+    """Print a line that may hold text from a host (ssh errors, deployed files in a diff):
+    control characters are shown as escapes, never sent to the terminal raw."""
+    typer.echo(clean_text(text, keep_newlines=True), nl=nl)
 
 
 class _UnlockedKeystore(Keystore):
@@ -200,9 +207,9 @@ def format_recap(rows: list[dict[str, Any]], *, dry_run: bool) -> str:
 def _summary(report: DeployReport) -> None:
     for name, outcome in report.outcomes.items():
         for link, why in sorted(outcome.rolled_back.items()):
-            typer.echo(f"{name}: {link} ROLLED BACK: {why}")
+            _echo(f"{name}: {link} ROLLED BACK: {why}")
         for link, why in sorted(outcome.waiting.items()):
-            typer.echo(f"{name}: {link} deployed, not confirmed: {why}")
+            _echo(f"{name}: {link} deployed, not confirmed: {why}")
     confirmed = sorted({link for o in report.outcomes.values() for link in o.confirmed})
     if confirmed:
-        typer.echo(f"confirmed up at both ends: {', '.join(confirmed)}")
+        _echo(f"confirmed up at both ends: {', '.join(confirmed)}")

@@ -1,18 +1,65 @@
-"""``vpnctl status [HOST…] [--json]``: every link from both ends, in parallel over ssh."""
+"""``vpnctl status [HOST…] [--json|--prometheus] [--wide]``: every link from both ends, in
+parallel over ssh."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import os
+import shutil
+import sys
+import threading
+from typing import IO, Annotated
 
 import typer
 
 from vpnctl.fleetstatus import DEFAULT_JOBS, DEFAULT_TIMEOUT, collect, format_table
 
-__all__ = ["main"]
+__all__ = ["main", "table_width", "use_color"]
 
 
-def main(
+def use_color(stream: IO[str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def table_width(stream: IO[str], *, wide: bool) -> int | None:
+    """The width the table must fit: $COLUMNS, else the terminal's; None (no limit) with
+    --wide or when the output is not a terminal (a pipe or a file gets every column)."""
+    if wide:
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if stream.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+class _Progress:
+    """On a terminal (stderr), one line that counts hosts as they answer, so nothing waits
+    silently for the slowest host; erased before the table is printed."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.lock = threading.Lock()
+        self.live = sys.stderr.isatty()
+
+    def __call__(self, host: str) -> None:
+        if not self.live:
+            return
+        with self.lock:
+            self.done += 1
+            sys.stderr.write(f"\r\x1b[Kasked {self.done}/{self.total} host(s), last {host}")
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.live and self.done:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def main(  # noqa: PLR0917 - typer maps each option to a parameter
     ctx: typer.Context,
     hosts: Annotated[
         list[str] | None, typer.Argument(help="Hosts to ask (default: all); peers are added.")
@@ -20,21 +67,36 @@ def main(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON document, for scripts.")
     ] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column, whatever the terminal's width.")
+    ] = False,
     timeout: Annotated[
         float, typer.Option(help="Seconds before a silent host is shown as unreachable.")
     ] = DEFAULT_TIMEOUT,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Hosts asked at once.")] = DEFAULT_JOBS,
 ) -> None:
-    """Show each link's two ends: state and why, peer, uptime, keepalive RTT, bytes each way,
-    key fingerprint and key age. Exit 1 when any link is not up at both ends."""
+    """Show each link's two ends: state, peer, uptime, keepalive RTT, bytes each way, key
+    fingerprint and key age; below the table, why each link is down, said once.
+
+    The table fits the terminal (least telling columns dropped first; --wide shows all),
+    colours UP/DOWN on a terminal unless NO_COLOR is set. Exit 1 when any link is not up at
+    both ends."""
     from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
 
     ws = workspace(ctx)
     inventory = ws.load_inventory()
-    status = collect(inventory, ws.build_path, hosts or [], timeout=timeout, jobs=jobs)
+    progress = _Progress(len(inventory.hosts))
+    try:
+        status = collect(
+            inventory, ws.build_path, hosts or [], timeout=timeout, jobs=jobs, on_answer=progress
+        )
+    finally:
+        progress.clear()
     if as_json:
         typer.echo(json.dumps(status.to_json(), indent=2, sort_keys=True))
     else:
-        typer.echo(format_table(status), nl=False)
+        out = sys.stdout
+        text = format_table(status, width=table_width(out, wide=wide), color=use_color(out))
+        typer.echo(text, nl=False)
     if not status.all_up:
         raise typer.Exit(EXIT_FAILED)

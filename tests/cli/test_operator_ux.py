@@ -710,3 +710,93 @@ def test_a_bad_answer_during_confirm_fails_the_link_so_it_is_rolled_back() -> No
     state, why = results["l1"]
     assert state == "failed"
     assert "h1: bad answer (malformed answer: field 'last_rtt' is 'x', not a number)" in why
+
+
+# ---- 7. scriptable everywhere ----------------------------------------------------------------
+
+
+def _valid(name: str, text: str) -> dict:
+    import jsonschema
+
+    schema = json.loads((REPO / "docs" / "json" / f"{name}.schema.json").read_text())
+    doc = json.loads(text)
+    jsonschema.validate(doc, schema)
+    return doc
+
+
+def test_every_json_document_matches_its_schema(closed: Path) -> None:
+    keygen = run("keygen", "--json")
+    assert keygen.exit_code == 0
+    doc = _valid("keygen", keygen.stdout)
+    assert doc["keys"] == [
+        {"link": "ab", "action": "created", "fingerprint": fp(closed, "ab"), "encrypted": False}
+    ]
+    assert _valid("keygen", run("keygen", "--json").stdout)["keys"][0]["action"] == "kept"
+    staged = _valid("keygen", run("keygen", "--rotate", "ab", "--json").stdout)
+    assert staged["keys"][0]["action"] == "staged"
+    keys = run("keys", "--json")
+    assert keys.exit_code == 0
+    _valid("keys", keys.stdout)
+    render = run("render", "--json")
+    assert render.exit_code == 0
+    doc = _valid("render", render.stdout)
+    assert {c["path"] for c in doc["changes"]} >= {"alpha/manifest.json", "beta/etc/vpnd/ab.conf"}
+    check = run("render", "--check", "--json")
+    assert check.exit_code == 0
+    assert _valid("render", check.stdout)["ok"] is True
+    diff = run("render", "--diff", "--json")
+    assert diff.exit_code == 0
+    assert _valid("render", diff.stdout) == {
+        "version": 1,
+        "build": "build",
+        "changed": [],
+        "diff": "",
+    }
+    dry = run("deploy", "--dry-run", "--all", "--json", "-j", "1")
+    assert dry.exit_code == 1
+    doc = _valid("deploy", dry.stdout)
+    assert [(h["host"], h["result"]) for h in doc["hosts"]] == [
+        ("alpha", "unreachable"),
+        ("beta", "unreachable"),
+    ]
+    assert "FAILED probe" in dry.stderr and "FAILED probe" not in dry.stdout
+    status = run("status", "--json")
+    assert status.exit_code == 1
+    doc = _valid("status", status.stdout)
+    assert sorted(doc["unreachable"]) == ["alpha", "beta"]
+
+
+def test_deploy_json_of_a_plan_matches_the_schema() -> None:
+    from vpnctl.commands.deploy import deploy_json
+    from vpnctl.deploy import DeployReport, HostOutcome, HostPlan
+
+    plan = HostPlan("alpha", False, True, {"ab": ["config changed"]}, ["cd"], [], ["ef"], [], {})
+    report = DeployReport({"alpha": HostOutcome("alpha", plan)}, diff="--- a\n+++ b\n")
+    doc = deploy_json(report, dry_run=True)
+    _valid("deploy", json.dumps(doc))
+    assert doc["hosts"][0]["plan"] == {
+        "runtime": True, "changed": {"ab": ["config changed"]}, "start": ["cd"],
+        "removed": [], "unchanged": ["ef"],
+    }  # fmt: skip
+    assert doc["hosts"][0]["detail"] == "would (re)start ab, cd"
+
+
+def test_version_completion_and_global_options_after_the_command(project: Path) -> None:
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"vpnctl {version('vpnctl')}\n"
+    assert "--install-completion" in run("--help").stdout
+    assert run("keygen").exit_code == 0
+    (project / "other").mkdir()
+    os.rename(project / "inventory.yaml", project / "other" / "inv.yaml")
+    os.rename(project / "keystore", project / "other" / "keystore")
+    after = run("keys", "-i", "other/inv.yaml")
+    assert after.exit_code == 0, after.output
+    before = run("-i", "other/inv.yaml", "keys")
+    assert after.stdout == before.stdout
+    assert run("keys", "--inventory=other/inv.yaml").stdout == before.stdout
+    assert run("render", "--check", "-i", "other/inv.yaml").exit_code == 1  # not rendered yet
+    # after `--` an -i is an argument, not the global option
+    assert run("deploy", "--", "-i").exit_code == 2

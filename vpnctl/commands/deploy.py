@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,7 +24,7 @@ from vpnctl.rendering import changed_paths
 if TYPE_CHECKING:
     from vpnctl.cli import Workspace
 
-__all__ = ["format_recap", "main", "preflight", "recap"]
+__all__ = ["deploy_json", "format_recap", "main", "preflight", "recap"]
 
 
 def main(  # noqa: PLR0917 - typer maps each option to a parameter
@@ -52,6 +53,14 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
         Path | None,
         typer.Option("--passphrase-file", metavar="FILE", help="Passphrase of encrypted keys."),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON document (docs/json.md): each host's plan and result; progress "
+            "goes to stderr.",
+        ),
+    ] = False,
 ) -> None:
     """Deploy the rendered build (`vpnctl render`) to hosts over the system ssh client.
 
@@ -78,8 +87,13 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
         wait=wait,
         jobs=jobs,
         passphrase=None,
-        echo=_echo,
+        echo=_progress if as_json else _echo,
     )
+    if as_json:
+        typer.echo(json.dumps(deploy_json(report, dry_run=dry_run), indent=2, sort_keys=True))
+        if not report.ok:
+            raise typer.Exit(EXIT_FAILED)
+        return
     if dry_run:
         if report.diff or report.ok:
             _echo(report.diff or "no changes", nl=not report.diff)
@@ -95,6 +109,44 @@ def _echo(text: str, *, nl: bool = True) -> None:
     """Print a line that may hold text from a host (ssh errors, deployed files in a diff):
     control characters are shown as escapes, never sent to the terminal raw."""
     typer.echo(clean_text(text, keep_newlines=True), nl=nl)
+
+
+def _progress(text: str) -> None:
+    """Progress lines while --json keeps stdout for the document."""
+    typer.echo(clean_text(text, keep_newlines=True), err=True)
+
+
+def deploy_json(report: DeployReport, *, dry_run: bool) -> dict[str, Any]:
+    """The document of ``deploy --json`` (schema: docs/json/deploy.schema.json)."""
+    rows = {row["host"]: row for row in recap(report, dry_run=dry_run)}
+    hosts = []
+    for name, outcome in report.outcomes.items():
+        plan = outcome.plan
+        hosts.append(
+            {
+                **rows[name],
+                "error": clean_text(outcome.error) if outcome.error else None,
+                "plan": None
+                if plan is None
+                else {
+                    "runtime": plan.runtime,
+                    "changed": plan.changed,
+                    "start": plan.start,
+                    "removed": plan.removed,
+                    "unchanged": plan.unchanged,
+                },
+                "confirmed": sorted(outcome.confirmed),
+                "waiting": {k: clean_text(v) for k, v in sorted(outcome.waiting.items())},
+                "rolled_back": {k: clean_text(v) for k, v in sorted(outcome.rolled_back.items())},
+            }
+        )
+    return {
+        "version": 1,
+        "dry_run": dry_run,
+        "ok": report.ok,
+        "hosts": hosts,
+        "diff": clean_text(report.diff, keep_newlines=True) if dry_run else None,
+    }
 
 
 class _UnlockedKeystore(Keystore):
@@ -189,7 +241,7 @@ def recap(report: DeployReport, *, dry_run: bool) -> list[dict[str, Any]]:
                 detail += [f"{link} not confirmed" for link in sorted(outcome.waiting)]
             if plan.removed:
                 detail.append(f"{'would stop' if dry_run else 'stopped'} {', '.join(plan.removed)}")
-        rows.append({"host": name, "result": result, "detail": "; ".join(detail)})
+        rows.append({"host": name, "result": result, "detail": clean_text("; ".join(detail))})
     return rows
 
 

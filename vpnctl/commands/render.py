@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from vpnctl.inventory import Inventory, UserError
-from vpnctl.rendering import RenderError, check_build, diff_build, render, write_build
+from vpnctl.rendering import (
+    RenderError,
+    changed_paths,
+    check_build,
+    diff_build,
+    render,
+    write_build,
+)
 
 if TYPE_CHECKING:
     from vpnctl.cli import Workspace
@@ -52,6 +60,9 @@ def main(
             "--diff", help="Show what a render would change (unified diff); exit 1 if anything."
         ),
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document (docs/json.md) instead of lines.")
+    ] = False,
 ) -> None:
     """Render each link's server and client configs (and systemd units) into build/<host>/.
 
@@ -70,12 +81,24 @@ def main(
     build = ws.build_path
     if diff:
         text = diff_build(files, build)
-        typer.echo(text, nl=False)
+        if as_json:
+            doc = {"version": 1, "build": str(build), "changed": changed_paths(files, build),
+                   "diff": text}  # fmt: skip
+            typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            typer.echo(text, nl=False)
         if text:
             raise typer.Exit(EXIT_FAILED)
         return
     if check:
         result = check_build(inventory, fingerprints, build, files)
+        if as_json:
+            doc = {"version": 1, "build": str(build), "ok": result.ok,
+                   "verified": result.verified, "problems": result.problems}  # fmt: skip
+            typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+            if not result.ok:
+                raise typer.Exit(EXIT_FAILED)
+            return
         for line in result.verified:
             typer.echo(f"ok    {line}")
         for line in result.problems:
@@ -86,9 +109,14 @@ def main(
         typer.echo(f"all {len(result.verified)} link(s) mirror; {build}/ is up to date")
         return
     changes = write_build(files, build)
-    for change in changes:
-        typer.echo(f"{change.action:<8}{build}/{change.path}")
     hosts = len(inventory.hosts)
     links = len(inventory.links)
+    if as_json:
+        doc = {"version": 1, "build": str(build), "hosts": hosts, "links": links,
+               "changes": [{"action": c.action, "path": c.path} for c in changes]}  # fmt: skip
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    for change in changes:
+        typer.echo(f"{change.action:<8}{build}/{change.path}")
     summary = f"{len(changes)} file(s) changed" if changes else "no changes"
     typer.echo(f"rendered {links} link(s) for {hosts} host(s) into {build}/: {summary}")

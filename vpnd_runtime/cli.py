@@ -4,6 +4,8 @@ Spellings (the seed's flags plus a few subcommands)::
 
     vpnd [-f CONF] [--daemon] [-v]        run the daemon for CONF (default /etc/vpnd.conf)
     vpnd --check -f CONF                  parse CONF and load its key; print a one-line summary
+    vpnd --check --no-key -f CONF         the same without the key (a config rendered on the
+                                          operator's machine, whose key is not there yet)
     vpnd -t -f CONF                       modem chat test (serial links)
     vpnd -m [PATH] [-f CONF]              make a key (PATH, else CONF's keyfile, else default)
     vpnd genkey PATH [--randomdev DEV]    make a key at PATH
@@ -33,7 +35,7 @@ from vpnd_runtime.config import (
 )
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key
 
-__all__ = ["main"]
+__all__ = ["check_config", "main"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -63,6 +65,11 @@ def _top_parser() -> argparse.ArgumentParser:
         const="",
         metavar="PATH",
         help="create a new key file (PATH, else the config's keyfile, else the default)",
+    )
+    parser.add_argument(
+        "--no-key",
+        action="store_true",
+        help="with --check: do not load the key file (it may not exist where the config is)",
     )
     parser.add_argument("--randomdev", metavar="DEV", help="entropy source for -m")
     parser.add_argument("--daemon", action="store_true", help="detach and log to syslog")
@@ -114,16 +121,24 @@ def cmd_make_key(args: argparse.Namespace) -> int:
     return _make_key(path or DEFAULT_KEYFILE, randomdev or DEFAULT_RANDOMDEV)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Parse the config and load its key file; print one summary line."""
-    conf = args.config or DEFAULT_CONFIG
+def check_config(conf: str, *, key: bool = True) -> str:
+    """Parse ``conf`` (and load its key file unless ``key`` is False); return the one-line
+    summary ``vpnd --check`` prints. ConfigError/KeyFileError name the file and line.
+
+    ``vpnctl render`` runs this with ``key=False`` on every config it renders, so the operator's
+    machine checks a config exactly as ``vpnd --check --no-key`` does."""
     config = load_config(conf)
-    key = load_key(config.keyfile)
     link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
-    print(
-        f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, "
-        f"key fingerprint {fingerprint(key)})"
-    )
+    if key:
+        keyinfo = f"key fingerprint {fingerprint(load_key(config.keyfile))}"
+    else:
+        keyinfo = f"key {config.keyfile} not checked (--no-key)"
+    return f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, {keyinfo})"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Parse the config and load its key file (not with --no-key); print one summary line."""
+    print(check_config(args.config or DEFAULT_CONFIG, key=not args.no_key))
     return EXIT_OK
 
 
@@ -162,7 +177,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     first = next((i for i, word in enumerate(argv) if word not in ("-v", "--verbose")), None)
     if first is not None and argv[first] in _SUBCOMMANDS:  # `vpnd [-v] genkey ...`
         return _sub_parser().parse_args(argv[first:] + argv[:first])
-    args = _top_parser().parse_args(argv)
+    parser = _top_parser()
+    args = parser.parse_args(argv)
+    if args.no_key and not args.check:
+        parser.error("--no-key goes with --check")
     if args.make_key is not None:
         args.command = "make-key"
     elif args.check:

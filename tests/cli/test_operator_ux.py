@@ -800,3 +800,45 @@ def test_version_completion_and_global_options_after_the_command(project: Path) 
     assert run("render", "--check", "-i", "other/inv.yaml").exit_code == 1  # not rendered yet
     # after `--` an -i is an argument, not the global option
     assert run("deploy", "--", "-i").exit_code == 2
+
+
+# ---- 9. vpnd --check --no-key, used by render -------------------------------------------------
+
+
+def _vpnd(*args: str, cwd: Path) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([str(Path(sys.executable).with_name("vpnd")), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_vpnd_checks_a_rendered_config_whose_key_is_not_there(closed: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    conf = "build/beta/etc/vpnd/ab.conf"
+    code, out, err = _vpnd("--check", "-f", conf, cwd=closed)
+    assert code == 2
+    assert err == "/etc/vpnd/ab.key: cannot open key file: No such file or directory\n"
+    code, out, err = _vpnd("--check", "--no-key", "-f", conf, cwd=closed)
+    assert (code, err) == (0, "")
+    assert out.startswith(f"{conf}: OK (mode client, 198.18.1.1:379, ")
+    assert out.endswith(", key /etc/vpnd/ab.key not checked (--no-key))\n")
+    code, out, err = _vpnd("--no-key", "-f", conf, cwd=closed)
+    assert code == 2
+    assert err.endswith("vpnd: error: --no-key goes with --check\n")
+
+
+def test_render_check_runs_vpnd_check_no_key_on_every_config(closed: Path) -> None:
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    conf = closed / "build/alpha/etc/vpnd/ab.conf"
+    conf.write_text(conf.read_text().replace("mode server", "mode sever"))
+    check = run("render", "--check")
+    assert check.exit_code == 1
+    refusal = [line for line in check.stdout.splitlines() if "vpnd --check --no-key" in line]
+    assert refusal == [
+        "FAIL  vpnd --check --no-key: build/alpha/etc/vpnd/ab.conf:3: mode: must be 'client' "
+        "or 'server', got 'sever'"
+    ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -16,11 +18,13 @@ from vpnctl.rendering import (
     render,
     write_build,
 )
+from vpnd_runtime.cli import check_config
+from vpnd_runtime.config import ConfigError
 
 if TYPE_CHECKING:
     from vpnctl.cli import Workspace
 
-__all__ = ["main", "rendered"]
+__all__ = ["main", "rendered", "vpnd_check"]
 
 
 def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str], dict[str, bytes]]:
@@ -42,6 +46,22 @@ def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str]
         fingerprints[link.name] = info.fingerprint
     inventory = ws.allocated(inventory, persist=persist)
     return inventory, fingerprints, render(inventory, fingerprints)
+
+
+def vpnd_check(build: Path, files: Mapping[str, bytes]) -> list[str]:
+    """Run ``vpnd --check --no-key`` (in-process: the same function) on every rendered config
+    present under ``build``; one problem line per config it refuses."""
+    problems = []
+    for rel in sorted(files):
+        path = build / rel
+        if rel.split("/", 1)[-1].startswith("etc/vpnd/") and rel.endswith(".conf"):
+            if not path.exists():
+                continue  # check_build reports a missing file
+            try:
+                check_config(str(path), key=False)
+            except ConfigError as exc:
+                problems.append(f"vpnd --check --no-key: {exc}")
+    return problems
 
 
 def main(
@@ -92,6 +112,7 @@ def main(
         return
     if check:
         result = check_build(inventory, fingerprints, build, files)
+        result.problems.extend(vpnd_check(build, files))
         if as_json:
             doc = {"version": 1, "build": str(build), "ok": result.ok,
                    "verified": result.verified, "problems": result.problems}  # fmt: skip
@@ -109,6 +130,9 @@ def main(
         typer.echo(f"all {len(result.verified)} link(s) mirror; {build}/ is up to date")
         return
     changes = write_build(files, build)
+    problems = vpnd_check(build, files)
+    if problems:  # cannot happen unless render and the runtime disagree: say so loudly
+        raise RenderError("\n".join(problems))
     hosts = len(inventory.hosts)
     links = len(inventory.links)
     if as_json:

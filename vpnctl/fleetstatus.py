@@ -40,7 +40,7 @@ from vpnctl.hostdata import clean_text
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import format_age
 from vpnctl.ssh import SshError, SshHost
-from vpnd_runtime.status import format_bytes
+from vpnd_runtime.status import format_bytes, prometheus_text
 
 __all__ = [
     "COLUMNS",
@@ -79,6 +79,7 @@ class EndStatus:
     key_fingerprint: str | None = None
     key_age: float | None = None
     pid: int | None = None
+    record: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # cleaned
 
 
 @dataclass
@@ -112,8 +113,42 @@ class FleetStatus:
             "all_up": self.all_up,
             "unreachable": self.unreachable,
             "bad_answers": self.bad_answers,
-            "links": [asdict(link) for link in self.links],
+            "links": [
+                {**asdict(link), "ends": [_end_json(end) for end in link.ends]}
+                for link in self.links
+            ],
         }
+
+    def prometheus(self) -> str:
+        """Every end's record as Prometheus text (labels host, link, role; the same metric
+        families as ``vpnd status --prometheus``), plus per host and per link verdicts."""
+        ends = [
+            ({"host": e.host, "link": e.link, "role": e.role}, e.record or {"state": e.state})
+            for link in self.links
+            for e in link.ends
+        ]
+        text = prometheus_text(ends)
+        hosts = sorted({e.host for link in self.links for e in link.ends})
+        failed = set(self.unreachable) | set(self.bad_answers)
+        lines = [
+            "# HELP vpnctl_host_answered 1 when the host answered vpnctl status with a valid "
+            "record, else 0.",
+            "# TYPE vpnctl_host_answered gauge",
+            *(f'vpnctl_host_answered{{host="{h}"}} {0 if h in failed else 1}' for h in hosts),
+            "# HELP vpnctl_link_up 1 when both ends of the link are up with the same key.",
+            "# TYPE vpnctl_link_up gauge",
+            *(f'vpnctl_link_up{{link="{link.link}"}} {int(link.up)}' for link in self.links),
+            "# HELP vpnctl_status_duration_seconds How long asking the fleet took.",
+            "# TYPE vpnctl_status_duration_seconds gauge",
+            f"vpnctl_status_duration_seconds {round(self.elapsed, 3)}",
+        ]
+        return text + "\n".join(lines) + "\n"
+
+
+def _end_json(end: EndStatus) -> dict[str, Any]:
+    doc = asdict(end)
+    del doc["record"]
+    return doc
 
 
 class MalformedAnswer(UserError):
@@ -148,6 +183,7 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
             end.bytes_out = record.get("bytes_out")
             end.key_fingerprint = record.get("key_fingerprint")
             end.pid = record.get("pid")
+            end.record = record
             since = record.get("since")
             if end.state == "up" and isinstance(since, int | float) and read is not None:
                 end.uptime = max(0.0, read.now - since)

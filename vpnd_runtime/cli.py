@@ -10,6 +10,8 @@ Spellings (the seed's flags plus a few subcommands)::
     vpnd -m [PATH] [-f CONF]              make a key (PATH, else CONF's keyfile, else default)
     vpnd genkey PATH [--randomdev DEV]    make a key at PATH
     vpnd status -f CONF [--json]          show the running daemon's status record
+    vpnd status --prometheus -f CONF... [--textfile PATH]
+                                          the same as Prometheus metrics (node_exporter)
 
 Exit codes: 0 success, 1 status "link not up" (from the status module), 2 usage, config or key
 error. User errors print a message, never a traceback. Each action is a small function taking
@@ -85,8 +87,25 @@ def _sub_parser() -> argparse.ArgumentParser:
     genkey.add_argument("path", metavar="PATH")
     genkey.add_argument("--randomdev", metavar="DEV", default=DEFAULT_RANDOMDEV)
     status = subs.add_parser("status", help="show the daemon's status record")
-    status.add_argument("-f", "--config", metavar="CONF", default=DEFAULT_CONFIG)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "-f",
+        "--config",
+        metavar="CONF",
+        action="append",
+        help=f"config file [{DEFAULT_CONFIG}]; several with --prometheus",
+    )
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="Prometheus text format (exit 0 whatever the state: it is in the metrics)",
+    )
+    status.add_argument(
+        "--textfile",
+        metavar="PATH",
+        help="with --prometheus: write atomically to PATH (a node_exporter textfile, *.prom)",
+    )
     for sub in (genkey, status):
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -144,11 +163,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``vpnd status -f CONF [--json]``: delegate to ``vpnd_runtime.status.print_status``,
-    whose return value is the exit code (0 link up, 1 otherwise)."""
-    config = load_config(args.config)
-    from vpnd_runtime.status import print_status  # noqa: PLC0415 - lazy: optional module
+    whose return value is the exit code (0 link up, 1 otherwise). With ``--prometheus`` every
+    ``-f CONF`` given is exported (``--textfile PATH``: into a node_exporter textfile)."""
+    paths = args.config or [DEFAULT_CONFIG]
+    if args.textfile and not args.prometheus:
+        raise ConfigError(args.textfile, None, "--textfile", "goes with --prometheus")
+    if len(paths) > 1 and not args.prometheus:
+        raise ConfigError(paths[1], None, "-f", "several configs only with --prometheus")
+    configs = [load_config(path) for path in paths]
+    from vpnd_runtime import status  # noqa: PLC0415 - lazy: optional module
 
-    return int(print_status(config, args.json) or 0)
+    if args.prometheus:
+        return int(status.print_prometheus(configs, args.textfile) or 0)
+    return int(status.print_status(configs[0], args.json) or 0)
 
 
 def cmd_chat_test(args: argparse.Namespace) -> int:

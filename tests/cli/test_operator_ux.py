@@ -842,3 +842,96 @@ def test_render_check_runs_vpnd_check_no_key_on_every_config(closed: Path) -> No
         "FAIL  vpnd --check --no-key: build/alpha/etc/vpnd/ab.conf:3: mode: must be 'client' "
         "or 'server', got 'sever'"
     ]
+
+
+# ---- 10. metrics -----------------------------------------------------------------------------
+
+
+def _promtool(text: str) -> None:
+    """`promtool check metrics` (Debian's prometheus package) must accept `text`."""
+    import subprocess
+
+    from tests.conftest import require_tools
+
+    require_tools("promtool")
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout + proc.stderr == ""
+
+
+def test_vpnd_writes_a_node_exporter_textfile_that_promtool_accepts(closed: Path) -> None:
+    import time
+
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    now = time.time()
+    record = {**HOSTILE, "pid": os.getpid(), "updated": now, "since": now - 60,
+              "packets_in": 3, "packets_out": 4, "carrier_bytes_in": 50,
+              "carrier_bytes_out": 60, "rekeys": 2, "reconnects": 1, "missed_keepalives": 0,
+              "session_age": 59.5, "drops": {"auth": 2}, "mode": "server",
+              "interface": 'vpn-"ab"\\'}  # fmt: skip
+    (closed / "ab.status.json").write_text(json.dumps(record))
+    confs = []
+    for host in ("alpha", "beta"):
+        text = (closed / f"build/{host}/etc/vpnd/ab.conf").read_text()
+        conf = closed / f"{host}-ab.conf"
+        status = closed / ("ab.status.json" if host == "alpha" else "none.json")
+        conf.write_text(text.replace("/run/vpnd/ab.status.json", str(status)))
+        confs += ["-f", str(conf)]
+    out = closed / "textfile" / "vpnd.prom"
+    out.parent.mkdir()
+    code, stdout, stderr = _vpnd("status", "--prometheus", *confs, "--textfile", str(out),
+                                 cwd=closed)  # fmt: skip
+    assert (code, stdout, stderr) == (0, "", "")
+    assert os.listdir(out.parent) == ["vpnd.prom"]  # written atomically, no temp file left
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    text = out.read_text()
+    _promtool(text)
+    lines = text.splitlines()
+    assert 'vpnd_up{link="alpha-ab"} 1' in lines
+    assert 'vpnd_up{link="beta-ab"} 0' in lines
+    assert 'vpnd_state{link="beta-ab",state="not running"} 1' in lines
+    assert 'vpnd_tunnel_bytes_total{link="alpha-ab",direction="in"} 1' in lines
+    assert 'vpnd_drops_total{link="alpha-ab",reason="auth"} 2' in lines
+    assert 'vpnd_keepalive_rtt_seconds{link="alpha-ab"} 0.001' in lines
+    assert lines.count("# TYPE vpnd_tunnel_bytes_total counter") == 1
+    info = next(line for line in lines if line.startswith("vpnd_info"))
+    assert 'interface="vpn-\\"ab\\"\\\\"' in info
+    code, stdout, _ = _vpnd("status", "--prometheus", *confs, cwd=closed)
+    assert code == 0 and stdout == text
+
+
+def test_vpnctl_status_prometheus_covers_the_fleet_and_promtool_accepts_it(
+    closed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from vpnctl import fleetstatus
+
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
+    now = time.time()
+    good = {**HOSTILE, "updated": now, "since": now - 5, "key_fingerprint": fp(closed, "ab")}
+
+    def answer(record: object) -> str:
+        return _status_text(record, now=str(now)).replace("@@vpnctl l1", "@@vpnctl ab")
+
+    HostileHost.answers = {"alpha": answer(good), "beta": answer({**good, "pid": "x"})}
+    monkeypatch.setattr(fleetstatus, "SshHost", HostileHost)
+    result = run("status", "--prometheus")
+    assert result.exit_code == 0
+    _promtool(result.stdout)
+    lines = result.stdout.splitlines()
+    assert 'vpnd_up{host="alpha",link="ab",role="server"} 1' in lines
+    assert 'vpnd_state{host="beta",link="ab",role="client",state="bad answer"}' not in lines
+    assert 'vpnd_up{host="beta",link="ab",role="client"} 0' in lines
+    assert 'vpnctl_host_answered{host="alpha"} 1' in lines
+    assert 'vpnctl_host_answered{host="beta"} 0' in lines
+    assert 'vpnctl_link_up{link="ab"} 0' in lines
+    assert "\x1b" not in result.stdout
+    both = run("status", "--prometheus", "--json")
+    assert (both.exit_code, both.stderr) == (
+        2,
+        "vpnctl: give either --json or --prometheus, not both\n",
+    )

@@ -13,6 +13,7 @@ from typing import IO, Annotated
 import typer
 
 from vpnctl.fleetstatus import DEFAULT_JOBS, DEFAULT_TIMEOUT, collect, format_table
+from vpnctl.inventory import UserError
 
 __all__ = ["main", "table_width", "use_color"]
 
@@ -67,6 +68,14 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON document, for scripts.")
     ] = False,
+    prometheus: Annotated[
+        bool,
+        typer.Option(
+            "--prometheus",
+            help="Every end's figures in the Prometheus text format (exit 0: the state is in "
+            "the metrics).",
+        ),
+    ] = False,
     wide: Annotated[
         bool, typer.Option("--wide", help="Every column, whatever the terminal's width.")
     ] = False,
@@ -83,6 +92,8 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     both ends."""
     from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
 
+    if as_json and prometheus:
+        raise UserError("give either --json or --prometheus, not both")
     ws = workspace(ctx)
     inventory = ws.load_inventory()
     progress = _Progress(len(inventory.hosts))
@@ -92,6 +103,9 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
         )
     finally:
         progress.clear()
+    if prometheus:
+        typer.echo(status.prometheus(), nl=False)
+        return
     if as_json:
         typer.echo(json.dumps(status.to_json(), indent=2, sort_keys=True))
     else:

@@ -56,7 +56,15 @@ def hoist_global_options(args: list[str], commands: Iterable[str]) -> list[str]:
     """``vpnctl render -i lab.yaml`` means ``vpnctl -i lab.yaml render``: global options
     given after the command (up to a ``--``) are moved in front of it, with their values."""
     names = set(commands)
-    start = next((i for i, word in enumerate(args) if word in names), None)
+    start, i = None, 0
+    while i < len(args):  # the command: the first word that is not a global option's value
+        if args[i] in GLOBAL_OPTIONS:
+            i += 2
+            continue
+        if args[i] in names:
+            start = i
+            break
+        i += 1
     if start is None:
         return args
     head, tail, moved = args[: start + 1], [], []

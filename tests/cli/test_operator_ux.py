@@ -935,3 +935,18 @@ def test_vpnctl_status_prometheus_covers_the_fleet_and_promtool_accepts_it(
         2,
         "vpnctl: give either --json or --prometheus, not both\n",
     )
+
+
+def test_hoisting_global_options_skips_their_values_and_stops_at_double_dash() -> None:
+    from vpnctl.cli import hoist_global_options
+
+    commands = ["keys", "status", "render", "deploy"]
+    assert hoist_global_options(["-i", "status", "keys", "--build", "b"], commands) == [
+        "--build", "b", "-i", "status", "keys"
+    ]  # fmt: skip
+    assert hoist_global_options(["deploy", "a", "-i", "x.yaml", "--", "-i"], commands) == [
+        "-i", "x.yaml", "deploy", "a", "--", "-i"
+    ]  # fmt: skip
+    assert hoist_global_options(["render", "--keystore=ks"], commands) == [
+        "--keystore=ks", "render"
+    ]  # fmt: skip

@@ -28,6 +28,7 @@ failed``, ``not running``, ``unreachable``, ``not deployed``, or a fingerprint m
 from __future__ import annotations
 
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +59,8 @@ __all__ = [
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_JOBS = 16
 MIN_CALL = 0.2  # seconds: below this an ssh call cannot succeed; the host is not asked
-HOST_FAILURES = ("unreachable", BAD_ANSWER)  # end states whose reason is the host's, said once
+ASKING = "asking"  # the state of an end whose host has not answered yet (live view only)
+HOST_FAILURES = ("unreachable", BAD_ANSWER, ASKING)  # end states said once, on the host's line
 
 
 @dataclass
@@ -223,11 +225,11 @@ def collect(
     timeout: float = DEFAULT_TIMEOUT,
     jobs: int = DEFAULT_JOBS,
     connect_timeout: float = 5.0,
-    on_answer: Callable[[str], None] | None = None,
+    on_answer: Callable[[FleetStatus], None] | None = None,
 ) -> FleetStatus:
     """Ask every relevant host in parallel; hosts that do not answer within `timeout` are
-    reported unreachable, hosts whose answer is malformed as a bad answer. ``on_answer(host)``
-    is called as each host is done (for progress on a terminal)."""
+    reported unreachable, hosts whose answer is malformed as a bad answer. ``on_answer`` gets
+    the status so far each time a host is done (the live view on a terminal)."""
     started = time.monotonic()
     known = {h.name: h for h in inventory.hosts}
     wanted = list(hosts) or list(known)
@@ -241,9 +243,6 @@ def collect(
         set(wanted)
         | {manifests[n]["links"][ln]["peer"] for n in wanted for ln in manifests[n]["links"]}
     )
-    ends: dict[str, list[EndStatus]] = {link: [] for link in links}
-    unreachable: dict[str, str] = {}
-
     deadline = started + timeout
 
     def ask_host(name: str) -> tuple[str, list[EndStatus] | tuple[str, str]]:
@@ -262,28 +261,52 @@ def collect(
             why = str(exc).removeprefix(f"{name}: ").removeprefix("unreachable: ")
             return name, ("unreachable", why)
 
-    def answered(name: str) -> tuple[str, list[EndStatus] | tuple[str, str]]:
-        answer = ask_host(name)
-        if on_answer is not None:
-            on_answer(name)
-        return answer
+    done: dict[str, list[EndStatus] | tuple[str, str]] = {}
+    lock = threading.Lock()
 
-    bad_answers: dict[str, str] = {}
+    def answered(name: str) -> None:
+        _, answer = ask_host(name)
+        with lock:
+            done[name] = answer
+            if on_answer is not None:
+                pending = [n for n in ask if n not in done]
+                on_answer(_assemble(links, manifests, done, pending, time.monotonic() - started))
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        answers = list(pool.map(answered, ask))
-    for name, answer in answers:
+        list(pool.map(answered, ask))
+    return _assemble(links, manifests, done, [], time.monotonic() - started)
+
+
+def _assemble(
+    links: list[str],
+    manifests: Mapping[str, Mapping[str, Any]],
+    answers: Mapping[str, list[EndStatus] | tuple[str, str]],
+    pending: list[str],
+    elapsed: float,
+) -> FleetStatus:
+    """The FleetStatus of the answers so far; each end of a host still being asked is shown
+    in state ``asking`` (the live view on a terminal redraws as hosts answer)."""
+    ends: dict[str, list[EndStatus]] = {link: [] for link in links}
+    unreachable: dict[str, str] = {}
+    bad_answers: dict[str, str] = {}
+    for name in [*sorted(answers), *pending]:
+        answer = answers.get(name, (ASKING, ""))
         if isinstance(answer, tuple):
             state, why = answer[0], clean_text(answer[1])
-            (unreachable if state == "unreachable" else bad_answers)[name] = why
+            if state == "unreachable":
+                unreachable[name] = why
+            elif state == BAD_ANSWER:
+                bad_answers[name] = why
             for link, entry in manifests[name]["links"].items():
                 if link in ends:
-                    ends[link].append(EndStatus(name, link, entry.get("role", "?"), state, why))
+                    ends[link].append(EndStatus(name, link, entry.get("role", "?"), state,
+                                                why or None))  # fmt: skip
             continue
         for end in answer:
             if end.link in ends:
                 ends[end.link].append(end)
     result = [_judge(link, ends[link]) for link in links]
-    return FleetStatus(result, unreachable, time.monotonic() - started, bad_answers)
+    return FleetStatus(result, unreachable, elapsed, bad_answers)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -359,7 +382,8 @@ def _paint(column: str, cell: str, padded: str) -> str:
     if column == "VERDICT" and cell:
         colour = _GREEN if cell == "UP" else _RED
     elif column == "STATE":
-        colour = _GREEN if cell == "up" else _RED if cell in HOST_FAILURES else _YELLOW
+        failed = cell in HOST_FAILURES and cell != ASKING
+        colour = _GREEN if cell == "up" else _RED if failed else _YELLOW
     return f"{colour}{cell}{_RESET}{padded[len(cell) :]}" if colour else padded
 
 

@@ -519,9 +519,13 @@ def test_on_a_terminal_status_is_coloured_unless_no_color(closed: Path) -> None:
     assert run("render").exit_code == 0
     env = {k: v for k, v in os.environ.items() if k not in {"NO_COLOR", "COLUMNS"}}
     env["COLUMNS"] = "200"
-    painted = _pty_run(["status"], closed, env)
+    painted = _pty_run(["status", "-j", "1"], closed, env)
     assert "\x1b[31mDOWN\x1b[0m" in painted
-    assert "asked 2/2 host(s)" in painted  # progress while hosts answer, erased after
+    # drawn live as hosts answer: after alpha, beta is still being asked; then redrawn in place
+    live, final = painted.split("\x1b[J", 1)[0], painted.rsplit("\x1b[J", 1)[1]
+    assert "beta   client  \x1b[33masking\x1b[0m" in live
+    assert "DOWN ab: alpha: unreachable; beta: asking" in live
+    assert "asking" not in final and "UNREACHABLE beta:" in final
     plain = _pty_run(["status"], closed, {**env, "NO_COLOR": "1"})
     assert "DOWN" in plain and "\x1b[31m" not in plain and "\x1b[32m" not in plain
 
@@ -792,11 +796,15 @@ def test_version_completion_and_global_options_after_the_command(project: Path) 
     (project / "other").mkdir()
     os.rename(project / "inventory.yaml", project / "other" / "inv.yaml")
     os.rename(project / "keystore", project / "other" / "keystore")
-    after = run("keys", "-i", "other/inv.yaml")
-    assert after.exit_code == 0, after.output
-    before = run("-i", "other/inv.yaml", "keys")
-    assert after.stdout == before.stdout
-    assert run("keys", "--inventory=other/inv.yaml").stdout == before.stdout
+    def fingerprints(*args: str) -> list[str]:
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        return [row["fingerprint"] for row in json.loads(result.stdout)["links"]]
+
+    expected = [fp(project / "other", "office"), fp(project / "other", "lab")]
+    assert fingerprints("-i", "other/inv.yaml", "keys", "--json") == expected
+    assert fingerprints("keys", "-i", "other/inv.yaml", "--json") == expected
+    assert fingerprints("keys", "--json", "--inventory=other/inv.yaml") == expected
     assert run("render", "--check", "-i", "other/inv.yaml").exit_code == 1  # not rendered yet
     # after `--` an -i is an argument, not the global option
     assert run("deploy", "--", "-i").exit_code == 2

@@ -7,12 +7,17 @@ import json
 import os
 import shutil
 import sys
-import threading
 from typing import IO, Annotated
 
 import typer
 
-from vpnctl.fleetstatus import DEFAULT_JOBS, DEFAULT_TIMEOUT, collect, format_table
+from vpnctl.fleetstatus import (
+    DEFAULT_JOBS,
+    DEFAULT_TIMEOUT,
+    FleetStatus,
+    collect,
+    format_table,
+)
 from vpnctl.inventory import UserError
 
 __all__ = ["main", "table_width", "use_color"]
@@ -36,28 +41,31 @@ def table_width(stream: IO[str], *, wide: bool) -> int | None:
     return None
 
 
-class _Progress:
-    """On a terminal (stderr), one line that counts hosts as they answer, so nothing waits
-    silently for the slowest host; erased before the table is printed."""
+class _Live:
+    """On a terminal, the table as it is so far, redrawn in place each time a host answers
+    (hosts not yet answered show ``asking``), so nothing waits silently for the slowest host;
+    erased before the final table is printed. Anywhere else it does nothing."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.lock = threading.Lock()
-        self.live = sys.stderr.isatty()
+    def __init__(self, *, enabled: bool, width: int | None, color: bool) -> None:
+        self.enabled = enabled
+        self.width = width
+        self.color = color
+        self.lines = 0
 
-    def __call__(self, host: str) -> None:
-        if not self.live:
+    def __call__(self, partial: FleetStatus) -> None:
+        if not self.enabled:
             return
-        with self.lock:
-            self.done += 1
-            sys.stderr.write(f"\r\x1b[Kasked {self.done}/{self.total} host(s), last {host}")
-            sys.stderr.flush()
+        text = format_table(partial, width=self.width, color=self.color)
+        self.clear()
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self.lines = text.count("\n")
 
     def clear(self) -> None:
-        if self.live and self.done:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        if self.enabled and self.lines:
+            sys.stdout.write(f"\x1b[{self.lines}F\x1b[J")  # up to the first line, erase below
+            sys.stdout.flush()
+            self.lines = 0
 
 
 def main(  # noqa: PLR0917 - typer maps each option to a parameter
@@ -88,29 +96,29 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     fingerprint and key age; below the table, why each link is down, said once.
 
     The table fits the terminal (least telling columns dropped first; --wide shows all),
-    colours UP/DOWN on a terminal unless NO_COLOR is set. Exit 1 when any link is not up at
-    both ends."""
+    colours UP/DOWN on a terminal unless NO_COLOR is set; on a terminal the table is drawn as
+    hosts answer. Exit 1 when any link is not up at both ends."""
     from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
 
     if as_json and prometheus:
         raise UserError("give either --json or --prometheus, not both")
     ws = workspace(ctx)
     inventory = ws.load_inventory()
-    progress = _Progress(len(inventory.hosts))
+    out = sys.stdout
+    width, color = table_width(out, wide=wide), use_color(out)
+    live = _Live(enabled=out.isatty() and not (as_json or prometheus), width=width, color=color)
     try:
         status = collect(
-            inventory, ws.build_path, hosts or [], timeout=timeout, jobs=jobs, on_answer=progress
+            inventory, ws.build_path, hosts or [], timeout=timeout, jobs=jobs, on_answer=live
         )
     finally:
-        progress.clear()
+        live.clear()
     if prometheus:
         typer.echo(status.prometheus(), nl=False)
         return
     if as_json:
         typer.echo(json.dumps(status.to_json(), indent=2, sort_keys=True))
     else:
-        out = sys.stdout
-        text = format_table(status, width=table_width(out, wide=wide), color=use_color(out))
-        typer.echo(text, nl=False)
+        typer.echo(format_table(status, width=width, color=color), nl=False)
     if not status.all_up:
         raise typer.Exit(EXIT_FAILED)

@@ -796,6 +796,7 @@ def test_version_completion_and_global_options_after_the_command(project: Path) 
     (project / "other").mkdir()
     os.rename(project / "inventory.yaml", project / "other" / "inv.yaml")
     os.rename(project / "keystore", project / "other" / "keystore")
+
     def fingerprints(*args: str) -> list[str]:
         result = run(*args)
         assert result.exit_code == 0, result.output

@@ -65,6 +65,7 @@ import difflib
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import posixpath
@@ -84,9 +85,10 @@ from pathlib import Path
 from typing import Any
 
 import vpnd_runtime
+from vpnctl.hostdata import check_record, clean_json
 from vpnctl.inventory import Host, Inventory, UserError
 from vpnctl.keystore import Keystore
-from vpnctl.ssh import SshError, SshHost, quote
+from vpnctl.ssh import SshError, SshHost, SshTimeout, SshUnreachable, quote
 
 try:
     from packaging.requirements import Requirement
@@ -791,6 +793,9 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
         elif word == "deployed" and rest.strip() not in {"", "-"}:
             with contextlib.suppress(ValueError):
                 deployed = json.loads(base64.b64decode(rest.strip()))
+            if not isinstance(deployed, dict) or not isinstance(deployed.get("links"), dict):
+                raise DeployError(f"malformed probe answer: {STATE_DIR}/manifest.json on the "
+                                  "host is not a vpnctl manifest")  # fmt: skip
     target = parse_target(target_text) if target_text is not None else None
     return RemoteState(stamp, systemd, python, files, running, deployed, pending, uid, target,
                        target_text)  # fmt: skip
@@ -1028,6 +1033,7 @@ class LinkRecord:
     now: float  # the host's clock when it was read
 
 
+BAD_ANSWER = "bad answer"  # the state of an end whose host answered with a malformed record
 STALE_AFTER = 5.0  # a running daemon rewrites its record every second (docs/architecture.md)
 
 
@@ -1041,10 +1047,7 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
     daemon is hung or its record is not its own).
     """
     lines = text.splitlines()
-    try:
-        now = float(lines[0])
-    except (IndexError, ValueError):
-        now = time.time()
+    now = (_finite(lines[0]) if lines else None) or time.time()
     out: dict[str, LinkRecord] = {}
     i = 1
     while i < len(lines):
@@ -1057,11 +1060,17 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
         configured = block[0] == "config yes"
         alive = block[1] == "alive yes"
         record: dict[str, Any] | None = None
-        if block[2] not in {"", "-"}:
-            with contextlib.suppress(ValueError):
+        bad: str | None = None
+        if block[2] not in {"", "-"}:  # a host's answer is data: parsed, type-checked, cleaned
+            try:
                 loaded = json.loads(block[2])
-                record = loaded if isinstance(loaded, dict) else None
-        if record is not None and not alive:
+            except ValueError:
+                loaded, bad = None, "the status record is not JSON (cut short?)"
+            bad = bad or check_record(loaded)
+            record = clean_json(loaded) if bad is None else None
+        if bad is not None:
+            record = {"state": BAD_ANSWER, "reason": f"malformed answer: {bad}"}
+        elif record is not None and not alive:
             record["reason"] = f"daemon (pid {record.get('pid')}) is gone; last state " + str(
                 record.get("state")
             )
@@ -1070,10 +1079,19 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
             record = {"state": "not running", "reason": "no status record (never started?)"}
         elif record is not None:
             _judge_freshness(record, block[4].removeprefix("pidfile ").strip(), now)
-        mtime_text = block[3].removeprefix("keymtime ").strip()
-        key_mtime = float(mtime_text) if mtime_text not in {"", "-"} else None
-        out[link] = LinkRecord(record if configured else None, key_mtime, now)
+        out[link] = LinkRecord(record if configured or bad else None,
+                               _finite(block[3].removeprefix("keymtime ")), now)  # fmt: skip
     return out
+
+
+def _finite(text: str) -> float | None:
+    """A host's number (a clock, an mtime), or None when it is absent or not a finite number:
+    a bad value from a host must never abort a deploy half way."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _judge_freshness(record: dict[str, Any], pidfile_pid: str, now: float) -> None:
@@ -1119,6 +1137,7 @@ class HostOutcome:
     waiting: dict[str, str] = field(default_factory=dict)  # link -> why not confirmable
     rolled_back: dict[str, str] = field(default_factory=dict)  # link -> why
     runtime_switched: bool = False  # the new runtime was installed (a rollback switches back)
+    unreachable: bool = False  # the probe could not reach the host (ssh failed or timed out)
 
 
 @dataclass
@@ -1369,7 +1388,9 @@ def deploy(
             )
         except (SshError, DeployError, UserError) as exc:
             outcome.error = str(exc)
-            printer.line(name, f"FAILED probe: {exc}", finished=True)
+            outcome.unreachable = isinstance(exc, SshUnreachable | SshTimeout)
+            printer.line(name, f"FAILED probe: {str(exc).removeprefix(f'{name}: ')}",
+                         finished=True)  # fmt: skip
             return
         states[name] = remote
         host_runtime[name] = runtime
@@ -1388,7 +1409,8 @@ def deploy(
 
     work = [n for n in hosts if outcomes[n].plan is not None and not outcomes[n].plan.noop]
     if not work:
-        echo("no changes: every host is up to date, nothing restarted")
+        if report.ok:  # never "no changes" after a failure: the recap says what failed
+            echo("no changes: every host is up to date, nothing restarted")
         return report
 
     tarballs: dict[str, bytes] = {}  # stamp -> tar, made once per target that is installed

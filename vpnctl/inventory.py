@@ -30,13 +30,14 @@ stages (allocation, rendering) use :meth:`Inventory.problem` to point at the rig
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +411,8 @@ class _Reader:
         except ValueError:
             address = None
         if address is None:
-            self.fail(node, path, f"expected an IPv4 address like 198.18.1.1, got {_show(value)}")
+            self.fail(node, path, f"expected an IPv4 address like 198.18.1.1, got {_show(value)}"
+                      + _family_hint(value, "an IPv4 address"))  # fmt: skip
             return None
         if address.is_unspecified or address.is_multicast or address.is_loopback:
             self.fail(node, path, f"{address} is not a usable unicast address")
@@ -430,7 +432,9 @@ class _Reader:
             try:
                 loose = IPv4Network(value, strict=False)
             except ValueError:
-                self.fail(node, path, f"expected a network like 198.18.10.0/24: {exc}")
+                hint = _family_hint(value, "an IPv4 network") or _netmask_hint(value)
+                self.fail(node, path, f"expected a network like 198.18.10.0/24, got "
+                          f"{_show(value)}" + (hint or f": {exc}"))  # fmt: skip
                 return None
             self.fail(node, path, f"{value} has host bits set; did you mean {loose}?")
             return None
@@ -441,6 +445,45 @@ class _Reader:
             self.fail(node, path, f"must be an absolute path (starting with /), got {value!r}")
             return None
         return value
+
+
+def _family_hint(value: object, takes: str) -> str:
+    """``"; this field takes an IPv4 address, 2001:db8::1 is IPv6"`` when ``value`` is an
+    address or network of the other family, else ""."""
+    text = str(value)
+    for parse in (ip_address, ip_network):
+        try:
+            found = parse(text) if parse is ip_address else parse(text, strict=False)
+        except ValueError:
+            continue
+        if found.version == 6:
+            return f"; this field takes {takes}, {text} is IPv6"
+    return ""
+
+
+def _netmask_hint(value: str) -> str:
+    """``"; write 198.18.30.0/24"`` for ``198.18.30.0 255.255.255.0`` (address and netmask,
+    as in ifconfig or a Cisco config), else ""."""
+    words = value.split()
+    if len(words) == 2:
+        with contextlib.suppress(ValueError):
+            return f"; write {IPv4Network('/'.join(words), strict=False)}"
+    return ""
+
+
+def _yaml_snippet(text: str, mark: yaml.Mark | None) -> str:
+    """The offending line with a caret under the column, and a hint when it holds a tab."""
+    if mark is None:
+        return ""
+    lines = text.splitlines()
+    if not 0 <= mark.line < len(lines):
+        return ""
+    line = lines[mark.line]
+    shown = line.replace("\t", " ")
+    out = f"\n  {shown}\n  {' ' * min(mark.column, len(shown))}^"
+    if "\t" in line:
+        out += "\n  hint: this line holds a tab; YAML indents with spaces only"
+    return out
 
 
 def _own_key(node: yaml.MappingNode, merged: int, index: int, key: str) -> bool:
@@ -673,7 +716,8 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise InventoryError([Problem(file, line, "", f"not valid YAML: {exc.problem}")]) from None
+        message = f"not valid YAML: {exc.problem}{_yaml_snippet(text, mark)}"
+        raise InventoryError([Problem(file, line, "", message)]) from None
     except yaml.YAMLError as exc:
         raise InventoryError([Problem(file, None, "", f"not valid YAML: {exc}")]) from None
     if root is None:

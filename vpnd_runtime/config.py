@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ CIPHERS: dict[str, int] = {
 _CIPHER_FAMILY = "aes-gcm"
 
 MTU_MIN, MTU_MAX = 576, 65535
+#: IPv6 needs every link to carry 1280-byte packets (RFC 8200 §5).
+IPV6_MTU_MIN = 1280
 SENDBUF_MIN, SENDBUF_MAX = 1024, 1048576
 IPOPTS_MAX = 15
 IFNAMSIZ = 15  # usable characters of a Linux interface name
@@ -166,19 +168,42 @@ class _Bad(Exception):
 # The configuration
 
 
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+
 @dataclass(frozen=True)
 class Route:
-    """An extra route through the link: ``route<index> <dest> <netmask> <gateway>``."""
+    """An extra route through the link.
+
+    Two spellings: the seed's ``route<index> <dest> <netmask> <gateway>`` (IPv4), and the
+    prefix form ``route<index> <prefix>/<len> [<gateway>]`` (either family; ``prefix_form``),
+    e.g. ``route2 2001:db8:40::/48``. Without a gateway the route goes straight out of the TUN.
+    ``netmask`` is then the prefix's mask as an address of its family.
+    """
 
     index: int
-    dest: IPv4Address
-    netmask: IPv4Address
-    gateway: IPv4Address
+    dest: Address
+    netmask: Address
+    gateway: Address | None
+    prefix_form: bool = False
 
     @property
-    def network(self) -> IPv4Network:
-        """The destination as a network, e.g. ``198.19.5.0/24``."""
-        return IPv4Network(f"{self.dest}/{self.netmask}")
+    def network(self) -> Network:
+        """The destination as a network, e.g. ``198.19.5.0/24`` or ``2001:db8:40::/48``."""
+        return ip_network((self.dest, bin(int(self.netmask)).count("1")))
+
+    @property
+    def version(self) -> int:
+        """4 or 6: the family of the destination."""
+        return self.dest.version
+
+    def text(self) -> str:
+        """The directive line that reads back to this route."""
+        if not self.prefix_form:
+            return f"route{self.index} {self.dest} {self.netmask} {self.gateway}"
+        gateway = f" {self.gateway}" if self.gateway is not None else ""
+        return f"route{self.index} {self.network}{gateway}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,8 +211,10 @@ class PeerSpec:
     """One client of a hub, from its peer file ``<peers dir>/<name>.peer``."""
 
     name: str
-    remote: IPv4Address
+    remote: Address
     keyfile: str
+    #: The client's IPv6 tunnel address beside an IPv4 `remote` (dual stack), from `remote6`.
+    remote6: IPv6Address | None = None
     client_host: str = _ANY
     client_port: int = 0
     routes: tuple[Route, ...] = ()
@@ -195,9 +222,12 @@ class PeerSpec:
     source: str = field(default="<string>", compare=False)
 
     @property
-    def networks(self) -> tuple[IPv4Network, ...]:
-        """Everything this client may send from and is routed to: its address and routes."""
-        return (IPv4Network(f"{self.remote}/32"), *(r.network for r in self.routes))
+    def networks(self) -> tuple[Network, ...]:
+        """Everything this client may send from and is routed to: its addresses and routes."""
+        own = [ip_network(self.remote)]
+        if self.remote6 is not None:
+            own.append(ip_network(self.remote6))
+        return (*own, *(r.network for r in self.routes))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,9 +239,10 @@ class Config:
     """
 
     mode: str
-    local: IPv4Address
+    #: This end's tunnel address (IPv4, or IPv6 for an IPv6-only tunnel).
+    local: Address
     #: The far end's tunnel address; None only for a hub, whose clients' are in `peers`.
-    remote: IPv4Address | None
+    remote: Address | None
     server_host: str = _ANY
     server_port: int = DEFAULT_PORT  # 0 for a serial device (no port)
     client_host: str = _ANY
@@ -248,6 +279,9 @@ class Config:
     peers: tuple[PeerSpec, ...] = ()
     #: A hub forwards packets from one client to another (via the host's IP forwarding).
     clienttoclient: bool = True
+    #: IPv6 tunnel addresses beside IPv4 `local`/`remote` (a dual-stack link): `local6`/`remote6`.
+    local6: IPv6Address | None = None
+    remote6: IPv6Address | None = None
     #: Where this config was read from (for messages and the status record); not compared.
     source: str = field(default="<string>", compare=False)
 
@@ -255,6 +289,22 @@ class Config:
     def is_hub(self) -> bool:
         """True for a server that serves many clients (`peers`)."""
         return self.peers_dir is not None
+
+    @property
+    def local_addresses(self) -> tuple[Address, ...]:
+        """This end's tunnel addresses: `local`, then `local6` when given."""
+        return (self.local,) if self.local6 is None else (self.local, self.local6)
+
+    @property
+    def remote_addresses(self) -> tuple[Address, ...]:
+        """The far end's tunnel addresses (empty for a hub)."""
+        found = (self.remote, self.remote6)
+        return tuple(a for a in found if a is not None)
+
+    @property
+    def carries_ipv6(self) -> bool:
+        """True when the tunnel carries IPv6 (an IPv6 `local` or a `local6`)."""
+        return self.local.version == 6 or self.local6 is not None
 
     @property
     def is_serial(self) -> bool:
@@ -277,6 +327,10 @@ class Config:
         lines.append(f"local {self.local}")
         if self.remote is not None:
             lines.append(f"remote {self.remote}")
+        if self.local6 is not None:
+            lines.append(f"local6 {self.local6}")
+        if self.remote6 is not None:
+            lines.append(f"remote6 {self.remote6}")
         if self.peers_dir is not None:
             lines.append(f"peers {self.peers_dir}")
             if not self.clienttoclient:
@@ -285,7 +339,7 @@ class Config:
         for name in _TEXT_ORDER:
             value = getattr(self, name)
             if name == "routes":
-                lines += [f"route{r.index} {r.dest} {r.netmask} {r.gateway}" for r in value]
+                lines += [r.text() for r in value]
             elif name == "compress":
                 if self.compress:
                     lines.append(f"compress {self.compress_level}")
@@ -370,16 +424,46 @@ def _ipv4(text: str, what: str) -> IPv4Address:
         raise _Bad(f"{what} must be a dotted IPv4 address like 198.18.1.1, got {text!r}") from None
 
 
+def _ip(text: str, what: str) -> Address:
+    try:
+        return ip_address(text)
+    except ValueError:
+        raise _Bad(
+            f"{what} must be a dotted IPv4 address like 198.18.1.1 "
+            f"or an IPv6 address like 2001:db8::1, got {text!r}"
+        ) from None
+
+
 def _host(text: str, what: str) -> str:
-    """An IPv4 literal, with ``0`` meaning any (0.0.0.0)."""
+    """An IPv4 or IPv6 literal (``[2001:db8::1]`` too), with ``0`` meaning any (0.0.0.0)."""
     if text == "0":
         return _ANY
-    return str(_ipv4(text, what))
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    address = _ip(text, what)
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
-def _tunnel_address(text: str, what: str) -> IPv4Address:
-    address = _ipv4(text, what)
-    if address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255"):
+def _tunnel_address(text: str, what: str, version: int | None = None) -> Address:
+    """A unicast address of `version` (4, 6, or None for either)."""
+    address: Address
+    if version == 4:
+        address = _ipv4(text, what)
+    elif version == 6:
+        try:
+            address = IPv6Address(text)
+        except ValueError:
+            raise _Bad(f"{what} must be an IPv6 address like fd00:5::1, got {text!r}") from None
+    else:
+        address = _ip(text, what)
+    if (
+        address.is_unspecified
+        or address.is_multicast
+        or address == IPv4Address("255.255.255.255")
+        or (address.version == 6 and address.ipv4_mapped is not None)
+    ):
         raise _Bad(f"{what} must be a unicast address, got {address}")
     return address
 
@@ -506,11 +590,37 @@ def _interface(args: list[str]) -> dict[str, Any]:
     return {"interface": name}
 
 
+def _prefix_route(index: int, args: list[str]) -> Route:
+    """``route<index> <prefix>/<len> [<gateway>]``, either family."""
+    try:
+        network = ip_network(args[0])
+    except ValueError:
+        try:
+            loose = ip_network(args[0], strict=False)
+        except ValueError:
+            raise _Bad(
+                f"destination must be a prefix like 2001:db8:40::/48 or 198.18.40.0/24, "
+                f"got {args[0]!r}"
+            ) from None
+        raise _Bad(f"destination {args[0]} has host bits set (did you mean {loose}?)") from None
+    gateway = None
+    if len(args) > 1:
+        gateway = _tunnel_address(args[1], "gateway", network.version)
+    return Route(index, network.network_address, network.netmask, gateway, prefix_form=True)
+
+
 def _route(index: int) -> Callable[[list[str]], dict[str, Any]]:
     def parse(args: list[str]) -> dict[str, Any]:
+        if len(args) < 3:
+            if "/" not in args[0]:
+                raise _Bad(
+                    f"usage: route{index} <dest> <netmask> <gateway> (IPv4) "
+                    f"or route{index} <prefix>/<len> [<gateway>]"
+                )
+            return {"route": _prefix_route(index, args)}
         dest = _ipv4(args[0], "destination")
         mask = _netmask(args[1])
-        gateway = _tunnel_address(args[2], "gateway")
+        gateway = _tunnel_address(args[2], "gateway", 4)
         if int(dest) & ~int(mask) & 0xFFFFFFFF:
             network = IPv4Address(int(dest) & int(mask))
             raise _Bad(
@@ -532,6 +642,10 @@ _DIRECTIVES: dict[str, _Directive] = {
                    _value("local", lambda t: _tunnel_address(t, "local address"))),
         _Directive("remote", "remote <ip>", 1, 1,
                    _value("remote", lambda t: _tunnel_address(t, "remote address"))),
+        _Directive("local6", "local6 <ipv6>", 1, 1,
+                   _value("local6", lambda t: _tunnel_address(t, "local6 address", 6))),
+        _Directive("remote6", "remote6 <ipv6>", 1, 1,
+                   _value("remote6", lambda t: _tunnel_address(t, "remote6 address", 6))),
         _Directive("mtu", "mtu <bytes>", 1, 1,
                    _value("mtu", lambda t: _int(t, "mtu", MTU_MIN, MTU_MAX))),
         _Directive("keyfile", "keyfile <path>", 1, 1,
@@ -577,7 +691,8 @@ _DIRECTIVES: dict[str, _Directive] = {
         _Directive("modemchat", "modemchat <file>", 1, 1,
                    _value("modemchat", lambda t: _path(t, "modemchat")), serial_only=True),
         *[
-            _Directive(f"route{i}", f"route{i} <dest> <netmask> <gateway>", 3, 3, _route(i))
+            _Directive(f"route{i}", f"route{i} <dest> <netmask> <gateway> | "
+                       f"route{i} <prefix>/<len> [<gateway>]", 1, 3, _route(i))
             for i in range(1, 10)
         ],
     ]
@@ -704,6 +819,7 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
     elif "clienttoclient" in lines:
         fail(lines["clienttoclient"], "clienttoclient", "applies only to a hub (with 'peers')")
     values.setdefault("remote", None)
+    _check_families(values, lines, routes, hub, fail)
 
     serial = str(values.get("server_host", "")).startswith("/")
     if mode == "client":
@@ -748,7 +864,7 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
         )
     values["keysize"] = CIPHERS[cipher]
 
-    seen: dict[IPv4Network, int] = {}
+    seen: dict[Network, int] = {}
     for number, route in routes:
         if route.network in seen:
             fail(
@@ -771,6 +887,66 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
     if errors:
         raise ConfigError.combine(errors)
     return Config(**values, source=path)
+
+
+def _check_families(
+    values: dict[str, Any],
+    lines: dict[str, int],
+    routes: list[tuple[int, Route]],
+    hub: bool,
+    fail: Callable[[int | None, str | None, str], None],
+) -> None:
+    """The rules of a link's two address families (docs/directives.md, "IPv6").
+
+    `local`/`remote` are the tunnel's first family (either); `local6`/`remote6` add IPv6 beside
+    IPv4 ones. Both ends of a family go together, and every route needs its family carried.
+    """
+    local, remote = values.get("local"), values.get("remote")
+    local6, remote6 = values.get("local6"), values.get("remote6")
+    if local is not None and remote is not None and local.version != remote.version:
+        fail(
+            lines["remote"],
+            "remote",
+            f"{remote} is IPv{remote.version} but local {local} is IPv{local.version}: "
+            "local and remote are one family (give IPv6 beside IPv4 as local6/remote6)",
+        )
+    for name, first in (("local6", local), ("remote6", remote)):
+        if name in values and first is not None and first.version == 6:
+            base = name[:-1]
+            fail(
+                lines[name],
+                name,
+                f"{base} is already IPv6 ({first}); {name} adds IPv6 beside an IPv4 {base}",
+            )
+    if hub and "remote6" in lines:
+        fail(
+            lines["remote6"],
+            "remote6",
+            "a hub has no single remote: each client's IPv6 address is 'remote6' in its peer file",
+        )
+    elif not hub and ("local6" in lines) != ("remote6" in lines):
+        given, missing = ("local6", "remote6") if "local6" in lines else ("remote6", "local6")
+        fail(lines[given], given, f"an IPv6 tunnel needs both ends: add {missing} <ipv6>")
+    if local6 is not None and local6 == remote6:
+        fail(lines["remote6"], "remote6", f"must differ from local6 ({local6})")
+    carries = {a.version for a in (local, local6) if a is not None}
+    if 6 in carries and values.get("mtu", 1400) < IPV6_MTU_MIN:
+        fail(
+            lines.get("mtu"),
+            "mtu",
+            f"{values['mtu']} is below {IPV6_MTU_MIN}, the least a link carrying IPv6 may have",
+        )
+    if local is None:
+        return
+    for number, route in routes:
+        if route.version not in carries:
+            spelled = "local6/remote6" if route.version == 6 else "an IPv4 local/remote"
+            fail(
+                number,
+                f"route{route.index}",
+                f"{route.network} is IPv{route.version} but the tunnel carries no "
+                f"IPv{route.version}: give it {spelled}",
+            )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -799,7 +975,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 PEER_SUFFIX = ".peer"
 _PEER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_PEER_DIRECTIVES = ("remote", "keyfile", "client", *(f"route{i}" for i in range(1, 10)))
+_PEER_DIRECTIVES = (
+    "remote",
+    "remote6",
+    "keyfile",
+    "client",
+    *(f"route{i}" for i in range(1, 10)),
+)
 
 
 def parse_peer(
@@ -832,7 +1014,11 @@ def parse_peer(
                 else "unknown peer file directive"
                 + (f"; did you mean {hints[0]!r}?" if hints else "")
             )
-            fail(number, keyword, message + " (peer files take remote, keyfile, client, route1..9)")
+            fail(
+                number,
+                keyword,
+                message + " (peer files take remote, remote6, keyfile, client, route1..9)",
+            )
             continue
         if keyword in lines:
             fail(number, keyword, f"duplicate directive (first given on line {lines[keyword]})")
@@ -852,13 +1038,23 @@ def parse_peer(
         values.update(parsed)
     if "remote" not in lines:
         fail(None, "remote", "missing required directive: remote <the client's tunnel address>")
-    seen: dict[IPv4Network, int] = {}
+    remote = values.get("remote")
+    if "remote6" in values and remote is not None and remote.version == 6:
+        fail(
+            lines["remote6"],
+            "remote6",
+            f"remote is already IPv6 ({remote}); remote6 adds IPv6 beside an IPv4 remote",
+        )
+    own = {a.version: a for a in (values.get("remote6"), remote) if a is not None}
+    seen: dict[Network, int] = {}
     for number, route in routes:
-        if "remote" in values and route.gateway != values["remote"]:
+        if remote is not None and route.gateway is not None and route.gateway not in own.values():
+            want = own.get(route.version)
             fail(
                 number,
                 f"route{route.index}",
-                f"gateway {route.gateway} must be this client's address {values['remote']}",
+                f"gateway {route.gateway} must be this client's address"
+                + (f" {want}" if want is not None else f" (it has no IPv{route.version} one)"),
             )
         if route.network in seen:
             fail(
@@ -875,6 +1071,7 @@ def parse_peer(
     return PeerSpec(
         name=name,
         remote=values["remote"],
+        remote6=values.get("remote6"),
         keyfile=keyfile or default_keyfile,
         client_host=values.get("client_host", _ANY),
         client_port=values.get("client_port", 0),
@@ -918,25 +1115,25 @@ def load_peers(config: Config) -> tuple[PeerSpec, ...]:
             errors.append(ConfigError(path, None, None, "not valid UTF-8 text"))
         except OSError as exc:
             errors.append(ConfigError(path, None, None, f"cannot read peer file: {exc.strerror}"))
-    owners: dict[IPv4Network, PeerSpec] = {}
+    owners: dict[Network, PeerSpec] = {}
     for peer in peers:
-        if peer.remote == config.local:
-            errors.append(
-                ConfigError(peer.source, None, "remote", f"{peer.remote} is the hub's own address")
-            )
+        for name, mine in (("remote", peer.remote), ("remote6", peer.remote6)):
+            if mine is not None and mine in config.local_addresses:
+                errors.append(
+                    ConfigError(peer.source, None, name, f"{mine} is the hub's own address")
+                )
         for net in peer.networks:
             for other_net, other in owners.items():
                 if other is not peer and net.overlaps(other_net):
-                    what = (
-                        "address"
-                        if net.prefixlen == 32 and other_net.prefixlen == 32
-                        else ("network")
-                    )
+                    host = net.num_addresses == 1
+                    what = "address" if host and other_net.num_addresses == 1 else "network"
                     errors.append(
                         ConfigError(
                             peer.source,
                             None,
-                            "remote" if net.prefixlen == 32 else "route",
+                            ("remote" if net.version == peer.remote.version else "remote6")
+                            if host
+                            else "route",
                             f"{what} {net} overlaps {other_net} of peer {other.name} "
                             f"({other.source})",
                         )

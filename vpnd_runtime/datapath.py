@@ -1,8 +1,10 @@
 """A hub's per-packet rules: which client a packet goes to, and what a client may send.
 
 Packets here are as the TUN gives and takes them: `hdr` bytes of virtio-net header (0 or 10)
-followed by the IP packet. Only the IPv4 header's source and destination are read; a TCP
-super-packet (GSO) is one packet here, so a bulk flow costs one lookup per 64 KiB.
+followed by the IP packet. Only the IP header's version, source and destination are read (IPv4:
+bytes 12..20 of a 20+ byte header; IPv6: bytes 8..40 of the 40-byte fixed header, each family
+looked up in its own table); a TCP super-packet (GSO) is one packet here, so a bulk flow costs
+one lookup per 64 KiB.
 
 Outbound (TUN -> clients): `route_outbound` groups a batch by the client whose address or
 networks hold the destination (longest prefix); packets to no client are dropped and counted.
@@ -20,6 +22,8 @@ from collections.abc import Iterator
 from vpnd_runtime.peers import Peer, PeerTable
 
 _from_bytes = int.from_bytes
+#: IP version -> (least header length, source offset, destination offset, address length).
+_LAYOUT = {4: (20, 12, 16, 4), 6: (40, 8, 24, 16)}
 
 
 def _count(drops: dict[str, int], why: str, n: int = 1) -> None:
@@ -31,18 +35,24 @@ def route_outbound(
 ) -> Iterator[tuple[Peer, list[bytes]]]:
     """(peer, packets) for each client that packets of `batch` go to, in first-seen order.
 
-    Packets that are not IPv4, too short, or to no client are counted in `drops`
-    (`not_ipv4`, `malformed`, `no_route`)."""
+    Packets that are neither IPv4 nor IPv6, too short, or to no client are counted in `drops`
+    (`not_ip`, `malformed`, `no_route`)."""
     groups: dict[Peer, list[bytes]] = {}
     route = table.route
     for packet in batch:
-        if len(packet) < hdr + 20:
+        if len(packet) <= hdr:
             _count(drops, "malformed")
             continue
-        if packet[hdr] >> 4 != 4:
-            _count(drops, "not_ipv4")
+        version = packet[hdr] >> 4
+        layout = _LAYOUT.get(version)
+        if layout is None:
+            _count(drops, "not_ip")
             continue
-        peer = route(_from_bytes(packet[hdr + 16 : hdr + 20], "big"))
+        least, _, dst, size = layout
+        if len(packet) < hdr + least:
+            _count(drops, "malformed")
+            continue
+        peer = route(_from_bytes(packet[hdr + dst : hdr + dst + size], "big"), version)
         if peer is None:
             _count(drops, "no_route")
             continue
@@ -58,22 +68,28 @@ def admit_inbound(
     packets: list[bytes], hdr: int, peer: Peer, table: PeerTable, clienttoclient: bool
 ) -> list[bytes]:
     """The packets from `peer` that may enter the hub; the rest are counted on the peer
-    (`spoofed_source`, `client_to_client`, `not_ipv4`, `malformed`)."""
+    (`spoofed_source`, `client_to_client`, `not_ip`, `malformed`)."""
     kept: list[bytes] = []
     allows = table.allows
     route = table.route
     for packet in packets:
-        if len(packet) < hdr + 20:
+        if len(packet) <= hdr:
             peer.count_drop("malformed")
             continue
-        if packet[hdr] >> 4 != 4:
-            peer.count_drop("not_ipv4")
+        version = packet[hdr] >> 4
+        layout = _LAYOUT.get(version)
+        if layout is None:
+            peer.count_drop("not_ip")
             continue
-        if not allows(peer, _from_bytes(packet[hdr + 12 : hdr + 16], "big")):
+        least, src, dst, size = layout
+        if len(packet) < hdr + least:
+            peer.count_drop("malformed")
+            continue
+        if not allows(peer, _from_bytes(packet[hdr + src : hdr + src + size], "big"), version):
             peer.count_drop("spoofed_source")
             continue
         if not clienttoclient:
-            other = route(_from_bytes(packet[hdr + 16 : hdr + 20], "big"))
+            other = route(_from_bytes(packet[hdr + dst : hdr + dst + size], "big"), version)
             if other is not None and other is not peer:
                 peer.count_drop("client_to_client")
                 continue

@@ -8,9 +8,10 @@ client. The table answers the three questions the daemon asks on every handshake
 * **Which client?** `admit(psk, address)` — the tunnel address the client announced inside the
   authenticated message 1, checked against the clients holding that key. Several clients may share
   one key (the seed's style); each still proves the key and is known by its address.
-* **Which peer for this packet?** `route(dst)` — longest-prefix match over every client's address
-  (/32) and the networks behind it (WireGuard's allowed IPs), and `allows(peer, src)` — a packet
-  from a client must come from its own address or a network behind it.
+* **Which peer for this packet?** `route(dst, version)` — longest-prefix match over every client's
+  addresses (/32, /128) and the networks behind it (WireGuard's allowed IPs), one table per address
+  family, and `allows(peer, src, version)` — a packet from a client must come from its own address
+  or a network behind it.
 
 Pure: no I/O. The daemon keeps each peer's session and counters on the `Peer` objects.
 """
@@ -20,10 +21,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_network
 from typing import Any
 
-from vpnd_runtime.config import Route
+from vpnd_runtime.config import Network, Route
 from vpnd_runtime.proto.kdf import key_id as derive_key_id
 
 #: Peer states as shown in the status record.
@@ -35,10 +36,12 @@ class Peer:
     """One far end: its identity (name, address, key, routes) and its live state."""
 
     name: str
-    address: IPv4Address | None
+    address: IPv4Address | IPv6Address | None
     key: bytes = field(repr=False)
     fingerprint: str
     routes: tuple[Route, ...] = ()
+    #: The IPv6 tunnel address beside an IPv4 `address` (a dual-stack peer).
+    address6: IPv6Address | None = None
     client_host: str = "0.0.0.0"
     client_port: int = 0
     # --- live state, owned by the daemon
@@ -61,9 +64,14 @@ class Peer:
     links_up: int = 0
 
     @property
-    def networks(self) -> tuple[IPv4Network, ...]:
-        """The peer's address (/32) and the networks behind it."""
-        own = (IPv4Network(f"{self.address}/32"),) if self.address is not None else ()
+    def addresses(self) -> tuple[IPv4Address | IPv6Address, ...]:
+        """The peer's tunnel addresses: `address`, then `address6`."""
+        return tuple(a for a in (self.address, self.address6) if a is not None)
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        """The peer's addresses (/32, /128) and the networks behind it."""
+        own = tuple(ip_network(a) for a in self.addresses)
         return own + tuple(r.network for r in self.routes)
 
     def identity(self) -> tuple[Any, ...]:
@@ -71,6 +79,7 @@ class Peer:
         return (
             self.name,
             self.address,
+            self.address6,
             self.key,
             self.routes,
             self.client_host,
@@ -88,22 +97,27 @@ class Peer:
 
 
 class Router:
-    """Longest-prefix match of IPv4 destinations (as ints) to values.
+    """Longest-prefix match of one family's destinations (as ints) to values.
 
     One dict per prefix length, probed from the longest length down: a lookup costs at most
-    as many dict probes as there are distinct prefix lengths (typically two: /32 and /24).
+    as many dict probes as there are distinct prefix lengths (typically two: /32 and /24, or
+    /128 and /48). `bits` is 32 for IPv4, 128 for IPv6.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bits: int = 32) -> None:
+        self.bits = bits
         self._by_len: dict[int, dict[int, Any]] = {}
         self._lengths: list[tuple[int, int]] = []  # (prefix length, mask), longest first
 
-    def add(self, network: IPv4Network, value: Any) -> None:
+    def add(self, network: Network, value: Any) -> None:
         """Route `network` to `value` (a later add of the same network replaces it)."""
+        if network.max_prefixlen != self.bits:
+            raise ValueError(f"{network} is not a {self.bits}-bit network")
         plen = network.prefixlen
         if plen not in self._by_len:
             self._by_len[plen] = {}
-            mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+            full = (1 << self.bits) - 1
+            mask = (full << (self.bits - plen)) & full
             self._lengths = sorted([*self._lengths, (plen, mask)], reverse=True)
         self._by_len[plen][int(network.network_address)] = value
 
@@ -126,8 +140,8 @@ class PeerTable:
         self.by_name: dict[str, Peer] = {p.name: p for p in self.peers}
         self._keys: dict[bytes, list[bytes]] = {}
         self._by_key: dict[bytes, list[Peer]] = {}
-        self._by_key_address: dict[tuple[bytes, IPv4Address | None], Peer] = {}
-        self._router = Router()
+        self._by_key_address: dict[tuple[bytes, IPv4Address | IPv6Address | None], Peer] = {}
+        self._routers = {4: Router(32), 6: Router(128)}
         self._only: Peer | None = self.peers[0] if len(self.peers) == 1 else None
         for peer in self.peers:
             kid = derive_key_id(peer.key)
@@ -135,9 +149,10 @@ class PeerTable:
             if peer.key not in keys:
                 keys.append(peer.key)
             self._by_key.setdefault(peer.key, []).append(peer)
-            self._by_key_address[(peer.key, peer.address)] = peer
+            for address in peer.addresses or (None,):
+                self._by_key_address[(peer.key, address)] = peer
             for net in peer.networks:
-                self._router.add(net, peer)
+                self._routers[net.version].add(net, peer)
 
     def __len__(self) -> int:
         return len(self.peers)
@@ -151,24 +166,25 @@ class PeerTable:
         return self._keys.get(key_id, ())
 
     def admit(self, psk: bytes, address: IPv4Address | IPv6Address | None) -> Peer | None:
-        """The peer holding `psk` that announced `address`; a client that announced no address
-        (the protocol's first version) is admitted only when its key names one peer."""
+        """The peer holding `psk` that announced `address` (either of its addresses, IPv4
+        arriving as itself or as ::ffff:a.b.c.d); a client that announced no address (the
+        protocol's first version) is admitted only when its key names one peer."""
         if address is None:
             holders = self._by_key.get(psk, ())
             return holders[0] if len(holders) == 1 else None
-        if address.version != 4:
-            return None
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
         return self._by_key_address.get((psk, address))
 
     # ------------------------------------------------------------------ data path
-    def route(self, dst: int) -> Peer | None:
-        """The peer that packets to `dst` (an IPv4 address as int) go to, or None."""
+    def route(self, dst: int, version: int = 4) -> Peer | None:
+        """The peer that packets to `dst` (an address of IP `version` as int) go to, or None."""
         if self._only is not None and not self.hub:
             return self._only  # a point-to-point link sends everything to its one peer
-        return self._router.lookup(dst)
+        return self._routers[version].lookup(dst)
 
-    def allows(self, peer: Peer, src: int) -> bool:
+    def allows(self, peer: Peer, src: int, version: int = 4) -> bool:
         """True when `peer` may send packets from `src` (its address or a network behind it)."""
         if not self.hub:
             return True
-        return self._router.lookup(src) is peer
+        return self._routers[version].lookup(src) is peer

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -63,6 +64,7 @@ def test_keys_by_id_and_admission_by_key_and_address() -> None:
     assert t.admit(KB, None).name == "b"  # no address: fine when the key is b's alone
     assert t.admit(SHARED, None) is None  # ...but not for a shared key
     assert t.admit(KA, ipaddress.IPv6Address("2001:db8::1")) is None
+    assert t.admit(KA, ipaddress.IPv6Address("::ffff:198.19.1.10")).name == "a"  # v4 as mapped
 
 
 def test_longest_prefix_routing_and_allowed_sources() -> None:
@@ -92,13 +94,13 @@ def test_route_outbound_groups_by_client_and_counts_what_goes_nowhere() -> None:
         packet("198.19.1.1", "198.19.1.11"),
         packet("198.19.1.1", "198.18.40.9"),
         packet("198.19.1.1", "198.19.1.200"),
-        bytes(HDR) + b"\x60" + bytes(39),  # IPv6
+        bytes(HDR) + b"\x50" + bytes(39),  # neither IPv4 nor IPv6
         b"short",
     ]
     groups = {p.name: pkts for p, pkts in datapath.route_outbound(batch, HDR, t, drops)}
     assert {k: len(v) for k, v in groups.items()} == {"a": 2, "b": 1}
     assert groups["a"] == [batch[0], batch[2]]  # order kept within a client
-    assert drops == {"no_route": 1, "not_ipv4": 1, "malformed": 1}
+    assert drops == {"no_route": 1, "not_ip": 1, "malformed": 1}
 
 
 def test_admit_inbound_drops_spoofed_sources_and_optionally_client_to_client() -> None:
@@ -138,3 +140,92 @@ def test_router_matches_a_brute_force_longest_prefix_match(
         holders = [n for n in nets if IP(probe) in n]
         expected = nets[max(holders, key=lambda n: n.prefixlen)] if holders else None
         assert router.lookup(probe) == expected
+
+
+# ------------------------------------------------------------------ IPv6
+
+IP6 = ipaddress.IPv6Address
+NET6 = ipaddress.IPv6Network
+
+
+def packet6(src: str, dst: str, hdr: int = HDR, payload: bytes = b"") -> bytes:
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 58, 64, IP6(src).packed, IP6(dst).packed)
+    return bytes(hdr) + ip + payload
+
+
+def table6() -> PeerTable:
+    """Dual-stack clients: a (IPv4 + IPv6, an IPv6 network behind it), b (IPv6 only)."""
+    a = peer("a", "198.19.1.10", KA, "198.18.40.0/24")
+    a.address6 = IP6("fd00:1::a")
+    a.routes += (Route(2, IP6("2001:db8:40::"), NET6("2001:db8:40::/48").netmask, None, True),)
+    b = Peer(name="b", address=IP6("fd00:1::b"), key=KB, fingerprint="b")
+    return PeerTable([a, b], hub=True)
+
+
+def test_ipv6_admission_by_either_address_and_routing_per_family() -> None:
+    t = table6()
+    assert t.admit(KA, IP6("fd00:1::a")).name == "a"  # a announced its IPv6 address
+    assert t.admit(KA, IP("198.19.1.10")).name == "a"
+    assert t.admit(KB, IP6("fd00:1::b")).name == "b"
+    assert t.admit(KB, IP6("fd00:1::a")) is None
+    assert t.route(int(IP6("2001:db8:40:1::9")), 6).name == "a"
+    assert t.route(int(IP6("fd00:1::b")), 6).name == "b"
+    assert t.route(int(IP6("fd00:1::c")), 6) is None
+    # The same integer in the other family's table is another address entirely.
+    assert t.route(int(IP6("::c613:10a")), 6) is None
+    assert t.allows(t.by_name["a"], int(IP6("2001:db8:40::5")), 6)
+    assert not t.allows(t.by_name["b"], int(IP6("2001:db8:40::5")), 6)
+    assert {str(n) for n in t.by_name["a"].networks} == {
+        "198.19.1.10/32",
+        "fd00:1::a/128",
+        "198.18.40.0/24",
+        "2001:db8:40::/48",
+    }
+
+
+def test_route_outbound_and_admit_inbound_read_ipv6_headers() -> None:
+    t = table6()
+    drops: dict[str, int] = {}
+    batch = [
+        packet6("fd00:1::1", "2001:db8:40::9"),
+        packet("198.19.1.1", "198.19.1.10"),
+        packet6("fd00:1::1", "fd00:1::b"),
+        packet6("fd00:1::1", "fd00:99::1"),
+        bytes(HDR) + b"\x60" + bytes(20),  # IPv6 cut short of its 40-byte header
+    ]
+    groups = {p.name: pkts for p, pkts in datapath.route_outbound(batch, HDR, t, drops)}
+    assert groups == {"a": [batch[0], batch[1]], "b": [batch[2]]}
+    assert drops == {"no_route": 1, "malformed": 1}
+    a = t.by_name["a"]
+    pkts = [
+        packet6("fd00:1::a", "fd00:1::1"),
+        packet6("2001:db8:40::7", "fd00:1::1"),
+        packet6("fd00:1::b", "fd00:1::1"),  # b's address from a: spoofed
+        packet6("fd00:1::a", "fd00:1::b"),  # a -> b
+    ]
+    assert datapath.admit_inbound(pkts, HDR, a, t, clienttoclient=False) == pkts[:2]
+    assert a.drops == {"spoofed_source": 1, "client_to_client": 1}
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2**128 - 1), st.integers(16, 128)), min_size=1, max_size=30),
+    st.lists(st.integers(0, 2**128 - 1), min_size=1, max_size=50),
+)
+def test_ipv6_router_matches_a_brute_force_longest_prefix_match(
+    prefixes: list[tuple[int, int]], probes: list[int]
+) -> None:
+    router = Router(128)
+    nets: dict[NET6, int] = {}
+    for i, (addr, plen) in enumerate(prefixes):
+        net = NET6((addr, plen), strict=False)
+        router.add(net, i)
+        nets[net] = i
+    for probe in [*probes, *(int(n.network_address) for n in nets)]:
+        holders = [n for n in nets if IP6(probe) in n]
+        expected = nets[max(holders, key=lambda n: n.prefixlen)] if holders else None
+        assert router.lookup(probe) == expected
+
+
+def test_router_refuses_the_other_family() -> None:
+    with pytest.raises(ValueError, match="not a 32-bit"):
+        Router().add(NET6("2001:db8::/32"), 1)

@@ -153,6 +153,7 @@ def load_table(config: Config) -> PeerTable:
         peer = Peer(
             name=name,
             address=config.remote,
+            address6=config.remote6,
             key=key,
             fingerprint=fingerprint(key),
             routes=config.routes,
@@ -170,6 +171,7 @@ def load_table(config: Config) -> PeerTable:
             Peer(
                 name=spec.name,
                 address=spec.remote,
+                address6=spec.remote6,
                 key=key,
                 fingerprint=fingerprint(key),
                 routes=spec.routes,
@@ -230,6 +232,8 @@ class Daemon:
             key_fingerprint=self._top_fingerprint(),
         )
         self.status.hub = self.hub
+        self.status.local6 = str(config.local6) if config.local6 is not None else None
+        self.status.remote6 = str(config.remote6) if config.remote6 is not None else None
         self.writer = StatusWriter(config.statusfile)
         self.rng = RandomDev(config.randomdev)
         self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
@@ -344,7 +348,7 @@ class Daemon:
             self.listener = tcp.listen(cfg.server_host, cfg.server_port, tos)
         self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
         self._set_top_state()
-        log.info("listening on %s:%d", cfg.server_host, cfg.server_port)
+        log.info("listening on %s", tcp.endpoint_text(cfg.server_host, cfg.server_port))
 
     def _set_top_state(self, reason: str | None = None) -> None:
         """A server's top-level state: up while a peer is up, else listening."""
@@ -478,7 +482,7 @@ class Daemon:
             self._connect_failed(now, exc.strerror or str(exc))
             return
         cfg = self.config
-        carrier = tcp.TcpCarrier(sock, f"{cfg.server_host}:{cfg.server_port}")
+        carrier = tcp.TcpCarrier(sock, tcp.endpoint_text(cfg.server_host, cfg.server_port))
         conn = Connection(
             "initiator",
             self.peer.key,
@@ -605,7 +609,8 @@ class Daemon:
                 self.sel.unregister(self.listener)
                 self.listener_resume = now + ACCEPT_PAUSE
                 return
-            peer = f"{addr[0]}:{addr[1]}"
+            addr = tcp.peer_address(addr)
+            peer = tcp.endpoint_text(*addr)
             if not tcp.client_allowed(addr, cfg.client_host, cfg.client_port):
                 log.warning(
                     "refused connection from %s: not the configured client %s:%s",
@@ -1101,6 +1106,7 @@ class Daemon:
         return {
             "name": peer.name,
             "address": str(peer.address),
+            "address6": str(peer.address6) if peer.address6 is not None else None,
             "state": peer.state,
             "since": peer.since,
             "reason": peer.reason,
@@ -1183,6 +1189,8 @@ class Daemon:
         self.status.key_fingerprint = self._top_fingerprint()
         self.status.local = str(new.local)
         self.status.remote = str(new.remote) if new.remote is not None else ""
+        self.status.local6 = str(new.local6) if new.local6 is not None else None
+        self.status.remote6 = str(new.remote6) if new.remote6 is not None else None
         self.status.interface = new.interface
         self.attempt = 0
         self.next_attempt = 0.0
@@ -1296,6 +1304,7 @@ class Daemon:
 def _addr(session: Session) -> tuple[str, int]:
     """The carrier's source (address, port), from its printable `host:port`."""
     host, _, port = session.carrier.peer.rpartition(":")
+    host = host.strip("[]")
     try:
         return host, int(port)
     except ValueError:

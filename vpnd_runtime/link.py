@@ -75,7 +75,7 @@ class Link:
         else:
             if cfg.autoroute and cfg.mode == "client" and not cfg.is_serial:
                 try:
-                    pinned = tun.pin_route(ipaddress.IPv4Address(cfg.server_host))
+                    pinned = tun.pin_route(ipaddress.ip_address(cfg.server_host))
                     if pinned:
                         log.info("autoroute: carrier route pinned: %s", pinned)
                 except TunError as exc:
@@ -121,8 +121,12 @@ class Link:
         cfg = self.config
         tun = Tun.open(cfg.interface, offload=not cfg.is_serial)
         try:
-            _disable_ipv6(tun.name)
-            tun.configure(cfg.local, cfg.remote, cfg.mtu)
+            if cfg.carries_ipv6:
+                _enable_ipv6(tun.name)
+            else:
+                _disable_ipv6(tun.name)
+            extra = ((cfg.local6, cfg.remote6),) if cfg.local6 is not None else ()
+            tun.configure(cfg.local, cfg.remote, cfg.mtu, extra)
         except OSError:
             tun.close()
             raise
@@ -181,6 +185,10 @@ class Link:
             "VPND_MODE": cfg.mode,
             "VPND_CONFIG": cfg.source,
         }
+        if cfg.local6 is not None:
+            env["VPND_LOCAL6"] = str(cfg.local6)
+        if peer.address6 is not None:
+            env["VPND_REMOTE6"] = str(peer.address6)
         if self.hub:
             env["VPND_PEER_NAME"] = peer.name
         return env
@@ -198,6 +206,20 @@ class Link:
 
 def _disable_ipv6(ifname: str) -> None:
     """The tunnel carries IPv4; without this the kernel sends IPv6 chatter that skews counters."""
-    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
+    _sysctl(ifname, "disable_ipv6", "1")
+
+
+def _enable_ipv6(ifname: str) -> None:
+    """The tunnel carries IPv6: keep it on, but quiet. No link-local address (so no router
+    solicitations or DAD from fe80::), no router advertisements taken from the far end: the
+    tunnel's addresses and routes are the config's, nothing else. Set before the link is up."""
+    _sysctl(ifname, "disable_ipv6", "0")
+    _sysctl(ifname, "accept_ra", "0")
+    _sysctl(ifname, "router_solicitations", "0")
+    _sysctl(ifname, "addr_gen_mode", "1")
+
+
+def _sysctl(ifname: str, name: str, value: str) -> None:
+    path = f"/proc/sys/net/ipv6/conf/{ifname}/{name}"
     with contextlib.suppress(OSError), open(path, "w") as fh:
-        fh.write("1")
+        fh.write(value)

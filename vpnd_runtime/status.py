@@ -61,6 +61,9 @@ class StatusRecord:
     peers: list[dict[str, Any]] = field(default_factory=list)
     peers_total: int = 0
     peers_up: int = 0
+    #: A dual-stack link's IPv6 tunnel addresses (`local6`/`remote6`); absent when not set.
+    local6: str | None = None
+    remote6: str | None = None
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         """Move to `state` (recording since when) unless already there with the same reason."""
@@ -90,6 +93,9 @@ class StatusWriter:
         fields = asdict(record)
         if not record.hub:  # a point-to-point record keeps its first-version shape
             for name in ("hub", "peers", "peers_total", "peers_up"):
+                del fields[name]
+        for name in ("local6", "remote6"):
+            if fields[name] is None:
                 del fields[name]
         data = json.dumps(fields, sort_keys=True)
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -189,6 +195,16 @@ def format_status(record: dict[str, Any]) -> str:
             if record.get("local")
             else None,
         ),
+        (
+            "tunnel6",
+            (
+                f"{record.get('local6')} (hub)"
+                if record.get("hub")
+                else f"{record.get('local6')} -> {record.get('remote6')}"
+            )
+            if record.get("local6")
+            else None,
+        ),
         ("peer", record.get("peer")),
         ("key", record.get("key_fingerprint")),
         (
@@ -254,7 +270,7 @@ def format_peers(peers: list[dict[str, Any]]) -> list[str]:
             (
                 str(p.get("name", "?")),
                 state,
-                str(p.get("address", "-")),
+                str(p.get("address", "-")) + (f" {p['address6']}" if p.get("address6") else ""),
                 str(p.get("peer") or "-"),
                 _fmt_age(p.get("session_age")),
                 f"{rtt * 1000:.2f}ms" if isinstance(rtt, (int, float)) else "-",

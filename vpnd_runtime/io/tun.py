@@ -7,8 +7,9 @@ Contract (what the daemon relies on):
   The far end, opened the same way, writes those bytes back unchanged; its kernel segments them and
   completes the partial checksums. Both ends must use the offload (the protocol carries the header
   opaquely), so the daemon always opens the TUN this way.
-- `configure()` sets the point-to-point address (`local peer remote/32`), the MTU and brings the
-  link up through rtnetlink (vpnd_runtime.io.netlink, no `ip` subprocess, no pyroute2). The
+- `configure()` sets the point-to-point address (`local peer remote/32`, plus `local6 peer
+  remote6/128` for a dual-stack link, given as `extra`), the MTU and brings the link up through
+  rtnetlink (vpnd_runtime.io.netlink, no `ip` subprocess, no pyroute2). The
   kernel then owns the host route to `remote`; extra routes go through `add_route` (via a
   gateway, or straight out of the TUN without one) and `remove_route`/`remove_routes`.
 - The fd is non-blocking: the daemon's selector loop decides when to read.
@@ -84,9 +85,7 @@ class Tun:
     hdr_len: int = VNET_HDR_LEN
     index: int = 0
     _routes: list[Route] = field(default_factory=list)
-    _pinned: list[tuple[ipaddress.IPv4Network, int | None, Address | None]] = field(
-        default_factory=list
-    )
+    _pinned: list[tuple[Network, int | None, Address | None]] = field(default_factory=list)
 
     @classmethod
     def open(cls, name: str, offload: bool = True) -> Tun:
@@ -112,9 +111,16 @@ class Tun:
             raise TunError(exc.errno, f"cannot create TUN {name}: {exc.strerror}") from exc
         return cls(name=name, fd=fd, hdr_len=VNET_HDR_LEN if offload else 0)
 
-    def configure(self, local: Address, remote: Address | None, mtu: int) -> None:
+    def configure(
+        self,
+        local: Address,
+        remote: Address | None,
+        mtu: int,
+        extra: tuple[tuple[Address, Address | None], ...] = (),
+    ) -> None:
         """Give the link its addresses and MTU, and bring it up: point-to-point `local` ->
-        `remote`, or, for a hub (`remote` None), `local` alone (its clients get routes)."""
+        `remote`, or, for a hub (`remote` None), `local` alone (its clients get routes).
+        `extra` holds further (local, remote) pairs, e.g. the IPv6 pair of a dual-stack link."""
         what = f"configuring {self.name} ({local} peer {remote or '-'}, mtu {mtu})"
         try:
             self.index = socket.if_nametoindex(self.name)
@@ -125,6 +131,8 @@ class Tun:
         with _netlink(what) as nl:
             nl.set_link(self.index, mtu=mtu)
             nl.add_address(self.index, local, local.max_prefixlen, peer=remote)
+            for more_local, more_remote in extra:
+                nl.add_address(self.index, more_local, more_local.max_prefixlen, peer=more_remote)
             nl.set_link(self.index, up=True)
 
     def add_route(self, network: Network, gateway: Address | None = None) -> None:
@@ -153,7 +161,7 @@ class Tun:
             raise
         return True
 
-    def pin_route(self, dst: ipaddress.IPv4Address) -> str | None:
+    def pin_route(self, dst: Address) -> str | None:
         """Pin a host route to `dst` (the carrier's peer) along its current path.
 
         Routes through the tunnel (route1..9) may cover the server's own address; the pinned /32

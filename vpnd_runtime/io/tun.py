@@ -130,10 +130,16 @@ class Tun:
             ) from exc
         with _netlink(what) as nl:
             nl.set_link(self.index, mtu=mtu)
-            nl.add_address(self.index, local, local.max_prefixlen, peer=remote)
-            for more_local, more_remote in extra:
-                nl.add_address(self.index, more_local, more_local.max_prefixlen, peer=more_remote)
+            # IPv6 addresses go on once the link is up: one added while it is down gets, when
+            # the link comes up, a prefix route for its own address instead of for its peer.
+            pairs = [(local, remote), *extra]
+            for address, peer in pairs:
+                if address.version == 4:
+                    nl.add_address(self.index, address, address.max_prefixlen, peer=peer)
             nl.set_link(self.index, up=True)
+            for address, peer in pairs:
+                if address.version == 6:
+                    nl.add_address(self.index, address, address.max_prefixlen, peer=peer)
 
     def add_route(self, network: Network, gateway: Address | None = None) -> None:
         """Route `network` through the tunnel, via `gateway` or (None) straight out of the TUN.

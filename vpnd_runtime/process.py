@@ -6,7 +6,6 @@ import contextlib
 import errno
 import fcntl
 import logging
-import logging.handlers
 import os
 import sys
 
@@ -22,8 +21,10 @@ def _setup_logging(config: Config, daemon: bool, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     tag = f"vpnd[{config.interface}]"
     if daemon and os.path.exists("/dev/log"):
-        handler: logging.Handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        from logging.handlers import SysLogHandler  # noqa: PLC0415 - lazy: ~0.5 MB, detached only
+
+        handler: logging.Handler = SysLogHandler(
+            address="/dev/log", facility=SysLogHandler.LOG_DAEMON
         )
         handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
     elif daemon:

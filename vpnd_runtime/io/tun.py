@@ -233,7 +233,7 @@ class TunWriter:
     are dropped and counted, as a full NIC queue would (the inner TCP then slows down).
     """
 
-    def __init__(self, fd: int, hdr_len: int = VNET_HDR_LEN, max_bytes: int = 8 << 20) -> None:
+    def __init__(self, fd: int, hdr_len: int = VNET_HDR_LEN, max_bytes: int = 2 << 20) -> None:
         self.fd = os.dup(fd)
         self.hdr_len = hdr_len
         self.max_bytes = max_bytes

@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 
 from vpnctl.inventory import Inventory, UserError, allocate_tunnels, load_inventory
 from vpnctl.keystore import Keystore
+from vpnctl.pool6 import allocate_ipv6
 
 __all__ = [
     "EXIT_FAILED",
@@ -140,6 +141,10 @@ class Workspace:
         resolved, new_record = allocate_tunnels(inventory, record, str(keystore.allocations_path))
         if persist and new_record != record:
             keystore.save_allocations(new_record)
+        record6 = keystore.load_allocations6()
+        resolved, new_record6 = allocate_ipv6(resolved, record6, str(keystore.allocations_path))
+        if persist and new_record6 != record6:
+            keystore.save_allocations6(new_record6)
         return resolved
 
 

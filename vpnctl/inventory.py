@@ -37,7 +37,7 @@ import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,10 @@ __all__ = [
 ]
 
 DEFAULT_POOL = IPv4Network("198.19.0.0/16")
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+#: IPv6 needs links of at least this MTU; a link below it stays IPv4-only unless told otherwise.
+IPV6_MTU_MIN = 1280
 DEFAULT_PORT = 379
 HOOKS = ("linkup", "linkdown", "slipup", "slipdown")
 ROLES = ("server", "client")
@@ -148,11 +152,19 @@ class Host:
     """
 
     name: str
-    address: IPv4Address
+    address: Address
     ssh: Ssh
     prefix: str = "/"
     systemd: bool | None = None
     index: int = 0
+    #: A dual-stack host's IPv6 underlay address beside an IPv4 ``address`` (the lab gives the
+    #: host both; clients dial ``address``).
+    address6: IPv6Address | None = None
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """Every underlay address of the host: ``address``, then ``address6``."""
+        return (self.address,) if self.address6 is None else (self.address, self.address6)
 
     def path(self, *parts: str) -> str:
         """An absolute path on the host, below its prefix: ``path("etc/vpnd", "l.conf")``."""
@@ -178,6 +190,9 @@ class Tunables:
     localline: bool = False
     nortscts: bool = False
     xfilter: bool = False
+    #: The link carries IPv6 beside IPv4 (a pool IPv6 pair, IPv6 routes); ``ipv6: false``
+    #: opts out. None = the default: on, except on links whose MTU is below 1280.
+    ipv6: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -189,11 +204,13 @@ class Side:
     """
 
     host: str
-    tunnel: IPv4Address | None
-    routes: tuple[IPv4Network, ...] = ()
+    tunnel: Address | None
+    routes: tuple[Network, ...] = ()
     hooks: tuple[tuple[str, str], ...] = ()
     device: str | None = None
     modemchat: str | None = None
+    #: The IPv6 tunnel address beside an IPv4 ``tunnel`` (``tunnel6:`` or the IPv6 pool).
+    tunnel6: IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,16 @@ class Link:
         """``tcp`` or ``serial``."""
         return self.tunables.transport
 
+    @property
+    def dual_stack(self) -> bool:
+        """True when the link gets an IPv6 pair beside its IPv4 one (docs: "IPv6")."""
+        if self.server.tunnel is not None and self.server.tunnel.version == 6:
+            return False  # an IPv6-only tunnel has nothing to add
+        wanted = self.tunables.ipv6
+        if wanted is None:
+            return self.tunables.mtu >= IPV6_MTU_MIN
+        return wanted
+
 
 @dataclass(frozen=True)
 class Inventory:
@@ -226,6 +253,8 @@ class Inventory:
     links: tuple[Link, ...]
     pool: IPv4Network = DEFAULT_POOL
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    #: ``defaults.tunnel_pool6`` (a /64 or wider); None = a ULA /64 derived for this inventory.
+    pool6: IPv6Network | None = None
 
     def host(self, name: str) -> Host:
         """The host called ``name`` (KeyError when there is none)."""
@@ -402,38 +431,61 @@ class _Reader:
             return None
         return str(value)
 
-    def address(self, node: yaml.Node, path: str) -> IPv4Address | None:
+    def address(self, node: yaml.Node, path: str, version: int | None = None) -> Address | None:
+        """An address of IP `version` (4, 6 or None: either family)."""
         value = self.scalar(node, path)
         if value is _MISSING:
             return None
         try:
-            address = IPv4Address(str(value)) if isinstance(value, str) else None
+            address = ip_address(str(value)) if isinstance(value, str) else None
         except ValueError:
             address = None
-        if address is None:
-            self.fail(node, path, f"expected an IPv4 address like 198.18.1.1, got {_show(value)}"
-                      + _family_hint(value, "an IPv4 address"))  # fmt: skip
+        if address is None or (version is not None and address.version != version):
+            like = {4: "an IPv4 address like 198.18.1.1", 6: "an IPv6 address like 2001:db8::1"}
+            want = like.get(version or 0, "an IP address like 198.18.1.1 or 2001:db8::1")
+            self.fail(node, path, f"expected {want}, got {_show(value)}"
+                      + _family_hint(value, want.rsplit(" like", 1)[0], version))  # fmt: skip
             return None
         if address.is_unspecified or address.is_multicast or address.is_loopback:
             self.fail(node, path, f"{address} is not a usable unicast address")
             return None
+        if address.version == 6 and address.ipv4_mapped is not None:
+            self.fail(node, path, f"{address} is an IPv4 address in IPv6 clothing: write "
+                                  f"{address.ipv4_mapped}")  # fmt: skip
+            return None
         return address
 
-    def network(self, node: yaml.Node, path: str) -> IPv4Network | None:
+    def network(self, node: yaml.Node, path: str, version: int | None = 4) -> Network | None:
+        """A network of IP `version` (4, 6 or None: either family)."""
         value = self.scalar(node, path)
         if value is _MISSING:
             return None
+        like = {
+            4: "a network like 198.18.10.0/24",
+            6: "a network like fd00:5::/64",
+            None: "a network like 198.18.10.0/24 or 2001:db8:10::/48",
+        }[version]
         if not isinstance(value, str):
-            self.fail(node, path, f"expected a network like 198.18.10.0/24, got {_show(value)}")
+            self.fail(node, path, f"expected {like}, got {_show(value)}")
             return None
         try:
-            return IPv4Network(value)
+            found = ip_network(value)
+            if version is not None and found.version != version:
+                raise ValueError(f"IPv{found.version}")
+            if found.version == 6 and found.subnet_of(_MAPPED):  # type: ignore[arg-type]
+                self.fail(node, path, f"{found} is IPv4 space in IPv6 clothing (::ffff:0:0/96): "
+                                      "write the IPv4 network")  # fmt: skip
+                return None
+            return found
         except ValueError as exc:
             try:
-                loose = IPv4Network(value, strict=False)
+                loose = ip_network(value, strict=False)
+                if version is not None and loose.version != version:
+                    raise ValueError(f"IPv{loose.version}")
             except ValueError:
-                hint = _family_hint(value, "an IPv4 network") or _netmask_hint(value)
-                self.fail(node, path, f"expected a network like 198.18.10.0/24, got "
+                what = f"an IPv{version} network" if version else "a network"
+                hint = _family_hint(value, what, version) or _netmask_hint(value)
+                self.fail(node, path, f"expected {like}, got "
                           f"{_show(value)}" + (hint or f": {exc}"))  # fmt: skip
                 return None
             self.fail(node, path, f"{value} has host bits set; did you mean {loose}?")
@@ -447,17 +499,22 @@ class _Reader:
         return value
 
 
-def _family_hint(value: object, takes: str) -> str:
+_MAPPED = IPv6Network("::ffff:0:0/96")
+
+
+def _family_hint(value: object, takes: str, version: int | None = 4) -> str:
     """``"; this field takes an IPv4 address, 2001:db8::1 is IPv6"`` when ``value`` is an
-    address or network of the other family, else ""."""
+    address or network of the other family than `version`, else ""."""
+    if version is None:
+        return ""
     text = str(value)
     for parse in (ip_address, ip_network):
         try:
             found = parse(text) if parse is ip_address else parse(text, strict=False)
         except ValueError:
             continue
-        if found.version == 6:
-            return f"; this field takes {takes}, {text} is IPv6"
+        if found.version != version:
+            return f"; this field takes {takes}, {text} is IPv{found.version}"
     return ""
 
 
@@ -554,16 +611,18 @@ _TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
     "localline": lambda r, n, p: r.boolean(n, p),
     "nortscts": lambda r, n, p: r.boolean(n, p),
     "xfilter": lambda r, n, p: r.boolean(n, p),
+    "ipv6": lambda r, n, p: r.boolean(n, p),
 }
 _HOST_SETTINGS = ("ssh", "prefix", "systemd")
-_DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", *_TUNABLE_READERS)
+_DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", "tunnel_pool6", *_TUNABLE_READERS)
 _SSH_KEYS = ("host", "port", "user", "identity", "options", "proxyjump")
-_HOST_KEYS = ("name", "address", *_HOST_SETTINGS)
+_HOST_KEYS = ("name", "address", "address6", *_HOST_SETTINGS)
 _LINK_KEYS = (
     "name",
     "server",
     "client",
     "tunnel",
+    "tunnel6",
     "routes",
     "hooks",
     "devices",
@@ -668,7 +727,7 @@ def _per_side(
     return out
 
 
-def _read_routes(r: _Reader, node: yaml.Node, path: str) -> tuple[IPv4Network, ...] | None:
+def _read_routes(r: _Reader, node: yaml.Node, path: str) -> tuple[Network, ...] | None:
     items = r.sequence(node, path)
     if items is None:
         return None
@@ -678,7 +737,7 @@ def _read_routes(r: _Reader, node: yaml.Node, path: str) -> tuple[IPv4Network, .
             f"{path}[{MAX_ROUTES}]",
             f"at most {MAX_ROUTES} routes per side (vpnd has route1..route9)",
         )
-    nets = [r.network(item, f"{path}[{i}]") for i, item in enumerate(items[:MAX_ROUTES])]
+    nets = [r.network(item, f"{path}[{i}]", None) for i, item in enumerate(items[:MAX_ROUTES])]
     return tuple(n for n in nets if n is not None)
 
 
@@ -754,6 +813,17 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             )
         elif got is not None:
             pool = got
+    pool6 = None
+    if "tunnel_pool6" in defaults_fields:
+        got6 = r.network(defaults_fields["tunnel_pool6"], "defaults.tunnel_pool6", 6)
+        if got6 is not None and got6.prefixlen > 64:
+            r.fail(
+                defaults_fields["tunnel_pool6"],
+                "defaults.tunnel_pool6",
+                f"{got6} is too small: give a /64 (or wider) for the IPv6 pool",
+            )
+        elif got6 is not None:
+            pool6 = got6
     if "ssh" in default_host and "host" in default_host["ssh"]:
         r.fail(
             r.lines["defaults.ssh.host"],
@@ -770,6 +840,15 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             continue
         name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
         address = r.address(fields["address"], f"{path}.address") if "address" in fields else None
+        address6 = (
+            r.address(fields["address6"], f"{path}.address6", 6) if "address6" in fields else None
+        )
+        if address6 is not None and address is not None and address.version == 6:
+            r.fail(
+                fields["address6"],
+                f"{path}.address6",
+                f"address is already IPv6 ({address}); address6 goes beside an IPv4 address",
+            )
         for key in ("name", "address"):
             if key not in fields:
                 r.fail(node, f"{path}.{key}", f"missing required key {key!r}")
@@ -786,6 +865,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 prefix=own.get("prefix", default_host.get("prefix", "/")),
                 systemd=own.get("systemd", default_host.get("systemd")),
                 index=i,
+                address6=address6,  # type: ignore[arg-type]
             )
         )
 
@@ -821,6 +901,28 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 fields["tunnel"],
                 f"{path}.tunnel",
                 "give both server and client addresses, or leave tunnel out to use the pool",
+            )
+        if tunnel.keys() == set(ROLES) and tunnel["server"].version != tunnel["client"].version:
+            r.fail(
+                fields["tunnel"],
+                f"{path}.tunnel.client",
+                f"{tunnel['client']} and the server's {tunnel['server']} are of different "
+                "families: put the IPv6 pair under tunnel6",
+            )
+        tunnel6 = (
+            _per_side(r, fields["tunnel6"], f"{path}.tunnel6", lambda n, p: r.address(n, p, 6))
+            if "tunnel6" in fields
+            else {}
+        )
+        if (
+            "tunnel6" in fields
+            and set(tunnel6) != set(ROLES)
+            and not _has_problem(r, f"{path}.tunnel6")
+        ):
+            r.fail(
+                fields["tunnel6"],
+                f"{path}.tunnel6",
+                "give both server and client IPv6 addresses, or leave tunnel6 out to use the pool",
             )
         routes = (
             _per_side(r, fields["routes"], f"{path}.routes", lambda n, p: _read_routes(r, n, p))
@@ -892,6 +994,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 hooks=hooks.get(role, ()),
                 device=devices.get(role),
                 modemchat=modemchat.get(role),
+                tunnel6=tunnel6.get(role),  # type: ignore[arg-type]
             )
             for role in ROLES
         }
@@ -908,7 +1011,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
     if r.problems:
         raise InventoryError(r.problems)
 
-    inventory = Inventory(file, tuple(hosts), tuple(links), pool, dict(r.lines))
+    inventory = Inventory(file, tuple(hosts), tuple(links), pool, dict(r.lines), pool6)
     problems = _cross_check(
         inventory,
         explicit_interface={
@@ -966,7 +1069,7 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
     add = problems.append
 
     hosts_by_name: dict[str, Host] = {}
-    underlay: dict[IPv4Address, str] = {}
+    underlay: dict[Address, str] = {}
     for host in inv.hosts:
         path = f"hosts[{host.index}]"
         if host.name in hosts_by_name:
@@ -979,14 +1082,25 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
             )
             continue
         hosts_by_name[host.name] = host
-        if host.address in underlay:
-            add(
-                inv.problem(
-                    f"{path}.address", f"{host.address} is already used by {underlay[host.address]}"
+        for key, address in (("address", host.address), ("address6", host.address6)):
+            if address is None:
+                continue
+            if address in underlay:
+                add(
+                    inv.problem(
+                        f"{path}.{key}", f"{address} is already used by {underlay[address]}"
+                    )
                 )
-            )
-        else:
-            underlay[host.address] = f"{path}.address"
+            else:
+                underlay[address] = f"{path}.{key}"
+            if inv.pool6 is not None and address in inv.pool6:
+                add(
+                    inv.problem(
+                        f"{path}.{key}",
+                        f"{address} lies inside the IPv6 tunnel pool {inv.pool6} "
+                        "(defaults.tunnel_pool6)",
+                    )
+                )
         if host.address in inv.pool:
             add(
                 inv.problem(
@@ -1003,11 +1117,11 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
             peers[link.client.host].add(link.server.host)
 
     link_names: dict[str, int] = {}
-    tunnel_used: dict[IPv4Address, str] = {}
+    tunnel_used: dict[Address, str] = {}
     ports: dict[tuple[str, int], int] = {}
     devices: dict[tuple[str, str], str] = {}
     interfaces: dict[tuple[str, str], int] = {}
-    host_routes: dict[str, list[tuple[IPv4Network, str]]] = {}
+    host_routes: dict[str, list[tuple[Network, str]]] = {}
     for link in inv.links:
         path = f"links[{link.index}]"
         if link.name in link_names:
@@ -1040,11 +1154,12 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
             continue
 
         # Tunnel addresses: unique, distinct from every underlay address.
-        for role in ROLES:
-            address = link.side(role).tunnel
+        problems.extend(_family_problems(inv, link))
+        for key, role in [(k, r) for k in ("tunnel", "tunnel6") for r in ROLES]:
+            address = getattr(link.side(role), key)
             if address is None:
                 continue
-            where = f"{path}.tunnel.{role}"
+            where = f"{path}.{key}.{role}"
             if address in underlay:
                 add(inv.problem(where, f"{address} is the underlay address of {underlay[address]}"))
             elif address in tunnel_used:
@@ -1110,15 +1225,21 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
             for j, net in enumerate(link.side(role).routes):
                 where = f"{path}.routes.{role}[{j}]"
                 carried = next(
-                    (p for p in sorted(peers[installing]) if hosts_by_name[p].address in net), None
+                    (
+                        (p, a)
+                        for p in sorted(peers[installing])
+                        for a in hosts_by_name[p].addresses
+                        if a in net
+                    ),
+                    None,
                 )
                 if carried is not None:
                     add(
                         inv.problem(
                             where,
-                            f"{net} contains {carried}'s underlay address "
-                            f"{hosts_by_name[carried].address}: {installing}'s carrier to "
-                            f"{carried} would be routed into a tunnel",
+                            f"{net} contains {carried[0]}'s underlay address "
+                            f"{carried[1]}: {installing}'s carrier to "
+                            f"{carried[0]} would be routed into a tunnel",
                         )
                     )
                     continue
@@ -1134,6 +1255,50 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
                 else:
                     host_routes.setdefault(installing, []).append((net, f"{where} ({net})"))
     return problems
+
+
+def _family_problems(inv: Inventory, link: Link) -> list[Problem]:
+    """What a link asks of a family it does not carry: IPv6 routes or ``tunnel6`` on a link
+    without IPv6 (``ipv6: false``, an MTU below 1280), IPv4 routes on an IPv6-only tunnel."""
+    path = f"links[{link.index}]"
+    found: list[Problem] = []
+    six_only = link.server.tunnel is not None and link.server.tunnel.version == 6
+    why = (
+        "the link opts out of IPv6 (ipv6: false)"
+        if link.tunables.ipv6 is False
+        else f"the link's mtu {link.tunables.mtu} is below {IPV6_MTU_MIN}, the least IPv6 needs"
+    )
+    if link.tunables.ipv6 and link.tunables.mtu < IPV6_MTU_MIN:
+        at = f"{path}.mtu" if f"{path}.mtu" in inv.lines else "defaults.mtu"
+        found.append(
+            inv.problem(
+                at,
+                f"mtu {link.tunables.mtu} is below {IPV6_MTU_MIN}: a link carrying IPv6 needs "
+                "at least that (or set ipv6: false)",
+            )
+        )
+    if link.server.tunnel6 is not None:
+        if six_only:
+            found.append(
+                inv.problem(
+                    f"{path}.tunnel6",
+                    "the tunnel is already IPv6 (tunnel:); tunnel6 goes beside an IPv4 tunnel",
+                )
+            )
+        elif not link.dual_stack:
+            found.append(inv.problem(f"{path}.tunnel6", f"an IPv6 pair, but {why}"))
+    carried = {6} if six_only else ({4, 6} if link.dual_stack else {4})
+    for role in ROLES:
+        for j, net in enumerate(link.side(role).routes):
+            if net.version in carried:
+                continue
+            message = (
+                f"{net} is IPv4 but the tunnel is IPv6-only (tunnel: is IPv6)"
+                if net.version == 4
+                else f"{net} is IPv6 but {why}"
+            )
+            found.append(inv.problem(f"{path}.routes.{role}[{j}]", message))
+    return found
 
 
 def _owner(where: str) -> str:

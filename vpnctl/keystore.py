@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from vpnctl.inventory import UserError
+from vpnctl.pool6 import Record6
 from vpnd_runtime.keyfile import KEY_BYTES, KeyFileError, fingerprint, load_key, write_exclusive
 
 __all__ = [
@@ -383,17 +384,61 @@ class Keystore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeystoreError(f"{path}: unreadable allocation record: {exc}") from None
 
-    def save_allocations(self, record: Mapping[str, tuple[IPv4Address, IPv4Address]]) -> bool:
-        """Write the allocation record atomically when it changed; True when it was written."""
-        data = _json_bytes(
-            {
-                "version": 1,
+    def load_allocations6(self) -> Record6:
+        """The IPv6 pool and pairs allocated earlier (``"ipv6"`` in allocations.json)."""
+        path = self.allocations_path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")).get("ipv6")
+            if data is None:
+                return Record6()
+            return Record6(
+                IPv6Network(data["pool"]),
+                {
+                    str(name): (IPv6Address(pair["server"]), IPv6Address(pair["client"]))
+                    for name, pair in data["links"].items()
+                },
+            )
+        except FileNotFoundError:
+            return Record6()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise KeystoreError(f"{path}: unreadable allocation record: {exc}") from None
+
+    def save_allocations6(self, record: Record6) -> bool:
+        """Write the IPv6 part of the allocation record (the rest kept); True when written."""
+        body = self._allocation_body()
+        if record.pool is not None:
+            body["ipv6"] = {
+                "pool": str(record.pool),
                 "links": {
                     name: {"server": str(pair[0]), "client": str(pair[1])}
-                    for name, pair in sorted(record.items())
+                    for name, pair in sorted(record.links.items())
                 },
             }
-        )
+        body.setdefault("version", 1)
+        body.setdefault("links", {})
+        return self._write_allocations(_json_bytes(body))
+
+    def _allocation_body(self) -> dict[str, object]:
+        try:
+            body = json.loads(self.allocations_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def save_allocations(self, record: Mapping[str, tuple[IPv4Address, IPv4Address]]) -> bool:
+        """Write the allocation record atomically when it changed; True when it was written."""
+        body: dict[str, object] = {
+            "version": 1,
+            "links": {
+                name: {"server": str(pair[0]), "client": str(pair[1])}
+                for name, pair in sorted(record.items())
+            },
+        }
+        if "ipv6" in (earlier := self._allocation_body()):
+            body["ipv6"] = earlier["ipv6"]  # the IPv6 pairs are saved by save_allocations6
+        return self._write_allocations(_json_bytes(body))
+
+    def _write_allocations(self, data: bytes) -> bool:
         path = self.allocations_path
         with contextlib.suppress(FileNotFoundError):
             if path.read_bytes() == data:

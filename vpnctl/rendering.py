@@ -111,6 +111,8 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "server_address": str(inv.host(link.server.host).address),
         "local": str(me.tunnel),
         "remote": str(peer.tunnel),
+        "local6": str(me.tunnel6) if me.tunnel6 is not None else None,
+        "remote6": str(peer.tunnel6) if peer.tunnel6 is not None else None,
         "interface": link.interface,
         "mtu": t.mtu,
         "keyfile": host.path("etc/vpnd", f"{link.name}.key"),
@@ -184,6 +186,7 @@ def render(inv: Inventory, fingerprints: Mapping[str, str]) -> dict[str, bytes]:
                 "transport": link.transport,
                 "interface": link.interface,
                 "local": str(side.tunnel),
+                **({"local6": str(side.tunnel6)} if side.tunnel6 is not None else {}),
                 "config": context["config"],
                 "keyfile": context["keyfile"],
                 "pidfile": context["pidfile"],
@@ -368,6 +371,11 @@ def _mirror_problems(
             f"tunnel addresses do not mirror: server {s.local}->{s.remote}, "
             f"client {c.local}->{c.remote}"
         )
+    if (s.local6, s.remote6) != (c.remote6, c.local6):
+        bad(
+            f"IPv6 tunnel addresses do not mirror: server {s.local6}->{s.remote6}, "
+            f"client {c.local6}->{c.remote6}"
+        )
     if s.is_serial != c.is_serial:
         bad("one side is serial, the other tcp")
     elif not s.is_serial:
@@ -397,10 +405,10 @@ def _mirror_problems(
             bad(f"{name} differs: server {getattr(s, name)}, client {getattr(c, name)}")
     for config, role in ((s, "server"), (c, "client")):
         for route in config.routes:
-            if route.gateway != config.remote:
+            if route.gateway not in config.remote_addresses:
                 bad(
                     f"{role} route{route.index} goes via {route.gateway}, not the peer "
-                    f"{config.remote}"
+                    f"{' or '.join(map(str, config.remote_addresses))}"
                 )
     fps = {s_entry.get("key_fingerprint"), c_entry.get("key_fingerprint")}
     if len(fps) != 1:

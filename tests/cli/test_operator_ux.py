@@ -309,19 +309,34 @@ def test_netmask_and_wrong_family_messages_say_what_to_write(project: Path) -> N
     inventory = project / "inventory.yaml"
     text = inventory.read_text()
     text = text.replace("        - 198.18.30.0/24", "        - 198.18.30.0 255.255.255.0")
-    text = text.replace("      - 198.18.10.0/24", "      - 2001:db8::/32")
-    text = text.replace("    address: 198.18.1.2", "    address: 2001:db8::2")
+    text = text.replace("      - 198.18.10.0/24", "      - ::ffff:198.18.10.0/120")
+    text = text.replace(
+        "    address: 198.18.1.2", "    address: 198.18.1.2\n    address6: 198.18.1.9"
+    )
     inventory.write_text(text)
     result = run("keys")
     assert result.exit_code == 2
     assert result.stderr == (
-        "inventory.yaml:112 hosts[1].address: expected an IPv4 address like 198.18.1.1, got "
-        "'2001:db8::2'; this field takes an IPv4 address, 2001:db8::2 is IPv6\n"
-        "inventory.yaml:144 links[0].routes.server[0]: expected a network like 198.18.10.0/24, "
-        "got '2001:db8::/32'; this field takes an IPv4 network, 2001:db8::/32 is IPv6\n"
-        "inventory.yaml:167 links[1].routes.client[0]: expected a network like 198.18.10.0/24, "
-        "got '198.18.30.0 255.255.255.0'; write 198.18.30.0/24\n"
+        "inventory.yaml:113 hosts[1].address6: expected an IPv6 address like 2001:db8::1, got "
+        "'198.18.1.9'; this field takes an IPv6 address, 198.18.1.9 is IPv4\n"
+        "inventory.yaml:145 links[0].routes.server[0]: ::ffff:c612:a00/120 is IPv4 space in "
+        "IPv6 clothing (::ffff:0:0/96): write the IPv4 network\n"
+        "inventory.yaml:168 links[1].routes.client[0]: expected a network like 198.18.10.0/24 "
+        "or 2001:db8:10::/48, got '198.18.30.0 255.255.255.0'; write 198.18.30.0/24\n"
     )
+
+
+def test_ipv6_addresses_and_routes_are_accepted_in_the_inventory(project: Path) -> None:
+    inventory = project / "inventory.yaml"
+    text = inventory.read_text()
+    text = text.replace(
+        "        - 198.18.10.0/24", "        - 198.18.10.0/24\n        - 2001:db8:10::/48"
+    )
+    inventory.write_text(text)
+    assert run("keygen").exit_code == 0
+    result = run("render")
+    assert result.exit_code == 0, result.stderr
+    assert run("render", "--check").exit_code == 0
 
 
 def test_deploy_and_status_to_an_unknown_host_list_the_known_hosts(project: Path) -> None:

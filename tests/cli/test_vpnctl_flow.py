@@ -245,7 +245,7 @@ def test_diff_shows_what_render_would_change_without_writing(project: Path) -> N
     diff = run("render", "--diff")
     assert diff.exit_code == 1
     conf = (
-        "@@ -10,8 +10,8 @@\n"
+        "@@ -12,8 +12,8 @@\n"  # local6/remote6 (dual stack) come first
         " pidfile /run/vpnd/office.pid\n"
         " statusfile /run/vpnd/office.status.json\n"
         " \n"

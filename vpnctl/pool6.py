@@ -1,0 +1,142 @@
+"""The IPv6 pool: every dual-stack link gets an IPv6 tunnel pair beside its IPv4 one.
+
+Theory of operation
+-------------------
+Links carry IPv6 by default (see :attr:`vpnctl.inventory.Link.dual_stack`; ``ipv6: false`` opts
+out). A link without ``tunnel6:`` gets its pair from the inventory's IPv6 pool:
+
+* **The pool** is ``defaults.tunnel_pool6`` when given, else a ULA /64 (RFC 4193,
+  ``fdXX:XXXX:XXXX::/64``) whose 40-bit global ID is SHA-256 of the inventory's host names. Once
+  used it is recorded in ``keystore/allocations.json`` (under ``"ipv6"``) and kept from then on,
+  so adding or renaming hosts later moves nothing.
+* **A link's pair** is a /126 block of the pool (the IPv4 pool's /30, in IPv6): server = block + 1,
+  client = block + 2, each configured as a /128 point-to-point address (``local6 peer remote6``).
+  The home block is SHA-256(link name) modulo the number of blocks, probing upwards past blocks
+  that hold a used address or overlap a route. Pairs are recorded beside the IPv4 ones and
+  reused on every later run: adding a link moves nothing.
+
+Pure: the record comes in and goes out; the keystore reads and writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv6Address, IPv6Network
+
+from vpnctl.inventory import ROLES, Inventory, InventoryError, Link, Problem
+
+__all__ = ["Record6", "allocate_ipv6", "derive_pool6"]
+
+BLOCK = 4  # addresses per link: a /126
+
+
+@dataclass(frozen=True)
+class Record6:
+    """The IPv6 part of ``allocations.json``: the pool in use and each link's pair."""
+
+    pool: IPv6Network | None = None
+    links: Mapping[str, tuple[IPv6Address, IPv6Address]] = field(default_factory=dict)
+
+
+def derive_pool6(inv: Inventory) -> IPv6Network:
+    """A ULA /64 for this inventory: fd00::/8 + 40 bits of SHA-256 of its host names."""
+    seed = "\0".join(sorted(h.name for h in inv.hosts)).encode()
+    global_id = int.from_bytes(hashlib.sha256(b"vpnctl-ula\0" + seed).digest()[:5], "big")
+    return IPv6Network(((0xFD << 120) | (global_id << 80), 64))
+
+
+def _home_block(name: str, blocks: int) -> int:
+    digest = hashlib.sha256(b"vpnctl-pool6\0" + name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % blocks
+
+
+def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[Inventory, Record6]:
+    """Give every dual-stack link without ``tunnel6:`` an IPv6 (server, client) pair.
+
+    Returns the inventory with those pairs set and the record to persist (earlier entries,
+    including links since removed, are kept so their block stays reserved).
+    """
+    pool = inv.pool6 or record.pool or derive_pool6(inv)
+    blocks = pool.num_addresses // BLOCK
+    used: set[IPv6Address] = {h.address6 for h in inv.hosts if h.address6 is not None}
+    used |= {h.address for h in inv.hosts if isinstance(h.address, IPv6Address)}
+    explicit: dict[IPv6Address, tuple[str, str]] = {}
+    for link in inv.links:
+        for role in ROLES:
+            for key in ("tunnel", "tunnel6"):
+                address = getattr(link.side(role), key)
+                if isinstance(address, IPv6Address):
+                    explicit[address] = (link.name, f"links[{link.index}].{key}.{role}")
+    used |= set(explicit)
+    routes = [
+        net
+        for link in inv.links
+        for role in ROLES
+        for net in link.side(role).routes
+        if net.version == 6
+    ]
+    problems: list[Problem] = []
+    kept = {name: pair for name, pair in record.links.items() if pair[0] in pool}
+    for name, pair in sorted(kept.items()):
+        for address in pair:
+            owner = explicit.get(address)
+            if owner is not None and owner[0] != name:
+                problems.append(
+                    inv.problem(
+                        owner[1],
+                        f"{address} is already allocated to link {name!r} in {record_name}",
+                    )
+                )
+        used.update(pair)
+    new_links = dict(record.links)
+    assigned: dict[str, tuple[IPv6Address, IPv6Address]] = {}
+    pending: list[Link] = []
+    for link in inv.links:
+        if not link.dual_stack or link.server.tunnel6 is not None:
+            continue
+        if link.name in kept:
+            assigned[link.name] = kept[link.name]
+        else:
+            pending.append(link)
+    base = int(pool.network_address)
+    for link in sorted(pending, key=lambda lk: lk.name):
+        home = _home_block(link.name, blocks)
+        for step in range(min(blocks, 1 << 16)):
+            block = (home + step) % blocks
+            net = IPv6Network((base + BLOCK * block, pool.max_prefixlen - 2))
+            pair = (IPv6Address(base + BLOCK * block + 1), IPv6Address(base + BLOCK * block + 2))
+            if net.network_address in used or any(a in used for a in pair):
+                continue
+            if any(net.overlaps(route) for route in routes):
+                continue
+            break
+        else:
+            problems.append(
+                inv.problem(
+                    f"links[{link.index}].tunnel6",
+                    f"the IPv6 tunnel pool {pool} is full; widen defaults.tunnel_pool6",
+                )
+            )
+            continue
+        used.update(pair)
+        assigned[link.name] = pair
+        new_links[link.name] = pair
+    if problems:
+        raise InventoryError(problems)
+    links = []
+    for original in inv.links:
+        pair = assigned.get(original.name)
+        links.append(
+            original
+            if pair is None
+            else replace(
+                original,
+                server=replace(original.server, tunnel6=pair[0]),
+                client=replace(original.client, tunnel6=pair[1]),
+            )
+        )
+    if not new_links and record.pool is None:
+        return replace(inv, links=tuple(links)), record  # no IPv6 yet: record nothing
+    return replace(inv, links=tuple(links)), Record6(pool, new_links)

@@ -904,7 +904,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             )
         if tunnel.keys() == set(ROLES) and tunnel["server"].version != tunnel["client"].version:
             r.fail(
-                fields["tunnel"],
+                r.lines.get(f"{path}.tunnel.client"),
                 f"{path}.tunnel.client",
                 f"{tunnel['client']} and the server's {tunnel['server']} are of different "
                 "families: put the IPv6 pair under tunnel6",

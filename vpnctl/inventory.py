@@ -1153,8 +1153,21 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
             )
             continue
 
-        # Tunnel addresses: unique, distinct from every underlay address.
+        # A carrier family both hosts have; then the tunnel's families.
+        server_host, client_host = (hosts_by_name[link.side(r).host] for r in ROLES)
+        if link.transport == "tcp" and not {a.version for a in server_host.addresses} & {
+            a.version for a in client_host.addresses
+        }:
+            add(
+                inv.problem(
+                    f"{path}.client",
+                    f"{client_host.name} ({client_host.address}) and {server_host.name} "
+                    f"({server_host.address}) share no address family to carry the link: give "
+                    "one of them an address of the other's family (address6 for IPv6)",
+                )
+            )
         problems.extend(_family_problems(inv, link))
+        # Tunnel addresses: unique, distinct from every underlay address.
         for key, role in [(k, r) for k in ("tunnel", "tunnel6") for r in ROLES]:
             address = getattr(link.side(role), key)
             if address is None:

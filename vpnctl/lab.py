@@ -20,6 +20,10 @@ Theory of operation
 * Only 198.18.0.0/15 addresses are used. The management /24 (``198.18.M.0/24``) lives in the root
   namespace and must not overlap another lab's, so it is a parameter (tests derive it from their
   tag); the WAN lives inside namespaces and is always ``198.18.1.0/24``.
+* IPv6: ``stack`` says per host (server first) whether it is ``ipv4`` (the default), ``dual``
+  (both families on WAN and management) or ``ipv6`` only (no IPv4 at all: ssh and the carrier
+  run over IPv6). IPv6 addresses are documentation ones: WAN ``2001:db8:1::/64`` inside the
+  namespaces, management ``2001:db8:ff:M::/64`` (M = the management /24's third octet).
 * ``D/inventory.yaml`` describes the hosts and one link per client (server <-> client i) and
   ``D/ssh_config`` the ssh connection details (known_hosts pinned, multiplexing in ``D``).
 * Everything is recorded in ``D/lab.json`` *before* it is created, so ``lab_down`` removes every
@@ -50,6 +54,8 @@ import yaml
 STATE_FILE = "lab.json"
 TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 WAN_NET = ipaddress.IPv4Network("198.18.1.0/24")
+WAN_NET6 = ipaddress.IPv6Network("2001:db8:1::/64")
+STACKS = ("ipv4", "dual", "ipv6")
 LAB_SPACE = ipaddress.IPv4Network("198.18.0.0/15")
 MAX_CLIENTS = 100
 SSHD_READY_TIMEOUT = 10.0
@@ -73,6 +79,15 @@ class LabHost:
     wan_ip: str
     prefix: str
     root_veth: str
+    #: ipv4 | dual | ipv6; the IPv6 addresses are "" on an ipv4 host (IPv4 ones on an ipv6 host).
+    stack: str = "ipv4"
+    mgmt_ip6: str = ""
+    wan_ip6: str = ""
+
+    @property
+    def ssh_ip(self) -> str:
+        """The address deploy's ssh reaches the host on (IPv6 on an IPv6-only host)."""
+        return self.mgmt_ip or self.mgmt_ip6
 
 
 @dataclass
@@ -165,32 +180,63 @@ def _check_free_subnet(mgmt: ipaddress.IPv4Network) -> None:
                 )
 
 
+def mgmt_net6(mgmt: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    """The IPv6 management /64 beside the management /24: 2001:db8:ff:<third octet>::/64."""
+    return ipaddress.IPv6Network(f"2001:db8:ff:{mgmt.network_address.packed[2]:x}::/64")
+
+
+def parse_stacks(stack: str, hosts: int) -> list[str]:
+    """``dual`` (every host) or ``dual,ipv6,ipv4`` (server, client1, ...) -> one per host."""
+    words = [w.strip() for w in stack.split(",")]
+    bad = [w for w in words if w not in STACKS]
+    if bad:
+        raise LabError(f"--stack {stack}: {bad[0]!r} is not one of {', '.join(STACKS)}")
+    if len(words) == 1:
+        return words * hosts
+    if len(words) != hosts:
+        raise LabError(f"--stack {stack}: give one stack, or one per host ({hosts}: server first)")
+    return words
+
+
 def _host_plan(
-    tag: str, directory: Path, mgmt: ipaddress.IPv4Network, clients: int
+    tag: str,
+    directory: Path,
+    mgmt: ipaddress.IPv4Network,
+    clients: int,
+    stacks: list[str] | None = None,
 ) -> list[LabHost]:
     hosts = []
     mgmt_hosts = list(mgmt.hosts())
     wan_hosts = list(WAN_NET.hosts())
+    mgmt6 = mgmt_net6(mgmt)
     names = ["server"] + [f"client{i}" for i in range(1, clients + 1)]
+    stacks = stacks or ["ipv4"] * len(names)
     for idx, name in enumerate(names):
+        stack = stacks[idx]
+        v4, v6 = stack != "ipv6", stack != "ipv4"
+        wan_index = 1 if idx == 0 else 10 + idx
         hosts.append(
             LabHost(
                 name=name,
                 role="server" if idx == 0 else "client",
                 namespace=f"{tag}-{name}",
-                mgmt_ip=str(mgmt_hosts[idx + 1]),
-                wan_ip=str(wan_hosts[0] if idx == 0 else wan_hosts[9 + idx]),
+                mgmt_ip=str(mgmt_hosts[idx + 1]) if v4 else "",
+                wan_ip=str(wan_hosts[wan_index - 1]) if v4 else "",
                 prefix=str(directory / "hosts" / name / "root"),
                 root_veth=f"{tag}m{idx}",
+                stack=stack,
+                mgmt_ip6=str(mgmt6[idx + 2]) if v6 else "",
+                wan_ip6=str(WAN_NET6[wan_index]) if v6 else "",
             )
         )
     return hosts
 
 
 def _sshd_config(host: LabHost, hostdir: Path, directory: Path) -> str:
+    listen = [f"ListenAddress {a}" for a in (host.mgmt_ip, host.mgmt_ip6) if a]
     return "\n".join(
         [
-            f"ListenAddress {host.mgmt_ip}",
+            *listen,
             "Port 22",
             f"HostKey {hostdir / 'ssh_host_ed25519_key'}",
             f"AuthorizedKeysFile {directory / 'operator_key.pub'}",
@@ -226,7 +272,7 @@ def _ssh_config(hosts: list[LabHost], directory: Path, control_dir: Path) -> str
     for host in hosts:
         lines += [
             f"Host {host.name}",
-            f"    HostName {host.mgmt_ip}",
+            f"    HostName {host.ssh_ip}",
             "    User root",
             "    Port 22",
             f"    IdentityFile {directory / 'operator_key'}",
@@ -277,8 +323,9 @@ def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> d
         "hosts": [
             {
                 "name": host.name,
-                "address": host.wan_ip,
-                "ssh": {"host": host.mgmt_ip},
+                "address": host.wan_ip or host.wan_ip6,
+                **({"address6": host.wan_ip6} if host.wan_ip and host.wan_ip6 else {}),
+                "ssh": {"host": host.ssh_ip},
                 "prefix": host.prefix,
             }
             for host in hosts
@@ -301,8 +348,12 @@ def lab_up(
     clients: int = 2,
     tag: str = "vlab",
     mgmt_net: str | None = None,
+    stack: str = "ipv4",
 ) -> LabState:
     """Build a lab of one server and `clients` clients; return its recorded state.
+
+    `stack` is ``ipv4``, ``dual`` or ``ipv6`` for every host, or one per host, server first
+    (``dual,ipv6,ipv4``).
 
     On any failure everything created so far is removed before the LabError propagates.
     """
@@ -310,6 +361,7 @@ def lab_up(
         raise LabError(f"lab tag {tag!r}: must be 1-8 lowercase letters/digits starting a letter")
     if not 1 <= clients <= MAX_CLIENTS:
         raise LabError(f"--clients {clients}: must be between 1 and {MAX_CLIENTS}")
+    stacks = parse_stacks(stack, clients + 1)
     mgmt = ipaddress.IPv4Network(mgmt_net or default_mgmt_net(tag))
     if not mgmt.subnet_of(LAB_SPACE) or mgmt.overlaps(WAN_NET) or mgmt.prefixlen != 24:
         raise LabError(
@@ -338,7 +390,7 @@ def lab_up(
     )
     state.save()
     try:
-        _build(state, directory, mgmt, clients)
+        _build(state, directory, mgmt, clients, stacks)
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(directory)
@@ -346,9 +398,17 @@ def lab_up(
     return state
 
 
-def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, clients: int) -> None:
+def _build(
+    state: LabState,
+    directory: Path,
+    mgmt: ipaddress.IPv4Network,
+    clients: int,
+    stacks: list[str] | None = None,
+) -> None:
     tag = state.tag
-    hosts = _host_plan(tag, directory, mgmt, clients)
+    hosts = _host_plan(tag, directory, mgmt, clients, stacks)
+    mgmt6 = mgmt_net6(mgmt)
+    any6 = any(h.mgmt_ip6 for h in hosts)
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
 
     if not Path("/run/sshd").exists():
@@ -364,6 +424,8 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
     state.save()
     _run(["ip", "link", "add", bridge, "type", "bridge"])
     _run(["ip", "addr", "add", f"{mgmt[1]}/{mgmt.prefixlen}", "dev", bridge])
+    if any6:
+        _run(["ip", "-6", "addr", "add", f"{mgmt6[1]}/64", "dev", bridge, "nodad"])
     _run(["ip", "link", "set", bridge, "up"])
 
     wan_ns = f"{tag}-wan"
@@ -387,13 +449,23 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
         _run(["ip", "link", "add", host.root_veth, "type", "veth", "peer", "name", "mgmt0",
               "netns", ns])  # fmt: skip
         _run(["ip", "link", "set", host.root_veth, "master", bridge, "up"])
-        _run(["ip", "-n", ns, "addr", "add", f"{host.mgmt_ip}/{mgmt.prefixlen}", "dev", "mgmt0"])
+        if host.mgmt_ip:
+            _run(["ip", "-n", ns, "addr", "add", f"{host.mgmt_ip}/{mgmt.prefixlen}",
+                  "dev", "mgmt0"])  # fmt: skip
+        if host.mgmt_ip6:
+            _run(["ip", "-n", ns, "-6", "addr", "add", f"{host.mgmt_ip6}/64", "dev", "mgmt0",
+                  "nodad"])  # fmt: skip
         _run(["ip", "-n", ns, "link", "set", "mgmt0", "up"])
         # WAN: wan0 in the host, its peer h<idx> on the switch bridge
         _run(["ip", "-n", ns, "link", "add", "wan0", "type", "veth", "peer", "name", f"h{idx}",
               "netns", wan_ns])  # fmt: skip
         _run(["ip", "-n", wan_ns, "link", "set", f"h{idx}", "master", "br0", "up"])
-        _run(["ip", "-n", ns, "addr", "add", f"{host.wan_ip}/{WAN_NET.prefixlen}", "dev", "wan0"])
+        if host.wan_ip:
+            _run(["ip", "-n", ns, "addr", "add", f"{host.wan_ip}/{WAN_NET.prefixlen}",
+                  "dev", "wan0"])  # fmt: skip
+        if host.wan_ip6:
+            _run(["ip", "-n", ns, "-6", "addr", "add", f"{host.wan_ip6}/64", "dev", "wan0",
+                  "nodad"])  # fmt: skip
         _run(["ip", "-n", ns, "link", "set", "wan0", "up"])
 
         hostdir = directory / "hosts" / host.name
@@ -401,7 +473,8 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{tag}-{host.name}",
               "-f", str(hostdir / "ssh_host_ed25519_key")])  # fmt: skip
         pub = (hostdir / "ssh_host_ed25519_key.pub").read_text().split()
-        known_hosts.append(f"{host.mgmt_ip} {pub[0]} {pub[1]}")
+        names = ",".join(a for a in (host.mgmt_ip, host.mgmt_ip6) if a)
+        known_hosts.append(f"{names} {pub[0]} {pub[1]}")
         (hostdir / "sshd_config").write_text(_sshd_config(host, hostdir, directory))
         state.sshd_pidfiles.append(str(hostdir / "sshd.pid"))
         state.save()
@@ -414,7 +487,7 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
     _write_inventory(directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir))
     for host in hosts:
-        _wait_tcp(host.mgmt_ip, 22, SSHD_READY_TIMEOUT)
+        _wait_tcp(host.ssh_ip, 22, SSHD_READY_TIMEOUT)
 
 
 def pid_alive(pid: int) -> bool:

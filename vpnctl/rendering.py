@@ -108,7 +108,7 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "serial": link.transport == "serial",
         "device": me.device,
         "port": t.port,
-        "server_address": str(inv.host(link.server.host).address),
+        "server_address": dial_address(inv, link),
         "local": str(me.tunnel),
         "remote": str(peer.tunnel),
         "local6": str(me.tunnel6) if me.tunnel6 is not None else None,
@@ -137,6 +137,15 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "rundir": host.path("run/vpnd"),
         "runtime": host.path(RUNTIME_PATH),
     }
+
+
+def dial_address(inv: Inventory, link: Link) -> str:
+    """The server address the client dials: the server's first underlay address of a family
+    the client host has (an IPv6-only client dials a dual-stack server's ``address6``)."""
+    server, client = inv.host(link.server.host), inv.host(link.client.host)
+    families = {a.version for a in client.addresses}
+    chosen = next((a for a in server.addresses if a.version in families), server.address)
+    return str(chosen)
 
 
 def _sha256(data: bytes) -> str:
@@ -381,7 +390,7 @@ def _mirror_problems(
     elif not s.is_serial:
         if s.server_port != c.server_port:
             bad(f"server listens on port {s.server_port}, client dials {c.server_port}")
-        server_address = str(inv.host(link.server.host).address)
+        server_address = dial_address(inv, link)
         if c.server_host != server_address:
             bad(f"client dials {c.server_host}, the server's address is {server_address}")
         if s.server_host not in ("0.0.0.0", server_address):

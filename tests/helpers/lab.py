@@ -59,10 +59,12 @@ def free_mgmt_net() -> str:
 
 
 @contextmanager
-def running_lab(directory: Path, *, clients: int = 2, base: str = "t") -> Iterator[LabState]:
+def running_lab(
+    directory: Path, *, clients: int = 2, base: str = "t", stack: str = "ipv4"
+) -> Iterator[LabState]:
     """Build a lab in `directory` with a unique tag; tear it down however the test ends."""
     tag = unique_tag(base)
-    state = lab_up(directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net())
+    state = lab_up(directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net(), stack=stack)
     try:
         yield state
     finally:
@@ -132,9 +134,11 @@ def vpnctl(
 
 
 @contextmanager
-def rendered_lab(directory: Path, *, clients: int = 2, base: str = "t") -> Iterator[LabState]:
+def rendered_lab(
+    directory: Path, *, clients: int = 2, base: str = "t", stack: str = "ipv4"
+) -> Iterator[LabState]:
     """A running lab whose inventory has been through `vpnctl keygen` and `vpnctl render`."""
-    with running_lab(directory, clients=clients, base=base) as state:
+    with running_lab(directory, clients=clients, base=base, stack=stack) as state:
         vpnctl(state, "keygen")
         vpnctl(state, "render")
         yield state

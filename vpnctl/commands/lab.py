@@ -22,17 +22,25 @@ def up(
     mgmt_net: Annotated[
         str | None, typer.Option("--mgmt-net", help="management /24 inside 198.18.0.0/15")
     ] = None,
+    stack: Annotated[
+        str,
+        typer.Option(
+            help="ipv4 | dual | ipv6 for every host, or one per host, server first "
+            "(dual,ipv6,ipv4): dual-stack and IPv6-only hosts"
+        ),
+    ] = "ipv4",
 ) -> None:
     """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir."""
     try:
-        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net)
+        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, stack=stack)
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"lab {state.tag} up in {state.directory} (management {state.mgmt_net})")
     for host in state.hosts:
         typer.echo(
-            f"  {host.name:<10} ns {host.namespace:<16} ssh {host.mgmt_ip:<15} wan {host.wan_ip}"
+            f"  {host.name:<10} ns {host.namespace:<16} ssh {host.ssh_ip:<15} wan "
+            + " ".join(a for a in (host.wan_ip, host.wan_ip6) if a)
         )
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")

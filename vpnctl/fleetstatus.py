@@ -82,6 +82,8 @@ class EndStatus:
     key_age: float | None = None
     pid: int | None = None
     record: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # cleaned
+    #: This end's tunnel addresses, both families ("198.19.0.1 fd12::1"), from its record.
+    tunnel: str | None = None
 
 
 @dataclass
@@ -186,6 +188,8 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
             end.key_fingerprint = record.get("key_fingerprint")
             end.pid = record.get("pid")
             end.record = record
+            own = [record.get("local"), record.get("local6")]
+            end.tunnel = " ".join(str(a) for a in own if isinstance(a, str) and a) or None
             since = record.get("since")
             if end.state == "up" and isinstance(since, int | float) and read is not None:
                 end.uptime = max(0.0, read.now - since)
@@ -342,6 +346,7 @@ COLUMNS = (
     Column("OUT", 3),
     Column("KEY", 4),
     Column("KEY AGE", 6),
+    Column("TUNNEL", 8),
 )
 _GAP = "  "
 _GREEN, _RED, _YELLOW, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[0m"
@@ -362,6 +367,7 @@ def end_row(end: EndStatus) -> dict[str, str]:
         "OUT": _fmt_bytes(end.bytes_out),
         "KEY": clean_text(end.key_fingerprint) if end.key_fingerprint else "-",
         "KEY AGE": format_age(end.key_age) if end.key_age is not None else "-",
+        "TUNNEL": clean_text(end.tunnel) if end.tunnel else "-",
     }
 
 
@@ -391,11 +397,14 @@ def format_table(status: FleetStatus, *, width: int | None = None, color: bool =
     """The status table and, below it, each problem said once.
 
     ``width`` (terminal columns; None: no limit, as with ``--wide`` or into a pipe) drops the
-    least telling columns (PEER, KEY AGE, ROLE, KEY, IN/OUT, RTT, UPTIME, in that order) until
+    least telling columns (TUNNEL, PEER, KEY AGE, ROLE, KEY, IN/OUT, RTT, UPTIME, in that order)
+    until
     the table fits, and wraps the lines below it. ``color`` paints UP/DOWN and the states.
     """
     rows = table_rows(status)
     columns = list(COLUMNS)
+    if all(row["TUNNEL"] == "-" for row in rows):  # records of daemons that predate it
+        columns = [c for c in columns if c.name != "TUNNEL"]
 
     def table_width(cols: list[Column]) -> int:
         widths = [max(len(c.name), *(len(r[c.name]) for r in rows)) for c in cols]

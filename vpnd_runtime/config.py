@@ -28,12 +28,15 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
+
+from vpnd_runtime.trusted import untrusted_reason
 
 __all__ = [
     "CIPHERS",
@@ -713,12 +716,45 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         with open(name, "rb") as handle:
             data = handle.read()
+            reason = untrusted_reason(os.fstat(handle.fileno()), name, "config file")
     except OSError as exc:
         raise ConfigError(name, None, None, f"cannot read config: {exc.strerror}") from None
+    if reason is not None:
+        raise ConfigError(name, None, None, reason)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(name, line, None, "not valid UTF-8 text") from None
     base = os.path.dirname(os.path.abspath(name))
-    return parse_config(text, name, base_dir=base)
+    config = parse_config(text, name, base_dir=base)
+    errors = _file_checks(config, text, name)
+    if errors:
+        raise ConfigError.combine(errors)
+    return config
+
+
+def _file_checks(config: Config, text: str, path: str) -> list[ConfigError]:
+    """Checks on the files a config names (run by :func:`load_config` only; parsing is pure):
+    ``randomdev`` must be a character device (a regular file would hand the handshake
+    predictable bytes), and the hook scripts and modemchat file, which run with the daemon's
+    rights, must be writable by no one but root or the current user (:mod:`.trusted`).
+    Files that do not exist yet are left to the runtime, which reports them when used."""
+    lines = {keyword: number for number, keyword, _ in _lex(text)}
+    errors: list[ConfigError] = []
+    for name in ("randomdev", "linkup", "linkdown", "slipup", "slipdown", "modemchat"):
+        value = getattr(config, name)
+        if value is None or name not in lines:
+            continue
+        try:
+            info = os.stat(value)
+        except OSError:
+            continue
+        if name == "randomdev":
+            reason = None if stat.S_ISCHR(info.st_mode) else f"{value} is not a character device"
+        else:
+            what = "modemchat file" if name == "modemchat" else f"{name} script"
+            reason = untrusted_reason(info, value, what)
+        if reason is not None:
+            errors.append(ConfigError(path, lines[name], name, reason))
+    return errors

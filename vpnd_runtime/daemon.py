@@ -51,6 +51,7 @@ import random
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -118,6 +119,9 @@ class RandomDev:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if not stat.S_ISCHR(os.fstat(self._fd).st_mode):  # a regular file gives predictable keys
+            os.close(self._fd)
+            raise OSError(errno.EINVAL, f"randomdev {path} is not a character device")
 
     def __call__(self, n: int) -> bytes:
         chunks = []
@@ -1059,7 +1063,12 @@ def write_pidfile(path: str) -> int:
     Returns the fd to hand to `remove_pidfile`.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # O_NOFOLLOW: a symlink planted at the pidfile's name never makes us write its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.ELOOP, f"pidfile {path} is a symlink; refusing to follow it") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -18,6 +18,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
+from vpnd_runtime.trusted import check_trusted
+
 log = logging.getLogger("vpnd.hooks")
 
 DEFAULT_TIMEOUT = 30.0
@@ -73,6 +75,11 @@ class HookRunner:
 
 def run_hook(item: HookRun, timeout: float) -> int | None:
     """Run one hook now, logging how it ended; returns the exit code (None on timeout/failure)."""
+    try:  # checked on every run: a script made writable after start is not run either
+        check_trusted(item.script, f"{item.event} script")
+    except OSError as exc:
+        log.error("%s script %s not run: %s", item.event, item.script, exc)
+        return None
     env = dict(os.environ)
     env.update(dict(item.env))
     argv = [item.script, *item.args]

@@ -714,6 +714,15 @@ alive() {
   [ -n "$1" ] && [ -r "/proc/$1/stat" ] && ! sed 's/.*) //' "/proc/$1/stat" | grep -q '^Z'
 }
 pid_of() { [ -f "$1" ] && cat "$1" 2>/dev/null; }
+locked() {
+  [ -f "$1" ] || return 1
+  if command -v flock >/dev/null 2>&1; then flock -n -s "$1" true; [ $? -eq 1 ]; return; fi
+  python3 -c 'import fcntl, sys
+f = open(sys.argv[1])
+try: fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+except BlockingIOError: sys.exit(0)
+sys.exit(1)' "$1"
+}
 """
 
 
@@ -812,14 +821,18 @@ def _lock_sh(prefix: str) -> str:
 
 
 def _stop_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
-    """Stop one link's daemon and wait (bounded) until it is gone."""
+    """Stop one link's daemon and wait (bounded) until it is gone.
+
+    Without systemd the PID comes from the pidfile, and it is signalled only while the pidfile
+    is still flock-locked (vpnd holds that lock for its whole life): a stale pidfile whose PID
+    the kernel has since given to another process never gets that process killed."""
     if use_systemd:
         return f"systemctl stop {quote(f'vpnd-{link}')} 2>/dev/null || true\n"
     pf = quote(entry["pidfile"])
     return (
-        f'pid=$(pid_of {pf}); if alive "$pid"; then kill -TERM "$pid"; i=0; '
+        f'pid=$(pid_of {pf}); if locked {pf} && alive "$pid"; then kill -TERM "$pid"; i=0; '
         f'while alive "$pid" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; '
-        f'alive "$pid" && kill -KILL "$pid"; fi; rm -f {pf}\n'
+        f'alive "$pid" && locked {pf} && kill -KILL "$pid"; fi; rm -f {pf}\n'
     )
 
 

@@ -25,7 +25,9 @@ LOCKER = textwrap.dedent(
 
 def _stop(pidfile: Path) -> subprocess.CompletedProcess[str]:
     script = _SH_FUNCS + _stop_sh("l1", {"pidfile": str(pidfile)}, use_systemd=False)
-    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["sh", "-c", script], check=True, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_a_stale_pidfile_naming_an_unrelated_live_process_does_not_get_it_killed(tmp_path):

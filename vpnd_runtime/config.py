@@ -28,7 +28,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
@@ -113,6 +112,8 @@ _ANY = "0.0.0.0"
 _INT_RE = re.compile(r"[0-9]+")
 _FLOAT_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 _ROUTE_RE = re.compile(r"route([0-9]+)")
+#: A POSIX-ish account name (useradd's default rule, 32 characters at most) or a numeric id.
+_ACCOUNT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}[A-Za-z0-9_.$-]?|[0-9]{1,10}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +228,9 @@ class Config:
     cipher: str = "chacha20-poly1305"
     interface: str = "vpnd0"
     statusfile: str = f"{STATUS_DIR}/vpnd.status.json"
+    #: Account to run as after start-up (see vpnd_runtime/privdrop.py); None: stay as started.
+    user: str | None = None
+    group: str | None = None
     #: Where this config was read from (for messages and the status record); not compared.
     source: str = field(default="<string>", compare=False)
 
@@ -274,6 +278,8 @@ _TEXT_ORDER = (
     "randomdev",
     "pidfile",
     "statusfile",
+    "user",
+    "group",
     "keepalive",
     "noanswer",
     "maxdelay",
@@ -472,6 +478,22 @@ def _interface(args: list[str]) -> dict[str, Any]:
     return {"interface": name}
 
 
+def _account(name: str) -> Callable[[list[str]], dict[str, Any]]:
+    def parse(args: list[str]) -> dict[str, Any]:
+        value = args[0]
+        if not _ACCOUNT_RE.fullmatch(value):
+            raise _Bad(f"must be an account name or a numeric id, got {value!r}")
+        if value in ("root", "0"):
+            what = "root" if name == "user" else "root's group"
+            raise _Bad(
+                f"{value!r} is {what}: vpnd starts as root anyway; omit '{name}' to keep "
+                "running as root, or name an unprivileged account"
+            )
+        return {name: value}
+
+    return parse
+
+
 def _route(index: int) -> Callable[[list[str]], dict[str, Any]]:
     def parse(args: list[str]) -> dict[str, Any]:
         dest = _ipv4(args[0], "destination")
@@ -525,6 +547,8 @@ _DIRECTIVES: dict[str, _Directive] = {
         _Directive("ipopts", "ipopts <0..15>", 1, 1,
                    _value("ipopts", lambda t: _int(t, "ipopts", 0, IPOPTS_MAX))),
         _Directive("interface", "interface <name>", 1, 1, _interface),
+        _Directive("user", "user <name>|<uid>", 1, 1, _account("user")),
+        _Directive("group", "group <name>|<gid>", 1, 1, _account("group")),
         _Directive("autoroute", "autoroute", 0, 1, _flag_directive("autoroute")),
         *[
             _Directive(hook, f"{hook} <script>", 1, 1,
@@ -666,6 +690,9 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
         if "ipopts" in lines:
             fail(lines["ipopts"], "ipopts", "applies only to TCP links (it sets the socket TOS)")
 
+    if "group" in lines and "user" not in lines:
+        fail(lines["group"], "group", "needs a 'user' (the account vpnd switches to)")
+
     cipher = values.get("cipher", "chacha20-poly1305")
     if cipher == _CIPHER_FAMILY:
         cipher = f"aes-{values.get('keysize', 256)}-gcm"
@@ -736,13 +763,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def _file_checks(config: Config, text: str, path: str) -> list[ConfigError]:
     """Checks on the files a config names (run by :func:`load_config` only; parsing is pure):
-    ``randomdev`` must be a character device (a regular file would hand the handshake
-    predictable bytes), and the hook scripts and modemchat file, which run with the daemon's
-    rights, must be writable by no one but root or the current user (:mod:`.trusted`).
-    Files that do not exist yet are left to the runtime, which reports them when used."""
+    the hook scripts and modemchat file, which run with the daemon's rights, must be writable by
+    no one but root or the current user (:mod:`.trusted`). Files that do not exist yet are left
+    to the runtime, which reports them when used. (``randomdev`` is checked by the daemon when
+    it opens it: ``vpnd -m`` may still read a key from a file.)"""
     lines = {keyword: number for number, keyword, _ in _lex(text)}
     errors: list[ConfigError] = []
-    for name in ("randomdev", "linkup", "linkdown", "slipup", "slipdown", "modemchat"):
+    for name in ("linkup", "linkdown", "slipup", "slipdown", "modemchat"):
         value = getattr(config, name)
         if value is None or name not in lines:
             continue
@@ -750,11 +777,8 @@ def _file_checks(config: Config, text: str, path: str) -> list[ConfigError]:
             info = os.stat(value)
         except OSError:
             continue
-        if name == "randomdev":
-            reason = None if stat.S_ISCHR(info.st_mode) else f"{value} is not a character device"
-        else:
-            what = "modemchat file" if name == "modemchat" else f"{name} script"
-            reason = untrusted_reason(info, value, what)
+        what = "modemchat file" if name == "modemchat" else f"{name} script"
+        reason = untrusted_reason(info, value, what)
         if reason is not None:
             errors.append(ConfigError(path, lines[name], name, reason))
     return errors

@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vpnd_runtime import privdrop
 from vpnd_runtime.config import Config, ConfigError, load_config
 from vpnd_runtime.io import tcp
 from vpnd_runtime.io.hooks import HookRunner
@@ -1081,8 +1082,9 @@ def write_pidfile(path: str) -> int:
 
 
 def remove_pidfile(path: str, fd: int) -> None:
-    """Delete the pidfile (still locked by us, so still ours) and release it."""
-    with contextlib.suppress(FileNotFoundError):
+    """Delete the pidfile (still locked by us, so still ours) and release it. After a drop to
+    `user` the directory may be root's: the file then stays, unlocked, i.e. stale (harmless)."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
         os.unlink(path)
     os.close(fd)
 
@@ -1132,11 +1134,15 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
 
     pid_fd = -1
     try:
+        ident = privdrop.prepare(config)  # `user`: resolve it, make its status directory
         if config.pidfile:
             pid_fd = write_pidfile(config.pidfile)
+        privdrop.drop(config, ident)  # from here: that user, CAP_NET_ADMIN + CAP_NET_BIND_SERVICE
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         ready(str(exc.strerror or exc))
+        if config.pidfile and pid_fd >= 0:
+            remove_pidfile(config.pidfile, pid_fd)
         return 1
     try:
         return Daemon(config, key).run(ready)

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vpnd_runtime.config import ConfigError, load_config
 from vpnd_runtime.daemon import RandomDev, write_pidfile
 from vpnd_runtime.status import StatusRecord, StatusWriter
-
-BASE = "mode server\nserver 0 24741\nlocal 198.19.0.1\nremote 198.19.0.2\n"
 
 
 def _victim(tmp_path: Path) -> Path:
@@ -66,15 +63,3 @@ def test_randomdev_character_device_is_accepted(tmp_path: Path):
         assert len(rng(32)) == 32
     finally:
         rng.close()
-
-
-def test_randomdev_that_is_a_regular_file_is_refused_by_load_config_with_the_line(tmp_path: Path):
-    fake = tmp_path / "not-random"
-    fake.write_bytes(b"\0" * 64)
-    conf = tmp_path / "l.conf"
-    conf.write_text(BASE + f"randomdev {fake}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(conf)
-    assert info.value.line == 5
-    assert info.value.directive == "randomdev"
-    assert f"{fake} is not a character device" in str(info.value)

@@ -546,6 +546,28 @@ def load_manifest(build: Path, host: str) -> dict[str, Any]:
 
 _MANIFEST_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _MANIFEST_PATH = re.compile(r"/[A-Za-z0-9_./-]*")
+_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def _run_as(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(user, group) the host's daemons run as (the rendered ``user``/``group``), or None."""
+    run_as = manifest.get("run_as")
+    return (run_as[0], run_as[1]) if run_as else None
+
+
+def _account_sh(run_as: tuple[str, str] | None) -> str:
+    """Create the system account vpnd runs as, unless it exists (idempotent; no home, no
+    shell). Before the files are unpacked, so they can be handed to it."""
+    if run_as is None:
+        return ""
+    user, group = quote(run_as[0]), quote(run_as[1])
+    fail = quote(f"apply-failed: cannot create the account {run_as[0]}:{run_as[1]}")
+    return (
+        f"{{ getent group {group} >/dev/null || groupadd --system {group}; }} && "
+        f"{{ id -u {user} >/dev/null 2>&1 || useradd --system --gid {group} --no-create-home "
+        f"--home-dir /nonexistent --shell /usr/sbin/nologin {user}; }} || "
+        f"{{ echo {fail} >&2; exit 3; }}"
+    )
 
 
 def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
@@ -554,6 +576,13 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     prefix = manifest.get("prefix")
     if not isinstance(prefix, str) or not _MANIFEST_PATH.fullmatch(prefix):
         raise DeployError(f"{path}: prefix {prefix!r} is not a plain absolute path")
+    run_as = manifest.get("run_as")
+    if run_as is not None and not (
+        isinstance(run_as, list)
+        and len(run_as) == 2
+        and all(isinstance(n, str) and _ACCOUNT.fullmatch(n) for n in run_as)
+    ):
+        raise DeployError(f"{path}: run_as {run_as!r} is not [user, group] of plain names")
     for link, entry in manifest["links"].items():
         if not _MANIFEST_NAME.fullmatch(str(link)) or not isinstance(entry, dict):
             raise DeployError(f"{path}: link name {link!r} is not a valid link name")
@@ -714,6 +743,9 @@ alive() {
   [ -n "$1" ] && [ -r "/proc/$1/stat" ] && ! sed 's/.*) //' "/proc/$1/stat" | grep -q '^Z'
 }
 pid_of() { [ -f "$1" ] && cat "$1" 2>/dev/null; }
+"""
+#: `locked FILE`: true while a process holds a flock on FILE (vpnd holds its pidfile's).
+_SH_LOCKED = r"""
 locked() {
   [ -f "$1" ] || return 1
   if command -v flock >/dev/null 2>&1; then flock -n -s "$1" true; [ $? -eq 1 ]; return; fi
@@ -836,8 +868,15 @@ def _stop_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
     )
 
 
-def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: bool) -> str:
-    """Start one link's daemon; a failure prints `start-failed <link>: <message>`."""
+def _start_sh(
+    link: str,
+    entry: Mapping[str, Any],
+    prefix: str,
+    use_systemd: bool,
+    run_as: tuple[str, str] | None = None,
+) -> str:
+    """Start one link's daemon; a failure prints `start-failed <link>: <message>`. Without
+    systemd the daemon starts as root and drops to `run_as`, whose run directories these are."""
     if use_systemd:
         unit = quote(f"vpnd-{link}")
         return (
@@ -847,8 +886,9 @@ def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: boo
         )
     rundir = quote(posixpath.dirname(entry["pidfile"]))
     statusdir = quote(posixpath.dirname(entry["statusfile"]))
+    own = f"chown {quote(run_as[0])}:{quote(run_as[1])} {rundir} {statusdir}; " if run_as else ""
     return (
-        f"mkdir -p {rundir} {statusdir}; out=$({quote(_runtime_bin(prefix))} -f "
+        f"mkdir -p {rundir} {statusdir}; {own}out=$({quote(_runtime_bin(prefix))} -f "
         f"{quote(entry['config'])} --daemon </dev/null 9>&- 2>&1) || "
         f'echo {quote(f"start-failed {link}:")} "$(echo "$out" | tail -n 1)"\n'
     )
@@ -900,7 +940,7 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     backup, pending = quote(f"{state}/prev"), quote(f"{state}/pending")
-    out = [_SH_FUNCS, _lock_sh(prefix), 'echo "applied-at $(date +%s.%N)"', "umask 077"]
+    out = [_SH_FUNCS, _SH_LOCKED, _lock_sh(prefix), 'echo "applied-at $(date +%s.%N)"', "umask 077"]
     # The backup holds the last *committed* version of each file. A pending marker means an
     # earlier deploy was interrupted after it started changing files: its backup is kept and
     # files it already backed up are not backed up again (they may be uncommitted now).
@@ -918,7 +958,17 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
             f"{{ rm -f {saved}; echo {quote(f'apply-failed: cannot back up {item.path}')} >&2; "
             "exit 3; }; fi"
         )
+    run_as = _run_as(manifest)
+    if run_as:
+        out.append(_account_sh(run_as))
     out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
+    if run_as:  # the user reads its configs (SIGHUP; systemd's User=) and, under systemd, its key
+        owner = f"{quote(run_as[0])}:{quote(run_as[1])}"
+        for item in plan.files:
+            if item.kind == "config":
+                out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
+            elif item.kind == "key" and plan.use_systemd:
+                out.append(f"chown {owner} {quote(item.path)}")
     for link in plan.removed:
         entry = deployed.get("links", {}).get(link, {})
         if entry.get("pidfile"):
@@ -932,7 +982,7 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     for link in plan.restarts:
         entry = manifest["links"][link]
         out.append(_stop_sh(link, entry, plan.use_systemd))
-        out.append(_start_sh(link, entry, prefix, plan.use_systemd))
+        out.append(_start_sh(link, entry, prefix, plan.use_systemd, run_as))
     return "\n".join(out) + "\n"
 
 
@@ -959,7 +1009,7 @@ def rollback_script(
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     links = set(links)
-    out = [_SH_FUNCS, _lock_sh(prefix)]
+    out = [_SH_FUNCS, _SH_LOCKED, _lock_sh(prefix)]
     if runtime_back:
         rt = quote(_rt(prefix))
         out.append(
@@ -981,7 +1031,8 @@ def rollback_script(
         entry = manifest["links"][link]
         conf = quote(entry["config"])
         out.append(f"if [ -f {conf} ]; then")
-        out.append("  " + _start_sh(link, entry, prefix, plan.use_systemd).strip())
+        start = _start_sh(link, entry, prefix, plan.use_systemd, _run_as(manifest))
+        out.append("  " + start.strip())
         out.append("fi")
     if finish:
         out.append(f"rm -rf {quote(state)}/prev {quote(state)}/pending")

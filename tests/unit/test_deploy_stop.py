@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from tests.conftest import require_tools
-from vpnctl.deploy import _SH_FUNCS, _stop_sh
+from vpnctl.deploy import _SH_FUNCS, _SH_LOCKED, _stop_sh
 
 LOCKER = textwrap.dedent(
     """
@@ -24,7 +24,7 @@ LOCKER = textwrap.dedent(
 
 
 def _stop(pidfile: Path) -> subprocess.CompletedProcess[str]:
-    script = _SH_FUNCS + _stop_sh("l1", {"pidfile": str(pidfile)}, use_systemd=False)
+    script = _SH_FUNCS + _SH_LOCKED + _stop_sh("l1", {"pidfile": str(pidfile)}, use_systemd=False)
     return subprocess.run(
         ["sh", "-c", script], check=True, capture_output=True, text=True, timeout=30
     )

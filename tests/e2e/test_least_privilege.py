@@ -15,6 +15,7 @@ namespace with a 0666 node for the real TUN driver, as udev's default rule gives
 from __future__ import annotations
 
 import grp
+import os
 import shutil
 import subprocess
 import sys
@@ -39,11 +40,14 @@ BEHIND_SERVER = "198.18.100.1"
 
 
 @contextmanager
-def _vpnd_as_user(ns: Netns, conf: Path, logdir: Path, name: str) -> Iterator[VpndProcess]:
-    """Start `vpnd -f conf` in `ns` as root (it drops itself), seeing a 0666 /dev/net/tun.
-    ip netns exec, unshare and sh all exec, so the PID is the daemon's."""
+def _vpnd_as_user(
+    ns: Netns, conf: Path, logdir: Path, name: str, *wrapper: str
+) -> Iterator[VpndProcess]:
+    """Start `vpnd -f conf` in `ns` as root (it drops itself) or under `wrapper`, seeing a 0666
+    /dev/net/tun. ip netns exec, unshare, sh and setpriv all exec: the PID is the daemon's."""
     logfile = logdir / f"{name}.log"
-    argv = with_tun_mode(0o666, sys.executable, "-m", "vpnd_runtime", "-f", str(conf))
+    vpnd = (sys.executable, "-m", "vpnd_runtime", "-f", str(conf))
+    argv = with_tun_mode(0o666, *wrapper, *vpnd)
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(ns.cmd(*argv), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)  # fmt: skip
@@ -151,3 +155,43 @@ def test_with_user_vpnd_runs_as_it_with_net_admin_and_bind_service_only_and_link
             assert client.stop() == 0
             assert not (site / "client-run" / "vpnd.pid").exists()
             assert not (site / "client-run" / "vpnd.status.json").exists()
+
+
+def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(site: Path) -> None:
+    # The rendered unit starts vpnd as the user already: User=, AmbientCapabilities= and
+    # CapabilityBoundingSet= the two, NoNewPrivileges=yes, RuntimeDirectory= owned by the user,
+    # and deploy hands the key to the user. setpriv gives the same start (no systemd here); the
+    # unit's mount and syscall sandbox is not reproduced.
+    require_tools("setpriv")
+    tag = new_tag("lp")
+    generate_key(site / "shared.key", randomdev="/dev/urandom")  # the client's: root's
+    (site / "server.key").write_bytes((site / "shared.key").read_bytes())
+    (site / "server.key").chmod(0o600)
+    os.chown(site / "server.key", NOBODY, NOBODY)  # the server's: the user's, as deploy does
+    (site / "hook.sh").write_text("#!/bin/sh\n")
+    (site / "hook.sh").chmod(0o755)
+    for role in ("server", "client"):
+        (site / f"{role}-run").mkdir()
+        os.chown(site / f"{role}-run", NOBODY, NOBODY)
+    caps = "+net_admin,+net_bind_service"
+    as_unit = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--init-groups",
+               f"--inh-caps={caps}", f"--ambient-caps={caps}",
+               f"--bounding-set=-all,{caps}", "--no-new-privs"]  # fmt: skip
+    with namespace_pair(tag) as pair, ExitStack() as running:
+        pair.server.run("ip", "addr", "add", f"{BEHIND_SERVER}/24", "dev", "lo")
+        s_conf = _conf(site, tag, "server", pair.server_ip)
+        s_conf.write_text(s_conf.read_text().replace("shared.key", "server.key"))
+        c_conf = _conf(site, tag, "client", pair.server_ip)
+        # Given a server started the unit's way, and a client started as root that drops
+        server = running.enter_context(_vpnd_as_user(pair.server, s_conf, site, "server", *as_unit))
+        poll_until(lambda: server.state() == "listening", 20, what="server listening")
+        client = running.enter_context(_vpnd_as_user(pair.client, c_conf, site, "client"))
+        # When they connect, the link comes up and pings cross
+        poll_until(lambda: client.state() == "up" and server.state() == "up", 20, what="link up")
+        assert pair.server.ping(CLIENT_TUN, count=2)
+        # And the server kept exactly the two capabilities, bounded, with no_new_privs
+        status = _proc_status(server.pid)
+        assert status["Uid"].split() == [str(NOBODY)] * 4
+        for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
+            assert int(status[field], 16) == KEEP_MASK, (field, status[field])
+        assert status["NoNewPrivs"] == "1"

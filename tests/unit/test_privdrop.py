@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import require, require_tools
 from tests.helpers.tundev import with_tun_mode
+from vpnd_runtime import privdrop
 from vpnd_runtime.config import ConfigError, parse_config
 
 BASE = "mode server\nserver 0 24741\nlocal 198.19.0.1\nremote 198.19.0.2\n"
@@ -82,6 +83,9 @@ CHILD = textwrap.dedent(
     from vpnd_runtime.config import parse_config
     from vpnd_runtime import privdrop
     config = parse_config(sys.argv[1], "t.conf")
+    if len(sys.argv) > 2 and sys.argv[2] == "thread":
+        import threading, time
+        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
     try:
         ident = privdrop.prepare(config)
         privdrop.drop(config, ident)
@@ -94,11 +98,13 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child(config_text: str, *wrapper: str, tun_mode: int = 0o666) -> dict[str, str]:
+def _child(
+    config_text: str, *wrapper: str, tun_mode: int = 0o666, extra: tuple[str, ...] = ()
+) -> dict[str, str]:
     """Run CHILD as root (or under `wrapper`), seeing a /dev/net/tun of `tun_mode`."""
     require_tools("unshare", "mknod")
     proc = subprocess.run(
-        with_tun_mode(tun_mode, *wrapper, sys.executable, "-c", CHILD, config_text),
+        with_tun_mode(tun_mode, *wrapper, sys.executable, "-c", CHILD, config_text, *extra),
         capture_output=True, text=True, timeout=60, check=False, cwd=Path(__file__).parents[2],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -184,3 +190,52 @@ def test_started_as_another_non_root_user_the_drop_is_refused(open_dir: Path):
     setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     result = _child(BASE + "user daemon\n" + _statusdir(open_dir), *setpriv)
     assert result["error"].startswith(f"t.conf: user: vpnd runs as uid {NOBODY}")
+
+
+def test_a_drop_with_a_second_thread_running_is_refused(open_dir: Path):
+    # capset and prctl act on the calling thread only: another thread would keep root's rights
+    require(os.geteuid() == 0, "needs root")
+    result = _child(BASE + "user nobody\n" + _statusdir(open_dir), extra=("thread",))
+    assert result["error"] == "t.conf: user: cannot drop privileges once threads run (a bug)"
+
+
+def test_started_as_the_user_without_net_admin_is_refused_with_the_unit_hint(open_dir: Path):
+    require(os.geteuid() == 0, "needs root")
+    require_tools("setpriv")
+    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    result = _child(BASE + "user nobody\n" + _statusdir(open_dir), *setpriv)
+    assert result["error"].startswith("t.conf: user: started as this user without CAP_NET_ADMIN")
+    assert "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE" in result["error"]
+
+
+def test_a_serial_device_the_user_cannot_open_is_refused_naming_it(open_dir: Path):
+    require(os.geteuid() == 0, "needs root")
+    device = open_dir / "ttyFAKE"
+    device.write_text("")
+    device.chmod(0o600)  # root's only, like /dev/ttyS0 for a user outside dialout
+    serial = f"mode client\nserver {device}\nlocal 198.19.0.1\nremote 198.19.0.2\n"
+    result = _child(serial + "user nobody\n" + _statusdir(open_dir))
+    assert result["error"].startswith(
+        f"t.conf: server: user nobody cannot open the serial device {device} (owner uid 0, "
+        "mode 0600): add nobody to the device's group"
+    )
+
+
+def test_verify_refuses_a_process_that_still_holds_root_s_rights():
+    # the read-back of /proc/self/status is the last word: here (not dropped) it must object
+    require(os.geteuid() == 0, "needs root")
+    config = parse_config(BASE + "user nobody\n", "t.conf")
+    with pytest.raises(privdrop.PrivDropError) as info:
+        privdrop._verify(config, privdrop.Identity("nobody", NOBODY, NOBODY), bounding_reduced=True)
+    message = str(info.value)
+    assert message.startswith("t.conf: user: privileges not dropped as asked: Uid 0")
+    for field in ("Gid", "CapEff", "CapPrm", "CapBnd", "NoNewPrivs"):
+        assert field in message
+
+
+def test_root_reached_by_another_spelling_is_refused_at_resolution():
+    # `user 00` passes the parser's `root`/`0` check but is uid 0 all the same
+    with pytest.raises(privdrop.PrivDropError, match=r"t.conf: user: '00' is uid 0 \(root\)"):
+        privdrop.resolve(parse_config(BASE + "user 00\n", "t.conf"))
+    with pytest.raises(privdrop.PrivDropError, match=r"t.conf: group: .* is gid 0"):
+        privdrop.resolve(parse_config(BASE + "user nobody\ngroup 00\n", "t.conf"))

@@ -41,13 +41,21 @@ BEHIND_SERVER = "198.18.100.1"
 
 @contextmanager
 def _vpnd_as_user(
-    ns: Netns, conf: Path, logdir: Path, name: str, *wrapper: str
+    ns: Netns,
+    conf: Path,
+    logdir: Path,
+    name: str,
+    *wrapper: str,
+    read_only_except: str | None = None,
+    mdwe: bool = False,
 ) -> Iterator[VpndProcess]:
     """Start `vpnd -f conf` in `ns` as root (it drops itself) or under `wrapper`, seeing a 0666
     /dev/net/tun. ip netns exec, unshare, sh and setpriv all exec: the PID is the daemon's."""
     logfile = logdir / f"{name}.log"
     vpnd = (sys.executable, "-m", "vpnd_runtime", "-f", str(conf))
-    argv = with_tun_mode(0o666, *wrapper, *vpnd)
+    if mdwe:
+        vpnd = (sys.executable, "-c", MDWE_RUN, "vpnd_runtime", "-f", str(conf))
+    argv = with_tun_mode(0o666, *wrapper, *vpnd, read_only_except=read_only_except)
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(ns.cmd(*argv), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)  # fmt: skip
@@ -56,6 +64,24 @@ def _vpnd_as_user(
         yield daemon
     finally:
         daemon.stop()
+
+
+#: Set PR_SET_MDWE(PR_MDWE_REFUSE_EXEC_GAIN), then run `python -m <argv[1]> <argv[2:]>` in the
+#: same process: what systemd's MemoryDenyWriteExecute=yes asks of the kernel (no mapping may
+#: become writable and executable). In-process, since the user may not exec this test's Python
+#: (its real path may lie below a 0700 /root).
+MDWE_RUN = (
+    "import ctypes, os, runpy, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:\n"
+    "    sys.exit(f'PR_SET_MDWE: {os.strerror(ctypes.get_errno())}')\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _mountinfo(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/mountinfo") as fh:
+        return fh.read().splitlines()
 
 
 def _proc_status(pid: int) -> dict[str, str]:
@@ -160,8 +186,10 @@ def test_with_user_vpnd_runs_as_it_with_net_admin_and_bind_service_only_and_link
 def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(site: Path) -> None:
     # The rendered unit starts vpnd as the user already: User=, AmbientCapabilities= and
     # CapabilityBoundingSet= the two, NoNewPrivileges=yes, RuntimeDirectory= owned by the user,
-    # and deploy hands the key to the user. setpriv gives the same start (no systemd here); the
-    # unit's mount and syscall sandbox is not reproduced.
+    # and deploy hands the key to the user. setpriv gives the same start (no systemd here), a
+    # root file system read-only but for the run directory stands for ProtectSystem=strict, and
+    # PR_SET_MDWE for MemoryDenyWriteExecute=yes (Linux 6.3+). Not reproduced: the syscall
+    # filter, RestrictAddressFamilies=, DeviceAllow= and the other namespaces.
     require_tools("setpriv")
     tag = new_tag("lp")
     generate_key(site / "shared.key", randomdev="/dev/urandom")  # the client's: root's
@@ -183,7 +211,9 @@ def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(
         s_conf.write_text(s_conf.read_text().replace("shared.key", "server.key"))
         c_conf = _conf(site, tag, "client", pair.server_ip)
         # Given a server started the unit's way, and a client started as root that drops
-        server = running.enter_context(_vpnd_as_user(pair.server, s_conf, site, "server", *as_unit))
+        sandboxed = _vpnd_as_user(pair.server, s_conf, site, "server", *as_unit,
+                                  read_only_except=str(site / "server-run"), mdwe=True)  # fmt: skip
+        server = running.enter_context(sandboxed)
         poll_until(lambda: server.state() == "listening", 20, what="server listening")
         client = running.enter_context(_vpnd_as_user(pair.client, c_conf, site, "client"))
         # When they connect, the link comes up and pings cross
@@ -195,3 +225,6 @@ def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(
         for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
             assert int(status[field], 16) == KEEP_MASK, (field, status[field])
         assert status["NoNewPrivs"] == "1"
+        # And it ran on a read-only root file system (MDWE: MDWE_RUN exits when refused)
+        root = next(line.split() for line in _mountinfo(server.pid) if line.split()[4] == "/")
+        assert "ro" in root[5].split(","), root

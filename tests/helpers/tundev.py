@@ -9,13 +9,24 @@ in a private mount namespace where a tmpfs over /dev/net holds a fresh node (sam
 
 from __future__ import annotations
 
+import shlex
+
 _SCRIPT = (
     "mount -t tmpfs -o mode=0755,size=16k vpndtest /dev/net && "
-    'mknod -m "$0" /dev/net/tun c 10 200 && exec "$@"'
+    'mknod -m "$0" /dev/net/tun c 10 200 && {setup}exec "$@"'
 )
 
 
-def with_tun_mode(mode: int, *argv: str) -> list[str]:
-    """argv that runs `argv` seeing /dev/net/tun with `mode` (needs root, util-linux unshare)."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _SCRIPT, f"{mode:04o}",
+def with_tun_mode(mode: int, *argv: str, read_only_except: str | None = None) -> list[str]:
+    """argv that runs `argv` seeing /dev/net/tun with `mode` (needs root, util-linux unshare).
+
+    With `read_only_except`, the root file system is read-only in that mount namespace except
+    that one directory (/proc, /sys, /dev stay as they are): systemd's ProtectSystem=strict with
+    ReadWritePaths= (or RuntimeDirectory=), which the rendered unit uses."""
+    setup = ""
+    if read_only_except is not None:
+        keep = shlex.quote(read_only_except)
+        setup = f"mount --bind {keep} {keep} && mount -o remount,bind,ro / && "
+    script = _SCRIPT.replace("{setup}", setup)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, f"{mode:04o}",
             *argv]  # fmt: skip

@@ -29,11 +29,14 @@ import pytest
 from tests.conftest import require_root_netns, require_tools
 from tests.helpers.netns import Netns, VpndProcess, namespace_pair, new_tag, poll_until
 from tests.helpers.tundev import with_tun_mode
+from vpnctl.inventory import allocate_tunnels, parse_inventory
+from vpnctl.rendering import render
 from vpnd_runtime.keyfile import generate_key
 
 pytestmark = pytest.mark.root
 
 NOBODY = 65534
+REPO = Path(__file__).resolve().parents[2]
 KEEP_MASK = (1 << 12) | (1 << 10)  # CAP_NET_ADMIN, CAP_NET_BIND_SERVICE
 SERVER_TUN, CLIENT_TUN = "198.19.0.1", "198.19.0.2"
 BEHIND_SERVER = "198.18.100.1"
@@ -58,7 +61,7 @@ def _vpnd_as_user(
     argv = with_tun_mode(0o666, *wrapper, *vpnd, read_only_except=read_only_except)
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(ns.cmd(*argv), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)  # fmt: skip
+                                stdin=subprocess.DEVNULL, cwd=REPO)  # fmt: skip
     daemon = VpndProcess(ns, conf, logfile, proc)
     try:
         yield daemon
@@ -77,6 +80,17 @@ MDWE_RUN = (
     "sys.argv = sys.argv[1:]\n"
     "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
 )
+
+
+def _rendered_unit() -> bytes:
+    """The unit vpnctl renders for a server side on a host with prefix /."""
+    text = (
+        "version: 1\nhosts:\n  - {name: a, address: 198.18.1.1}\n"
+        "  - {name: b, address: 198.18.1.2}\nlinks:\n  - {name: ab, server: a, client: b}\n"
+    )
+    inventory, _ = allocate_tunnels(parse_inventory(text, "inv.yaml"), {}, "record")
+    files = render(inventory, {"ab": "0000:0000:0000:0000"})
+    return files["a/systemd/vpnd-ab.service"]
 
 
 def _mountinfo(pid: int) -> list[str]:
@@ -186,10 +200,14 @@ def test_with_user_vpnd_runs_as_it_with_net_admin_and_bind_service_only_and_link
 def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(site: Path) -> None:
     # The rendered unit starts vpnd as the user already: User=, AmbientCapabilities= and
     # CapabilityBoundingSet= the two, NoNewPrivileges=yes, RuntimeDirectory= owned by the user,
-    # and deploy hands the key to the user. setpriv gives the same start (no systemd here), a
-    # root file system read-only but for the run directory stands for ProtectSystem=strict, and
-    # PR_SET_MDWE for MemoryDenyWriteExecute=yes (Linux 6.3+). Not reproduced: the syscall
-    # filter, RestrictAddressFamilies=, DeviceAllow= and the other namespaces.
+    # and deploy hands the key to the user. There is no systemd here, so: setpriv gives the same
+    # start; the rendered unit's own SystemCallFilter=/RestrictAddressFamilies= become a seccomp
+    # filter (tests/helpers/unit_seccomp.py); a root file system read-only but for the run
+    # directory stands for ProtectSystem=strict; PR_SET_MDWE for MemoryDenyWriteExecute=yes.
+    # Not reproduced: DeviceAllow= and the other namespaces (Private*, Protect{Home,Kernel*}).
+    require_tools("systemd-analyze")
+    unit = site / "vpnd-ab.service"
+    unit.write_bytes(_rendered_unit())
     require_tools("setpriv")
     tag = new_tag("lp")
     generate_key(site / "shared.key", randomdev="/dev/urandom")  # the client's: root's
@@ -202,7 +220,8 @@ def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(
         (site / f"{role}-run").mkdir()
         os.chown(site / f"{role}-run", NOBODY, NOBODY)
     caps = "+net_admin,+net_bind_service"
-    as_unit = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--init-groups",
+    seccomp = [sys.executable, "-m", "tests.helpers.unit_seccomp", str(unit), "--"]
+    as_unit = [*seccomp, "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--init-groups",
                f"--inh-caps={caps}", f"--ambient-caps={caps}",
                f"--bounding-set=-all,{caps}", "--no-new-privs"]  # fmt: skip
     with namespace_pair(tag) as pair, ExitStack() as running:
@@ -225,6 +244,7 @@ def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(
         for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
             assert int(status[field], 16) == KEEP_MASK, (field, status[field])
         assert status["NoNewPrivs"] == "1"
+        assert status["Seccomp"] == "2"  # the unit's syscall filter was in force
         # And it ran on a read-only root file system (MDWE: MDWE_RUN exits when refused)
         root = next(line.split() for line in _mountinfo(server.pid) if line.split()[4] == "/")
         assert "ro" in root[5].split(","), root

@@ -35,7 +35,10 @@ every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection p
    the committed copies of the changed files (an existing backup of an uncommitted deploy is
    kept, never overwritten), unpack the new files from a tar stream on stdin (keys 0600, never
    in argv), stop removed links, and (re)start changed links -- ``systemctl restart`` under
-   systemd, else SIGTERM by pidfile, wait, ``vpnd -f CONF --daemon``. Its time bound grows with
+   systemd, else SIGTERM by pidfile (only while a vpnd still holds the pidfile's flock, so a
+   reused PID is never signalled), wait, ``vpnd -f CONF --daemon``. Before the files, the
+   account the daemons run as (the inventory's ``daemon_user``) is created if missing; under
+   systemd it is handed its key files. Its time bound grows with
    the number of links. If the apply fails or times out, that host is rolled back at once (best
    effort) and every link it shares with another host in this deploy is failed there too.
 4. **Confirm.** For each changed link, poll the status records at *both* ends until both are
@@ -762,7 +765,7 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     """One shell script reporting stamp, systemd, python, target, file hashes/modes, running
     links."""
     prefix = manifest["prefix"]
-    lines = [_SH_FUNCS]
+    lines = [_SH_FUNCS, _SH_LOCKED]
     lines.append(f'echo "stamp $(cat {quote(_rt(prefix, "STAMP"))} 2>/dev/null || echo -)"')
     lines.append(
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
@@ -782,8 +785,9 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     deployed = posixpath.join(prefix, STATE_DIR, "manifest.json")
     lines.append(f'echo "deployed $(base64 -w0 {quote(deployed)} 2>/dev/null || echo -)"')
     for link, entry in sorted(links.items()):
+        pf = quote(entry["pidfile"])
         lines.append(
-            f'if alive "$(pid_of {quote(entry["pidfile"])})" || '
+            f'if {{ locked {pf} && alive "$(pid_of {pf})"; }} || '
             f"{{ [ -d /run/systemd/system ] && systemctl is-active --quiet "
             f'{quote(f"vpnd-{link}")} 2>/dev/null; }}; then echo "running {link} yes"; '
             f'else echo "running {link} no"; fi'

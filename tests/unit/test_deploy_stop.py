@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from tests.conftest import require_tools
-from vpnctl.deploy import _SH_FUNCS, _SH_LOCKED, _stop_sh
+from vpnctl.deploy import _SH_FUNCS, _SH_LOCKED, _stop_sh, probe_script
 
 LOCKER = textwrap.dedent(
     """
@@ -58,3 +58,19 @@ def test_a_pidfile_locked_by_its_daemon_gets_that_daemon_stopped(tmp_path):
     finally:
         daemon.kill()
         daemon.wait(10)
+
+
+def test_the_probe_does_not_count_a_stale_pidfile_naming_a_live_process_as_running(tmp_path):
+    # else deploy would plan "nothing to do" for a link whose daemon is gone
+    require_tools("flock", "sleep")
+    bystander = subprocess.Popen(["sleep", "60"])
+    pidfile = tmp_path / "l1.pid"
+    manifest = {"prefix": str(tmp_path), "links": {"l1": {"pidfile": str(pidfile)}}}
+    try:
+        pidfile.write_text(f"{bystander.pid}\n")
+        out = subprocess.run(["sh", "-c", probe_script(manifest, [])], capture_output=True,
+                             text=True, timeout=60, check=True).stdout  # fmt: skip
+        assert "running l1 no" in out.splitlines()
+    finally:
+        bystander.kill()
+        bystander.wait(10)

@@ -119,6 +119,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     conf = args.config or DEFAULT_CONFIG
     config = load_config(conf)
     key = load_key(config.keyfile)
+    from vpnd_runtime.privdrop import PrivDropError, resolve  # noqa: PLC0415 - lazy, like the rest
+
+    try:
+        resolve(config)  # `user`/`group` name accounts that exist (the drop itself is at start)
+    except PrivDropError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
     print(
         f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, "

@@ -23,7 +23,9 @@ import pytest
 from tests.conftest import require, require_tools
 from tests.helpers.tundev import with_tun_mode
 from vpnd_runtime import privdrop
+from vpnd_runtime.cli import main
 from vpnd_runtime.config import ConfigError, parse_config
+from vpnd_runtime.keyfile import generate_key
 
 BASE = "mode server\nserver 0 24741\nlocal 198.19.0.1\nremote 198.19.0.2\n"
 NOBODY = 65534
@@ -239,3 +241,11 @@ def test_root_reached_by_another_spelling_is_refused_at_resolution():
         privdrop.resolve(parse_config(BASE + "user 00\n", "t.conf"))
     with pytest.raises(privdrop.PrivDropError, match=r"t.conf: group: .* is gid 0"):
         privdrop.resolve(parse_config(BASE + "user nobody\ngroup 00\n", "t.conf"))
+
+
+def test_check_names_an_unknown_user_before_anything_starts(open_dir: Path, capsys):
+    generate_key(open_dir / "k.key", randomdev="/dev/urandom")
+    conf = open_dir / "l.conf"
+    conf.write_text(BASE + f"keyfile {open_dir}/k.key\nuser vpnd-no-such-user\n")
+    assert main(["--check", "-f", str(conf)]) == 2
+    assert f"{conf}: user: no such user 'vpnd-no-such-user'" in capsys.readouterr().err

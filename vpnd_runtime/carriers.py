@@ -10,6 +10,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import termios
 import time
@@ -30,6 +31,9 @@ class RandomDev:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if not stat.S_ISCHR(os.fstat(self._fd).st_mode):  # a regular file gives predictable keys
+            os.close(self._fd)
+            raise OSError(errno.EINVAL, f"randomdev {path} is not a character device")
 
     def __call__(self, n: int) -> bytes:
         chunks = []

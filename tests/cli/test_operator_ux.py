@@ -312,14 +312,22 @@ def test_netmask_and_wrong_family_messages_say_what_to_write(project: Path) -> N
     text = text.replace("      - 198.18.10.0/24", "      - 2001:db8::/32")
     text = text.replace("    address: 198.18.1.2", "    address: 2001:db8::2")
     inventory.write_text(text)
+    lines = text.splitlines()
+
+    def line(needle: str) -> int:  # the example inventory grows: find, don't hard-code
+        return next(i for i, t in enumerate(lines, 1) if needle in t)
+
     result = run("keys")
     assert result.exit_code == 2
     assert result.stderr == (
-        "inventory.yaml:112 hosts[1].address: expected an IPv4 address like 198.18.1.1, got "
+        f"inventory.yaml:{line('    address: 2001:db8::2')} hosts[1].address: expected an IPv4 "
+        "address like 198.18.1.1, got "
         "'2001:db8::2'; this field takes an IPv4 address, 2001:db8::2 is IPv6\n"
-        "inventory.yaml:144 links[0].routes.server[0]: expected a network like 198.18.10.0/24, "
+        f"inventory.yaml:{line('      - 2001:db8::/32')} links[0].routes.server[0]: expected a "
+        "network like 198.18.10.0/24, "
         "got '2001:db8::/32'; this field takes an IPv4 network, 2001:db8::/32 is IPv6\n"
-        "inventory.yaml:167 links[1].routes.client[0]: expected a network like 198.18.10.0/24, "
+        f"inventory.yaml:{line('        - 198.18.30.0 255')} links[1].routes.client[0]: expected "
+        "a network like 198.18.10.0/24, "
         "got '198.18.30.0 255.255.255.0'; write 198.18.30.0/24\n"
     )
 

@@ -35,7 +35,10 @@ every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection p
    the committed copies of the changed files (an existing backup of an uncommitted deploy is
    kept, never overwritten), unpack the new files from a tar stream on stdin (keys 0600, never
    in argv), stop removed links, and (re)start changed links -- ``systemctl restart`` under
-   systemd, else SIGTERM by pidfile, wait, ``vpnd -f CONF --daemon``. Its time bound grows with
+   systemd, else SIGTERM by pidfile (only while a vpnd still holds the pidfile's flock, so a
+   reused PID is never signalled), wait, ``vpnd -f CONF --daemon``. Before the files, the
+   account the daemons run as (the inventory's ``daemon_user``) is created if missing; under
+   systemd it is handed its key files. Its time bound grows with
    the number of links. If the apply fails or times out, that host is rolled back at once (best
    effort) and every link it shares with another host in this deploy is failed there too.
 4. **Confirm.** For each changed link, poll the status records at *both* ends until both are
@@ -548,6 +551,28 @@ def load_manifest(build: Path, host: str) -> dict[str, Any]:
 
 _MANIFEST_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _MANIFEST_PATH = re.compile(r"/[A-Za-z0-9_./-]*")
+_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def _run_as(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(user, group) the host's daemons run as (the rendered ``user``/``group``), or None."""
+    run_as = manifest.get("run_as")
+    return (run_as[0], run_as[1]) if run_as else None
+
+
+def _account_sh(run_as: tuple[str, str] | None) -> str:
+    """Create the system account vpnd runs as, unless it exists (idempotent; no home, no
+    shell). Before the files are unpacked, so they can be handed to it."""
+    if run_as is None:
+        return ""
+    user, group = quote(run_as[0]), quote(run_as[1])
+    fail = quote(f"apply-failed: cannot create the account {run_as[0]}:{run_as[1]}")
+    return (
+        f"{{ getent group {group} >/dev/null || groupadd --system {group}; }} && "
+        f"{{ id -u {user} >/dev/null 2>&1 || useradd --system --gid {group} --no-create-home "
+        f"--home-dir /nonexistent --shell /usr/sbin/nologin {user}; }} || "
+        f"{{ echo {fail} >&2; exit 3; }}"
+    )
 
 
 def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
@@ -556,6 +581,13 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     prefix = manifest.get("prefix")
     if not isinstance(prefix, str) or not _MANIFEST_PATH.fullmatch(prefix):
         raise DeployError(f"{path}: prefix {prefix!r} is not a plain absolute path")
+    run_as = manifest.get("run_as")
+    if run_as is not None and not (
+        isinstance(run_as, list)
+        and len(run_as) == 2
+        and all(isinstance(n, str) and _ACCOUNT.fullmatch(n) for n in run_as)
+    ):
+        raise DeployError(f"{path}: run_as {run_as!r} is not [user, group] of plain names")
     for link, entry in manifest["links"].items():
         if not _MANIFEST_NAME.fullmatch(str(link)) or not isinstance(entry, dict):
             raise DeployError(f"{path}: link name {link!r} is not a valid link name")
@@ -717,13 +749,25 @@ alive() {
 }
 pid_of() { [ -f "$1" ] && cat "$1" 2>/dev/null; }
 """
+#: `locked FILE`: true while a process holds a flock on FILE (vpnd holds its pidfile's).
+_SH_LOCKED = r"""
+locked() {
+  [ -f "$1" ] || return 1
+  if command -v flock >/dev/null 2>&1; then flock -n -s "$1" true; [ $? -eq 1 ]; return; fi
+  python3 -c 'import fcntl, sys
+f = open(sys.argv[1])
+try: fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+except BlockingIOError: sys.exit(0)
+sys.exit(1)' "$1"
+}
+"""
 
 
 def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     """One shell script reporting stamp, systemd, python, target, file hashes/modes, running
     links."""
     prefix = manifest["prefix"]
-    lines = [_SH_FUNCS]
+    lines = [_SH_FUNCS, _SH_LOCKED]
     lines.append(f'echo "stamp $(cat {quote(_rt(prefix, "STAMP"))} 2>/dev/null || echo -)"')
     lines.append(
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
@@ -743,8 +787,9 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     deployed = posixpath.join(prefix, STATE_DIR, "manifest.json")
     lines.append(f'echo "deployed $(base64 -w0 {quote(deployed)} 2>/dev/null || echo -)"')
     for link, entry in sorted(links.items()):
+        pf = quote(entry["pidfile"])
         lines.append(
-            f'if alive "$(pid_of {quote(entry["pidfile"])})" || '
+            f'if {{ locked {pf} && alive "$(pid_of {pf})"; }} || '
             f"{{ [ -d /run/systemd/system ] && systemctl is-active --quiet "
             f'{quote(f"vpnd-{link}")} 2>/dev/null; }}; then echo "running {link} yes"; '
             f'else echo "running {link} no"; fi'
@@ -817,19 +862,30 @@ def _lock_sh(prefix: str) -> str:
 
 
 def _stop_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
-    """Stop one link's daemon and wait (bounded) until it is gone."""
+    """Stop one link's daemon and wait (bounded) until it is gone.
+
+    Without systemd the PID comes from the pidfile, and it is signalled only while the pidfile
+    is still flock-locked (vpnd holds that lock for its whole life): a stale pidfile whose PID
+    the kernel has since given to another process never gets that process killed."""
     if use_systemd:
         return f"systemctl stop {quote(f'vpnd-{link}')} 2>/dev/null || true\n"
     pf = quote(entry["pidfile"])
     return (
-        f'pid=$(pid_of {pf}); if alive "$pid"; then kill -TERM "$pid"; i=0; '
+        f'pid=$(pid_of {pf}); if locked {pf} && alive "$pid"; then kill -TERM "$pid"; i=0; '
         f'while alive "$pid" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; '
-        f'alive "$pid" && kill -KILL "$pid"; fi; rm -f {pf}\n'
+        f'alive "$pid" && locked {pf} && kill -KILL "$pid"; fi; rm -f {pf}\n'
     )
 
 
-def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: bool) -> str:
-    """Start one link's daemon; a failure prints `start-failed <link>: <message>`."""
+def _start_sh(
+    link: str,
+    entry: Mapping[str, Any],
+    prefix: str,
+    use_systemd: bool,
+    run_as: tuple[str, str] | None = None,
+) -> str:
+    """Start one link's daemon; a failure prints `start-failed <link>: <message>`. Without
+    systemd the daemon starts as root and drops to `run_as`, whose run directories these are."""
     if use_systemd:
         unit = quote(f"vpnd-{link}")
         return (
@@ -839,8 +895,9 @@ def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: boo
         )
     rundir = quote(posixpath.dirname(entry["pidfile"]))
     statusdir = quote(posixpath.dirname(entry["statusfile"]))
+    own = f"chown {quote(run_as[0])}:{quote(run_as[1])} {rundir} {statusdir}; " if run_as else ""
     return (
-        f"mkdir -p {rundir} {statusdir}; out=$({quote(_runtime_bin(prefix))} -f "
+        f"mkdir -p {rundir} {statusdir}; {own}out=$({quote(_runtime_bin(prefix))} -f "
         f"{quote(entry['config'])} --daemon </dev/null 9>&- 2>&1) || "
         f'echo {quote(f"start-failed {link}:")} "$(echo "$out" | tail -n 1)"\n'
     )
@@ -892,7 +949,7 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     backup, pending = quote(f"{state}/prev"), quote(f"{state}/pending")
-    out = [_SH_FUNCS, _lock_sh(prefix), 'echo "applied-at $(date +%s.%N)"', "umask 077"]
+    out = [_SH_FUNCS, _SH_LOCKED, _lock_sh(prefix), 'echo "applied-at $(date +%s.%N)"', "umask 077"]
     # The backup holds the last *committed* version of each file. A pending marker means an
     # earlier deploy was interrupted after it started changing files: its backup is kept and
     # files it already backed up are not backed up again (they may be uncommitted now).
@@ -910,7 +967,17 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
             f"{{ rm -f {saved}; echo {quote(f'apply-failed: cannot back up {item.path}')} >&2; "
             "exit 3; }; fi"
         )
+    run_as = _run_as(manifest)
+    if run_as:
+        out.append(_account_sh(run_as))
     out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
+    if run_as:  # the user reads its configs (SIGHUP; systemd's User=) and, under systemd, its key
+        owner = f"{quote(run_as[0])}:{quote(run_as[1])}"
+        for item in plan.files:
+            if item.kind == "config":
+                out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
+            elif item.kind == "key" and plan.use_systemd:
+                out.append(f"chown {owner} {quote(item.path)}")
     for link in plan.removed:
         entry = deployed.get("links", {}).get(link, {})
         if entry.get("pidfile"):
@@ -924,7 +991,7 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     for link in plan.restarts:
         entry = manifest["links"][link]
         out.append(_stop_sh(link, entry, plan.use_systemd))
-        out.append(_start_sh(link, entry, prefix, plan.use_systemd))
+        out.append(_start_sh(link, entry, prefix, plan.use_systemd, run_as))
     return "\n".join(out) + "\n"
 
 
@@ -951,7 +1018,7 @@ def rollback_script(
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     links = set(links)
-    out = [_SH_FUNCS, _lock_sh(prefix)]
+    out = [_SH_FUNCS, _SH_LOCKED, _lock_sh(prefix)]
     if runtime_back:
         rt = quote(_rt(prefix))
         out.append(
@@ -973,7 +1040,8 @@ def rollback_script(
         entry = manifest["links"][link]
         conf = quote(entry["config"])
         out.append(f"if [ -f {conf} ]; then")
-        out.append("  " + _start_sh(link, entry, prefix, plan.use_systemd).strip())
+        start = _start_sh(link, entry, prefix, plan.use_systemd, _run_as(manifest))
+        out.append("  " + start.strip())
         out.append("fi")
     if finish:
         out.append(f"rm -rf {quote(state)}/prev {quote(state)}/pending")

@@ -89,6 +89,9 @@ _SSH_HOST_RE = re.compile(
 )
 _PREFIX_RE = re.compile(r"/[A-Za-z0-9_./-]*")
 _SSH_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: The account vpnd runs as (deploy creates it): a plain system user name, no numeric ids.
+_DAEMON_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+DEFAULT_DAEMON_USER = "vpnd"
 _SSH_JUMP_ONE = (
     r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?"
     r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
@@ -149,6 +152,9 @@ class Host:
     ``address`` is its underlay (WAN) address, the one clients dial. ``prefix`` is the
     directory under which /etc/vpnd, /run/vpnd... live on that host ("/" on a real host, a
     per-host directory in the lab). ``systemd`` is True, False or None (auto: deploy probes).
+    ``daemon_user``/``daemon_group`` are the account vpnd runs as after start-up (rendered as the
+    config's ``user``/``group`` and the unit's ``User=``/``Group=``; deploy creates it);
+    ``root`` keeps the daemon root (no drop). The group defaults to the user's name.
     """
 
     name: str
@@ -165,6 +171,16 @@ class Host:
     def addresses(self) -> tuple[Address, ...]:
         """Every underlay address of the host: ``address``, then ``address6``."""
         return (self.address,) if self.address6 is None else (self.address, self.address6)
+
+    daemon_user: str = DEFAULT_DAEMON_USER
+    daemon_group: str | None = None
+
+    @property
+    def run_as(self) -> tuple[str, str] | None:
+        """(user, group) vpnd runs as on this host, or None when it stays root."""
+        if self.daemon_user == "root":
+            return None
+        return self.daemon_user, self.daemon_group or self.daemon_user
 
     def path(self, *parts: str) -> str:
         """An absolute path on the host, below its prefix: ``path("etc/vpnd", "l.conf")``."""
@@ -613,7 +629,7 @@ _TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
     "xfilter": lambda r, n, p: r.boolean(n, p),
     "ipv6": lambda r, n, p: r.boolean(n, p),
 }
-_HOST_SETTINGS = ("ssh", "prefix", "systemd")
+_HOST_SETTINGS = ("ssh", "prefix", "systemd", "daemon_user", "daemon_group")
 _DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", "tunnel_pool6", *_TUNABLE_READERS)
 _SSH_KEYS = ("host", "port", "user", "identity", "options", "proxyjump")
 _HOST_KEYS = ("name", "address", "address6", *_HOST_SETTINGS)
@@ -696,6 +712,16 @@ def _read_host_settings(r: _Reader, fields: Mapping[str, yaml.Node], path: str) 
                        f"use only letters, digits and _ . - / in a prefix: {prefix!r}")  # fmt: skip
             else:
                 out["prefix"] = "/" + normal.lstrip("/")
+    for key in ("daemon_user", "daemon_group"):
+        if key in fields:
+            value = r.text(fields[key], f"{path}.{key}")
+            if value is not None and not _DAEMON_USER_RE.fullmatch(value):
+                r.fail(fields[key], f"{path}.{key}", f"expected a system account name "
+                       f"(a-z 0-9 _ -, starting with a letter or _), got {value!r}")  # fmt: skip
+            elif value == "root" and key == "daemon_group":
+                r.fail(fields[key], f"{path}.{key}", "root's group: name an unprivileged one")
+            elif value is not None:
+                out[key] = value
     if "systemd" in fields:
         value = r.scalar(fields["systemd"], f"{path}.systemd")
         if value == "auto":
@@ -866,6 +892,10 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 systemd=own.get("systemd", default_host.get("systemd")),
                 index=i,
                 address6=address6,  # type: ignore[arg-type]
+                daemon_user=own.get(
+                    "daemon_user", default_host.get("daemon_user", DEFAULT_DAEMON_USER)
+                ),
+                daemon_group=own.get("daemon_group", default_host.get("daemon_group")),
             )
         )
 

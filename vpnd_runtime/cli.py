@@ -149,6 +149,10 @@ def check_config(conf: str, *, key: bool = True) -> str:
     config = load_config(conf)
     link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
     keys = _load_keys(config) if key else {}
+    if key:  # on the host: the accounts `user`/`group` name must exist (the drop is at start)
+        from vpnd_runtime.privdrop import resolve  # noqa: PLC0415 - lazy, like the rest
+
+        resolve(config)
 
     def keyinfo(path: str) -> str:
         return f"key {fingerprint(keys[path])}" if key else f"key {path} not checked (--no-key)"
@@ -168,7 +172,13 @@ def check_config(conf: str, *, key: bool = True) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Parse the config and load its key file (not with --no-key); print one summary line."""
-    print(check_config(args.config or DEFAULT_CONFIG, key=not args.no_key))
+    from vpnd_runtime.privdrop import PrivDropError  # noqa: PLC0415 - lazy, like the rest
+
+    try:
+        print(check_config(args.config or DEFAULT_CONFIG, key=not args.no_key))
+    except PrivDropError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

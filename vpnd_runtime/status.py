@@ -98,12 +98,23 @@ class StatusWriter:
             if fields[name] is None:
                 del fields[name]
         data = json.dumps(fields, sort_keys=True)
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = self._open_tmp()
         try:
             os.write(fd, data.encode())
         finally:
             os.close(fd)
         os.replace(self._tmp, self.path)
+
+    def _open_tmp(self) -> int:
+        """Create the temp file afresh: O_EXCL|O_NOFOLLOW, so a symlink (or anything else)
+        planted at its name is never written through, only unlinked (which removes the link,
+        not its target) before one more exclusive try."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(self._tmp, flags, 0o644)
+        except FileExistsError:
+            os.unlink(self._tmp)  # a leftover of a crash, or planted: either way not ours
+            return os.open(self._tmp, flags, 0o644)
 
     def remove(self) -> None:
         """Delete the published record (on clean shutdown)."""

@@ -133,7 +133,7 @@ def test_family_problems_name_file_line_and_path() -> None:
               - 2001:db8:40::/48
         - name: three
           server: gamma
-          client: beta
+          client: alpha
           tunnel:
             server: fd00:3::1
             client: fd00:3::2
@@ -209,4 +209,16 @@ def test_an_mtu_below_1280_with_ipv6_asked_for_and_a_too_small_pool6() -> None:
     assert got == [
         "inv.yaml:14 links[0].mtu: mtu 1000 is below 1280: a link carrying IPv6 needs at least "
         "that (or set ipv6: false)"
+    ]
+
+
+def test_hosts_without_a_family_in_common_cannot_be_linked() -> None:
+    assert problems(
+        links_text(["x"])
+        .replace("client: gamma", "client: beta")
+        .replace("server: alpha", "server: gamma")
+    ) == [
+        "inv.yaml:12 links[0].client: beta (2001:db8:1::2) and gamma (198.18.1.3) share no "
+        "address family to carry the link: give one of them an address of the other's family "
+        "(address6 for IPv6)"
     ]

@@ -167,12 +167,15 @@ class Link:
         if not self.hub:
             return self.hook_env(peer)
         cfg = self.config
-        return {
+        env = {
             "VPND_INTERFACE": cfg.interface,
             "VPND_LOCAL": str(cfg.local),
             "VPND_MODE": cfg.mode,
             "VPND_CONFIG": cfg.source,
         }
+        if cfg.local6 is not None:
+            env["VPND_LOCAL6"] = str(cfg.local6)
+        return env
 
     def hook_env(self, peer: Peer) -> dict[str, str]:
         """The environment of linkup/linkdown (docs/directives.md)."""

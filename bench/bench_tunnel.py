@@ -16,6 +16,10 @@ Two namespaces joined by veth (198.18.1.0/24). For every path it prints one tabl
   delivered, server/client. Kernel work done on a daemon's behalf in its own syscalls is counted;
   softirq work the kernel happens to run in another context is not (true for every row alike).
 
+IPv6 rows (`--only ipv6`, on by default): raw veth over IPv6 (2001:db8:1::1/2 on the same veth),
+vpnd ChaCha20-Poly1305 carrying IPv6 inside a dual-stack tunnel (fd00:5ee::1/2) over the IPv4
+carrier, and the same tunnel carried over an IPv6 carrier (IPv6 in IPv6).
+
 Paths: raw veth; vpnd with ChaCha20-Poly1305 and with AES-256-GCM; wireguard-go and OpenVPN over
 TCP when installed (bench/peers.py says how each is set up and how wireguard-go is found: set
 WIREGUARD_GO, or run /work/shared/tools/get-wireguard-go-2023.sh once; a missing tool gives a
@@ -48,6 +52,8 @@ from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
 from vpnd_runtime.keyfile import generate_key
 
 SERVER_TUN, CLIENT_TUN = "198.19.0.1", "198.19.0.2"
+SERVER_TUN6, CLIENT_TUN6 = "fd00:5ee::1", "fd00:5ee::2"
+SERVER_WAN6, CLIENT_WAN6 = "2001:db8:1::1", "2001:db8:1::2"
 CIPHERS = ("chacha20-poly1305", "aes-256-gcm")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Seconds from starting the client vpnd (its server listening) to both status files saying up.
@@ -147,21 +153,25 @@ def ping_rtt(pair: Pair, target: str, count: int) -> tuple[float, float]:
 
 
 @contextmanager
-def vpnd_pair(pair: Pair, work: Path, cipher: str) -> Iterator[tuple]:
-    """Start a server and client vpnd with `cipher` and wait for the link."""
+def vpnd_pair(pair: Pair, work: Path, cipher: str, v6: str = "") -> Iterator[tuple]:
+    """Start a server and client vpnd with `cipher` and wait for the link. `v6`: "" (IPv4
+    only), "inside" (a dual-stack tunnel) or "both" (that tunnel over an IPv6 carrier)."""
     key = work / f"{cipher}.key"
     if not key.exists():
         generate_key(key, randomdev="/dev/urandom")
     confs = {}
-    for role, local, remote in (
-        ("server", SERVER_TUN, CLIENT_TUN),
-        ("client", CLIENT_TUN, SERVER_TUN),
+    label = f"{cipher}{'-' + v6 if v6 else ''}"
+    server_ip = SERVER_WAN6 if v6 == "both" else pair.server_ip
+    for role, local, remote, local6, remote6 in (
+        ("server", SERVER_TUN, CLIENT_TUN, SERVER_TUN6, CLIENT_TUN6),
+        ("client", CLIENT_TUN, SERVER_TUN, CLIENT_TUN6, SERVER_TUN6),
     ):
-        server_line = "server 0 379" if role == "server" else f"server {pair.server_ip} 379"
-        conf = work / f"{role}-{cipher}.conf"
+        server_line = "server 0 379" if role == "server" else f"server {server_ip} 379"
+        six = f"local6 {local6}\nremote6 {remote6}\n" if v6 else ""
+        conf = work / f"{role}-{label}.conf"
         conf.write_text(
             f"mode {role}\n{server_line}\nlocal {local}\nremote {remote}\ncipher {cipher}\n"
-            f"keyfile {key}\nrandomdev /dev/urandom\ninterface {pair.tag}t\n"
+            f"{six}keyfile {key}\nrandomdev /dev/urandom\ninterface {pair.tag}t\n"
             f"statusfile {work}/{role}-{cipher}.status.json\nkeepalive 5\n"
         )
         confs[role] = conf
@@ -173,13 +183,13 @@ def vpnd_pair(pair: Pair, work: Path, cipher: str) -> Iterator[tuple]:
         except (OSError, ValueError):
             return None
 
-    with vpnd(pair.server, confs["server"], work, f"server-{cipher}") as s:
+    with vpnd(pair.server, confs["server"], work, f"server-{label}") as s:
         poll_until(lambda: state("server") == "listening", 20, interval=0.005, what="listening")
         started = time.monotonic()
-        with vpnd(pair.client, confs["client"], work, f"client-{cipher}") as c:
+        with vpnd(pair.client, confs["client"], work, f"client-{label}") as c:
             up = ("server", "client")
             poll_until(lambda: all(state(r) == "up" for r in up), 20, interval=0.005, what="up")
-            STARTUP[cipher] = time.monotonic() - started
+            STARTUP[label] = time.monotonic() - started
             yield s, c
 
 
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated subset of rows: raw, the cipher names, wireguard-go, openvpn",
+        help="comma-separated subset of rows: raw, the cipher names, ipv6, wireguard-go, openvpn",
     )
     ap.add_argument(
         "--core",
@@ -269,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= {"free", "pinned"}:
         ap.error(f"--modes: free and/or pinned, not {args.modes!r}")
-    wanted = set(filter(None, args.only.split(","))) or {"raw", *CIPHERS, *(p.label for p in PEERS)}
+    wanted = set(filter(None, args.only.split(","))) or {
+        "raw",
+        *CIPHERS,
+        "ipv6",
+        *(p.label for p in PEERS),
+    }
     for tool in ("ip", "iperf3", "ping"):
         if not shutil.which(tool):
             print(f"needs {tool}", file=sys.stderr)
@@ -289,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             raw = raw_row.mbps
             if "raw" in wanted:
                 rows.append(raw_row)
+            if "ipv6" in wanted:
+                for ns, address in ((pair.server, SERVER_WAN6), (pair.client, CLIENT_WAN6)):
+                    ifname = pair.server_if if ns is pair.server else pair.client_if
+                    ns.run("ip", "-6", "addr", "add", f"{address}/64", "dev", ifname, "nodad")
+                poll_until(lambda: pair.client.ping(SERVER_WAN6, timeout=1), 10, what="veth v6")
+                raw6 = Row("-", "raw veth IPv6 (MTU 1500)")
+                raw6.mbps, _ = iperf(pair, SERVER_WAN6, args.seconds, args.reps)
+                raw6.rtt = ping_rtt(pair, SERVER_WAN6, args.pings)
+                rows.append(raw6)
             for mode in modes:
                 for cipher in CIPHERS:
                     if cipher not in wanted:
@@ -298,6 +322,16 @@ def main(argv: list[str] | None = None) -> int:
                         measure(row, pair, SERVER_TUN, (s.pid, c.pid), args)
                     rows.append(row)
                     print(f"  measured {mode} {row.path}", file=sys.stderr, flush=True)
+                if "ipv6" in wanted:
+                    for v6, path in (
+                        ("inside", "vpnd TCP, chacha20, IPv6 inside"),
+                        ("both", "vpnd TCP/IPv6, chacha20, IPv6 in"),
+                    ):
+                        row = Row(mode, path)
+                        with vpnd_pair(pair, work, CIPHERS[0], v6) as (s, c):
+                            measure(row, pair, SERVER_TUN6, (s.pid, c.pid), args)
+                        rows.append(row)
+                        print(f"  measured {mode} {row.path}", file=sys.stderr, flush=True)
                 for peer in PEERS:
                     if peer.label not in wanted:
                         continue

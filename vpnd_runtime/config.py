@@ -954,7 +954,11 @@ def _check_families(
             "remote6",
             "a hub has no single remote: each client's IPv6 address is 'remote6' in its peer file",
         )
-    elif not hub and ("local6" in lines) != ("remote6" in lines):
+    elif (
+        not hub
+        and ("local6" in lines) != ("remote6" in lines)
+        and all(name in values for name in ("local6", "remote6") if name in lines)
+    ):
         given, missing = ("local6", "remote6") if "local6" in lines else ("remote6", "local6")
         fail(lines[given], given, f"an IPv6 tunnel needs both ends: add {missing} <ipv6>")
     if local6 is not None and local6 == remote6:

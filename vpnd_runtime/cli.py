@@ -147,7 +147,8 @@ def check_config(conf: str, *, key: bool = True) -> str:
     ``vpnctl render`` runs this with ``key=False`` on every config it renders, so the operator's
     machine checks a config exactly as ``vpnd --check --no-key`` does."""
     config = load_config(conf)
-    link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
+    host = f"[{config.server_host}]" if ":" in config.server_host else config.server_host
+    link = config.server_host if config.is_serial else f"{host}:{config.server_port}"
     keys = _load_keys(config) if key else {}
     if key:  # on the host: the accounts `user`/`group` name must exist (the drop is at start)
         from vpnd_runtime.privdrop import resolve  # noqa: PLC0415 - lazy, like the rest
@@ -167,7 +168,10 @@ def check_config(conf: str, *, key: bool = True) -> str:
     info = keyinfo(config.keyfile)
     if key:
         info = info.replace("key ", "key fingerprint ", 1)
-    return f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, {info})"
+    six = f", {config.local6} -> {config.remote6}" if config.local6 is not None else ""
+    return (
+        f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}{six}, {info})"
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -45,16 +45,16 @@ def main(
     inventory = ws.load_inventory()
     store = ws.keystore()
     store.check_directory()
-    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
+    missing = [name for name in inventory.key_names() if not store.has_key(name)]
     if missing:
         raise RenderError(
             f"{store.root}: no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first"
         )
     fingerprints = {}
-    for link in inventory.links:
-        info = store.info(link.name)
+    for name in inventory.key_names():
+        info = store.info(name)
         assert info is not None  # noqa: S101 - has_key() was checked above
-        fingerprints[link.name] = info.fingerprint
+        fingerprints[name] = info.fingerprint
     inventory = ws.allocated(inventory, persist=not (check or diff))
     files = render(inventory, fingerprints)
     build = ws.build_path

@@ -73,6 +73,13 @@ def main(
         if not result.ok:
             typer.echo(f"{len(result.problems)} problem(s) in {build}/", err=True)
             raise typer.Exit(EXIT_FAILED)
+        if inventory.hubs:
+            clients = sum(len(hub.clients) for hub in inventory.hubs)
+            typer.echo(
+                f"all {len(inventory.links)} link(s) mirror and all {clients} hub client(s) pair "
+                f"with their hub; {build}/ is up to date"
+            )
+            return
         typer.echo(f"all {len(result.verified)} link(s) mirror; {build}/ is up to date")
         return
     changes = write_build(files, build)
@@ -81,4 +88,9 @@ def main(
     hosts = len(inventory.hosts)
     links = len(inventory.links)
     summary = f"{len(changes)} file(s) changed" if changes else "no changes"
+    if inventory.hubs:
+        clients = sum(len(hub.clients) for hub in inventory.hubs)
+        hubs = f" and {len(inventory.hubs)} hub(s) with {clients} client(s)"
+        typer.echo(f"rendered {links} link(s){hubs} for {hosts} host(s) into {build}/: {summary}")
+        return
     typer.echo(f"rendered {links} link(s) for {hosts} host(s) into {build}/: {summary}")

@@ -1158,7 +1158,9 @@ def status_script(manifest: Mapping[str, Any], links: Iterable[str]) -> str:
             'else echo "config no"; fi',
             f'if alive "$(pid_of {pf})"; then echo "alive yes"; else echo "alive no"; fi',
             f"if [ -f {sf} ]; then tr -d '\\n' < {sf}; echo; else echo -; fi",
-            f'echo "keymtime $(stat -c %Y {quote(entry["keyfile"])} 2>/dev/null || echo -)"',
+            f'echo "keymtime $(stat -c %Y {quote(entry["keyfile"])} 2>/dev/null || echo -)"'
+            if entry.get("keyfile")
+            else 'echo "keymtime -"',  # a hub: one key per client, none of its own
             f'p=$(pid_of {pf}); echo "pidfile ${{p:--}}"',
         ]
     return "\n".join(lines) + "\n"

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpnctl.deploy import load_manifest, parse_status_output, status_script
+from vpnctl.deploy import _peer_record, load_manifest, parse_status_output, status_script
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import format_age
 from vpnctl.ssh import SshError, SshHost
@@ -84,6 +84,7 @@ class FleetStatus:
     links: list[LinkStatus]
     unreachable: dict[str, str]  # host -> why
     elapsed: float = 0.0
+    hubs: dict[str, EndStatus] = field(default_factory=dict)  # hub -> the hub daemon itself
 
     @property
     def all_up(self) -> bool:
@@ -97,17 +98,56 @@ class FleetStatus:
             "all_up": self.all_up,
             "unreachable": self.unreachable,
             "links": [asdict(link) for link in self.links],
+            **(
+                {"hubs": {name: asdict(end) for name, end in self.hubs.items()}}
+                if self.hubs
+                else {}
+            ),  # fmt: skip
         }
 
 
+def _units(host: str, manifest: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(status unit, link on this host, client name) for every link of a host's manifest: a
+    link is its own unit; a hub is one unit ``hub/client`` per client (read from the hub
+    record's ``peers[]``) plus the hub itself; a hub's client is the unit of its pair."""
+    out: list[tuple[str, str, str | None]] = []
+    for link, entry in sorted(manifest["links"].items()):
+        if entry.get("role") == "hub":
+            out.append((link, link, None))
+            out += [(f"{link}/{client}", link, client) for client in sorted(entry["clients"])]
+        elif entry.get("hub"):
+            out.append((f"{entry['hub']}/{host}", link, None))
+        else:
+            out.append((link, link, None))
+    return out
+
+
+def _other_hosts(host: str, manifest: Mapping[str, Any]) -> set[str]:
+    """The hosts at the far end of this host's links (a hub's: all its clients)."""
+    out = set()
+    for entry in manifest["links"].values():
+        if entry.get("role") == "hub":
+            out |= {str(c["host"]) for c in entry["clients"].values()}
+        elif entry.get("peer"):
+            out.add(str(entry["peer"]))
+    out.discard(host)
+    return out
+
+
 def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list[EndStatus]:
-    """Turn one host's :func:`vpnctl.deploy.status_script` output into an EndStatus per link."""
+    """Turn one host's :func:`vpnctl.deploy.status_script` output into an EndStatus per link
+    (per hub: one for the hub daemon and one per client, from its record's ``peers[]``)."""
     found = parse_status_output(text)
     ends = []
-    for link, entry in sorted(manifest["links"].items()):
-        end = EndStatus(host=host, link=link, role=entry.get("role", "?"), state="not deployed")
+    for unit, link, client in _units(host, manifest):
+        entry = manifest["links"][link]
+        end = EndStatus(host=host, link=unit, role=entry.get("role", "?"), state="not deployed")
         read = found.get(link)
         record = read.record if read is not None else None
+        if client is not None:
+            record = _peer_record(record, client)
+            if record is not None and record.get("session_age") is not None and read is not None:
+                record["since"] = read.now - float(record["session_age"])
         if record is not None:
             end.state = str(record.get("state", "unknown"))
             end.reason = record.get("reason")
@@ -128,7 +168,7 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
 
 def _judge(link: str, ends: list[EndStatus]) -> LinkStatus:
     """Is the link up, and if not, why (the most telling reason of either end)."""
-    ends = sorted(ends, key=lambda e: (e.role != "server", e.host))
+    ends = sorted(ends, key=lambda e: (e.role not in ("server", "hub"), e.host))
     if all(e.state == "up" for e in ends) and len(ends) == 2:
         fps = {e.key_fingerprint for e in ends}
         if len(fps) == 1:
@@ -163,11 +203,14 @@ def collect(
     if unknown:
         raise UserError(f"{inventory.file}: no host named {', '.join(unknown)}")
     manifests = {name: load_manifest(build, name) for name in known}
-    links = sorted({link for name in wanted for link in manifests[name]["links"]})
-    ask = sorted(
-        set(wanted)
-        | {manifests[n]["links"][ln]["peer"] for n in wanted for ln in manifests[n]["links"]}
-    )
+    links = sorted({unit for name in wanted for unit, _, _ in _units(name, manifests[name])})
+    ask = sorted(set(wanted) | {h for n in wanted for h in _other_hosts(n, manifests[n])})
+    hub_names = {ln for n in known for ln, e in manifests[n]["links"].items()
+                 if e.get("role") == "hub"}  # fmt: skip
+    for name in ask:  # a hub's client asked: its hub block is shown whole
+        links = sorted(set(links) | {u for u, _, _ in _units(name, manifests[name])})
+    links = [link for link in links if link not in hub_names]
+    hubs: dict[str, EndStatus] = {}
     ends: dict[str, list[EndStatus]] = {link: [] for link in links}
     unreachable: dict[str, str] = {}
 
@@ -190,21 +233,64 @@ def collect(
     for name, answer in answers:
         if isinstance(answer, str):
             unreachable[name] = answer
-            for link, entry in manifests[name]["links"].items():
-                if link in ends:
-                    ends[link].append(
-                        EndStatus(name, link, entry.get("role", "?"), "unreachable", answer)
-                    )
+            for unit, link, _ in _units(name, manifests[name]):
+                role = manifests[name]["links"][link].get("role", "?")
+                end = EndStatus(name, unit, role, "unreachable", answer)
+                if unit in hub_names:
+                    hubs[unit] = end
+                elif unit in ends:
+                    ends[unit].append(end)
             continue
         for end in answer:
-            if end.link in ends:
+            if end.link in hub_names:
+                hubs[end.link] = end
+            elif end.link in ends:
                 ends[end.link].append(end)
     result = [_judge(link, ends[link]) for link in links]
-    return FleetStatus(result, unreachable, time.monotonic() - started)
+    return FleetStatus(result, unreachable, time.monotonic() - started, hubs)
 
 
 def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else format_bytes(n, compact=True)
+
+
+def _hub_row(status: FleetStatus, hub: str) -> tuple[str, ...]:
+    """The first row of a hub's block: the hub daemon itself and how many clients are up."""
+    pairs = [ln for ln in status.links if ln.link.startswith(f"{hub}/")]
+    up = sum(1 for ln in pairs if ln.up)
+    end = status.hubs.get(hub)
+    state = "not deployed" if end is None else end.state
+    if end is not None and end.reason and end.state not in ("up", "listening"):
+        state = f"{end.state}: {end.reason}"
+    return (hub, f"{up}/{len(pairs)} UP", end.host if end else "-", "hub", state[:48],
+            "-", "-", "-", "-", "-", "-", "-")  # fmt: skip
+
+
+def _hub_client_row(link: LinkStatus, client: str) -> tuple[str, ...]:
+    """One hub client as one row: the client's host and state (with the hub's view when it
+    differs), and the session as the hub sees it (carrier endpoint, session age, RTT, bytes)."""
+    hub_end = next((e for e in link.ends if e.role == "hub"), None)
+    own = next((e for e in link.ends if e.role != "hub"), None)
+    state = own.state if own is not None else "not deployed"
+    if own is not None and own.reason and own.state != "up":
+        state = f"{own.state}: {own.reason}"
+    if hub_end is not None and hub_end.state != (own.state if own else None):
+        state += f" (hub: {hub_end.state})"
+    view = hub_end or own
+    return (
+        f"  {client}",
+        "UP" if link.up else "DOWN",
+        own.host if own is not None else client,
+        "client",
+        state[:48],
+        (view.peer if view else None) or "-",
+        format_age(view.uptime) if view and view.uptime is not None else "-",
+        f"{view.last_rtt * 1000:.1f}ms" if view and view.last_rtt is not None else "-",
+        _fmt_bytes(view.bytes_in if view else None),
+        _fmt_bytes(view.bytes_out if view else None),
+        (own.key_fingerprint if own else None) or "-",
+        format_age(own.key_age) if own and own.key_age is not None else "-",
+    )
 
 
 def format_table(status: FleetStatus) -> str:
@@ -212,7 +298,15 @@ def format_table(status: FleetStatus) -> str:
     header = ("LINK", "VERDICT", "HOST", "ROLE", "STATE", "PEER", "UPTIME", "RTT", "IN", "OUT",
               "KEY", "KEY AGE")  # fmt: skip
     rows: list[tuple[str, ...]] = []
+    shown_hubs: set[str] = set()
     for link in status.links:
+        hub, _, client = link.link.partition("/")
+        if client:  # a hub: one block, the hub's own row first, then one row per client
+            if hub not in shown_hubs:
+                shown_hubs.add(hub)
+                rows.append(_hub_row(status, hub))
+            rows.append(_hub_client_row(link, client))
+            continue
         for i, end in enumerate(link.ends):
             state = (
                 end.state if not end.reason or end.state == "up" else f"{end.state}: {end.reason}"

@@ -717,7 +717,9 @@ def plan_host(
     deployed_links = set((remote.deployed or {}).get("links", {}))
     removed = sorted(deployed_links - set(manifest["links"]))
     paths = {link: [item.path for item in items] for link, items in by_link.items()}
-    reload, prune, touched = _plan_hubs(manifest, by_link, remote, changed, start, files)
+    reload, prune, touched = _plan_hubs(
+        manifest, by_link, remote, changed, start=start, files=files
+    )
     for hub, gone in prune.items():
         paths[hub] = paths.get(hub, []) + gone
     unchanged = sorted(
@@ -732,6 +734,7 @@ def _plan_hubs(
     by_link: Mapping[str, list[DesiredFile]],
     remote: RemoteState,
     changed: dict[str, list[str]],
+    *,
     start: list[str],
     files: list[DesiredFile],
 ) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]]]:

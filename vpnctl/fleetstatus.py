@@ -102,7 +102,7 @@ class FleetStatus:
                 {"hubs": {name: asdict(end) for name, end in self.hubs.items()}}
                 if self.hubs
                 else {}
-            ),  # fmt: skip
+            ),
         }
 
 

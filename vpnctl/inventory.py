@@ -1318,11 +1318,11 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
         hosts_by_name,
         underlay,
         peers,
-        link_names,
-        tunnel_used,
-        ports,
-        interfaces,
-        host_routes,
+        link_names=link_names,
+        tunnel_used=tunnel_used,
+        ports=ports,
+        interfaces=interfaces,
+        host_routes=host_routes,
     )
     return problems
 
@@ -1332,6 +1332,7 @@ def _check_hubs(
     hosts_by_name: Mapping[str, Host],
     underlay: Mapping[IPv4Address, str],
     peers: Mapping[str, set[str]],
+    *,
     link_names: Mapping[str, int],
     tunnel_used: dict[IPv4Address, str],
     ports: dict[tuple[str, int], int],

@@ -290,7 +290,7 @@ def render(inv: Inventory, fingerprints: Mapping[str, str]) -> dict[str, bytes]:
                 "files": {rel: _sha256(data) for rel, data in sorted(files.items())},
             }
     for hub in inv.hubs:
-        _render_hub(inv, hub, fingerprints, env, out, manifests)
+        _render_hub(inv, hub, fingerprints, env, out=out, manifests=manifests)
     for name, manifest in manifests.items():
         out[f"{name}/{MANIFEST}"] = _json_bytes(manifest)
     return dict(sorted(out.items()))
@@ -301,6 +301,7 @@ def _render_hub(
     hub: Hub,
     fingerprints: Mapping[str, str],
     env: jinja2.Environment,
+    *,
     out: dict[str, bytes],
     manifests: dict[str, dict[str, Any]],
 ) -> None:
@@ -691,7 +692,9 @@ def check_build(
                 f"{transport}  key {s_entry['key_fingerprint']}"
             )
     for hub in inv.hubs:
-        _check_hub(inv, hub, fingerprints, build, manifests, verified, problems)
+        _check_hub(
+            inv, hub, fingerprints, build, manifests=manifests, verified=verified, problems=problems
+        )
     if expected is not None:
         for rel in changed_paths(expected, build):
             problems.append(f"{build / rel}: out of date with the inventory; run `vpnctl render`")
@@ -728,6 +731,7 @@ def _check_hub(
     hub: Hub,
     fingerprints: Mapping[str, str],
     build: Path,
+    *,
     manifests: Mapping[str, Mapping[str, Any] | None],
     verified: list[str],
     problems: list[str],

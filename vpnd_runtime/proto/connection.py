@@ -80,7 +80,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -90,12 +91,14 @@ from .framing import HANDSHAKE_MAX_MESSAGE, Framer, LengthFramer
 from .handshake import (
     FLAG_COMPRESS,
     MSG1_BODY_LEN,
+    MSG1_BODY_LEN_V0,
     MSG2_BODY_LEN,
     InitPayload,
     NoiseHandshake,
     ReplayGuard,
     SessionKeys,
     dh,
+    encode_address,
     generate_keypair,
 )
 from .kdf import key_id as derive_key_id
@@ -132,6 +135,18 @@ from .session import (
 )
 
 Role = Literal["initiator", "responder"]
+
+
+class KeyRing(Protocol):
+    """A hub's keys, for a responder that serves many clients (see `Connection`'s keyring)."""
+
+    def keys_for(self, key_id: bytes) -> Sequence[bytes]:
+        """The distinct psks whose key id is `key_id` (usually one, empty when unknown)."""
+        ...
+
+    def admit(self, psk: bytes, address: IPv4Address | IPv6Address | None) -> Any:
+        """The client that holds `psk` and announced `address`, or None to refuse."""
+        ...
 
 
 class State(enum.Enum):
@@ -213,6 +228,7 @@ class Stats:
 
 
 _MSG1_LEN = 1 + 4 + MSG1_BODY_LEN
+_MSG1_LEN_V0 = 1 + 4 + MSG1_BODY_LEN_V0
 _MSG2_LEN = 1 + MSG2_BODY_LEN
 _MIN_DATA = HEADER_LEN + TAG_LEN
 _CONFIRM = bytes([INNER_CONFIRM])
@@ -233,7 +249,7 @@ class Connection:
     def __init__(
         self,
         role: Role,
-        psk: bytes,
+        psk: bytes | None,
         params: Params,
         rng: Callable[[int], bytes],
         now: float,
@@ -241,19 +257,31 @@ class Connection:
         framer: Framer | None = None,
         replay_guard: ReplayGuard | None = None,
         wall: float | None = None,
+        announce: IPv4Address | IPv6Address | None = None,
+        keyring: KeyRing | None = None,
     ) -> None:
         if role not in ("initiator", "responder"):
             raise ValueError(f"role must be 'initiator' or 'responder', got {role!r}")
-        if len(psk) != 32:
+        if keyring is not None and role != "responder":
+            raise ValueError("only a responder picks its key from a keyring")
+        if psk is None and keyring is None:
+            raise ValueError("a psk is required (or, for a responder, a keyring)")
+        if psk is not None and len(psk) != 32:
             raise ValueError(f"psk must be 32 bytes, got {len(psk)}")
         self.role: Role = role
         self.params = params
         self.state = State.HANDSHAKE
         self.stats = Stats()
         self._initiator = role == "initiator"
-        self._psk = bytes(psk)
-        self._key_id = derive_key_id(self._psk)
+        self._keyring = keyring
+        self._psk = bytes(psk) if psk is not None else b""
+        self._key_id = derive_key_id(self._psk) if psk is not None else b""
         self._peer_key_id: bytes | None = None
+        self._announce = encode_address(announce)
+        #: Responder: the initiator's announced tunnel address (None: not announced).
+        self.peer_address: IPv4Address | IPv6Address | None = None
+        #: Responder with a keyring: what `keyring.admit` returned for this peer.
+        self.peer: Any = None
         self._rng = rng
         self._framer: Framer = framer if framer is not None else LengthFramer()
         self._length_framed = type(self._framer) is LengthFramer
@@ -337,7 +365,8 @@ class Connection:
             )
         self._started = True
         hs = NoiseHandshake(True, self._psk)
-        payload = InitPayload(int(wall * 1e9), self._cipher_id, self._flags).encode()
+        stamp = int(wall * 1e9)
+        payload = InitPayload(stamp, self._cipher_id, self._flags, self._announce).encode()
         body = hs.write_message1(self._rng, payload)
         self._hs = hs
         self._emit(bytes([MSG_INIT]) + self._key_id + body)
@@ -591,18 +620,33 @@ class Connection:
     def _handle_init(self, msg: bytes, now: float) -> None:
         if self._initiator or self._hs is not None:
             raise FrameRejected("unexpected handshake message 1", "unexpected")
-        if len(msg) != _MSG1_LEN:
+        if len(msg) not in (_MSG1_LEN, _MSG1_LEN_V0):
             raise FrameRejected(f"handshake message 1 of {len(msg)} bytes", "malformed")
         kid = bytes(msg[1:5])
-        if kid != self._key_id:
+        if self._keyring is not None:
+            # A hub: the key id selects the candidate keys in O(1) (ids of distinct keys
+            # collide only by chance, so there is almost always exactly one).
+            candidates = self._keyring.keys_for(kid)
+            if not candidates:
+                raise FrameRejected(f"no client uses this key (key id {kid.hex()})", "other_key")
+        elif kid != self._key_id:
             raise FrameRejected(
                 f"peer uses another key (key id {kid.hex()}, ours {self.key_id})", "other_key"
             )
-        hs = NoiseHandshake(False, self._psk)
-        try:
-            raw = hs.read_message1(msg[5:])
-        except RemoteProtocolError as exc:
-            raise FrameRejected(exc.reason, "bad_handshake") from None
+        else:
+            candidates = (self._psk,)
+        failure: RemoteProtocolError | None = None
+        for psk in candidates:
+            hs = NoiseHandshake(False, psk)
+            try:
+                raw = hs.read_message1(msg[5:])
+            except RemoteProtocolError as exc:
+                failure = exc
+                continue
+            break
+        else:
+            reason = failure.reason if failure is not None else "no key"
+            raise FrameRejected(reason, "bad_handshake")
         payload = InitPayload.decode(raw)
         if payload.cipher_id != self._cipher_id:
             theirs = CIPHER_NAMES.get(payload.cipher_id, f"unknown cipher {payload.cipher_id}")
@@ -617,17 +661,37 @@ class Connection:
                 f"{'on' if payload.flags & FLAG_COMPRESS else 'off'}, "
                 f"we have it {'on' if self.params.compress else 'off'}"
             )
+        address = payload.announced
+        if self._keyring is not None:
+            peer = self._keyring.admit(psk, address)
+            if peer is None:
+                said = f"tunnel address {address}" if address is not None else "no address"
+                raise RemoteProtocolError(f"no client with this key announces {said}")
+            self.peer = peer
+        # Clients sharing one key are told apart by their address: so are their timestamps.
+        guard_id = kid + payload.address
         try:
-            self._guard.check(kid, payload.timestamp_ns, self._wall_at(now))
+            self._guard.check(guard_id, payload.timestamp_ns, self._wall_at(now))
         except RemoteProtocolError as exc:
             raise FrameRejected(exc.reason, "replay") from None
         body2 = hs.write_message2(self._rng)
-        self._guard.record(kid, payload.timestamp_ns)
+        self._guard.record(guard_id, payload.timestamp_ns)
+        self._psk = psk
+        self._key_id = kid
+        self.peer_address = address
         self._hs = hs
         self._peer_key_id = kid
         self._install_keys(hs.keys(), now)
         self._awaiting_confirm = True
         self._emit(bytes([MSG_RESP]) + body2)
+
+    @property
+    def authenticated(self) -> bool:
+        """True once the peer proved the key (responder: message 1 opened; initiator: started).
+
+        A server never evicts such a connection to make room for unauthenticated ones.
+        """
+        return self._hs is not None or self._send is not None
 
     def _handle_resp(self, msg: bytes, now: float, events: list[Event]) -> None:
         hs = self._hs

@@ -16,8 +16,11 @@ proves to the initiator that the responder holds the psk too.
 
 The Noise bodies are wrapped by `connection.py` as::
 
-    message 1: 0x01 | key_id[4] | e[32] | AEAD(payload[10])        (63 bytes)
+    message 1: 0x01 | key_id[4] | e[32] | AEAD(payload[26])        (79 bytes)
                payload = timestamp u64 ns (wall clock) | cipher id u8 | flags u8 (bit 0: compress)
+                         | address[16] (the initiator's tunnel address, IPv4 as ::ffff:a.b.c.d;
+                           all zeros: not announced)
+               (the first version's 10-byte payload, without the address, is still accepted)
     message 2: 0x02 | e[32] | AEAD(empty)                          (49 bytes)
 
 `key_id` (keyed BLAKE2s of the psk, see `kdf.key_id`) lets the responder reject "another key"
@@ -33,6 +36,7 @@ turned into a RemoteProtocolError.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,9 +55,13 @@ TAGLEN = 16
 PSKLEN = 32
 
 _NONCE = struct.Struct("<4xQ")
-_PAYLOAD1 = struct.Struct(">QBB")
+_PAYLOAD1_V0 = struct.Struct(">QBB")
+_PAYLOAD1 = struct.Struct(">QBB16s")
 PAYLOAD1_LEN = _PAYLOAD1.size
 MSG1_BODY_LEN = DHLEN + PAYLOAD1_LEN + TAGLEN
+#: Message 1 of the first protocol version (no announced address), still accepted.
+MSG1_BODY_LEN_V0 = DHLEN + _PAYLOAD1_V0.size + TAGLEN
+_NO_ADDRESS = bytes(16)
 MSG2_BODY_LEN = DHLEN + TAGLEN
 
 FLAG_COMPRESS = 0x01
@@ -150,15 +158,36 @@ class InitPayload:
     timestamp_ns: int
     cipher_id: int
     flags: int
+    #: The initiator's tunnel address (16 bytes, IPv4-mapped for IPv4), all zeros when unknown.
+    address: bytes = _NO_ADDRESS
 
     def encode(self) -> bytes:
-        return _PAYLOAD1.pack(self.timestamp_ns, self.cipher_id, self.flags)
+        return _PAYLOAD1.pack(self.timestamp_ns, self.cipher_id, self.flags, self.address)
 
     @classmethod
     def decode(cls, data: bytes) -> InitPayload:
+        if len(data) == _PAYLOAD1_V0.size:
+            return cls(*_PAYLOAD1_V0.unpack(data))
         if len(data) != PAYLOAD1_LEN:
             raise RemoteProtocolError(f"handshake payload of {len(data)} bytes")
         return cls(*_PAYLOAD1.unpack(data))
+
+    @property
+    def announced(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The announced tunnel address (IPv4 unmapped), or None when none was sent."""
+        if self.address == _NO_ADDRESS:
+            return None
+        addr = ipaddress.IPv6Address(self.address)
+        return addr.ipv4_mapped or addr
+
+
+def encode_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bytes:
+    """16 bytes for message 1: IPv6 as is, IPv4 mapped (::ffff:a.b.c.d), None as zeros."""
+    if address is None:
+        return _NO_ADDRESS
+    if address.version == 4:
+        return ipaddress.IPv6Address(f"::ffff:{address}").packed
+    return address.packed
 
 
 class NoiseHandshake:
@@ -198,7 +227,7 @@ class NoiseHandshake:
     def read_message1(self, body: bytes) -> bytes:
         """Responder: check the psk-keyed tag (no DH) and return the payload."""
         self._expect(0, False, "read_message1")
-        if len(body) != MSG1_BODY_LEN:
+        if len(body) not in (MSG1_BODY_LEN, MSG1_BODY_LEN_V0):
             raise RemoteProtocolError(f"handshake message 1 has a body of {len(body)} bytes")
         ss = self._ss
         ss.mix_key_and_hash(self._psk)

@@ -54,8 +54,7 @@ from vpnctl.inventory import (
     UserError,
     hub_key_name,
 )
-from vpnd_runtime import config as _runtime_config
-from vpnd_runtime.config import Config, ConfigError, parse_config
+from vpnd_runtime.config import Config, ConfigError, PeerSpec, parse_config, parse_peer
 
 __all__ = [
     "MANIFEST",
@@ -419,28 +418,22 @@ def _self_check(conf: bytes, where: str) -> Config:
         raise RenderError(f"the runtime parser refuses a rendered config:\n{exc}") from None
 
 
-def _runtime_knows_hubs() -> bool:
-    """True once the runtime's parser reads hub configs (the ``peers`` directive)."""
-    return hasattr(_runtime_config, "parse_peer")
-
-
 def _self_check_hub(conf: bytes, where: str) -> None:
-    """Feed a rendered hub config through the runtime's parser (peers resolved against the
-    host's directory, which need not exist here)."""
-    # TODO(hub): the runtime parser for `peers` is being written on main; until it is merged
-    # the hub config itself is not parsed here (client configs always are).
-    if not _runtime_knows_hubs():
-        return
-    _self_check(conf, where)
+    """Feed a rendered hub config through the runtime's parser; it must come out a hub."""
+    config = _self_check(conf, where)
+    if not config.is_hub:
+        raise RenderError(f"{where}: the runtime does not read this config as a hub")
+
+
+def _parse_peer(text: str, where: str) -> PeerSpec:
+    """A peer file through the runtime's own peer-file parser (its name from the file name)."""
+    return parse_peer(text, where, Path(where).stem, default_keyfile="(the hub's keyfile)")
 
 
 def _self_check_peer(data: bytes, where: str) -> None:
     """Feed a rendered peer file through the runtime's peer-file parser."""
-    # TODO(hub): as above, until main's parser for peer files is merged.
-    if not _runtime_knows_hubs():
-        return
     try:
-        _runtime_config.parse_peer(data.decode(), where)
+        _parse_peer(data.decode(), where)
     except ConfigError as exc:
         raise RenderError(f"the runtime parser refuses a rendered peer file:\n{exc}") from None
 
@@ -752,12 +745,11 @@ def _check_hub(
     text = _read(conf_path, problems)
     if text is None:
         return
-    if _runtime_knows_hubs():
-        try:
-            parse_config(text, str(conf_path))
-        except ConfigError as exc:
-            problems.append(str(exc))
-            return
+    try:
+        parse_config(text, str(conf_path))
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return
     hub_conf = _directives(text)
     server_address = str(inv.host(hub.server).address)
     hub_local = (hub_conf.get("local") or ["?"])[0]
@@ -785,12 +777,11 @@ def _check_hub(
         config = _parse_side(build, client.host, hub.name, problems)
         if peer_text is None or config is None:
             continue
-        if _runtime_knows_hubs():
-            try:
-                _runtime_config.parse_peer(peer_text, str(peer_path))
-            except ConfigError as exc:
-                problems.append(str(exc))
-                continue
+        try:
+            _parse_peer(peer_text, str(peer_path))
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
         peer = _directives(peer_text)
         peer_remote = (peer.get("remote") or ["?"])[0]
         if config.mode != "client":

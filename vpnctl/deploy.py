@@ -1821,6 +1821,9 @@ def _peer_record(record: dict[str, Any] | None, client: str) -> dict[str, Any] |
                 "since": started if state == "up" and started is not None else peer.get("since"),
                 "peer": peer.get("peer"),
                 "session_age": peer.get("session_age"),
+                "last_rtt": peer.get("last_rtt"),
+                "bytes_in": peer.get("bytes_in"),
+                "bytes_out": peer.get("bytes_out"),
                 "pid": record.get("pid"),
             }
     return {"state": "down", "reason": f"the hub lists no client {client!r} in peers[]"}

@@ -418,6 +418,10 @@ def _build(
         _run(["ip", "-n", wan_ns, "link", "set", f"h{idx}", "master", "br0", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{host.wan_ip}/{WAN_NET.prefixlen}", "dev", "wan0"])
         _run(["ip", "-n", ns, "link", "set", "wan0", "up"])
+        if hub and host.role == "server":
+            # the hub host routes client-to-client traffic through its TUN (as a real hub
+            # host would be set up: forwarding is the host's business, not vpnd's)
+            _run(_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"))
 
         hostdir = directory / "hosts" / host.name
         Path(host.prefix).mkdir(parents=True, exist_ok=True)

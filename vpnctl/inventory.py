@@ -1420,11 +1420,13 @@ def _check_hubs(
             hub_ports[key] = path
 
         # The hub's client network (when given): no underlay, no other tunnel address inside.
+        network_ok = hub.network is not None
         if hub.network is not None:
             inside = next((a for a in sorted(underlay) if a in hub.network), None)
             clash_net = next((o for n, o in networks if n.overlaps(hub.network)), None)
             used = next((a for a in sorted(tunnel_used) if a in hub.network), None)
             if inside is not None:
+                network_ok = False
                 add(
                     inv.problem(
                         f"{path}.network",
@@ -1434,7 +1436,9 @@ def _check_hubs(
                 )
             elif clash_net is not None:
                 add(inv.problem(f"{path}.network", f"{hub.network} overlaps {clash_net}"))
+                network_ok = False
             elif used is not None:
+                network_ok = False
                 add(
                     inv.problem(
                         f"{path}.network",
@@ -1447,6 +1451,7 @@ def _check_hubs(
                 tunnel_used[hub.tunnel] = path
 
         seen: dict[str, int] = {}
+        bad_routes: set[str] = set()
         hub_ends = [hub.server]
         for client in hub.clients:
             where = f"{path}.clients[{client.index}]"
@@ -1514,10 +1519,15 @@ def _check_hubs(
             # Networks behind a client are routed on the hub's host.
             for j, net in enumerate(client.routes):
                 route_on(hub.server, net, f"{where}.routes[{j}]")
-            # Networks behind the hub, and the hub's network, are routed on each client's host.
+            # Networks behind the hub, and the hub's network, are routed on each client's host
+            # (one problem per route, not one per client).
             for j, net in enumerate(hub.routes):
-                route_on(client.host, net, f"{path}.routes[{j}]")
-            if hub.network is not None and hub.clienttoclient:
+                if f"{path}.routes[{j}]" not in bad_routes:
+                    before = len(problems)
+                    route_on(client.host, net, f"{path}.routes[{j}]")
+                    if len(problems) > before:
+                        bad_routes.add(f"{path}.routes[{j}]")
+            if network_ok and hub.network is not None and hub.clienttoclient:
                 route_on(client.host, hub.network, f"{path}.network")
         for host in hub_ends:
             ikey = (host, hub.interface)

@@ -775,7 +775,16 @@ def _plan_hubs(
         )
         if link in changed:
             if peers_only and remote.running.get(link, False):
-                reload[link] = changed.pop(link) + reasons
+                changed.pop(link)
+                added = {
+                    by_path[item.path]
+                    for item in own
+                    if item.kind == "peer" and remote.files.get(item.path) is None
+                }
+                reload[link] = [
+                    f"client {name} {'added' if name in added else 'changed'}"
+                    for name in touched[link]
+                ] + reasons
             else:
                 changed[link] += reasons
                 touched[link] = sorted(clients)

@@ -114,7 +114,7 @@ def test_adding_a_client_only_reloads_the_hub_and_other_sessions_keep_growing(
     assert "build/server/etc/vpnd/hub.conf" not in render  # the hub's config is unchanged
     assert "created build/server/etc/vpnd/hub.peers/client4.peer" in render
     proc = vpnctl(lab, "deploy", "--all", "--wait", "30")
-    assert "server       hub: new peer, new peerkey, reload (no restart)" in proc.stdout
+    assert "server       hub: client client4 added, reload (no restart)" in proc.stdout
     assert "reloaded: hub" in proc.stdout
     assert "confirmed up at both ends: hub/client4" in proc.stdout
     assert _hub_pid(lab) == pid, "the hub was restarted"

@@ -1,0 +1,170 @@
+"""Deploy planning for hubs (pure): a change only in the peers directory reloads the hub, a
+removed client's peer file and key are pruned, anything else restarts it."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vpnctl.cli import app
+from vpnctl.deploy import (
+    HostPlan,
+    RemoteState,
+    _confirm_units,
+    _peer_record,
+    apply_script,
+    desired_files,
+    load_manifest,
+    plan_host,
+    rollback_script,
+)
+from vpnctl.keystore import Keystore
+
+INVENTORY = """\
+hosts:
+  - {name: alpha, address: 198.18.1.1, systemd: false}
+  - {name: beta, address: 198.18.1.2, systemd: false}
+  - {name: gamma, address: 198.18.1.3, systemd: false}
+  - {name: delta, address: 198.18.1.4, systemd: false}
+hubs:
+  - name: branches
+    server: alpha
+    network: 198.19.50.0/24
+    clients: [CLIENTS]
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for var in ("VPNCTL_INVENTORY", "VPNCTL_KEYSTORE", "VPNCTL_BUILD"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def render(project: Path, clients: str, **replace: str) -> dict:
+    text = INVENTORY.replace("CLIENTS", clients)
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    (project / "inventory.yaml").write_text(textwrap.dedent(text))
+    for command in ("keygen", "render"):
+        result = CliRunner().invoke(app, [command])
+        assert result.exit_code == 0, result.output
+    return load_manifest(project / "build", "alpha")
+
+
+def deployed_state(project: Path, manifest: dict, *, running: bool = True) -> RemoteState:
+    """A host on which `manifest` is deployed exactly and its daemons run."""
+    files = desired_files(project / "build", manifest, Keystore(project / "keystore"),
+                          use_systemd=False)  # fmt: skip
+    return RemoteState(
+        stamp="s",
+        systemd_running=False,
+        python="/usr/bin/python3",
+        files={f.path: (f.sha256, f.mode) for f in files},
+        running=dict.fromkeys(manifest["links"], running),
+        deployed=manifest,
+        uid=0,
+    )
+
+
+def plan(project: Path, manifest: dict, remote: RemoteState) -> HostPlan:
+    files = desired_files(project / "build", manifest, Keystore(project / "keystore"),
+                          use_systemd=False)  # fmt: skip
+    return plan_host("alpha", manifest, files, remote, runtime_stamp="s", use_systemd=False)
+
+
+def test_the_same_hub_again_is_a_noop(project: Path) -> None:
+    manifest = render(project, "beta, gamma")
+    result = plan(project, manifest, deployed_state(project, manifest))
+    assert result.noop
+    assert result.unchanged == ["branches"]
+
+
+def test_an_added_client_reloads_the_hub_and_writes_only_its_peer_file_and_key(
+    project: Path,
+) -> None:
+    before = render(project, "beta, gamma")
+    remote = deployed_state(project, before)
+    after = render(project, "beta, gamma, delta")
+    result = plan(project, after, remote)
+    assert result.changed == {}
+    assert result.restarts == []
+    assert result.reload == {"branches": ["client delta added"]}
+    assert sorted((f.kind, f.path) for f in result.files) == [
+        ("peer", "/etc/vpnd/branches.peers/delta.peer"),
+        ("peerkey", "/etc/vpnd/branches.peers/delta.key"),
+    ]
+    assert result.touched_clients["branches"] == ["delta"]
+    script = apply_script(result, after, before)
+    assert "kill -HUP" in script
+    assert "kill -TERM" not in script and "--daemon" not in script
+    units = _confirm_units("alpha", after, "branches", result)
+    assert [(unit, ends) for unit, ends, _ in units] == [("branches/delta", ["alpha", "delta"])]
+
+
+def test_a_removed_client_is_pruned_and_the_hub_reloaded(project: Path) -> None:
+    before = render(project, "beta, gamma")
+    remote = deployed_state(project, before)
+    after = render(project, "beta")
+    result = plan(project, after, remote)
+    assert result.changed == {}
+    assert result.reload == {"branches": ["client gamma removed"]}
+    assert result.prune == {
+        "branches": ["/etc/vpnd/branches.peers/gamma.peer", "/etc/vpnd/branches.peers/gamma.key"]
+    }
+    script = apply_script(result, after, before)
+    assert "rm -f /etc/vpnd/branches.peers/gamma.peer\n" in script
+    assert "rm -f /etc/vpnd/branches.peers/gamma.key\n" in script
+    # the pruned files are backed up first, and a rollback restores them and reloads again
+    assert script.index("/var/lib/vpnctl/prev/files/etc/vpnd/branches.peers/gamma.key") < (
+        script.index("rm -f /etc/vpnd/branches.peers/gamma.key")
+    )
+    back = rollback_script(result, after, ["branches"], runtime_back=False)
+    assert "branches.peers/gamma.key" in back
+    assert "kill -HUP" in back and "--daemon" not in back
+
+
+def test_a_change_to_the_hub_config_restarts_it(project: Path) -> None:
+    before = render(project, "beta, gamma")
+    remote = deployed_state(project, before)
+    after = render(project, "beta, gamma, delta", **{"    network:": "    port: 390\n    network:"})
+    result = plan(project, after, remote)
+    assert result.reload == {}
+    assert result.changed["branches"][0] == "config changed"
+    assert result.restarts == ["branches"]
+    units = [u for u, _, _ in _confirm_units("alpha", after, "branches", result)]
+    assert units == ["branches/beta", "branches/delta", "branches/gamma"]
+
+
+def test_a_hub_that_is_not_running_is_started_not_reloaded(project: Path) -> None:
+    before = render(project, "beta, gamma")
+    remote = deployed_state(project, before, running=False)
+    after = render(project, "beta, gamma, delta")
+    result = plan(project, after, remote)
+    assert result.reload == {}
+    assert result.restarts == ["branches"]
+
+
+def test_a_hub_client_is_judged_from_the_hubs_peers_entry() -> None:
+    record = {
+        "state": "up",
+        "pid": 7,
+        "peers": [
+            {"name": "beta", "state": "up", "session_started": 100.0, "since": 90.0,
+             "key_fingerprint": "ab", "reason": None, "peer": "198.18.1.2:4000",
+             "session_age": 5.0, "last_rtt": 0.001, "bytes_in": 1, "bytes_out": 2},
+        ],
+    }  # fmt: skip
+    beta = _peer_record(record, "beta")
+    assert beta is not None
+    assert (beta["state"], beta["since"], beta["key_fingerprint"]) == ("up", 100.0, "ab")
+    assert _peer_record(record, "gamma") == {
+        "state": "down",
+        "reason": "the hub lists no client 'gamma' in peers[]",
+    }
+    gone = {"state": "not running", "reason": "daemon gone"}
+    assert _peer_record(gone, "beta") is gone

@@ -24,6 +24,14 @@ Loading runs in stages, each collecting every problem it finds before giving up:
    so adding a link never moves another link's addresses, and the same inventory with the
    same record always yields the same addresses.
 
+**Hubs** (``hubs:``): one server host for many client hosts (HUB-SPEC: one daemon, one port,
+one peers directory). Each hub is checked like a link (host names, port, interface, routes on
+every host that installs them) plus: a client listed twice, a client that is the hub's own
+server, two clients with one address, overlapping routes behind two clients. Allocation
+(:func:`allocate_hubs`, after the links) gives a hub without ``network:`` a /24 of the pool (home
+block SHA-256(hub name), probing past used blocks; links' /30s avoid recorded hub networks) and
+each client the next free address; both are recorded under ``"hubs"`` in ``allocations.json``.
+
 Every accepted scalar records its line under its dotted path in ``Inventory.lines``; later
 stages (allocation, rendering) use :meth:`Inventory.problem` to point at the right line.
 """

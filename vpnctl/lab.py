@@ -421,7 +421,7 @@ def _build(
         if hub and host.role == "server":
             # the hub host routes client-to-client traffic through its TUN (as a real hub
             # host would be set up: forwarding is the host's business, not vpnd's)
-            _run(_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"))
+            _run(_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
 
         hostdir = directory / "hosts" / host.name
         Path(host.prefix).mkdir(parents=True, exist_ok=True)

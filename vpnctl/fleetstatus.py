@@ -207,8 +207,6 @@ def collect(
     ask = sorted(set(wanted) | {h for n in wanted for h in _other_hosts(n, manifests[n])})
     hub_names = {ln for n in known for ln, e in manifests[n]["links"].items()
                  if e.get("role") == "hub"}  # fmt: skip
-    for name in ask:  # a hub's client asked: its hub block is shown whole
-        links = sorted(set(links) | {u for u, _, _ in _units(name, manifests[name])})
     links = [link for link in links if link not in hub_names]
     hubs: dict[str, EndStatus] = {}
     ends: dict[str, list[EndStatus]] = {link: [] for link in links}

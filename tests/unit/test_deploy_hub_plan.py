@@ -3,6 +3,7 @@ removed client's peer file and key are pruned, anything else restarts it."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -168,3 +169,62 @@ def test_a_hub_client_is_judged_from_the_hubs_peers_entry() -> None:
     }
     gone = {"state": "not running", "reason": "daemon gone"}
     assert _peer_record(gone, "beta") is gone
+
+
+def test_status_shows_a_hub_as_one_block_with_a_row_per_client(project: Path) -> None:
+    from vpnctl.fleetstatus import FleetStatus, _judge, format_table, parse_host_output
+
+    hub_manifest = render(project, "beta, gamma")
+    beta_manifest = load_manifest(project / "build", "beta")
+    gamma_manifest = load_manifest(project / "build", "gamma")
+    fps = {c: hub_manifest["links"]["branches"]["clients"][c]["key_fingerprint"]
+           for c in ("beta", "gamma")}  # fmt: skip
+    now = 1000.0
+
+    def output(link: str, record: dict) -> str:
+        record = {"pid": 7, "updated": now, **record}
+        return (f"{now}\n@@vpnctl {link}\nconfig yes\nalive yes\n"
+                f"{json.dumps(record)}\nkeymtime {now - 60}\npidfile 7\n")  # fmt: skip
+
+    hub = output("branches", {"state": "up", "hub": True, "peers": [
+        {"name": "beta", "state": "up", "session_started": now - 30, "session_age": 30.0,
+         "since": now - 30, "key_fingerprint": fps["beta"], "peer": "198.18.1.2:40000",
+         "last_rtt": 0.0012, "bytes_in": 2048, "bytes_out": 1024, "reason": None},
+        {"name": "gamma", "state": "down", "session_started": None, "session_age": None,
+         "since": now - 5, "key_fingerprint": fps["gamma"], "peer": None, "last_rtt": None,
+         "bytes_in": 0, "bytes_out": 0, "reason": "no answer from peer"},
+    ]})  # fmt: skip
+    ends = parse_host_output("alpha", hub_manifest, hub)
+    beta = {"state": "up", "since": now - 30, "key_fingerprint": fps["beta"]}
+    gamma = {"state": "connecting", "reason": "no answer from peer", "since": now - 5}
+    ends += parse_host_output("beta", beta_manifest, output("branches", beta))
+    ends += parse_host_output("gamma", gamma_manifest, output("branches", gamma))
+    hubs = {e.link: e for e in ends if e.link == "branches"}
+    by_unit: dict[str, list] = {}
+    for end in ends:
+        if end.link != "branches":
+            by_unit.setdefault(end.link, []).append(end)
+    status = FleetStatus([_judge(u, by_unit[u]) for u in sorted(by_unit)], {}, 0.5, hubs)
+    assert [(link.link, link.up) for link in status.links] == [
+        ("branches/beta", True),
+        ("branches/gamma", False),
+    ]
+    lines = format_table(status).splitlines()
+    assert [line.split()[:5] for line in lines[1:4]] == [
+        ["branches", "1/2", "UP", "alpha", "hub"],
+        ["beta", "UP", "beta", "client", "up"],
+        ["gamma", "DOWN", "gamma", "client", "connecting:"],
+    ]
+    assert "198.18.1.2:40000  30s     1.2ms  2.0K" in lines[2]
+    assert (
+        lines[3]
+        .split("client", 1)[1]
+        .strip()
+        .startswith("connecting: no answer from peer (hub: down)")
+    )
+    assert lines[-2:] == [
+        "DOWN branches/gamma: alpha: down, no answer from peer; gamma: connecting, no answer "
+        "from peer",
+        "1/2 link(s) up (0.5s)",
+    ]
+    assert status.to_json()["hubs"]["branches"]["state"] == "up"

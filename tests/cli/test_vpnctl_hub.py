@@ -382,6 +382,9 @@ def test_a_hub_client_key_can_be_rotated_by_its_pair_name(project: Path) -> None
 
 def test_the_example_hub_section_is_valid_when_uncommented(project: Path) -> None:
     text = (REPO / "inventory.example.yaml").read_text()
+    (project / "inventory.yaml").write_text(text)
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0
     head, hubs = text.split("# hubs:\n", 1)
     lines = ["hubs:"] + [line[2:] if line.startswith("# ") else line for line in hubs.splitlines()]
     (project / "inventory.yaml").write_text(head + "\n".join(lines) + "\n")
@@ -389,6 +392,9 @@ def test_the_example_hub_section_is_valid_when_uncommented(project: Path) -> Non
     render = run("render")
     assert render.exit_code == 0, render.output
     assert "and 1 hub(s) with 2 client(s) for 3 host(s)" in render.stdout
+    # adding a hub adds files and manifest entries; no link's file changes by a byte
+    changed = [line.split()[1] for line in render.stdout.splitlines()[:-1]]
+    assert [p for p in changed if "branches" not in p and not p.endswith("manifest.json")] == []
     check = run("render", "--check")
     assert check.exit_code == 0, check.output
     assert "all 2 link(s) mirror and all 2 hub client(s) pair with their hub" in check.stdout

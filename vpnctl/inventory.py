@@ -1721,6 +1721,11 @@ def allocate_hubs(inv: Inventory, hub_record: Mapping[str, Any]) -> tuple[Invent
             taken.append(network)
     for hub in sorted(inv.hubs, key=lambda h: h.name):
         if hub.network is not None:
+            inside = sorted(a for a in used if a in hub.network)
+            if inside:  # a link's tunnel, allocated before this network was given
+                problems.append(inv.problem(f"hubs[{hub.index}].network",
+                                            f"{hub.network} contains {inside[0]}, already a "
+                                            "link's tunnel address"))  # fmt: skip
             networks[hub.name] = hub.network
             continue
         recorded = hub_record.get(hub.name)
@@ -1773,12 +1778,20 @@ def allocate_hubs(inv: Inventory, hub_record: Mapping[str, Any]) -> tuple[Invent
         hub_used |= {c.tunnel for c in hub.clients if c.tunnel is not None}
         hub_used |= {a for n, a in recorded_clients.items() if a in network}
         free = (a for a in network.hosts() if a not in hub_used)
+        pinned = {c.tunnel for c in hub.clients if c.tunnel is not None}
+        holder = {a: n for n, a in recorded_clients.items()}
         clients = []
         for client in hub.clients:
             address = client.tunnel
+            if address is not None and holder.get(address, client.name) != client.name:
+                problems.append(inv.problem(
+                    f"hubs[{hub.index}].clients[{client.index}].tunnel",
+                    f"{address} is already allocated to client {holder[address]!r} of this hub "
+                    "in keystore/allocations.json"))  # fmt: skip
+                continue
             if address is None:
                 kept = recorded_clients.get(client.name)
-                if kept is not None and kept in network:
+                if kept is not None and kept in network and kept not in pinned:
                     address = kept
                 else:
                     address = next(free, None)

@@ -398,3 +398,16 @@ def test_the_example_hub_section_is_valid_when_uncommented(project: Path) -> Non
     check = run("render", "--check")
     assert check.exit_code == 0, check.output
     assert "all 2 link(s) mirror and all 2 hub client(s) pair with their hub" in check.stdout
+
+
+def test_pinning_an_address_another_client_holds_is_refused_not_moved(project: Path) -> None:
+    write(project, HUB)
+    assert run("keygen").exit_code == 0
+    assert run("render").exit_code == 0  # beta 198.19.50.2, gamma 198.19.50.3 recorded
+    write(project, HUB.replace("      - beta\n", "      - {host: beta, tunnel: 198.19.50.3}\n"))
+    result = run("render")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "vpnctl: inventory.yaml:22 hubs[0].clients[0].tunnel: 198.19.50.3 is already allocated "
+        "to client 'gamma' of this hub in keystore/allocations.json\n"
+    )

@@ -1912,6 +1912,11 @@ def _dry_run_diff(
             chunks.append(f"# {name}: {link} is not running: would start it\n")
         for link in plan.removed:
             chunks.append(f"# {name}: {link} is no longer rendered: would stop and remove it\n")
+        for link, why in sorted(plan.reload.items()):
+            chunks.append(f"# {name}: hub {link}: {', '.join(why)}: would reload it (SIGHUP), "
+                          "not restart it\n")  # fmt: skip
+        for link, paths in sorted(plan.prune.items()):
+            chunks += [f"# {name}: hub {link}: would delete {path}\n" for path in paths]
         current: dict[str, bytes | None] = {}
         readable = [f.path for f in plan.files if not f.secret and states[name].files.get(f.path)]
         if readable:

@@ -113,6 +113,15 @@ def test_adding_a_client_only_reloads_the_hub_and_other_sessions_keep_growing(
     render = vpnctl(lab, "render").stdout
     assert "build/server/etc/vpnd/hub.conf" not in render  # the hub's config is unchanged
     assert "created build/server/etc/vpnd/hub.peers/client4.peer" in render
+    dry = vpnctl(lab, "deploy", "--all", "--dry-run").stdout
+    assert (
+        "# server: hub hub: client client4 added: would reload it (SIGHUP), not restart it\n"
+        in (dry)
+    )
+    assert "+++ server:" in dry and "client4.peer (new)" in dry
+    assert "client4.key (new)\n@@ key file, contents redacted @@" in dry
+    key = (Path(lab.directory) / "keystore/hub.client4.key").read_text().strip()
+    assert key not in dry
     proc = vpnctl(lab, "deploy", "--all", "--wait", "30")
     assert "server       hub: client client4 added, reload (no restart)" in proc.stdout
     assert "reloaded: hub" in proc.stdout

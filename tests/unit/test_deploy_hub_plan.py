@@ -228,3 +228,16 @@ def test_status_shows_a_hub_as_one_block_with_a_row_per_client(project: Path) ->
         "1/2 link(s) up (0.5s)",
     ]
     assert status.to_json()["hubs"]["branches"]["state"] == "up"
+
+
+def test_a_hub_on_systemd_is_reloaded_through_its_unit(project: Path) -> None:
+    before = render(project, "beta, gamma")
+    remote = deployed_state(project, before)
+    after = render(project, "beta")
+    result = plan(project, after, remote)
+    result.use_systemd = True
+    script = apply_script(result, after, before)
+    assert "systemctl reload vpnd-branches || echo 'start-failed branches: systemctl reload" in (
+        script
+    )
+    assert "systemctl restart" not in script and "systemctl stop" not in script

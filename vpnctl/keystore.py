@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -383,17 +383,50 @@ class Keystore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeystoreError(f"{path}: unreadable allocation record: {exc}") from None
 
-    def save_allocations(self, record: Mapping[str, tuple[IPv4Address, IPv4Address]]) -> bool:
-        """Write the allocation record atomically when it changed; True when it was written."""
-        data = _json_bytes(
-            {
-                "version": 1,
-                "links": {
-                    name: {"server": str(pair[0]), "client": str(pair[1])}
-                    for name, pair in sorted(record.items())
-                },
+    def load_hub_allocations(self) -> dict[str, tuple[IPv4Network, dict[str, IPv4Address]]]:
+        """Hub name -> (its network, {client: tunnel address}) allocated earlier ({} when none).
+
+        Stored under ``"hubs"`` in ``allocations.json``, beside the links' pairs."""
+        path = self.allocations_path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {
+                str(name): (
+                    IPv4Network(hub["network"]),
+                    {str(c): IPv4Address(a) for c, a in hub["clients"].items()},
+                )
+                for name, hub in data.get("hubs", {}).items()
             }
-        )
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise KeystoreError(f"{path}: unreadable allocation record: {exc}") from None
+
+    def save_allocations(
+        self,
+        record: Mapping[str, tuple[IPv4Address, IPv4Address]],
+        hubs: Mapping[str, tuple[IPv4Network, Mapping[str, IPv4Address]]] | None = None,
+    ) -> bool:
+        """Write the allocation record atomically when it changed; True when it was written.
+
+        ``hubs`` (hub -> network and client addresses) is written under ``"hubs"`` only when
+        there is one, so a record without hubs keeps its bytes."""
+        body: dict[str, object] = {
+            "version": 1,
+            "links": {
+                name: {"server": str(pair[0]), "client": str(pair[1])}
+                for name, pair in sorted(record.items())
+            },
+        }
+        if hubs:
+            body["hubs"] = {
+                name: {
+                    "network": str(network),
+                    "clients": {c: str(a) for c, a in sorted(clients.items())},
+                }
+                for name, (network, clients) in sorted(hubs.items())
+            }
+        data = _json_bytes(body)
         path = self.allocations_path
         with contextlib.suppress(FileNotFoundError):
             if path.read_bytes() == data:

@@ -259,10 +259,17 @@ def lab_ssh_options(directory: Path, control_dir: Path) -> list[str]:
     ]
 
 
-def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> dict[str, object]:
-    """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client."""
+HUB_NAME = "hub"
+HUB_PORT = 4000
+
+
+def lab_inventory(
+    hosts: list[LabHost], directory: Path, control_dir: Path, *, hub: bool = False
+) -> dict[str, object]:
+    """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client -- or,
+    with ``hub``, one hub on the server (``hubs:``, port 4000) with every client."""
     server = hosts[0]
-    return {
+    inventory = {
         "version": 1,
         "defaults": {
             "ssh": {
@@ -291,10 +298,22 @@ def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> d
             for idx, client in enumerate(hosts[1:], start=1)
         ],
     }
+    if hub:
+        del inventory["links"]
+        inventory["hubs"] = [
+            {
+                "name": HUB_NAME,
+                "server": server.name,
+                "port": HUB_PORT,
+                "clients": [client.name for client in hosts[1:]],
+            }
+        ]
+    return inventory
 
 
 def _write_inventory(path: Path, inventory: dict[str, object]) -> None:
-    header = "# written by `vpnctl lab up`: one server, one link per client, lab addresses only\n"
+    shape = "one hub for every client" if "hubs" in inventory else "one link per client"
+    header = f"# written by `vpnctl lab up`: one server, {shape}, lab addresses only\n"
     path.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
 
 
@@ -304,8 +323,10 @@ def lab_up(
     clients: int = 2,
     tag: str = "vlab",
     mgmt_net: str | None = None,
+    hub: bool = False,
 ) -> LabState:
-    """Build a lab of one server and `clients` clients; return its recorded state.
+    """Build a lab of one server and `clients` clients; return its recorded state. Its
+    inventory joins them by one link per client, or with ``hub`` by one hub for all clients.
 
     On any failure everything created so far is removed before the LabError propagates.
     """
@@ -341,7 +362,7 @@ def lab_up(
     )
     state.save()
     try:
-        _build(state, directory, mgmt, clients)
+        _build(state, directory, mgmt, clients, hub=hub)
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(directory)
@@ -349,7 +370,9 @@ def lab_up(
     return state
 
 
-def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, clients: int) -> None:
+def _build(
+    state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, clients: int, *, hub: bool
+) -> None:
     tag = state.tag
     hosts = _host_plan(tag, directory, mgmt, clients)
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -398,6 +421,10 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
         _run(["ip", "-n", wan_ns, "link", "set", f"h{idx}", "master", "br0", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{host.wan_ip}/{WAN_NET.prefixlen}", "dev", "wan0"])
         _run(["ip", "-n", ns, "link", "set", "wan0", "up"])
+        if hub and host.role == "server":
+            # the hub host routes client-to-client traffic through its TUN (as a real hub
+            # host would be set up: forwarding is the host's business, not vpnd's)
+            _run(_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
 
         hostdir = directory / "hosts" / host.name
         Path(host.prefix).mkdir(parents=True, exist_ok=True)
@@ -415,7 +442,9 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
     state.control_dir = str(control_dir)
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
-    _write_inventory(directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir))
+    _write_inventory(
+        directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir, hub=hub)
+    )
     for host in hosts:
         _wait_tcp(host.mgmt_ip, 22, SSHD_READY_TIMEOUT)
 

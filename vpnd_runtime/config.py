@@ -803,7 +803,7 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
     return Config(**values, source=path)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, peers_optional: bool = False) -> Config:
     """Read and parse the config file at ``path``; relative paths inside are resolved
     against the file's directory (so a config and its key can travel together)."""
     name = os.fspath(path)
@@ -825,7 +825,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     errors = _file_checks(config, text, name)
     if errors:
         raise ConfigError.combine(errors)
-    if config.peers_dir is not None:
+    # `vpnd --check --no-key` on the operator's machine: the peers directory, like the keys, is
+    # only on the host (vpnctl checks the rendered peer files themselves).
+    skip = peers_optional and config.peers_dir is not None and not os.path.isdir(config.peers_dir)
+    if config.peers_dir is not None and not skip:
         config = replace(config, peers=load_peers(config))
     return config
 

@@ -22,10 +22,21 @@ def up(
     mgmt_net: Annotated[
         str | None, typer.Option("--mgmt-net", help="management /24 inside 198.18.0.0/15")
     ] = None,
+    hub: Annotated[
+        bool,
+        typer.Option(
+            "--hub/--links",
+            help="join the clients to the server by one hub (one vpnd, one port) instead of "
+            "one point-to-point link each (the default)",
+        ),
+    ] = False,
 ) -> None:
-    """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir."""
+    """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir.
+
+    The inventory joins them by one link per client (l1..lN), or with --hub by one hub
+    `hub` on the server that serves all N clients."""
     try:
-        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net)
+        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub)
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -549,7 +549,11 @@ def report(figs: list[dict]) -> str:
             [_fmt(f["hs_per_s"], ".0f") for f in figs],
             "",
         ),
-        ("handshake retries", [str(f["ramp"]["attempts"] - f["n"]) for f in figs], ""),
+        (
+            "handshake tries that failed",
+            [str(sum(f["ramp"]["failures"].values())) for f in figs],
+            "",
+        ),
         (
             "hub CPU idle, keepalive 10 (% of a core)",
             [_fmt(f["idle_cpu_pct"], ".2f") for f in figs],

@@ -410,31 +410,23 @@ def hub_cpu_percent(pid: int, seconds: float) -> float:
     return cpu_percent(c0, c1, t1 - t0, hz)
 
 
+def py_spy_path() -> str | None:
+    """The py-spy executable (PATH, or next to this Python), None when not installed."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return spy if Path(spy).exists() else None
+
+
 @contextmanager
 def py_spy(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
-    """Record the hub with py-spy for the block (no-op without `out`)."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if out is None or not Path(spy).exists():
+    """Record the hub with py-spy (speedscope file `out`) for the block; no-op without `out`."""
+    spy = py_spy_path()
+    if out is None or spy is None:
         yield
         return
     proc = subprocess.Popen(
-        [
-            spy,
-            "record",
-            "-p",
-            str(pid),
-            "-d",
-            str(int(seconds)),
-            "-r",
-            "200",
-            "-f",
-            "speedscope",
-            "-o",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "-f", "speedscope",
+         "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     try:
         yield
     finally:
@@ -623,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
         for net in (GEN_SOURCES, "198.18.1.0/24", "198.18.11.0/24")
     )
     if args.profile:
+        if py_spy_path() is None:
+            print("bench_hub: --profile needs py-spy (pip install -e '.[bench]')", file=sys.stderr)
+            return 2
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     raise_fd_limit(max(args.clients) + 256)
     tag = new_tag("vh")

@@ -275,7 +275,7 @@ class LoadGenerator:
 
     def handshake_failed(self, c: Client, reason: str, now: float) -> None:
         """A try that never came up: free its slot and try again after a growing pause."""
-        self.failures[reason.split(":", maxsplit=1)[0]] += 1
+        self.failures[reason[:80]] += 1
         self.close(c)
         pause = min(RETRY_MAX, RETRY_FIRST * 2 ** min(c.attempts - 1, 10))
         heapq.heappush(self.later, (now + pause, c.index))
@@ -352,7 +352,7 @@ class LoadGenerator:
         conn = c.conn
         if conn is not None and conn.stats.established_at is not None:
             c.lost = reason
-            self.lost[reason.split(":", maxsplit=1)[0]] += 1
+            self.lost[reason[:80]] += 1
             self.close(c)
         else:
             self.handshake_failed(c, reason, now)

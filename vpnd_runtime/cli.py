@@ -118,13 +118,27 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Parse the config and load its key file; print one summary line."""
     conf = args.config or DEFAULT_CONFIG
     config = load_config(conf)
-    key = load_key(config.keyfile)
+    keys = _load_keys(config)
     link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
+    if config.is_hub:
+        print(
+            f"{conf}: OK (hub, {link}, {config.local}, {len(config.peers)} clients, "
+            f"{len(set(keys.values()))} keys)"
+        )
+        for peer in config.peers:
+            print(f"  {peer.name}: {peer.remote}, key {fingerprint(keys[peer.keyfile])}")
+        return EXIT_OK
     print(
         f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, "
-        f"key fingerprint {fingerprint(key)})"
+        f"key fingerprint {fingerprint(keys[config.keyfile])})"
     )
     return EXIT_OK
+
+
+def _load_keys(config: Config) -> dict[str, bytes]:
+    """Every key file the config uses (a hub's: one per peer file, shared ones once)."""
+    paths = [p.keyfile for p in config.peers] if config.is_hub else [config.keyfile]
+    return {path: load_key(path) for path in dict.fromkeys(paths)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -150,12 +164,12 @@ def cmd_chat_test(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``vpnd -f CONF [--daemon] [-v]``: check the key early (errors reach the terminal
-    before detaching), then hand over to ``vpnd_runtime.daemon.run``."""
+    before detaching), then hand over to ``vpnd_runtime.process.run``."""
     config: Config = load_config(args.config or DEFAULT_CONFIG)
-    load_key(config.keyfile)
-    from vpnd_runtime import daemon  # noqa: PLC0415 - lazy: written separately, heavy imports
+    _load_keys(config)
+    from vpnd_runtime import process  # noqa: PLC0415 - lazy: written separately, heavy imports
 
-    return int(daemon.run(config, daemonize=args.daemon, verbose=args.verbose) or 0)
+    return int(process.run(config, daemonize=args.daemon, verbose=args.verbose) or 0)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -29,7 +29,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_RANDOMDEV",
     "Config",
     "ConfigError",
+    "PeerSpec",
     "Route",
     "load_config",
     "parse_config",
@@ -183,6 +184,25 @@ class Route:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PeerSpec:
+    """One client of a hub, from its peer file ``<peers dir>/<name>.peer``."""
+
+    name: str
+    remote: IPv4Address
+    keyfile: str
+    client_host: str = _ANY
+    client_port: int = 0
+    routes: tuple[Route, ...] = ()
+    #: The peer file (for messages); not compared.
+    source: str = field(default="<string>", compare=False)
+
+    @property
+    def networks(self) -> tuple[IPv4Network, ...]:
+        """Everything this client may send from and is routed to: its address and routes."""
+        return (IPv4Network(f"{self.remote}/32"), *(r.network for r in self.routes))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A validated vpnd configuration. Build it with :func:`parse_config` / :func:`load_config`.
 
@@ -192,7 +212,8 @@ class Config:
 
     mode: str
     local: IPv4Address
-    remote: IPv4Address
+    #: The far end's tunnel address; None only for a hub, whose clients' are in `peers`.
+    remote: IPv4Address | None
     server_host: str = _ANY
     server_port: int = DEFAULT_PORT  # 0 for a serial device (no port)
     client_host: str = _ANY
@@ -224,8 +245,18 @@ class Config:
     cipher: str = "chacha20-poly1305"
     interface: str = "vpnd0"
     statusfile: str = f"{STATUS_DIR}/vpnd.status.json"
+    #: A hub: the directory of its clients' peer files (`peers`), and those clients.
+    peers_dir: str | None = None
+    peers: tuple[PeerSpec, ...] = ()
+    #: A hub forwards packets from one client to another (via the host's IP forwarding).
+    clienttoclient: bool = True
     #: Where this config was read from (for messages and the status record); not compared.
     source: str = field(default="<string>", compare=False)
+
+    @property
+    def is_hub(self) -> bool:
+        """True for a server that serves many clients (`peers`)."""
+        return self.peers_dir is not None
 
     @property
     def is_serial(self) -> bool:
@@ -245,7 +276,13 @@ class Config:
             lines.append(f"server {_host_text(self.server_host)} {self.server_port}")
             if (self.client_host, self.client_port) != (_ANY, 0):
                 lines.append(f"client {_host_text(self.client_host)} {self.client_port}")
-        lines += [f"local {self.local}", f"remote {self.remote}"]
+        lines.append(f"local {self.local}")
+        if self.remote is not None:
+            lines.append(f"remote {self.remote}")
+        if self.peers_dir is not None:
+            lines.append(f"peers {self.peers_dir}")
+            if not self.clienttoclient:
+                lines.append("clienttoclient no")
         defaults = {f.name: f.default for f in fields(Config)}
         for name in _TEXT_ORDER:
             value = getattr(self, name)
@@ -522,6 +559,10 @@ _DIRECTIVES: dict[str, _Directive] = {
         _Directive("ipopts", "ipopts <0..15>", 1, 1,
                    _value("ipopts", lambda t: _int(t, "ipopts", 0, IPOPTS_MAX))),
         _Directive("interface", "interface <name>", 1, 1, _interface),
+        _Directive("peers", "peers <directory>", 1, 1,
+                   _value("peers_dir", lambda t: _path(t, "peers"))),
+        _Directive("clienttoclient", "clienttoclient yes|no", 0, 1,
+                   _flag_directive("clienttoclient")),
         _Directive("autoroute", "autoroute", 0, 1, _flag_directive("autoroute")),
         *[
             _Directive(hook, f"{hook} <script>", 1, 1,
@@ -553,6 +594,7 @@ _PATH_FIELDS = (
     "slipup",
     "slipdown",
     "modemchat",
+    "peers_dir",
 )
 
 
@@ -634,11 +676,32 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
     mode = values.get("mode")
     if "mode" not in lines:
         fail(None, "mode", "missing required directive: mode client|server")
+    hub = "peers" in lines
     for name in ("local", "remote"):
-        if name not in lines:
+        if name not in lines and not (hub and name == "remote"):
             fail(None, name, f"missing required directive: {name} <ip>")
     if "local" in values and values.get("remote") == values["local"]:
         fail(lines["remote"], "remote", f"must differ from local ({values['local']})")
+    if hub:
+        if mode == "client":
+            fail(lines["peers"], "peers", "only a server serves many clients (mode server)")
+        if "remote" in lines:
+            fail(
+                lines["remote"],
+                "remote",
+                "a hub has no single remote: each client's address is 'remote' in its peer file",
+            )
+        for number, route in routes:
+            fail(
+                number,
+                f"route{route.index}",
+                "a hub's routes belong to its clients: put the network behind a client in "
+                "that client's peer file",
+            )
+        routes = []
+    elif "clienttoclient" in lines:
+        fail(lines["clienttoclient"], "clienttoclient", "applies only to a hub (with 'peers')")
+    values.setdefault("remote", None)
 
     serial = str(values.get("server_host", "")).startswith("/")
     if mode == "client":
@@ -654,6 +717,8 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
         if _DIRECTIVES[name].serial_only and not serial:
             fail(number, name, "applies only to serial links ('server /dev/<tty>')")
     if serial:
+        if hub:
+            fail(lines["peers"], "peers", "a serial line has one peer: a hub needs TCP")
         if (values.get("client_host", _ANY), values.get("client_port", 0)) != (_ANY, 0):
             fail(
                 lines["client"],
@@ -721,4 +786,159 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(name, line, None, "not valid UTF-8 text") from None
     base = os.path.dirname(os.path.abspath(name))
-    return parse_config(text, name, base_dir=base)
+    config = parse_config(text, name, base_dir=base)
+    if config.peers_dir is not None:
+        config = replace(config, peers=load_peers(config))
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# A hub's peer files
+
+PEER_SUFFIX = ".peer"
+_PEER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_PEER_DIRECTIVES = ("remote", "keyfile", "client", *(f"route{i}" for i in range(1, 10)))
+
+
+def parse_peer(
+    text: str, path: str, name: str, *, default_keyfile: str, base_dir: str | None = None
+) -> PeerSpec:
+    """Parse one peer file (``remote``, ``keyfile``, ``client``, ``route1..9``) into a PeerSpec.
+
+    Relative key paths are joined to ``base_dir``; a peer file without ``keyfile`` uses the
+    hub's (``default_keyfile``): several clients may hold one key, as in the seed.
+    """
+    errors: list[ConfigError] = []
+    values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    routes: list[tuple[int, Route]] = []
+
+    def fail(line: int | None, directive: str | None, message: str) -> None:
+        errors.append(ConfigError(path, line, directive, message))
+
+    if not _PEER_NAME_RE.fullmatch(name):
+        fail(None, None, f"peer name {name!r} must be letters, digits, '_', '.', '-' (≤ 64)")
+    for number, keyword, args in _lex(text):
+        if keyword not in _PEER_DIRECTIVES:
+            hints = difflib.get_close_matches(keyword.lower(), _PEER_DIRECTIVES, n=1, cutoff=0.6)
+            where = "the hub's config" if keyword in _DIRECTIVES else None
+            message = (
+                f"not a peer file directive: it belongs in {where}"
+                if where
+                else "unknown peer file directive"
+                + (f"; did you mean {hints[0]!r}?" if hints else "")
+            )
+            fail(number, keyword, message + " (peer files take remote, keyfile, client, route1..9)")
+            continue
+        if keyword in lines:
+            fail(number, keyword, f"duplicate directive (first given on line {lines[keyword]})")
+            continue
+        lines[keyword] = number
+        spec = _DIRECTIVES[keyword]
+        if not spec.min_args <= len(args) <= spec.max_args:
+            fail(number, keyword, f"wrong number of arguments ({len(args)}); usage: {spec.usage}")
+            continue
+        try:
+            parsed = spec.parse(args)
+        except _Bad as bad:
+            fail(number, keyword, str(bad))
+            continue
+        if "route" in parsed:
+            routes.append((number, parsed.pop("route")))
+        values.update(parsed)
+    if "remote" not in lines:
+        fail(None, "remote", "missing required directive: remote <the client's tunnel address>")
+    seen: dict[IPv4Network, int] = {}
+    for number, route in routes:
+        if "remote" in values and route.gateway != values["remote"]:
+            fail(
+                number,
+                f"route{route.index}",
+                f"gateway {route.gateway} must be this client's address {values['remote']}",
+            )
+        if route.network in seen:
+            fail(
+                number,
+                f"route{route.index}",
+                f"same destination {route.network} as route{seen[route.network]}",
+            )
+        seen.setdefault(route.network, route.index)
+    keyfile = values.get("keyfile")
+    if keyfile is not None and base_dir is not None:
+        keyfile = os.path.join(base_dir, keyfile)
+    if errors:
+        raise ConfigError.combine(errors)
+    return PeerSpec(
+        name=name,
+        remote=values["remote"],
+        keyfile=keyfile or default_keyfile,
+        client_host=values.get("client_host", _ANY),
+        client_port=values.get("client_port", 0),
+        routes=tuple(route for _, route in sorted(routes, key=lambda nr: nr[1].index)),
+        source=path,
+    )
+
+
+def load_peers(config: Config) -> tuple[PeerSpec, ...]:
+    """Read every ``*.peer`` file of a hub's peers directory, sorted by name, and check them
+    against each other and the hub (no shared address, no overlapping routes)."""
+    directory = config.peers_dir
+    assert directory is not None  # noqa: S101 — only called for hubs
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise ConfigError(
+            config.source, None, "peers", f"cannot read directory {directory}: {exc.strerror}"
+        ) from None
+    errors: list[ConfigError] = []
+    peers: list[PeerSpec] = []
+    for entry in names:
+        if not entry.endswith(PEER_SUFFIX) or entry.startswith("."):
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            with open(path, "rb") as handle:
+                text = handle.read().decode("utf-8")
+            peers.append(
+                parse_peer(
+                    text,
+                    path,
+                    entry.removesuffix(PEER_SUFFIX),
+                    default_keyfile=config.keyfile,
+                    base_dir=directory,
+                )
+            )
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+        except UnicodeDecodeError:
+            errors.append(ConfigError(path, None, None, "not valid UTF-8 text"))
+        except OSError as exc:
+            errors.append(ConfigError(path, None, None, f"cannot read peer file: {exc.strerror}"))
+    owners: dict[IPv4Network, PeerSpec] = {}
+    for peer in peers:
+        if peer.remote == config.local:
+            errors.append(
+                ConfigError(peer.source, None, "remote", f"{peer.remote} is the hub's own address")
+            )
+        for net in peer.networks:
+            for other_net, other in owners.items():
+                if other is not peer and net.overlaps(other_net):
+                    what = (
+                        "address"
+                        if net.prefixlen == 32 and other_net.prefixlen == 32
+                        else ("network")
+                    )
+                    errors.append(
+                        ConfigError(
+                            peer.source,
+                            None,
+                            "remote" if net.prefixlen == 32 else "route",
+                            f"{what} {net} overlaps {other_net} of peer {other.name} "
+                            f"({other.source})",
+                        )
+                    )
+            owners[net] = peer
+    if errors:  # in file order, file by file (combine would sort lines across files)
+        first = errors[0]
+        raise ConfigError(first.path, first.line, first.directive, first.message, errors)
+    return tuple(peers)

@@ -2,80 +2,105 @@
 
 Theory of operation
 -------------------
-One process serves one link (one config file). A single thread runs a selector loop over: the
-carrier listener (server), the carrier connection(s), the TUN (only while the link is up), and a
-wake-up pipe for signals. Time is read once per loop turn and handed to the protocol core, which
+One process serves one config file: a point-to-point link (one peer), or a **hub** (a server
+with a `peers` directory: many clients, one port, one TUN). A single thread runs a selector loop
+over: the carrier listener (server), the carrier connections, the TUN (while any peer is up), and
+a wake-up pipe for signals. Time is read once per loop turn and handed to the protocol core, which
 owns every rule (handshake, counters, keepalive, rekey); the daemon owns I/O, hooks, routes,
-reconnects and the status record.
+reconnects and the status record. The house:
 
-Link life cycle::
+* `peers.py` — the peer table: who may connect with which key, and where each packet goes;
+* `datapath.py` — the per-packet rules of a hub (route by destination, allowed sources);
+* `carriers.py` / `io/tcp.py` — the serial line and TCP carriers; `io/tun.py` — the TUN;
+* this module — sessions and their life cycle, the TUN's life cycle, timers, reload, status;
+* `process.py` — logging, the pidfile, detaching.
+
+Link life cycle (per peer)::
 
     client: CONNECTING -tcp-> HANDSHAKE -LinkUp-> UP -dead/EOF/error-> DOWN -backoff-> CONNECTING
     server: LISTENING -accept-> (pending handshakes: capped, each with a deadline) -LinkUp-> UP
 
-On UP the TUN is created (slipup), configured (local/remote/mtu), routes route1..9 are added and
-linkup runs; on DOWN the reverse: linkdown, routes removed, TUN closed (the kernel deletes it),
-slipdown. A server keeps accepting while UP: a client that restarted authenticates on a new
-connection, which then replaces the old one (the link stays up; the old session is closed).
-Unauthenticated connections get no answer, a deadline and a cap (`MAX_PENDING`).
+The TUN exists while at least one peer is up: created (slipup) when the first comes up and
+removed (slipdown) when the last goes down — for a point-to-point link exactly "on link up/down".
+On a peer's UP its routes are added and linkup runs; on DOWN linkdown runs and its routes go. A
+server keeps accepting while UP: a client that restarted authenticates on a new connection, which
+then replaces the old one (the link stays up; the old session is closed). Unauthenticated
+connections get no answer, a deadline and caps (in all and per source address); a connection
+that has proven its key is never evicted to make room for them.
 
 Outbound pipeline (TUN -> carrier), run when the TUN fd is readable:
  1. read up to `TUN_BATCH` packets without blocking; with IFF_VNET_HDR each is a 10-byte virtio
     header plus a packet, TCP flows arriving as GSO super-packets of up to 64 KiB;
- 2. `conn.send_packets(batch, now)`: batch into frames of at most `sendbuf` bytes, compress when
+ 2. a hub splits the batch by destination (longest prefix over its clients' addresses and
+    networks); a point-to-point link sends it all to its one peer;
+ 3. `conn.send_packets(batch, now)`: batch into frames of at most `sendbuf` bytes, compress when
     asked and useful, AEAD-seal under the send key with the next counter, length-prefix;
- 3. `carrier.write(conn.data_to_send())`: the kernel takes what it can, the rest is queued;
- 4. while the queue is not empty the TUN is not read (back-pressure): the TUN queue fills and the
-    kernel drops, so the inner TCP slows down instead of vpnd buffering without end.
+ 4. `carrier.write(conn.data_to_send())`: the kernel takes what it can, the rest is queued;
+ 5. while a carrier's queue is not empty the TUN is not read (back-pressure): the TUN queue fills
+    and the kernel drops, so the inner TCP slows down instead of vpnd buffering without end. On a
+    hub a client whose queue stays full for `STALL_AFTER` no longer holds the others back: its
+    packets are dropped (counted) until its carrier drains or keepalive declares it dead.
 
 Inbound pipeline (carrier -> TUN), run when the carrier is readable:
  1. read up to 256 KiB;
  2. `conn.receive_data(data, now)`: unframe (length cap checked first), check the epoch and the
     counter, AEAD-open (a bad tag never gets further), decompress, split the batch;
- 3. write each packet, virtio header included, to the TUN: the kernel segments super-packets and
+ 3. a hub drops packets whose source is not the client's (spoofed) and, with
+    `clienttoclient no`, packets from one client to another;
+ 4. write each packet, virtio header included, to the TUN: the kernel segments super-packets and
     completes partial checksums;
- 4. answers the core queued (pongs, rekey messages) are flushed to the carrier.
+ 5. answers the core queued (pongs, rekey messages) are flushed to the carrier.
+
+Timers live in a heap keyed by each session's next protocol deadline, so a hub with a thousand
+idle clients wakes only when some client's keepalive is due.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
+import heapq
 import ipaddress
+import itertools
 import logging
-import logging.handlers
 import os
 import random
 import selectors
 import signal
 import socket
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vpnd_runtime import datapath
+from vpnd_runtime.carriers import RandomDev, SerialCarrier, run_modemchat
 from vpnd_runtime.config import Config, ConfigError, load_config
 from vpnd_runtime.io import tcp
 from vpnd_runtime.io.hooks import HookRunner
-from vpnd_runtime.io.serial import SerialTransport
 from vpnd_runtime.io.tun import READ_SIZE, Tun, TunError, TunWriter
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
+from vpnd_runtime.peers import DOWN, UP, Peer, PeerTable
 from vpnd_runtime.proto.connection import Connection, Params
 from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
 from vpnd_runtime.proto.events import Closed, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
 from vpnd_runtime.proto.handshake import ReplayGuard
-from vpnd_runtime.proto.slip import SlipFramer
 from vpnd_runtime.status import StatusRecord, StatusWriter
+
+if TYPE_CHECKING:  # the serial pieces are imported only by links that use them
+    from vpnd_runtime.proto.slip import SlipFramer
 
 log = logging.getLogger("vpnd")
 
 #: Packets read from the TUN per loop turn before sealing them together.
 TUN_BATCH = 32
-#: Unauthenticated connections a server lets wait at once; more are closed on arrival.
+#: Unauthenticated connections a point-to-point server lets wait at once (oldest evicted).
 MAX_PENDING = 8
+#: The same for a hub, in all and per source address.
+MAX_PENDING_HUB = 256
+MAX_PENDING_PER_SOURCE = 16
+#: A hub's listen backlog (a thousand clients may arrive at once after the hub restarts).
+HUB_BACKLOG = 1024
 #: How long a server stops accepting after accept() fails (e.g. out of file descriptors).
 ACCEPT_PAUSE = 1.0
 #: Reconnect backoff: first delay, cap, and jitter (the delay is scaled by uniform(1-J, 1)).
@@ -90,8 +115,12 @@ HANDSHAKE_TIMEOUT = 10.0
 SERIAL_HANDSHAKE_TIMEOUT = 4.0
 #: How often the status file is refreshed while nothing changes.
 STATUS_INTERVAL = 1.0
+#: A hub publishes changes at most this often (a thousand clients arriving = one write per turn).
+HUB_STATUS_MIN_INTERVAL = 0.2
 #: Longest a shutdown waits for linkdown/slipdown hooks.
 SHUTDOWN_HOOK_WAIT = 35.0
+#: A hub client whose carrier stays blocked this long stops pausing the TUN for everyone.
+STALL_AFTER = 1.0
 
 
 def params_from_config(config: Config) -> Params:
@@ -112,83 +141,84 @@ def params_from_config(config: Config) -> Params:
     )
 
 
-class RandomDev:
-    """Key material from `randomdev` (vpnd's directive); short reads are completed."""
+def load_table(config: Config) -> PeerTable:
+    """The peers of `config` with their keys loaded (KeyFileError names a bad key file).
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def __call__(self, n: int) -> bytes:
-        chunks = []
-        left = n
-        while left:
-            chunk = os.read(self._fd, left)
-            if not chunk:
-                raise OSError(errno.EIO, f"randomdev {self.path} gave too few bytes")
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-class SerialCarrier:
-    """The serial line seen through the daemon's Carrier interface (io/tcp.py)."""
-
-    def __init__(self, transport: SerialTransport, device: str) -> None:
-        self.transport = transport
-        self.peer = device
-
-    def fileno(self) -> int:
-        return self.transport.fileno()
-
-    def read(self) -> bytes:
-        """Bytes waiting; LineDown (an OSError) when the line is gone."""
-        data = self.transport.read()
-        if not data:
-            raise BlockingIOError
-        return data
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def flush(self) -> bool:
-        return self.transport.flush() == 0
-
-    @property
-    def pending(self) -> bool:
-        return self.transport.pending() > 0
-
-    def check_carrier(self) -> None:
-        """LineDown when the modem dropped carrier (never with localline)."""
-        self.transport.check_carrier()
-
-    def close(self) -> None:
-        self.transport.close()
+    A point-to-point link has one peer, the far end (named after the config); a hub has one per
+    peer file, and a key file shared by several peer files is read once.
+    """
+    if not config.is_hub:
+        key = load_key(config.keyfile)
+        name = os.path.basename(config.source).removesuffix(".conf") or "peer"
+        peer = Peer(
+            name=name,
+            address=config.remote,
+            key=key,
+            fingerprint=fingerprint(key),
+            routes=config.routes,
+            client_host=config.client_host,
+            client_port=config.client_port,
+        )
+        return PeerTable([peer], hub=False)
+    keys: dict[str, bytes] = {}
+    peers = []
+    for spec in config.peers:
+        if spec.keyfile not in keys:
+            keys[spec.keyfile] = load_key(spec.keyfile)
+        key = keys[spec.keyfile]
+        peers.append(
+            Peer(
+                name=spec.name,
+                address=spec.remote,
+                key=key,
+                fingerprint=fingerprint(key),
+                routes=spec.routes,
+                client_host=(
+                    spec.client_host if spec.client_host != "0.0.0.0" else config.client_host
+                ),
+                client_port=spec.client_port or config.client_port,
+            )
+        )
+    return PeerTable(peers, hub=True)
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     """One carrier connection and the protocol state riding on it."""
 
     carrier: tcp.Carrier
     conn: Connection
     created: float
+    peer: Peer | None = None  # known from the start when dialing; from the handshake on a server
+    source: str = ""  # the carrier's source address (per-source caps)
     up: bool = False
     closed: bool = False
     framer: SlipFramer | None = None
     tx_registered: bool = field(default=False)
+    blocked_since: float | None = None
+    deadline: float | None = None  # the protocol deadline this session is filed under
+
+
+class _Ring:
+    """The daemon's current peer table as a KeyRing: handshakes in flight see reloads."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def keys_for(self, key_id: bytes) -> Sequence[bytes]:
+        return self._daemon.table.keys_for(key_id)
+
+    def admit(self, psk: bytes, address: Any) -> Peer | None:
+        return self._daemon.table.admit(psk, address)
 
 
 class Daemon:
-    """Runs one link until told to stop. `run()` returns the process exit code."""
+    """Runs one config's link(s) until told to stop. `run()` returns the process exit code."""
 
-    def __init__(self, config: Config, key: bytes) -> None:
+    def __init__(self, config: Config, table: PeerTable) -> None:
         self.config = config
-        self.key = key
-        self.fp = fingerprint(key)
+        self.table = table
+        self.hub = config.is_hub
         self.sel = selectors.DefaultSelector()
         self.hooks = HookRunner()
         self.status = StatusRecord(
@@ -196,28 +226,34 @@ class Daemon:
             mode=config.mode,
             interface=config.interface,
             local=str(config.local),
-            remote=str(config.remote),
-            key_fingerprint=self.fp,
+            remote=str(config.remote) if config.remote is not None else "",
+            key_fingerprint=self._top_fingerprint(),
         )
+        self.status.hub = self.hub
         self.writer = StatusWriter(config.statusfile)
         self.rng = RandomDev(config.randomdev)
         self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
         self.replay_guard: Any = None
+        self.ring = _Ring(self)
         self.listener: socket.socket | None = None
         self.listener_resume: float | None = None
         self.relisten_at: float | None = None
         self.connecting: socket.socket | None = None
         self.connect_started = 0.0
         self.pending: list[Session] = []
-        self.active: Session | None = None
+        self.up_count = 0  # peers up
         self.tun: Tun | None = None
         self.tun_writer: TunWriter | None = None
         # A slow line must not be handed a whole batch at once (see TUN_BATCH).
         self.tun_batch = 4 if config.is_serial else TUN_BATCH
-        self._up_hooks: set[str] = set()  # which "up" hooks ran, so each "down" runs only after
+        self._tun_hooks: set[str] = set()  # slipup ran (so slipdown runs only after it)
+        self._linkup_ran: set[Peer] = set()  # peers whose linkup ran (linkdown only after it)
         self._in_base = (0, 0)  # packets/bytes written by TUN writers of earlier links
         self._wire_base = (0, 0)  # carrier bytes in/out of sessions already closed
         self._drop_base: dict[str, int] = {}  # protocol/line drops of sessions already closed
+        self._blocked: set[Session] = set()  # up sessions with output queued
+        self._heap: list[tuple[float, int, Session]] = []
+        self._seq = itertools.count()
         self.tun_registered = False
         self.attempt = 0
         self.next_attempt = 0.0
@@ -227,11 +263,27 @@ class Daemon:
         self.exit_code = 0
         self._status_due = 0.0
         self._status_dirty = True
+        self._last_publish = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
+
+    def _top_fingerprint(self) -> str:
+        if self.hub:
+            return f"{len({p.key for p in self.table})} keys" if len(self.table) else "-"
+        return self.table.peers[0].fingerprint
+
+    @property
+    def peer(self) -> Peer:
+        """The one peer of a point-to-point link."""
+        return self.table.peers[0]
+
+    @property
+    def active(self) -> Session | None:
+        """The session of a point-to-point link's peer, when up."""
+        return None if self.hub else self.peer.session
 
     # ----------------------------------------------------------------- main loop
     def run(self, ready: Callable[[str | None], None] | None = None) -> int:
-        """Serve the link until SIGTERM/SIGINT; `ready(None)` once started, else `ready(msg)`."""
+        """Serve until SIGTERM/SIGINT; `ready(None)` once started, else `ready(msg)`."""
         self._install_signals()
         try:
             self._start()
@@ -260,14 +312,23 @@ class Daemon:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         cfg = self.config
-        log.info(
-            "vpnd %s starting: %s %s -> %s, key %s",
-            cfg.mode,
-            cfg.interface,
-            cfg.local,
-            cfg.remote,
-            self.fp,
-        )
+        if self.hub:
+            log.info(
+                "vpnd hub starting: %s %s, %d clients, %s",
+                cfg.interface,
+                cfg.local,
+                len(self.table),
+                self.status.key_fingerprint,
+            )
+        else:
+            log.info(
+                "vpnd %s starting: %s %s -> %s, key %s",
+                cfg.mode,
+                cfg.interface,
+                cfg.local,
+                cfg.remote,
+                self.peer.fingerprint,
+            )
         if cfg.mode == "server" and not cfg.is_serial:
             self._open_listener()
         else:
@@ -281,10 +342,19 @@ class Daemon:
 
     def _open_listener(self) -> None:
         cfg = self.config
-        self.listener = tcp.listen(cfg.server_host, cfg.server_port, tcp.ipopts_to_tos(cfg.ipopts))
+        tos = tcp.ipopts_to_tos(cfg.ipopts)
+        if self.hub:
+            self.listener = tcp.listen(cfg.server_host, cfg.server_port, tos, HUB_BACKLOG)
+        else:
+            self.listener = tcp.listen(cfg.server_host, cfg.server_port, tos)
         self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
-        self.status.set_state("listening")
+        self._set_top_state()
         log.info("listening on %s:%d", cfg.server_host, cfg.server_port)
+
+    def _set_top_state(self, reason: str | None = None) -> None:
+        """A server's top-level state: up while a peer is up, else listening."""
+        self.status.set_state("up" if self.up_count else "listening", reason)
+        self._status_dirty = True
 
     def _turn(self) -> None:
         now = time.monotonic()
@@ -308,17 +378,40 @@ class Daemon:
         log.exception("internal error, restarting the link: %s", exc)
         for s in list(self.pending):
             self._close_session(s)
-        if self.active is not None:
-            self._end_session(self.active, f"internal error: {exc}")
-        elif self._dials and self.connecting is None and not self.stopping:
+        ended = False
+        for peer in self.table:
+            if peer.session is not None:
+                self._end_session(peer.session, f"internal error: {exc}")
+                ended = True
+        if not ended and self._dials and self.connecting is None and not self.stopping:
             self._schedule_retry(time.monotonic(), f"internal error: {exc}")
+
+    # ----------------------------------------------------------------- timers
+    def _file(self, session: Session) -> None:
+        """File the session under its protocol deadline (after every protocol step)."""
+        d = session.conn.next_deadline()
+        if d is not None and d != session.deadline:
+            session.deadline = d
+            heapq.heappush(self._heap, (d, next(self._seq), session))
+
+    def _heap_top(self) -> float | None:
+        heap = self._heap
+        while heap:
+            d, _, s = heap[0]
+            if s.closed or s.deadline != d:
+                heapq.heappop(heap)  # stale: the session moved on or ended
+                continue
+            return d
+        return None
 
     def _next_deadline(self, now: float) -> float:
         deadline = now + STATUS_INTERVAL
-        for s in self._sessions():
-            d = s.conn.next_deadline()
-            if d is not None:
-                deadline = min(deadline, d)
+        top = self._heap_top()
+        if top is not None:
+            deadline = min(deadline, top)
+        if self._blocked and self.hub:
+            oldest = min(s.blocked_since or now for s in self._blocked)
+            deadline = min(deadline, max(now, oldest + STALL_AFTER))
         if self._dials and self.active is None:
             if self.connecting is None and not self.pending:
                 deadline = min(deadline, self.next_attempt)
@@ -327,7 +420,7 @@ class Daemon:
         return deadline
 
     def _sessions(self) -> list[Session]:
-        return [*self.pending, self.active] if self.active else list(self.pending)
+        return self.pending + [p.session for p in self.table if p.session is not None]
 
     def _timers(self, now: float) -> None:
         if self.relisten_at is not None and now >= self.relisten_at and not self.stopping:
@@ -335,15 +428,21 @@ class Daemon:
         if self.listener_resume is not None and now >= self.listener_resume and self.listener:
             self.listener_resume = None
             self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
-        for s in self._sessions():
-            deadline = s.conn.next_deadline()
-            if deadline is not None and deadline <= now:
-                self._run_protocol(s, now, lambda s=s: s.conn.tick(now))
-        if self.active is not None and isinstance(self.active.carrier, SerialCarrier):
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            d, _, s = heapq.heappop(heap)
+            if s.closed or s.deadline != d:
+                continue
+            s.deadline = None
+            self._run_protocol(s, now, lambda s=s: s.conn.tick(now))
+        if self._blocked and self.hub:
+            self._update_tun_watch(now)
+        active = self.active
+        if active is not None and isinstance(active.carrier, SerialCarrier):
             try:
-                self.active.carrier.check_carrier()
+                active.carrier.check_carrier()
             except OSError as exc:
-                self._end_session(self.active, str(exc))
+                self._end_session(active, str(exc))
         if self._dials and self.active is None and not self.pending:
             if self.connecting is None and now >= self.next_attempt and not self.stopping:
                 if self.config.is_serial:
@@ -386,9 +485,16 @@ class Daemon:
         cfg = self.config
         carrier = tcp.TcpCarrier(sock, f"{cfg.server_host}:{cfg.server_port}")
         conn = Connection(
-            "initiator", self.key, params_from_config(cfg), self.rng, now, wall=time.time()
+            "initiator",
+            self.peer.key,
+            params_from_config(cfg),
+            self.rng,
+            now,
+            wall=time.time(),
+            announce=cfg.local,
         )
         session = self._add_pending(carrier, conn, now)
+        session.peer = self.peer
         self.status.set_state("handshake")
         self.status.peer = carrier.peer
         self._status_dirty = True
@@ -397,6 +503,8 @@ class Daemon:
 
     def _open_line(self, now: float) -> None:
         """Serial: open the device, run the modem chat, and start a session on the line."""
+        from vpnd_runtime.io.serial import SerialTransport  # noqa: PLC0415 — serial links only
+
         cfg = self.config
         self.status.set_state("connecting")
         self._status_dirty = True
@@ -408,7 +516,7 @@ class Daemon:
             self._schedule_retry(now, f"cannot open {cfg.server_host}: {exc.strerror or exc}")
             return
         if cfg.modemchat:
-            result = _run_modemchat(cfg, transport)
+            result = run_modemchat(cfg, transport)
             if not result[0]:
                 transport.close()
                 self._schedule_retry(time.monotonic(), f"modem chat failed: {result[1]}")
@@ -417,6 +525,7 @@ class Daemon:
         carrier = SerialCarrier(transport, cfg.server_host)
         conn, framer = self._line_connection(now)
         session = self._add_pending(carrier, conn, now, framer)
+        session.peer = self.peer
         self.status.set_state("handshake")
         self.status.peer = carrier.peer
         log.info("line %s open at %d bit/s, handshaking", cfg.server_host, cfg.speed)
@@ -424,6 +533,8 @@ class Daemon:
 
     def _line_connection(self, now: float) -> tuple[Connection, SlipFramer]:
         """A fresh protocol session for the line, with its SLIP framer (kept for drop counts)."""
+        from vpnd_runtime.proto.slip import SlipFramer  # noqa: PLC0415 — serial links only
+
         cfg = self.config
         role = "initiator" if cfg.mode == "client" else "responder"
         params = params_from_config(cfg)
@@ -434,19 +545,22 @@ class Daemon:
         framer = SlipFramer(xfilter=cfg.xfilter)
         conn = Connection(
             role,
-            self.key,
+            self.peer.key,
             params,
             self.rng,
             now,
             framer=framer,
             replay_guard=self._guard() if role == "responder" else None,
             wall=time.time(),
+            announce=cfg.local if role == "initiator" else None,
         )
         return conn, framer
 
     def _start_line_handshake(self, session: Session, now: float) -> None:
         if session.conn.role == "initiator":
             self._run_protocol(session, now, lambda: session.conn.start(now))
+        else:
+            self._file(session)
 
     def _restart_line_handshake(self, session: Session, now: float, reason: str) -> None:
         log.info("%s: %s; handshaking again", session.carrier.peer, reason)
@@ -454,6 +568,7 @@ class Daemon:
         self._status_dirty = True
         self._retire_counters(session)
         session.conn, session.framer = self._line_connection(now)
+        session.deadline = None
         self._start_line_handshake(session, now)
 
     def _connect_failed(self, now: float, reason: str) -> None:
@@ -506,27 +621,53 @@ class Daemon:
                 self.status.drops["refused_client"] = self.status.drops.get("refused_client", 0) + 1
                 sock.close()
                 continue
-            if len(self.pending) >= MAX_PENDING:
-                # Evict the oldest: idle connections cannot keep the real client out for long.
-                oldest = self.pending[0]
-                log.warning(
-                    "%d handshakes waiting: dropping the oldest, from %s",
-                    MAX_PENDING,
-                    oldest.carrier.peer,
-                )
-                self._close_session(oldest)
+            if not self._make_room(addr[0]):
+                drops = self.status.drops
+                drops["handshake_flood"] = drops.get("handshake_flood", 0) + 1
+                sock.close()
+                continue
             carrier = tcp.TcpCarrier(sock, peer)
             conn = Connection(
                 "responder",
-                self.key,
+                None if self.hub else self.peer.key,
                 params_from_config(cfg),
                 self.rng,
                 now,
                 replay_guard=self._guard(),
                 wall=time.time(),
+                keyring=self.ring if self.hub else None,
             )
-            self._add_pending(carrier, conn, now)
-            log.info("connection from %s, waiting for its handshake", peer)
+            session = self._add_pending(carrier, conn, now)
+            session.source = addr[0]
+            self._file(session)
+            if not self.hub:
+                log.info("connection from %s, waiting for its handshake", peer)
+
+    def _make_room(self, source: str) -> bool:
+        """Room for one more unauthenticated connection from `source`? Evicts the oldest
+        unauthenticated one (from that source first) when a cap is reached; a connection that
+        has proven its key is never evicted. False when no room can be made."""
+        cap = MAX_PENDING_HUB if self.hub else MAX_PENDING
+        waiting = [s for s in self.pending if not s.conn.authenticated]
+        if self.hub:
+            same = [s for s in waiting if s.source == source]
+            if len(same) >= MAX_PENDING_PER_SOURCE:
+                self._evict(same[0], MAX_PENDING_PER_SOURCE, f"from {source}")
+                waiting.remove(same[0])
+        if len(self.pending) < cap:
+            return True
+        if not waiting:
+            return False
+        self._evict(waiting[0], cap, "")
+        return True
+
+    def _evict(self, session: Session, cap: int, what: str) -> None:
+        if not self.hub:
+            log.warning(
+                "%d handshakes waiting: dropping the oldest, from %s", cap, session.carrier.peer
+            )
+        self.status.drops["handshake_evicted"] = self.status.drops.get("handshake_evicted", 0) + 1
+        self._close_session(session)
 
     def _guard(self) -> Any:
         if self.replay_guard is None:
@@ -541,7 +682,7 @@ class Daemon:
         def on_event(mask: int, now: float) -> None:
             try:
                 if mask & selectors.EVENT_WRITE and carrier.flush():
-                    self._set_tx_wait(session, False)
+                    self._set_tx_wait(session, False, now)
                 if not mask & selectors.EVENT_READ or session.closed:
                     return
                 data = carrier.read()
@@ -587,13 +728,21 @@ class Daemon:
                 inbound += ev.packets
             elif type(ev) is LinkUp:
                 self._session_up(session, now)
+                if session.closed:
+                    return
             elif type(ev) is KeepaliveRtt:
                 self.status.last_rtt = ev.rtt
                 self.status.missed_keepalives = 0
+                if session.peer is not None:
+                    session.peer.last_rtt = ev.rtt
             elif type(ev) is Rekeyed:
                 self.status.rekeys += 1
                 self.status.epoch = ev.epoch
-                log.info("session rekeyed (epoch %d)", ev.epoch)
+                if session.peer is not None:
+                    session.peer.rekeys += 1
+                    session.peer.epoch = ev.epoch
+                if not self.hub:
+                    log.info("session rekeyed (epoch %d)", ev.epoch)
             elif type(ev) is PeerDead and not session.up and session.framer is not None:
                 # Serial: a handshake message was lost. Start over on the line, which stays open
                 # (closing a line loses whatever the far end is sending meanwhile).
@@ -601,26 +750,39 @@ class Daemon:
                 return
             elif type(ev) in (PeerDead, Closed):
                 if inbound:
-                    self._to_tun(inbound)
+                    self._to_tun(session, inbound)
                     inbound = []
                 why = ev.reason if type(ev) is PeerDead else f"peer closed the link: {ev.reason}"
                 self._end_session(session, why)
                 return
         if inbound:  # one hand-over per carrier read, not per frame: fewer thread wake-ups
-            self._to_tun(inbound)
-        self._send(session)
+            self._to_tun(session, inbound)
+        self._send(session, now)
+        self._file(session)
 
-    def _to_tun(self, packets: list[bytes]) -> None:
-        """Hand decrypted packets to the TUN writer (counted as dropped while the link is down)."""
-        if self.tun_writer is None:
+    def _to_tun(self, session: Session, packets: list[bytes]) -> None:
+        """Hand decrypted packets to the TUN writer (counted as dropped while the link is down).
+
+        A hub first drops what its client may not send: a source that is not the client's own
+        (spoofed) and, with `clienttoclient no`, traffic to another client."""
+        writer = self.tun_writer
+        peer = session.peer
+        if writer is None or peer is None or not session.up:
             self.status.drops["link_down"] = self.status.drops.get("link_down", 0) + len(packets)
             return
-        self.tun_writer.put(packets)
+        if self.hub:
+            packets = datapath.admit_inbound(
+                packets, writer.hdr_len, peer, self.table, self.config.clienttoclient
+            )
+            if not packets:
+                return
+        peer.packets_in += len(packets)
+        peer.bytes_in += sum(map(len, packets)) - len(packets) * writer.hdr_len
+        writer.put(packets)
 
     def _on_tun(self, mask: int, now: float) -> None:
-        session = self.active
         tun = self.tun
-        if session is None or tun is None:
+        if tun is None:
             return
         read = os.read
         fd = tun.fd
@@ -631,15 +793,41 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._end_session(session, f"TUN {tun.name} lost: {exc.strerror or exc}")
+                self._tun_lost(f"TUN {tun.name} lost: {exc.strerror or exc}")
                 return
         if not batch:
             return
+        hdr = tun.hdr_len
         self.status.packets_out += len(batch)
-        self.status.bytes_out += sum(map(len, batch)) - len(batch) * tun.hdr_len
-        self._run_protocol(session, now, lambda: session.conn.send_packets(batch, now))
+        self.status.bytes_out += sum(map(len, batch)) - len(batch) * hdr
+        if not self.hub:
+            session = self.active
+            if session is not None:
+                self.peer.packets_out += len(batch)
+                self.peer.bytes_out += sum(map(len, batch)) - len(batch) * hdr
+                self._run_protocol(session, now, lambda: session.conn.send_packets(batch, now))
+            return
+        for peer, packets in datapath.route_outbound(batch, hdr, self.table, self.status.drops):
+            session = peer.session
+            if session is None or not session.up or session.closed:
+                peer.count_drop("peer_down", len(packets))
+                continue
+            if session.blocked_since is not None:
+                peer.count_drop("peer_stalled", len(packets))  # see STALL_AFTER
+                continue
+            peer.packets_out += len(packets)
+            peer.bytes_out += sum(map(len, packets)) - len(packets) * hdr
+            self._run_protocol(
+                session, now, lambda s=session, p=packets: s.conn.send_packets(p, now)
+            )
 
-    def _send(self, session: Session) -> None:
+    def _tun_lost(self, reason: str) -> None:
+        """The TUN failed under us: every peer's link goes down (and comes back)."""
+        for peer in self.table:
+            if peer.session is not None:
+                self._end_session(peer.session, reason)
+
+    def _send(self, session: Session, now: float) -> None:
         if session.closed:
             return
         data = session.conn.data_to_send()
@@ -652,7 +840,7 @@ class Daemon:
         except OSError as exc:
             self._end_session(session, f"carrier error: {exc.strerror or exc}")
             return
-        self._set_tx_wait(session, carrier.pending)
+        self._set_tx_wait(session, carrier.pending, now)
 
     def _add_pending(
         self, carrier: tcp.Carrier, conn: Connection, now: float, framer: SlipFramer | None = None
@@ -663,7 +851,7 @@ class Daemon:
         self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
         return session
 
-    def _set_tx_wait(self, session: Session, waiting: bool) -> None:
+    def _set_tx_wait(self, session: Session, waiting: bool, now: float) -> None:
         """Watch the carrier for writability, and pause the TUN, exactly while output is queued."""
         if waiting == session.tx_registered or session.closed:
             return
@@ -671,8 +859,23 @@ class Daemon:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
         fd = session.carrier.fileno()
         self.sel.modify(fd, events, self.sel.get_key(fd).data)  # the same callback, new interest
-        if session is self.active:
-            self._watch_tun(not waiting)
+        if waiting:
+            session.blocked_since = now
+            if session.up:
+                self._blocked.add(session)
+        else:
+            session.blocked_since = None
+            self._blocked.discard(session)
+        self._update_tun_watch(now)
+
+    def _update_tun_watch(self, now: float) -> None:
+        """Read the TUN unless an up session's output is queued (on a hub: for less than
+        STALL_AFTER — a stalled client no longer holds the others back)."""
+        if self.hub:
+            held = any(now - (s.blocked_since or now) < STALL_AFTER for s in self._blocked)
+        else:
+            held = bool(self._blocked)
+        self._watch_tun(not held)
 
     def _watch_tun(self, on: bool) -> None:
         if self.tun is None or on == self.tun_registered:
@@ -685,23 +888,48 @@ class Daemon:
 
     # ----------------------------------------------------------------- link up / down
     def _session_up(self, session: Session, now: float) -> None:
-        session.up = True
+        peer = session.peer if session.peer is not None else self._peer_of(session)
         if session in self.pending:
             self.pending.remove(session)
-        previous = self.active
-        self.active = session
-        self.status.peer = session.carrier.peer
-        self.status.session_started = time.time()
-        self.status.epoch = 0
+        if peer is None:
+            self._drop_session(session, "no such client (removed by a reload?)")
+            return
+        if not self._dials and not tcp.client_allowed(
+            _addr(session), peer.client_host, peer.client_port
+        ):
+            self._drop_session(
+                session,
+                f"client {peer.name} may connect only from {peer.client_host}:"
+                f"{peer.client_port or 'any'}",
+            )
+            self.status.drops["refused_client"] = self.status.drops.get("refused_client", 0) + 1
+            return
+        session.peer = peer
+        session.up = True
+        previous = peer.session
+        peer.session = session
+        peer.endpoint = session.carrier.peer
+        peer.session_started = time.time()
+        peer.last_handshake = peer.session_started
+        peer.epoch = 0
+        if session.blocked_since is not None:
+            self._blocked.add(session)
+        if not self.hub:
+            self.status.peer = session.carrier.peer
+            self.status.session_started = peer.session_started
+            self.status.epoch = 0
         if previous is not None:
             log.info(
-                "new authenticated session from %s replaces the one from %s",
+                "%snew authenticated session from %s replaces the one from %s",
+                f"{peer.name}: " if self.hub else "",
                 session.carrier.peer,
                 previous.carrier.peer,
             )
             self.status.reconnects += 1
+            peer.reconnects += 1
             self._close_session(previous)
-            self._watch_tun(not session.carrier.pending)
+            self._update_tun_watch(now)
+            self._status_dirty = True
             return
         if self._dials:
             # Other half-open attempts are moot once one session is up.
@@ -709,81 +937,160 @@ class Daemon:
                 self._close_session(other)
         self.link_since = now
         try:
-            self._link_up(session)
+            self._peer_up(peer, session)
         except OSError as exc:  # TunError included
             log.error("cannot bring the link up: %s", exc)
             self._end_session(session, f"local error: {exc}")
 
-    def _link_up(self, session: Session) -> None:
+    def _peer_of(self, session: Session) -> Peer | None:
+        """The peer a server session authenticated as (still in the current table)."""
+        if not self.hub:
+            return self.peer
+        peer = session.conn.peer
+        if peer is None or self.table.by_name.get(peer.name) is not peer:
+            return None
+        return peer
+
+    def _drop_session(self, session: Session, reason: str) -> None:
+        log.warning("%s: %s", session.carrier.peer, reason)
+        with contextlib.suppress(Exception):
+            session.conn.close(reason)
+            session.carrier.write(session.conn.data_to_send())
+        self._close_session(session)
+
+    def _peer_up(self, peer: Peer, session: Session) -> None:
+        """A peer's link is up: the TUN (for the first peer), its routes, its linkup hook."""
         cfg = self.config
-        if self.status.links_up:
-            self.status.reconnects += 1
+        if peer.links_up:
+            peer.reconnects += 1
+            if not self.hub:
+                self.status.reconnects += 1
+        peer.links_up += 1
         self.status.links_up += 1
-        tun = Tun.open(cfg.interface, offload=not cfg.is_serial)
-        self.tun = tun
-        _disable_ipv6(tun.name)
-        tun.configure(cfg.local, cfg.remote, cfg.mtu)
-        self.tun_writer = TunWriter(tun.fd, tun.hdr_len)
-        env = self._hook_env(session)
-        self.hooks.submit("slipup", cfg.slipup, [tun.name], env)
-        self._up_hooks.add("slipup")
-        if cfg.autoroute and cfg.mode == "client" and not cfg.is_serial:
-            try:
-                pinned = tun.pin_route(ipaddress.IPv4Address(cfg.server_host))
-                if pinned:
-                    log.info("autoroute: carrier route pinned: %s", pinned)
-            except TunError as exc:
-                log.warning("autoroute: %s", exc)
-        for route in cfg.routes:
-            try:
-                tun.add_route(route.network, route.gateway)
-            except TunError as exc:
-                log.error(
-                    "route%d %s via %s not added: %s",
-                    route.index,
-                    route.network,
-                    route.gateway,
-                    exc,
-                )
-        self.hooks.submit("linkup", cfg.linkup, self._hook_args(session), env)
-        self._up_hooks.add("linkup")
-        self.status.set_state("up")
+        if self.tun is None:
+            self._tun_up(session)
+        tun = self.tun
+        assert tun is not None  # noqa: S101 — _tun_up raised otherwise
+        self.up_count += 1
+        if self.hub:
+            for net in peer.networks:
+                try:
+                    tun.add_route(net)
+                except TunError as exc:
+                    log.error("%s: route %s not added: %s", peer.name, net, exc)
+        else:
+            if cfg.autoroute and cfg.mode == "client" and not cfg.is_serial:
+                try:
+                    pinned = tun.pin_route(ipaddress.IPv4Address(cfg.server_host))
+                    if pinned:
+                        log.info("autoroute: carrier route pinned: %s", pinned)
+                except TunError as exc:
+                    log.warning("autoroute: %s", exc)
+            for route in cfg.routes:
+                try:
+                    tun.add_route(route.network, route.gateway)
+                except TunError as exc:
+                    log.error(
+                        "route%d %s via %s not added: %s",
+                        route.index,
+                        route.network,
+                        route.gateway,
+                        exc,
+                    )
+        self.hooks.submit("linkup", cfg.linkup, self._hook_args(peer), self._hook_env(peer))
+        self._linkup_ran.add(peer)
+        peer.set_state(UP)
+        if self.hub:
+            self._set_top_state()
+        else:
+            self.status.set_state("up")
         self._status_dirty = True
-        self._watch_tun(not session.carrier.pending)
+        self._update_tun_watch(time.monotonic())
         log.info(
-            "link up: %s %s <-> %s via %s, key %s",
+            "link up: %s %s <-> %s%s via %s, key %s",
             tun.name,
             cfg.local,
-            cfg.remote,
+            peer.address,
+            f" ({peer.name})" if self.hub else "",
             session.carrier.peer,
-            self.fp,
+            peer.fingerprint,
         )
 
-    def _hook_env(self, session: Session) -> dict[str, str]:
+    def _tun_up(self, session: Session) -> None:
+        cfg = self.config
+        tun = Tun.open(cfg.interface, offload=not cfg.is_serial)
+        self.tun = tun
+        try:
+            _disable_ipv6(tun.name)
+            tun.configure(cfg.local, cfg.remote, cfg.mtu)
+        except OSError:
+            self.tun = None
+            tun.close()
+            raise
+        self.tun_writer = TunWriter(tun.fd, tun.hdr_len)
+        env = self._hook_env(session.peer) if not self.hub else self._hub_env()
+        self.hooks.submit("slipup", cfg.slipup, [tun.name], env)
+        self._tun_hooks.add("slipup")
+
+    def _hub_env(self) -> dict[str, str]:
         cfg = self.config
         return {
             "VPND_INTERFACE": cfg.interface,
             "VPND_LOCAL": str(cfg.local),
-            "VPND_REMOTE": str(cfg.remote),
-            "VPND_PEER": session.carrier.peer,
             "VPND_MODE": cfg.mode,
             "VPND_CONFIG": cfg.source,
         }
 
-    def _hook_args(self, session: Session) -> list[str]:
+    def _hook_env(self, peer: Peer | None) -> dict[str, str]:
         cfg = self.config
-        return [cfg.interface, str(cfg.local), str(cfg.remote), session.carrier.peer]
+        env = {
+            "VPND_INTERFACE": cfg.interface,
+            "VPND_LOCAL": str(cfg.local),
+            "VPND_REMOTE": str(peer.address if peer is not None else cfg.remote),
+            "VPND_PEER": (peer.endpoint or "") if peer is not None else "",
+            "VPND_MODE": cfg.mode,
+            "VPND_CONFIG": cfg.source,
+        }
+        if self.hub and peer is not None:
+            env["VPND_PEER_NAME"] = peer.name
+        return env
 
-    def _link_down(self, session: Session, reason: str) -> None:
-        """Undo `_link_up`, whatever part of it happened: each down hook runs only if its up
-        hook ran, and the TUN is closed even when removing routes fails."""
+    def _hook_args(self, peer: Peer, reason: str | None = None) -> list[str]:
         cfg = self.config
+        args = [cfg.interface, str(cfg.local), str(peer.address), peer.endpoint or ""]
+        if reason is not None:
+            args.append(reason)
+        if self.hub:
+            args.append(peer.name)
+        return args
+
+    def _peer_down(self, peer: Peer, reason: str) -> None:
+        """Undo `_peer_up`, whatever part of it happened; the last peer down takes the TUN."""
+        cfg = self.config
+        if peer in self._linkup_ran:
+            self._linkup_ran.discard(peer)
+            self.hooks.submit(
+                "linkdown", cfg.linkdown, self._hook_args(peer, reason), self._hook_env(peer)
+            )
+            self.up_count -= 1
+        if self.hub and self.tun is not None:
+            for net in peer.networks:
+                for problem in self.tun.remove_route(net):
+                    log.warning("removing %s", problem)
+        peer.session_started = None
+        if not self.hub:
+            self.status.session_started = None
+        if self.up_count <= 0:
+            self.up_count = 0
+            self._tun_down(peer)
+        log.warning("link down%s: %s", f" ({peer.name})" if self.hub else "", reason)
+
+    def _tun_down(self, peer: Peer) -> None:
+        """Close the TUN (the kernel deletes it and its routes); slipdown after slipup."""
         self._watch_tun(False)
-        env = self._hook_env(session)
-        if "linkup" in self._up_hooks:
-            self.hooks.submit("linkdown", cfg.linkdown, [*self._hook_args(session), reason], env)
         tun, self.tun = self.tun, None
         writer, self.tun_writer = self.tun_writer, None
+        env = self._hook_env(peer) if not self.hub else self._hub_env()
         try:
             if writer is not None:
                 drops = writer.close()
@@ -799,27 +1106,30 @@ class Daemon:
         finally:
             if tun is not None:
                 tun.close()
-                if "slipup" in self._up_hooks:
-                    self.hooks.submit("slipdown", cfg.slipdown, [tun.name], env)
-            self._up_hooks.clear()
-        self.status.session_started = None
-        log.warning("link down: %s", reason)
+                if "slipup" in self._tun_hooks:
+                    self.hooks.submit("slipdown", self.config.slipdown, [tun.name], env)
+            self._tun_hooks.clear()
 
     def _end_session(self, session: Session, reason: str) -> None:
         """A session ended (error, EOF, dead peer): log once, tear down, and plan what follows."""
         if session.closed:
             return
-        was_active = session is self.active
+        peer = session.peer
+        was_active = peer is not None and peer.session is session
         self._close_session(session)
         now = time.monotonic()
-        if was_active:
-            self.active = None
-            self._link_down(session, reason)
-            self.status.set_state("down", reason)
-            self._publish(force=True)
+        if was_active and peer is not None:
+            peer.session = None
+            self._peer_down(peer, reason)
+            peer.set_state(DOWN, reason)
+            if self.hub:
+                self._set_top_state()
+            else:
+                self.status.set_state("down", reason)
+                self._publish(force=True)
             if now - self.link_since > BACKOFF_RESET_AFTER:
                 self.attempt = 0
-        else:
+        elif not self.hub or session.conn.authenticated:
             log.warning("%s: %s", session.carrier.peer, reason)
         if self._dials:
             if self.active is None and not self.pending and not self.stopping:
@@ -828,7 +1138,7 @@ class Daemon:
                     # reopening its device): try again at once rather than backing off.
                     self.attempt = 0
                 self._schedule_retry(now, reason)
-        elif self.active is None:
+        elif self.active is None and not self.hub:
             self.status.set_state("listening", reason)
         self._status_dirty = True
 
@@ -836,6 +1146,7 @@ class Daemon:
         if not session.closed:
             self._retire_counters(session)
         session.closed = True
+        self._blocked.discard(session)
         if session in self.pending:
             self.pending.remove(session)
         with contextlib.suppress(KeyError, ValueError):
@@ -858,33 +1169,83 @@ class Daemon:
         )
         for k, v in self._session_drops(session).items():
             self._drop_base[k] = self._drop_base.get(k, 0) + v
+            if session.peer is not None and session.up:
+                session.peer.count_drop(k, v)
 
     def _publish(self, force: bool = False) -> None:
         now = time.monotonic()
         if not (force or self._status_dirty or now >= self._status_due):
             return
+        if (
+            self.hub
+            and not force
+            and now < self._status_due
+            and now - self._last_publish < HUB_STATUS_MIN_INTERVAL
+        ):
+            return  # a burst of clients: at most a few writes per second
         writer = self.tun_writer
         if writer is not None:
             self.status.packets_in = self._in_base[0] + writer.packets
             self.status.bytes_in = self._in_base[1] + writer.bytes
         wire_in, wire_out = self._wire_base
-        for s in self._sessions():
+        sessions = self._sessions()
+        for s in sessions:
             wire_in += s.conn.stats.wire_bytes_in
             wire_out += s.conn.stats.wire_bytes_out
         self.status.carrier_bytes_in, self.status.carrier_bytes_out = wire_in, wire_out
         drops = dict(self._drop_base)
-        for s in self._sessions():
+        for s in sessions:
             for k, v in self._session_drops(s).items():
                 drops[k] = drops.get(k, 0) + v
         self.status.drops.update(drops)
-        if self.active is not None:
-            self.status.missed_keepalives = self.active.conn.stats.missed_keepalives
+        active = self.active
+        if active is not None:
+            self.status.missed_keepalives = active.conn.stats.missed_keepalives
+        if self.hub:
+            self.status.peers = [self._peer_record(p) for p in self.table]
+            self.status.peers_total = len(self.table)
+            self.status.peers_up = self.up_count
         try:
             self.writer.write(self.status)
         except OSError as exc:
             log.warning("cannot write status file %s: %s", self.writer.path, exc)
         self._status_dirty = False
         self._status_due = now + STATUS_INTERVAL
+        self._last_publish = now
+
+    def _peer_record(self, peer: Peer) -> dict[str, Any]:
+        """One hub client's entry in the status record (docs/architecture.md)."""
+        session = peer.session
+        drops = dict(peer.drops)
+        if session is not None:
+            for k, v in self._session_drops(session).items():
+                drops[k] = drops.get(k, 0) + v
+        age = None
+        if peer.session_started is not None and peer.state == UP:
+            age = round(time.time() - peer.session_started, 3)
+        return {
+            "name": peer.name,
+            "address": str(peer.address),
+            "state": peer.state,
+            "since": peer.since,
+            "reason": peer.reason,
+            "peer": peer.endpoint,
+            "session_started": peer.session_started,
+            "session_age": age,
+            "last_handshake": peer.last_handshake,
+            "rekeys": peer.rekeys,
+            "epoch": peer.epoch,
+            "bytes_in": peer.bytes_in,
+            "bytes_out": peer.bytes_out,
+            "packets_in": peer.packets_in,
+            "packets_out": peer.packets_out,
+            "last_rtt": peer.last_rtt,
+            "missed_keepalives": session.conn.stats.missed_keepalives if session else 0,
+            "key_fingerprint": peer.fingerprint,
+            "routes": [str(r.network) for r in peer.routes],
+            "drops": drops,
+            "reconnects": peer.reconnects,
+        }
 
     def _install_signals(self) -> None:
         def stop(signum: int, frame: Any) -> None:
@@ -903,15 +1264,26 @@ class Daemon:
                 pass
 
     def _reload(self) -> None:
-        """SIGHUP: re-read the config and key; restart the link only if something changed."""
+        """SIGHUP: re-read the config and keys; restart the link only if something changed
+        (a hub whose only change is its peer set keeps its unchanged clients' sessions)."""
         try:
             new = load_config(self.config.source)
-            key = load_key(new.keyfile)
+            table = load_table(new)
         except (ConfigError, KeyFileError, OSError) as exc:
             log.error("SIGHUP: configuration not reloaded, keeping the running one:\n%s", exc)
             return
-        if new == self.config and key == self.key:
+        old_ids = [p.identity() for p in self.table]
+        new_ids = [p.identity() for p in table]
+        if new == self.config and old_ids == new_ids:
             log.info("SIGHUP: configuration unchanged")
+            return
+        same_hub = (
+            self.hub
+            and new.is_hub
+            and dataclasses.replace(new, peers=()) == dataclasses.replace(self.config, peers=())
+        )
+        if same_hub:
+            self._reload_peers(new, table)
             return
         log.info("SIGHUP: configuration changed; restarting the link")
         self._stop_link("configuration reloaded")
@@ -929,10 +1301,13 @@ class Daemon:
                 self.rng.close()
                 self.rng = rng
         self.config = new
-        self.key = key
-        self.fp = fingerprint(key)
-        self.status.key_fingerprint = self.fp
-        self.status.local, self.status.remote = str(new.local), str(new.remote)
+        self.hub = new.is_hub
+        self.table = table
+        self.up_count = 0
+        self.status.hub = self.hub
+        self.status.key_fingerprint = self._top_fingerprint()
+        self.status.local = str(new.local)
+        self.status.remote = str(new.remote) if new.remote is not None else ""
         self.status.interface = new.interface
         self.attempt = 0
         self.next_attempt = 0.0
@@ -943,6 +1318,44 @@ class Daemon:
             self._relisten(time.monotonic())
         else:
             self.status.set_state("connecting")
+
+    def _reload_peers(self, new: Config, table: PeerTable) -> None:
+        """Apply a hub's new peer set: unchanged clients keep their Peer (session, counters);
+        removed or changed ones are cut at once, so their old key opens nothing from now on."""
+        current = self.table.by_name
+        kept, added, gone = [], [], []
+        for fresh in table:
+            old = current.get(fresh.name)
+            if old is not None and old.identity() == fresh.identity():
+                kept.append(old)
+            else:
+                added.append(fresh)
+        keep_ids = {id(p) for p in kept}
+        gone = [p for p in self.table if id(p) not in keep_ids]
+        self.config = new
+        self.table = PeerTable(kept + added, hub=True)  # the ring sees it from now on
+        for peer in gone:
+            why = "changed" if peer.name in table.by_name else "removed"
+            reason = f"client {why} by a reload"
+            if peer.session is not None:
+                session = peer.session
+                with contextlib.suppress(Exception):
+                    session.conn.close(reason)
+                    session.carrier.write(session.conn.data_to_send())
+                self._end_session(session, reason)
+        for s in list(self.pending):  # proven but unconfirmed handshakes of a revoked key
+            if s.conn.peer is not None and self.table.by_name.get(s.conn.peer.name) is not (
+                s.conn.peer
+            ):
+                self._close_session(s)
+        self.status.key_fingerprint = self._top_fingerprint()
+        self._status_dirty = True
+        log.info(
+            "SIGHUP: clients reloaded: %d kept, %d added or changed, %d removed or changed",
+            len(kept),
+            len(added),
+            len(gone),
+        )
 
     def _relisten(self, now: float) -> None:
         """Listen again after a reload; the port can stay busy for a moment (a hook's fork
@@ -972,14 +1385,17 @@ class Daemon:
             self.listener_resume = None
         for s in list(self.pending):
             self._close_session(s)
-        if self.active is not None:
-            s = self.active
+        for peer in self.table:
+            s = peer.session
+            if s is None:
+                continue
             with contextlib.suppress(Exception):
                 s.conn.close(reason)
                 s.carrier.write(s.conn.data_to_send())
             self._close_session(s)
-            self.active = None
-            self._link_down(s, reason)
+            peer.session = None
+            self._peer_down(peer, reason)
+            peer.set_state(DOWN, reason)
         if self.connecting is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(self.connecting)
@@ -1001,17 +1417,13 @@ class Daemon:
         self.sel.close()
 
 
-def _run_modemchat(config: Config, transport: SerialTransport) -> tuple[bool, str]:
-    """Run the `modemchat` script on the open line before the link starts."""
-    from vpnd_runtime.io.chat import load_chat_script, run_chat  # noqa: PLC0415 — serial only
-
-    assert config.modemchat is not None  # noqa: S101 — checked by the caller
+def _addr(session: Session) -> tuple[str, int]:
+    """The carrier's source (address, port), from its printable `host:port`."""
+    host, _, port = session.carrier.peer.rpartition(":")
     try:
-        script = load_chat_script(config.modemchat)
-    except (OSError, ValueError) as exc:
-        return False, str(exc)
-    result = run_chat(script, transport.port, on_step=lambda line: log.info("modemchat: %s", line))
-    return result.ok, result.reason
+        return host, int(port)
+    except ValueError:
+        return host, 0
 
 
 def _disable_ipv6(ifname: str) -> None:
@@ -1019,122 +1431,3 @@ def _disable_ipv6(ifname: str) -> None:
     path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
     with contextlib.suppress(OSError), open(path, "w") as fh:
         fh.write("1")
-
-
-# --------------------------------------------------------------------- process management
-def _setup_logging(config: Config, daemon: bool, verbose: bool) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    tag = f"vpnd[{config.interface}]"
-    if daemon and os.path.exists("/dev/log"):
-        handler: logging.Handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
-        )
-        handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
-    elif daemon:
-        logpath = log_path(config)
-        os.makedirs(os.path.dirname(logpath) or ".", exist_ok=True)
-        handler = logging.FileHandler(logpath)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag} %(levelname)s: %(message)s"))
-    root.addHandler(handler)
-
-
-def log_path(config: Config) -> str:
-    """Where a detached daemon logs when there is no syslog socket: beside its status file."""
-    base = config.statusfile
-    for suffix in (".json", ".status"):
-        base = base.removesuffix(suffix)
-    return base + ".log"
-
-
-def write_pidfile(path: str) -> int:
-    """Take the pidfile: a file holding our PID, flock'ed and kept open while we run.
-
-    A second vpnd on the same pidfile finds the lock held and refuses (no check-then-create race);
-    a stale file, whose process is gone and its lock with it, is simply taken over.
-    Returns the fd to hand to `remove_pidfile`.
-    """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        old = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise OSError(errno.EEXIST, f"pidfile {path}: vpnd already running as pid {old}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-def remove_pidfile(path: str, fd: int) -> None:
-    """Delete the pidfile (still locked by us, so still ours) and release it."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    os.close(fd)
-
-
-def _daemonize() -> int:
-    """Detach the vpnd way (fork, setsid, fork); returns the write end of a readiness pipe.
-
-    The original process waits on the pipe and exits 0 when the daemon reports it started, or 1
-    with the daemon's error message, so `vpnd --daemon` fails loudly when the link cannot start.
-    """
-    r, w = os.pipe()
-    if os.fork() > 0:
-        os.close(w)
-        msg = b""
-        while chunk := os.read(r, 4096):
-            msg += chunk
-        if msg.startswith(b"ok"):
-            os._exit(0)
-        sys.stderr.write(
-            (msg.decode(errors="replace") or "vpnd: daemon died while starting") + "\n"
-        )
-        os._exit(1)
-    os.close(r)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    os.umask(0o022)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    return w
-
-
-def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
-    """`vpnd -f CONF`: load the key, optionally detach, serve the link; returns the exit code."""
-    key = load_key(config.keyfile)
-    ready_fd = _daemonize() if daemonize else -1
-    _setup_logging(config, daemonize, verbose)
-
-    def ready(error: str | None) -> None:
-        if ready_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(ready_fd, b"ok" if error is None else f"vpnd: {error}".encode())
-                os.close(ready_fd)
-
-    pid_fd = -1
-    try:
-        if config.pidfile:
-            pid_fd = write_pidfile(config.pidfile)
-    except OSError as exc:
-        log.error("%s", exc.strerror or exc)
-        ready(str(exc.strerror or exc))
-        return 1
-    try:
-        return Daemon(config, key).run(ready)
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        ready(str(exc))
-        return 1
-    finally:
-        if config.pidfile and pid_fd >= 0:
-            remove_pidfile(config.pidfile, pid_fd)

@@ -55,6 +55,11 @@ class StatusRecord:
     reconnects: int = 0
     links_up: int = 0
     updated: float = 0.0
+    #: A hub (many clients): its clients' entries, and how many there are / are up.
+    hub: bool = False
+    peers: list[dict[str, Any]] = field(default_factory=list)
+    peers_total: int = 0
+    peers_up: int = 0
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         """Move to `state` (recording since when) unless already there with the same reason."""
@@ -81,7 +86,11 @@ class StatusWriter:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o755, exist_ok=True)
-        data = json.dumps(asdict(record), sort_keys=True)
+        fields = asdict(record)
+        if not record.hub:  # a point-to-point record keeps its first-version shape
+            for name in ("hub", "peers", "peers_total", "peers_up"):
+                del fields[name]
+        data = json.dumps(fields, sort_keys=True)
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, data.encode())
@@ -220,4 +229,6 @@ def print_status(config: Any, as_json: bool = False) -> int:
         sys.stdout.write(json.dumps(record, sort_keys=True, indent=2) + "\n")
     else:
         sys.stdout.write(format_status(record) + "\n")
+    if record.get("hub"):
+        return 0 if record.get("state") in ("up", "listening") else 1
     return 0 if record.get("state") == "up" else 1

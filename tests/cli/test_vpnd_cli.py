@@ -119,15 +119,15 @@ def test_help_exits_0(capsys):
 
 def test_run_hands_the_parsed_config_to_the_daemon(conf, monkeypatch):
     calls: list[tuple[Config, bool, bool]] = []
-    fake = types.ModuleType("vpnd_runtime.daemon")
+    fake = types.ModuleType("vpnd_runtime.process")
 
     def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
         calls.append((config, daemonize, verbose))
         return 0
 
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vpnd_runtime.daemon", fake)
-    monkeypatch.setattr("vpnd_runtime.daemon", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "vpnd_runtime.process", fake)
+    monkeypatch.setattr("vpnd_runtime.process", fake, raising=False)
     assert main(["-f", str(conf), "--daemon", "-v"]) == 0
     [(config, daemonize, verbose)] = calls
     assert (config.mode, config.server_port, daemonize, verbose) == ("server", 24741, True, True)

@@ -67,7 +67,7 @@ class Route:
     """A route through the tunnel: `dest` network via the far end."""
 
     network: ipaddress.IPv4Network
-    gateway: ipaddress.IPv4Address
+    gateway: ipaddress.IPv4Address | None
 
 
 @dataclass
@@ -107,23 +107,67 @@ class Tun:
         return cls(name=name, fd=fd, hdr_len=VNET_HDR_LEN if offload else 0)
 
     def configure(
-        self, local: ipaddress.IPv4Address, remote: ipaddress.IPv4Address, mtu: int
+        self,
+        local: ipaddress.IPv4Address,
+        remote: ipaddress.IPv4Address | None,
+        mtu: int,
     ) -> None:
-        """Give the link its point-to-point addresses and MTU, and bring it up."""
+        """Give the link its addresses and MTU, and bring it up: point-to-point `local` ->
+        `remote`, or, for a hub (`remote` None), `local`/32 alone (clients get routes)."""
         with _netlink(f"configuring {self.name}") as ipr:
             links = ipr.link_lookup(ifname=self.name)
             if not links:
                 raise TunError(errno.ENODEV, f"TUN {self.name} vanished before configuration")
             self.index = links[0]
             ipr.link("set", index=self.index, mtu=mtu)
-            ipr.addr("add", index=self.index, local=str(local), address=str(remote), prefixlen=32)
+            if remote is None:
+                ipr.addr("add", index=self.index, address=str(local), prefixlen=32)
+            else:
+                ipr.addr(
+                    "add", index=self.index, local=str(local), address=str(remote), prefixlen=32
+                )
             ipr.link("set", index=self.index, state="up")
 
-    def add_route(self, network: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address) -> None:
-        """Route `network` through the tunnel; remembered so `remove_routes` can undo it."""
-        with _netlink(f"route {network} via {gateway}") as ipr:
-            ipr.route("add", dst=str(network), gateway=str(gateway), oif=self.index)
+    def add_route(
+        self, network: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None = None
+    ) -> None:
+        """Route `network` through the tunnel (via `gateway`, or straight onto the device);
+        remembered so `remove_route`/`remove_routes` can undo it."""
+        with _netlink(f"route {network} via {gateway or self.name}") as ipr:
+            if gateway is None:
+                ipr.route("add", dst=str(network), oif=self.index)
+            else:
+                ipr.route("add", dst=str(network), gateway=str(gateway), oif=self.index)
         self._routes.append(Route(network, gateway))
+
+    def remove_route(self, network: ipaddress.IPv4Network) -> list[str]:
+        """Remove one route this object added; returns the problems met (never raises)."""
+        routes = [r for r in self._routes if r.network == network]
+        self._routes = [r for r in self._routes if r.network != network]
+        return self._delete([(f"route {r.network}", self._spec(r)) for r in routes])
+
+    def _spec(self, route: Route) -> dict[str, object]:
+        spec: dict[str, object] = {"dst": str(route.network), "oif": self.index}
+        if route.gateway is not None:
+            spec["gateway"] = str(route.gateway)
+        return spec
+
+    @staticmethod
+    def _delete(specs: list[tuple[str, dict[str, object]]]) -> list[str]:
+        problems: list[str] = []
+        if not specs:
+            return problems
+        try:
+            with IPRoute() as ipr:
+                for what, spec in specs:
+                    try:
+                        ipr.route("del", **spec)
+                    except NetlinkError as exc:
+                        if exc.code not in (errno.ESRCH, errno.ENODEV):
+                            problems.append(f"{what}: {exc}")
+        except (OSError, NetlinkError) as exc:
+            problems.append(f"netlink: {exc}")
+        return problems
 
     def pin_route(self, dst: ipaddress.IPv4Address) -> str | None:
         """Pin a host route to `dst` (the carrier's peer) along its current path.
@@ -154,29 +198,12 @@ class Tun:
 
     def remove_routes(self) -> list[str]:
         """Remove the routes this object added; returns the problems met (never raises)."""
-        problems: list[str] = []
-        specs = [
-            (
-                f"route {r.network}",
-                {"dst": str(r.network), "gateway": str(r.gateway), "oif": self.index},
-            )
-            for r in reversed(self._routes)
-        ] + [(f"pinned route {spec['dst']}", spec) for spec in self._pinned]
-        if not specs:
-            return problems
-        try:
-            with IPRoute() as ipr:
-                for what, spec in specs:
-                    try:
-                        ipr.route("del", **spec)
-                    except NetlinkError as exc:
-                        if exc.code not in (errno.ESRCH, errno.ENODEV):
-                            problems.append(f"{what}: {exc}")
-        except (OSError, NetlinkError) as exc:
-            problems.append(f"netlink: {exc}")
+        specs = [(f"route {r.network}", self._spec(r)) for r in reversed(self._routes)] + [
+            (f"pinned route {spec['dst']}", spec) for spec in self._pinned
+        ]
         self._routes.clear()
         self._pinned.clear()
-        return problems
+        return self._delete(specs)
 
     def close(self) -> None:
         """Close the fd: the kernel deletes the (non-persistent) interface and its routes."""

@@ -425,7 +425,8 @@ def py_spy(pid: int, out: Path | None, seconds: float) -> Iterator[None]:
         yield
         return
     proc = subprocess.Popen(
-        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "-f", "speedscope",
+        [spy, "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
+         "-f", "speedscope",
          "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -469,11 +470,16 @@ def run_one(s: Star, work: Path, keydir: Path, n: int, args: argparse.Namespace)
         prof = Path(args.profile) if args.profile else None
         options = ["--keepalive", str(KEEPALIVE), "--ramp-timeout", str(args.ramp_timeout),
                    "--inflight", str(args.inflight)]  # fmt: skip
+        stat = Path(f"/proc/{hub.pid}/stat")
         with py_spy(hub.pid, prof / f"hub-ramp-{n}.json" if prof else None, args.ramp_timeout):
             gen = stack.enter_context(generator(s.gen, "198.18.1.1", keydir, n, *options))
             gen.expect("ready", 60)
+            ticks = cpu_ticks(stat.read_text())
             ramp = gen.expect("ramp", args.ramp_timeout + 30)
+            ticks = cpu_ticks(stat.read_text()) - ticks
         fig["ramp"] = ramp
+        # CPU time, not wall time: what each handshake costs the hub however busy the machine is
+        fig["hub_cpu_ms_per_hs"] = 1e3 * ticks / os.sysconf("SC_CLK_TCK") / max(1, ramp["ever_up"])
         fig["ramp_s"], fig["hs_per_s"] = ramp_figures(ramp)
         poll_until(
             lambda: read_record(record).get("peers_up", 0) >= ramp["up"] + len(reals),

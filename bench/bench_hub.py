@@ -540,6 +540,11 @@ def report(figs: list[dict]) -> str:
             "",
         ),
         (
+            "hub CPU per handshake over the ramp (ms)",
+            [_fmt(f["hub_cpu_ms_per_hs"], ".2f") for f in figs],
+            "",
+        ),
+        (
             "handshake tries that failed",
             [str(sum(f["ramp"]["failures"].values())) for f in figs],
             "",

@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
-import ipaddress
 import itertools
 import logging
 import os
@@ -78,8 +77,9 @@ from vpnd_runtime.carriers import RandomDev, SerialCarrier, run_modemchat
 from vpnd_runtime.config import Config, ConfigError, load_config
 from vpnd_runtime.io import tcp
 from vpnd_runtime.io.hooks import HookRunner
-from vpnd_runtime.io.tun import READ_SIZE, Tun, TunError, TunWriter
+from vpnd_runtime.io.tun import READ_SIZE, TunError
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
+from vpnd_runtime.link import Link
 from vpnd_runtime.peers import DOWN, UP, Peer, PeerTable
 from vpnd_runtime.proto.connection import Connection, Params
 from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
@@ -241,14 +241,9 @@ class Daemon:
         self.connecting: socket.socket | None = None
         self.connect_started = 0.0
         self.pending: list[Session] = []
-        self.up_count = 0  # peers up
-        self.tun: Tun | None = None
-        self.tun_writer: TunWriter | None = None
+        self.link = Link(config, self.hooks, self.status, lambda: self._watch_tun(False))
         # A slow line must not be handed a whole batch at once (see TUN_BATCH).
         self.tun_batch = 4 if config.is_serial else TUN_BATCH
-        self._tun_hooks: set[str] = set()  # slipup ran (so slipdown runs only after it)
-        self._linkup_ran: set[Peer] = set()  # peers whose linkup ran (linkdown only after it)
-        self._in_base = (0, 0)  # packets/bytes written by TUN writers of earlier links
         self._wire_base = (0, 0)  # carrier bytes in/out of sessions already closed
         self._drop_base: dict[str, int] = {}  # protocol/line drops of sessions already closed
         self._blocked: set[Session] = set()  # up sessions with output queued
@@ -353,7 +348,7 @@ class Daemon:
 
     def _set_top_state(self, reason: str | None = None) -> None:
         """A server's top-level state: up while a peer is up, else listening."""
-        self.status.set_state("up" if self.up_count else "listening", reason)
+        self.status.set_state("up" if self.link.up_count else "listening", reason)
         self._status_dirty = True
 
     def _turn(self) -> None:
@@ -765,7 +760,7 @@ class Daemon:
 
         A hub first drops what its client may not send: a source that is not the client's own
         (spoofed) and, with `clienttoclient no`, traffic to another client."""
-        writer = self.tun_writer
+        writer = self.link.writer
         peer = session.peer
         if writer is None or peer is None or not session.up:
             self.status.drops["link_down"] = self.status.drops.get("link_down", 0) + len(packets)
@@ -781,7 +776,7 @@ class Daemon:
         writer.put(packets)
 
     def _on_tun(self, mask: int, now: float) -> None:
-        tun = self.tun
+        tun = self.link.tun
         if tun is None:
             return
         read = os.read
@@ -878,12 +873,13 @@ class Daemon:
         self._watch_tun(not held)
 
     def _watch_tun(self, on: bool) -> None:
-        if self.tun is None or on == self.tun_registered:
+        tun = self.link.tun
+        if tun is None or on == self.tun_registered:
             return
         if on:
-            self.sel.register(self.tun.fd, selectors.EVENT_READ, self._on_tun)
+            self.sel.register(tun.fd, selectors.EVENT_READ, self._on_tun)
         else:
-            self.sel.unregister(self.tun.fd)
+            self.sel.unregister(tun.fd)
         self.tun_registered = on
 
     # ----------------------------------------------------------------- link up / down
@@ -960,45 +956,13 @@ class Daemon:
 
     def _peer_up(self, peer: Peer, session: Session) -> None:
         """A peer's link is up: the TUN (for the first peer), its routes, its linkup hook."""
-        cfg = self.config
         if peer.links_up:
             peer.reconnects += 1
             if not self.hub:
                 self.status.reconnects += 1
         peer.links_up += 1
         self.status.links_up += 1
-        if self.tun is None:
-            self._tun_up(session)
-        tun = self.tun
-        assert tun is not None  # noqa: S101 — _tun_up raised otherwise
-        self.up_count += 1
-        if self.hub:
-            for net in peer.networks:
-                try:
-                    tun.add_route(net)
-                except TunError as exc:
-                    log.error("%s: route %s not added: %s", peer.name, net, exc)
-        else:
-            if cfg.autoroute and cfg.mode == "client" and not cfg.is_serial:
-                try:
-                    pinned = tun.pin_route(ipaddress.IPv4Address(cfg.server_host))
-                    if pinned:
-                        log.info("autoroute: carrier route pinned: %s", pinned)
-                except TunError as exc:
-                    log.warning("autoroute: %s", exc)
-            for route in cfg.routes:
-                try:
-                    tun.add_route(route.network, route.gateway)
-                except TunError as exc:
-                    log.error(
-                        "route%d %s via %s not added: %s",
-                        route.index,
-                        route.network,
-                        route.gateway,
-                        exc,
-                    )
-        self.hooks.submit("linkup", cfg.linkup, self._hook_args(peer), self._hook_env(peer))
-        self._linkup_ran.add(peer)
+        self.link.peer_up(peer)
         peer.set_state(UP)
         if self.hub:
             self._set_top_state()
@@ -1008,107 +972,21 @@ class Daemon:
         self._update_tun_watch(time.monotonic())
         log.info(
             "link up: %s %s <-> %s%s via %s, key %s",
-            tun.name,
-            cfg.local,
+            self.config.interface,
+            self.config.local,
             peer.address,
             f" ({peer.name})" if self.hub else "",
             session.carrier.peer,
             peer.fingerprint,
         )
 
-    def _tun_up(self, session: Session) -> None:
-        cfg = self.config
-        tun = Tun.open(cfg.interface, offload=not cfg.is_serial)
-        self.tun = tun
-        try:
-            _disable_ipv6(tun.name)
-            tun.configure(cfg.local, cfg.remote, cfg.mtu)
-        except OSError:
-            self.tun = None
-            tun.close()
-            raise
-        self.tun_writer = TunWriter(tun.fd, tun.hdr_len)
-        env = self._hook_env(session.peer) if not self.hub else self._hub_env()
-        self.hooks.submit("slipup", cfg.slipup, [tun.name], env)
-        self._tun_hooks.add("slipup")
-
-    def _hub_env(self) -> dict[str, str]:
-        cfg = self.config
-        return {
-            "VPND_INTERFACE": cfg.interface,
-            "VPND_LOCAL": str(cfg.local),
-            "VPND_MODE": cfg.mode,
-            "VPND_CONFIG": cfg.source,
-        }
-
-    def _hook_env(self, peer: Peer | None) -> dict[str, str]:
-        cfg = self.config
-        env = {
-            "VPND_INTERFACE": cfg.interface,
-            "VPND_LOCAL": str(cfg.local),
-            "VPND_REMOTE": str(peer.address if peer is not None else cfg.remote),
-            "VPND_PEER": (peer.endpoint or "") if peer is not None else "",
-            "VPND_MODE": cfg.mode,
-            "VPND_CONFIG": cfg.source,
-        }
-        if self.hub and peer is not None:
-            env["VPND_PEER_NAME"] = peer.name
-        return env
-
-    def _hook_args(self, peer: Peer, reason: str | None = None) -> list[str]:
-        cfg = self.config
-        args = [cfg.interface, str(cfg.local), str(peer.address), peer.endpoint or ""]
-        if reason is not None:
-            args.append(reason)
-        if self.hub:
-            args.append(peer.name)
-        return args
-
     def _peer_down(self, peer: Peer, reason: str) -> None:
         """Undo `_peer_up`, whatever part of it happened; the last peer down takes the TUN."""
-        cfg = self.config
-        if peer in self._linkup_ran:
-            self._linkup_ran.discard(peer)
-            self.hooks.submit(
-                "linkdown", cfg.linkdown, self._hook_args(peer, reason), self._hook_env(peer)
-            )
-            self.up_count -= 1
-        if self.hub and self.tun is not None:
-            for net in peer.networks:
-                for problem in self.tun.remove_route(net):
-                    log.warning("removing %s", problem)
+        self.link.peer_down(peer, reason)
         peer.session_started = None
         if not self.hub:
             self.status.session_started = None
-        if self.up_count <= 0:
-            self.up_count = 0
-            self._tun_down(peer)
         log.warning("link down%s: %s", f" ({peer.name})" if self.hub else "", reason)
-
-    def _tun_down(self, peer: Peer) -> None:
-        """Close the TUN (the kernel deletes it and its routes); slipdown after slipup."""
-        self._watch_tun(False)
-        tun, self.tun = self.tun, None
-        writer, self.tun_writer = self.tun_writer, None
-        env = self._hook_env(peer) if not self.hub else self._hub_env()
-        try:
-            if writer is not None:
-                drops = writer.close()
-                self._in_base = (
-                    self._in_base[0] + writer.packets,
-                    self._in_base[1] + writer.bytes,
-                )
-                for why, count in drops.items():
-                    self.status.drops[why] = self.status.drops.get(why, 0) + count
-            if tun is not None:
-                for problem in tun.remove_routes():
-                    log.warning("removing %s", problem)
-        finally:
-            if tun is not None:
-                tun.close()
-                if "slipup" in self._tun_hooks:
-                    self.hooks.submit("slipdown", self.config.slipdown, [tun.name], env)
-            self._tun_hooks.clear()
 
     def _end_session(self, session: Session, reason: str) -> None:
         """A session ended (error, EOF, dead peer): log once, tear down, and plan what follows."""
@@ -1183,10 +1061,7 @@ class Daemon:
             and now - self._last_publish < HUB_STATUS_MIN_INTERVAL
         ):
             return  # a burst of clients: at most a few writes per second
-        writer = self.tun_writer
-        if writer is not None:
-            self.status.packets_in = self._in_base[0] + writer.packets
-            self.status.bytes_in = self._in_base[1] + writer.bytes
+        self.status.packets_in, self.status.bytes_in = self.link.packets_bytes_in
         wire_in, wire_out = self._wire_base
         sessions = self._sessions()
         for s in sessions:
@@ -1204,7 +1079,7 @@ class Daemon:
         if self.hub:
             self.status.peers = [self._peer_record(p) for p in self.table]
             self.status.peers_total = len(self.table)
-            self.status.peers_up = self.up_count
+            self.status.peers_up = self.link.up_count
         try:
             self.writer.write(self.status)
         except OSError as exc:
@@ -1303,7 +1178,7 @@ class Daemon:
         self.config = new
         self.hub = new.is_hub
         self.table = table
-        self.up_count = 0
+        self.link.config = new
         self.status.hub = self.hub
         self.status.key_fingerprint = self._top_fingerprint()
         self.status.local = str(new.local)
@@ -1333,6 +1208,7 @@ class Daemon:
         keep_ids = {id(p) for p in kept}
         gone = [p for p in self.table if id(p) not in keep_ids]
         self.config = new
+        self.link.config = new
         self.table = PeerTable(kept + added, hub=True)  # the ring sees it from now on
         for peer in gone:
             why = "changed" if peer.name in table.by_name else "removed"
@@ -1424,10 +1300,3 @@ def _addr(session: Session) -> tuple[str, int]:
         return host, int(port)
     except ValueError:
         return host, 0
-
-
-def _disable_ipv6(ifname: str) -> None:
-    """The tunnel carries IPv4; without this the kernel sends IPv6 chatter that skews counters."""
-    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
-    with contextlib.suppress(OSError), open(path, "w") as fh:
-        fh.write("1")

@@ -180,11 +180,22 @@ def format_status(record: dict[str, Any]) -> str:
         ("interface", record.get("interface")),
         (
             "tunnel",
-            f"{record.get('local')} -> {record.get('remote')}" if record.get("local") else None,
+            (
+                f"{record.get('local')} (hub)"
+                if record.get("hub")
+                else f"{record.get('local')} -> {record.get('remote')}"
+            )
+            if record.get("local")
+            else None,
         ),
         ("peer", record.get("peer")),
         ("key", record.get("key_fingerprint")),
-        ("session age", _fmt_age(record.get("session_age")) if state == "up" else None),
+        (
+            "session age",
+            _fmt_age(record.get("session_age"))
+            if state == "up" and not record.get("hub")
+            else None,
+        ),
         ("rekeys", record.get("rekeys")),
         (
             "in",
@@ -219,7 +230,42 @@ def format_status(record: dict[str, Any]) -> str:
     drops = {k: v for k, v in (record.get("drops") or {}).items() if v}
     if drops:
         lines.append("drops:       " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    if record.get("hub"):
+        lines.append(
+            f"clients:     {record.get('peers_up', 0)} up of {record.get('peers_total', 0)}"
+        )
+        lines.extend(format_peers(record.get("peers") or []))
     return "\n".join(lines)
+
+
+def format_peers(peers: list[dict[str, Any]]) -> list[str]:
+    """A hub's clients, one aligned line each: what `vpnd status` shows under the hub."""
+    header = ("CLIENT", "STATE", "ADDRESS", "ENDPOINT", "UPTIME", "RTT", "IN", "OUT", "KEY",
+              "HANDSHAKE")  # fmt: skip
+    rows = [header]
+    for p in peers:
+        rtt = p.get("last_rtt")
+        shake = p.get("last_handshake")
+        state = str(p.get("state", "?"))
+        if p.get("reason") and state != "up":
+            state += f" ({p['reason']})"
+        rows.append(
+            (
+                str(p.get("name", "?")),
+                state,
+                str(p.get("address", "-")),
+                str(p.get("peer") or "-"),
+                _fmt_age(p.get("session_age")),
+                f"{rtt * 1000:.2f}ms" if isinstance(rtt, (int, float)) else "-",
+                format_bytes(int(p.get("bytes_in", 0)), compact=True),
+                format_bytes(int(p.get("bytes_out", 0)), compact=True),
+                str(p.get("key_fingerprint", "-")),
+                time.strftime("%H:%M:%S", time.localtime(shake)) if shake else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]  # fmt: skip
 
 
 def print_status(config: Any, as_json: bool = False) -> int:

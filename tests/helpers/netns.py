@@ -202,3 +202,51 @@ def vpnd(ns: Netns, conf: Path, logdir: Path, name: str, *args: str) -> Iterator
         yield p
     finally:
         p.stop()
+
+
+@dataclass
+class Star:
+    """A hub host and client hosts, each client on its own veth to the hub.
+
+    Client i (from 0) is 198.18.(20+i).2/24 and reaches the hub at 198.18.(20+i).1.
+    """
+
+    tag: str
+    hub: Netns
+    clients: list[Netns]
+
+    @staticmethod
+    def hub_ip(i: int) -> str:
+        return f"198.18.{20 + i}.1"
+
+    @staticmethod
+    def client_ip(i: int) -> str:
+        return f"198.18.{20 + i}.2"
+
+
+@contextmanager
+def namespace_star(n: int, tag: str | None = None) -> Iterator[Star]:
+    """A hub namespace and `n` client namespaces (each on a veth of its own); all removed on
+    exit. The hub forwards IPv4 (so clients can reach each other through it)."""
+    tag = tag or new_tag()
+    hub = Netns(f"{tag}-h")
+    clients = [Netns(f"{tag}-c{i}") for i in range(n)]
+    created: list[Netns] = []
+    try:
+        for ns in (hub, *clients):
+            run("ip", "netns", "add", ns.name)
+            created.append(ns)
+            ns.run("ip", "link", "set", "lo", "up")
+        hub.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        for i, ns in enumerate(clients):
+            hif, cif = f"{tag}h{i}", f"{tag}c{i}"
+            run("ip", "link", "add", hif, "netns", hub.name, "type", "veth",
+                "peer", "name", cif, "netns", ns.name)  # fmt: skip
+            hub.run("ip", "addr", "add", f"{Star.hub_ip(i)}/24", "dev", hif)
+            ns.run("ip", "addr", "add", f"{Star.client_ip(i)}/24", "dev", cif)
+            hub.run("ip", "link", "set", hif, "up")
+            ns.run("ip", "link", "set", cif, "up")
+        yield Star(tag, hub, clients)
+    finally:
+        for ns in created:
+            run("ip", "netns", "del", ns.name, check=False)

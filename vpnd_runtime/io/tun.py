@@ -40,6 +40,8 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 
 VNET_HDR_LEN = 10
+#: A batch up to this many bytes, arriving while the TUN writer is idle, is written inline.
+INLINE_MAX = 4096
 #: One read can return a 64 KiB GSO super-packet plus its virtio header.
 READ_SIZE = 65535 + VNET_HDR_LEN
 
@@ -227,23 +229,64 @@ class TunWriter:
         self.fd = os.dup(fd)
         self.hdr_len = hdr_len
         self.max_bytes = max_bytes
-        self.packets = 0
-        self.bytes = 0  # IP bytes, virtio headers excluded
+        # Each thread counts on its own (no lost updates); the properties add them up. So for
+        # the backlog: bytes handed to the thread, and bytes it has written.
+        self._packets = self._inline_packets = 0
+        self._bytes = self._inline_bytes = 0  # IP bytes, virtio headers excluded
+        self._queued = self._written = 0
         self.drops: dict[str, int] = {}
-        self.backlog = 0  # bytes queued, not yet written (approximate across threads)
+        self._inline_drops: dict[str, int] = {}
         self._stop = False
         self._queue: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vpnd-tun-writer", daemon=True)
         self._thread.start()
 
     def put(self, packets: list[bytes]) -> None:
-        """Queue a batch for writing (never blocks)."""
+        """Queue a batch for writing (never blocks).
+
+        A small batch (pings, ACKs, a keystroke) arriving while nothing is queued or being
+        written is written at once on the caller's thread instead: waking the writer thread
+        costs more than the write itself, and the latency of a lone packet is what such traffic
+        feels. Order is kept: only with an empty backlog, and the backlog drops only after the
+        writer has written a batch."""
         size = sum(map(len, packets))
+        if self._queued == self._written and size <= INLINE_MAX:
+            self._write_inline(packets)
+            return
         if self.backlog + size > self.max_bytes:
             self._count("tun_backlog", len(packets))
             return
-        self.backlog += size
+        self._queued += size
         self._queue.put((packets, size))
+
+    @property
+    def backlog(self) -> int:
+        """Bytes handed to the writer thread and not yet written."""
+        return self._queued - self._written
+
+    def _write_inline(self, packets: list[bytes]) -> None:
+        n = nbytes = 0
+        for pkt in packets:
+            try:
+                os.write(self.fd, pkt)
+            except OSError as exc:
+                reason = "tun_full" if exc.errno == errno.EAGAIN else "tun_write"
+                self._inline_drops[reason] = self._inline_drops.get(reason, 0) + 1
+                continue
+            n += 1
+            nbytes += len(pkt) - self.hdr_len
+        self._inline_packets += n
+        self._inline_bytes += nbytes
+
+    @property
+    def packets(self) -> int:
+        """Packets written, by either thread."""
+        return self._packets + self._inline_packets
+
+    @property
+    def bytes(self) -> int:
+        """IP bytes written (virtio headers excluded), by either thread."""
+        return self._bytes + self._inline_bytes
 
     def close(self, timeout: float = 2.0) -> dict[str, int]:
         """Stop the thread, dropping what is still queued (the link is going away), and close
@@ -253,7 +296,10 @@ class TunWriter:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             os.close(self.fd)
-        return dict(self.drops)
+        drops = dict(self.drops)
+        for reason, n in self._inline_drops.items():
+            drops[reason] = drops.get(reason, 0) + n
+        return drops
 
     def _count(self, reason: str, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
@@ -265,8 +311,8 @@ class TunWriter:
         get = self._queue.get
         while (item := get()) is not None:
             packets, size = item
-            self.backlog -= size
             if self._stop:
+                self._written += size
                 continue
             n = nbytes = 0
             for pkt in packets:
@@ -277,5 +323,6 @@ class TunWriter:
                     continue
                 n += 1
                 nbytes += len(pkt) - hdr
-            self.packets += n
-            self.bytes += nbytes
+            self._packets += n
+            self._bytes += nbytes
+            self._written += size  # only now: an inline write may not overtake this batch

@@ -82,6 +82,11 @@ def cpu_ticks(stat_line: str) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted from 'state'
 
 
+def run_delay_s(schedstat: str) -> float:
+    """Seconds a task has waited runnable for a CPU, from /proc/PID/schedstat (field 2, ns)."""
+    return int(schedstat.split()[1]) / 1e9
+
+
 def cpu_percent(ticks_before: int, ticks_after: int, seconds: float, hz: int) -> float:
     """Share of one core used between two `cpu_ticks` readings `seconds` apart."""
     return 100.0 * (ticks_after - ticks_before) / hz / seconds
@@ -470,13 +475,14 @@ def run_one(s: Star, work: Path, keydir: Path, n: int, args: argparse.Namespace)
         prof = Path(args.profile) if args.profile else None
         options = ["--keepalive", str(KEEPALIVE), "--ramp-timeout", str(args.ramp_timeout),
                    "--inflight", str(args.inflight)]  # fmt: skip
-        stat = Path(f"/proc/{hub.pid}/stat")
+        stat, sched = Path(f"/proc/{hub.pid}/stat"), Path(f"/proc/{hub.pid}/schedstat")
         with py_spy(hub.pid, prof / f"hub-ramp-{n}.json" if prof else None, args.ramp_timeout):
             gen = stack.enter_context(generator(s.gen, "198.18.1.1", keydir, n, *options))
             gen.expect("ready", 60)
-            ticks = cpu_ticks(stat.read_text())
+            ticks, waited = cpu_ticks(stat.read_text()), run_delay_s(sched.read_text())
             ramp = gen.expect("ramp", args.ramp_timeout + 30)
             ticks = cpu_ticks(stat.read_text()) - ticks
+            fig["ramp_cpu_wait_s"] = run_delay_s(sched.read_text()) - waited
         fig["ramp"] = ramp
         # CPU time, not wall time: what each handshake costs the hub however busy the machine is
         fig["hub_cpu_ms_per_hs"] = 1e3 * ticks / os.sysconf("SC_CLK_TCK") / max(1, ramp["ever_up"])
@@ -542,6 +548,11 @@ def report(figs: list[dict]) -> str:
         (
             "hub CPU per handshake over the ramp (ms)",
             [_fmt(f["hub_cpu_ms_per_hs"], ".2f") for f in figs],
+            "",
+        ),
+        (
+            "  of the ramp, hub runnable but waiting for a CPU (s)",
+            [_fmt(f["ramp_cpu_wait_s"], ".2f") for f in figs],
             "",
         ),
         (

@@ -12,6 +12,7 @@ from bench.bench_hub import (
     format_table,
     parse_clients,
     ramp_figures,
+    run_delay_s,
     vm_kib,
 )
 from bench.hub_loadgen import DeadlineQueue, host_count, source_address, tunnel_address
@@ -89,3 +90,7 @@ def test_format_table_aligns_runs_and_targets() -> None:
         "rss  1.0  12.5  <= 60",
         "ok     y     n",
     ]
+
+
+def test_run_delay_is_the_second_schedstat_field_in_seconds() -> None:
+    assert run_delay_s("123456789 2500000000 42\n") == 2.5

@@ -525,6 +525,7 @@ def report(figs: list[dict]) -> str:
             [_fmt(f["rss_kib"] / 1024, ".1f") for f in figs],
             f"<= {TARGETS['rss_mib']:.0f} at 1,000",
         ),
+        ("  peak so far (VmHWM, MiB)", [_fmt(f["hwm_kib"] / 1024, ".1f") for f in figs], ""),
         (
             "hub RSS, 4 real clients only (MiB)",
             [_fmt(f["rss_base_kib"] / 1024, ".1f") for f in figs],

@@ -637,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit(max(args.clients) + 256)
     tag = new_tag("vh")
     figs = []
+    failed = False
     with tempfile.TemporaryDirectory(prefix=f"{tag}-") as tmp:
         work = Path(tmp)
         keydir = work / "keys"
@@ -648,7 +649,10 @@ def main(argv: list[str] | None = None) -> int:
                     figs.append(run_one(s, work, keydir, n, args))
                 except (RuntimeError, AssertionError) as exc:
                     print(f"bench_hub: N={n}: {exc}", file=sys.stderr)
-                    return 1
+                    failed = True
+                    break
+    if not figs:
+        return 1
     print(
         f"one hub (vpnd, keepalive {KEEPALIVE}), N generated clients (protocol core, one "
         f"source address each) + {REAL_CLIENTS} real vpnd clients; iperf3 -t {args.seconds}, "
@@ -657,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(figs))
     if args.json:
         print(json.dumps(figs, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

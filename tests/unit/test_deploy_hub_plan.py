@@ -216,12 +216,7 @@ def test_status_shows_a_hub_as_one_block_with_a_row_per_client(project: Path) ->
         ["gamma", "DOWN", "gamma", "client", "connecting"],
     ]
     assert "198.18.1.2:40000  30s     1.2ms  2.0K" in lines[2]
-    assert (
-        lines[3]
-        .split("client", 1)[1]
-        .strip()
-        .startswith("connecting (hub: down)")
-    )
+    assert lines[3].split("client", 1)[1].strip().startswith("connecting (hub: down)")
     assert lines[-2:] == [
         "DOWN branches/gamma: alpha: down, no answer from peer; gamma: connecting, no answer "
         "from peer",

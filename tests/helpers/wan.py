@@ -9,6 +9,9 @@ name carries the test's tag; the emulator is stopped by PID and the namespaces r
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,8 @@ from pathlib import Path
 
 from tests.helpers.netns import Netns, new_tag, run
 from vpnctl.wan import WanProcess, WanSpec, running_wan
+
+PROBE = str(Path(__file__).with_name("udp_probe.py"))
 
 
 @dataclass
@@ -35,6 +40,34 @@ class WanPair:
     def stats(self) -> dict:
         """The emulator's live counters (see vpnctl.wan.Forwarder.stats)."""
         return self.wan.stats()
+
+    def udp(self, count: int, *, size: int = 200, interval: float = 0.0, idle: float = 1.0) -> dict:
+        """Send `count` numbered UDP datagrams A -> B through the emulator (up); return what
+        B's receiver saw: ``seqs`` in arrival order, ``times`` since the first, ``bytes``."""
+        total = count * interval + 30
+        recv = subprocess.Popen(
+            self.b.cmd(sys.executable, PROBE, "recv", self.b_ip, "9000", str(idle), str(total)),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert recv.stdout is not None
+            assert recv.stdout.readline().strip() == "ready"
+            self.a.run(sys.executable, PROBE, "send", self.b_ip, "9000", str(count), str(size),
+                       str(interval), timeout=total)  # fmt: skip
+            out, _ = recv.communicate(timeout=total + idle + 10)
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+                recv.wait(5)
+        return json.loads(out)
+
+    def ping_times(self, count: int, interval: float = 0.05) -> list[float]:
+        """RTTs in ms of `count` pings A -> B (after one unmeasured ping that resolves ARP)."""
+        self.a.run("ping", "-n", "-c", "1", "-W", "2", self.b_ip, check=False)
+        out = self.a.run("ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2",
+                         self.b_ip, check=False, timeout=count * interval + 10).stdout  # fmt: skip
+        return [float(w.split("=", 1)[1]) for w in out.split() if w.startswith("time=")]
 
 
 @contextmanager

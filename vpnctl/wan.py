@@ -538,6 +538,11 @@ class Forwarder:
         self._fd_leg = {sock.fileno(): idx for idx, sock in enumerate(self.socks)}
         for sock in self.socks:
             self.poller.register(sock.fileno(), select.EPOLLIN)
+        # a signal wakes the loop at once (its handler only sets `running`)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.poller.register(self._wake_r, select.EPOLLIN)
 
     def stats(self) -> dict[str, object]:
         """The counters of both directions, plus the spec and uptime, as a JSON-able dict."""
@@ -641,6 +646,10 @@ class Forwarder:
             except InterruptedError:
                 continue
             for fd, _mask in events:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(fd, 512)
+                    continue
                 self._receive(self._fd_leg[fd], buf, view)
             self._deliver(time.monotonic() + EARLY)
         self.write_stats()
@@ -648,6 +657,8 @@ class Forwarder:
     def close(self) -> None:
         """Release the sockets and the poller."""
         self.poller.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         for sock in self.socks:
             sock.close()
 
@@ -900,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.rt_priority))
         except OSError as exc:
             print(f"wan: normal scheduling (SCHED_FIFO refused: {exc})", flush=True)
+    signal.set_wakeup_fd(fwd._wake_w)
     signal.signal(signal.SIGTERM, fwd.stop)
     signal.signal(signal.SIGINT, fwd.stop)
     print(f"wan: forwarding {args.a} <-> {args.b}: {spec.describe()}", flush=True)

@@ -4,7 +4,7 @@
     python udp_probe.py send ADDR PORT COUNT SIZE INTERVAL
 
 Each datagram carries its sequence number; the receiver reports, in arrival order, the sequence
-numbers and arrival times (seconds since the first one), ending IDLE seconds after the last
+numbers and arrival times (kernel receive stamps, seconds since the first one), ending IDLE seconds after the last
 datagram (or TOTAL seconds after start). INTERVAL 0 sends as fast as the socket takes them.
 """
 
@@ -17,6 +17,8 @@ import sys
 import time
 
 SEQ = struct.Struct("!I")
+SO_TIMESTAMPNS = 35  # arrival times stamped by the kernel: a late wake-up here does not skew them
+TIMESPEC = struct.Struct("qq")
 
 
 def receive(addr: str, port: int, idle: float, total: float) -> None:
@@ -26,6 +28,7 @@ def receive(addr: str, port: int, idle: float, total: float) -> None:
         sock.setsockopt(socket.SOL_SOCKET, 33, 32 * 1024 * 1024)  # SO_RCVBUFFORCE (root)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.bind((addr, port))
     print("ready", flush=True)
     seqs: list[int] = []
@@ -33,6 +36,7 @@ def receive(addr: str, port: int, idle: float, total: float) -> None:
     nbytes = 0
     start = time.monotonic()
     first = 0.0
+    first_stamp = 0.0
     while True:
         now = time.monotonic()
         left = start + total - now
@@ -42,14 +46,19 @@ def receive(addr: str, port: int, idle: float, total: float) -> None:
             break
         sock.settimeout(left)
         try:
-            data = sock.recv(65536)
+            data, ancdata, _flags, _addr = sock.recvmsg(65536, 64)
         except TimeoutError:
             break
         now = time.monotonic()
+        stamp = now
+        for level, kind, value in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = TIMESPEC.unpack_from(value)
+                stamp = sec + nsec / 1e9
         if not seqs:
-            first = now
+            first, first_stamp = now, stamp
         seqs.append(SEQ.unpack_from(data)[0])
-        times.append(round(now - first, 6))
+        times.append(round(stamp - first_stamp, 9))
         nbytes += len(data)
     print(json.dumps({"seqs": seqs, "times": times, "bytes": nbytes}), flush=True)
 

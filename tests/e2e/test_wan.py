@@ -60,6 +60,20 @@ def test_loss_over_10000_datagrams_is_within_statistical_bounds_and_counted():
         assert up["dropped_queue"] == up["dropped_outage"] == 0
 
 
+def test_udp_gso_super_packets_lose_single_datagrams_and_the_rest_arrive_whole():
+    require_root_netns()
+    count, p = 2000, 0.3  # sent 10 datagrams of 1200 bytes per UDP_SEGMENT super-packet
+    with wan_pair(f"loss={p * 100:g}%,seed=11") as pair:
+        got = pair.udp(count, size=1200, gso=10)
+        seqs = got["seqs"]
+        assert len(seqs) == len(set(seqs))
+        assert set(seqs) <= set(range(count))
+        assert got["bytes"] == 1200 * len(seqs)  # each survivor cut at its own boundary
+        sigma = math.sqrt(count * p * (1 - p))
+        assert abs(_missing(seqs, count) - count * p) <= 5 * sigma, _missing(seqs, count)
+        assert pair.stats()["up"]["split"] > 0  # super-packets were re-cut, not dropped whole
+
+
 def test_reordering_lets_some_datagrams_overtake_and_counts_them():
     require_root_netns()
     count = 2000

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers.netns import Netns, new_tag, run
+from tests.helpers.netns import Netns, new_tag, poll_until, run
 from vpnctl.wan import WanProcess, WanSpec, running_wan
 
 PROBE = str(Path(__file__).with_name("udp_probe.py"))
@@ -41,9 +41,30 @@ class WanPair:
         """The emulator's live counters (see vpnctl.wan.Forwarder.stats)."""
         return self.wan.stats()
 
-    def udp(self, count: int, *, size: int = 200, interval: float = 0.0, idle: float = 1.0) -> dict:
-        """Send `count` numbered UDP datagrams A -> B through the emulator (up); return what
-        B's receiver saw: ``seqs`` in arrival order, ``times`` since the first, ``bytes``."""
+    def resolve(self) -> None:
+        """Have A know B's MAC address (a ping answered), so no datagram waits for ARP."""
+        poll_until(
+            lambda: (
+                self.a.run("ping", "-n", "-c", "1", "-W", "1", self.b_ip, check=False).returncode
+                == 0
+            ),
+            20,
+            f"a ping from A to {self.b_ip} through the emulator",
+        )
+
+    def udp(
+        self,
+        count: int,
+        *,
+        size: int = 200,
+        interval: float = 0.0,
+        idle: float = 1.0,
+        gso: int = 1,
+    ) -> dict:
+        """Send `count` numbered UDP datagrams A -> B through the emulator (up), `gso` per
+        UDP GSO super-packet; return what B's receiver saw: ``seqs`` in arrival order, ``times``
+        (kernel stamps) since the first, ``bytes``."""
+        self.resolve()
         total = count * interval + 30
         recv = subprocess.Popen(
             self.b.cmd(sys.executable, PROBE, "recv", self.b_ip, "9000", str(idle), str(total)),
@@ -54,7 +75,7 @@ class WanPair:
             assert recv.stdout is not None
             assert recv.stdout.readline().strip() == "ready"
             self.a.run(sys.executable, PROBE, "send", self.b_ip, "9000", str(count), str(size),
-                       str(interval), timeout=total)  # fmt: skip
+                       str(interval), str(gso), timeout=total)  # fmt: skip
             out, _ = recv.communicate(timeout=total + idle + 10)
         finally:
             if recv.poll() is None:

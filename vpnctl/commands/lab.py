@@ -44,7 +44,8 @@ def up(
         )
     if state.wan_spec:
         wan_stats = Path(state.directory) / "wan.json"
-        typer.echo(f"wan:       {state.wan_spec} (pid {state.wan_pid}, counters {wan_stats})")
+        how = f"pid {state.wan_pid}, counters {wan_stats}" if state.wan_pid else "netem qdiscs"
+        typer.echo(f"wan:       {state.wan_spec} ({how})")
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
 

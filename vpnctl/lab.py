@@ -22,6 +22,8 @@ Theory of operation
   tag); the WAN lives inside namespaces and is always ``198.18.1.0/24``.
 * ``D/inventory.yaml`` describes the hosts and one link per client (server <-> client i) and
   ``D/ssh_config`` the ssh connection details (known_hosts pinned, multiplexing in ``D``).
+* ``--wan SPEC`` puts the WAN emulator (``vpnctl/wan.py``) on the server's switch port in
+  ``T-wan``, so every client <-> server packet crosses it (``_start_wan``); ``lab down`` stops it.
 * Everything is recorded in ``D/lab.json`` *before* it is created, so ``lab_down`` removes every
   trace -- processes running inside the lab's namespaces, ssh control masters, namespaces, root
   links, files -- even after ``lab_up`` crashed halfway.

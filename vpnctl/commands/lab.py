@@ -15,7 +15,7 @@ DirOption = Annotated[Path, typer.Option("--dir", help="lab directory")]
 
 
 @app.command("up")
-def up(
+def up(  # noqa: PLR0917 - typer passes every option by name
     clients: Annotated[int, typer.Option("--clients", "-n", help="number of client hosts")] = 2,
     directory: DirOption = Path("lab"),
     tag: Annotated[str, typer.Option(help="prefix of every namespace and link")] = "vlab",
@@ -30,13 +30,21 @@ def up(
             "one point-to-point link each (the default)",
         ),
     ] = False,
+    wan: Annotated[
+        str | None,
+        typer.Option(
+            "--wan",
+            help="WAN emulator between clients and server, e.g. delay=10ms,loss=1%,"
+            "up.rate=50mbit (up = clients -> server; see docs/architecture.md)",
+        ),
+    ] = None,
 ) -> None:
     """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir.
 
     The inventory joins them by one link per client (l1..lN), or with --hub by one hub
     `hub` on the server that serves all N clients."""
     try:
-        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub)
+        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub, wan=wan)
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -45,6 +53,10 @@ def up(
         typer.echo(
             f"  {host.name:<10} ns {host.namespace:<16} ssh {host.mgmt_ip:<15} wan {host.wan_ip}"
         )
+    if state.wan_spec:
+        wan_stats = Path(state.directory) / "wan.json"
+        how = f"pid {state.wan_pid}, counters {wan_stats}" if state.wan_pid else "netem qdiscs"
+        typer.echo(f"wan:       {state.wan_spec} ({how})")
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
 
@@ -57,4 +69,7 @@ def down(directory: DirOption = Path("lab")) -> None:
     except LabError as exc:
         typer.echo(f"lab down: {exc}", err=True)
         raise typer.Exit(1) from exc
+    for item in removed:
+        if item.startswith("wan emulator"):
+            typer.echo(item)
     typer.echo(f"lab in {directory} removed ({len(removed)} items)")

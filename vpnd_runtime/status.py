@@ -15,7 +15,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 STATUS_VERSION = 1
@@ -70,6 +71,9 @@ class StatusRecord:
             self.since = time.time()
 
 
+_FIELD_NAMES = tuple(f.name for f in dataclass_fields(StatusRecord))
+
+
 class StatusWriter:
     """Publishes a StatusRecord atomically at `path` (creating its directory)."""
 
@@ -87,7 +91,9 @@ class StatusWriter:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o755, exist_ok=True)
-        fields = asdict(record)
+        # Shallow: asdict() deep-copies every hub client's entry once a second, which was most of
+        # an idle hub's CPU with a thousand clients (bench/hub_findings.md).
+        fields = {name: getattr(record, name) for name in _FIELD_NAMES}
         if not record.hub:  # a point-to-point record keeps its first-version shape
             for name in ("hub", "peers", "peers_total", "peers_up"):
                 del fields[name]

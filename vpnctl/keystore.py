@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -397,6 +397,13 @@ class Keystore:
                     str(name): (IPv6Address(pair["server"]), IPv6Address(pair["client"]))
                     for name, pair in data["links"].items()
                 },
+                {
+                    str(name): (
+                        IPv6Network(hub["network"]),
+                        {str(c): IPv6Address(a) for c, a in hub["clients"].items()},
+                    )
+                    for name, hub in data.get("hubs", {}).items()
+                },
             )
         except FileNotFoundError:
             return Record6()
@@ -414,6 +421,14 @@ class Keystore:
                     for name, pair in sorted(record.links.items())
                 },
             }
+            if record.hubs:
+                body["ipv6"]["hubs"] = {  # type: ignore[index]
+                    name: {
+                        "network": str(network),
+                        "clients": {c: str(a) for c, a in sorted(clients.items())},
+                    }
+                    for name, (network, clients) in sorted(record.hubs.items())
+                }
         body.setdefault("version", 1)
         body.setdefault("links", {})
         return self._write_allocations(_json_bytes(body))
@@ -425,8 +440,34 @@ class Keystore:
             return {}
         return body if isinstance(body, dict) else {}
 
-    def save_allocations(self, record: Mapping[str, tuple[IPv4Address, IPv4Address]]) -> bool:
-        """Write the allocation record atomically when it changed; True when it was written."""
+    def load_hub_allocations(self) -> dict[str, tuple[IPv4Network, dict[str, IPv4Address]]]:
+        """Hub name -> (its network, {client: tunnel address}) allocated earlier ({} when none).
+
+        Stored under ``"hubs"`` in ``allocations.json``, beside the links' pairs."""
+        path = self.allocations_path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {
+                str(name): (
+                    IPv4Network(hub["network"]),
+                    {str(c): IPv4Address(a) for c, a in hub["clients"].items()},
+                )
+                for name, hub in data.get("hubs", {}).items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise KeystoreError(f"{path}: unreadable allocation record: {exc}") from None
+
+    def save_allocations(
+        self,
+        record: Mapping[str, tuple[IPv4Address, IPv4Address]],
+        hubs: Mapping[str, tuple[IPv4Network, Mapping[str, IPv4Address]]] | None = None,
+    ) -> bool:
+        """Write the allocation record atomically when it changed; True when it was written.
+
+        ``hubs`` (hub -> network and client addresses) is written under ``"hubs"`` only when
+        there is one, so a record without hubs keeps its bytes."""
         body: dict[str, object] = {
             "version": 1,
             "links": {
@@ -434,6 +475,14 @@ class Keystore:
                 for name, pair in sorted(record.items())
             },
         }
+        if hubs:
+            body["hubs"] = {
+                name: {
+                    "network": str(network),
+                    "clients": {c: str(a) for c, a in sorted(clients.items())},
+                }
+                for name, (network, clients) in sorted(hubs.items())
+            }
         if "ipv6" in (earlier := self._allocation_body()):
             body["ipv6"] = earlier["ipv6"]  # the IPv6 pairs are saved by save_allocations6
         return self._write_allocations(_json_bytes(body))

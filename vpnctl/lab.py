@@ -26,6 +26,8 @@ Theory of operation
   namespaces, management ``2001:db8:ff:M::/64`` (M = the management /24's third octet).
 * ``D/inventory.yaml`` describes the hosts and one link per client (server <-> client i) and
   ``D/ssh_config`` the ssh connection details (known_hosts pinned, multiplexing in ``D``).
+* ``--wan SPEC`` puts the WAN emulator (``vpnctl/wan.py``) on the server's switch port in
+  ``T-wan``, so every client <-> server packet crosses it (``_start_wan``); ``lab down`` stops it.
 * Everything is recorded in ``D/lab.json`` *before* it is created, so ``lab_down`` removes every
   trace -- processes running inside the lab's namespaces, ssh control masters, namespaces, root
   links, files -- even after ``lab_up`` crashed halfway.
@@ -50,6 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from vpnctl.wan import WanError, WanSpecError, parse_spec, start_wan
 
 STATE_FILE = "lab.json"
 TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -104,6 +108,8 @@ class LabState:
     created_run_sshd: bool = False
     created_directory: bool = False
     control_dir: str = ""
+    wan_spec: str = ""  # `lab up --wan`: the emulator on the server's WAN leg (see _start_wan)
+    wan_pid: int = 0
 
     def save(self) -> None:
         """Write the state atomically so a crash never leaves a half-written record."""
@@ -305,10 +311,17 @@ def lab_ssh_options(directory: Path, control_dir: Path) -> list[str]:
     ]
 
 
-def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> dict[str, object]:
-    """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client."""
+HUB_NAME = "hub"
+HUB_PORT = 4000
+
+
+def lab_inventory(
+    hosts: list[LabHost], directory: Path, control_dir: Path, *, hub: bool = False
+) -> dict[str, object]:
+    """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client -- or,
+    with ``hub``, one hub on the server (``hubs:``, port 4000) with every client."""
     server = hosts[0]
-    return {
+    inventory = {
         "version": 1,
         "defaults": {
             "ssh": {
@@ -338,10 +351,22 @@ def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> d
             for idx, client in enumerate(hosts[1:], start=1)
         ],
     }
+    if hub:
+        del inventory["links"]
+        inventory["hubs"] = [
+            {
+                "name": HUB_NAME,
+                "server": server.name,
+                "port": HUB_PORT,
+                "clients": [client.name for client in hosts[1:]],
+            }
+        ]
+    return inventory
 
 
 def _write_inventory(path: Path, inventory: dict[str, object]) -> None:
-    header = "# written by `vpnctl lab up`: one server, one link per client, lab addresses only\n"
+    shape = "one hub for every client" if "hubs" in inventory else "one link per client"
+    header = f"# written by `vpnctl lab up`: one server, {shape}, lab addresses only\n"
     path.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
 
 
@@ -351,9 +376,12 @@ def lab_up(
     clients: int = 2,
     tag: str = "vlab",
     mgmt_net: str | None = None,
+    hub: bool = False,
+    wan: str | None = None,
     stack: str = "ipv4",
 ) -> LabState:
-    """Build a lab of one server and `clients` clients; return its recorded state.
+    """Build a lab of one server and `clients` clients; return its recorded state. Its
+    inventory joins them by one link per client, or with ``hub`` by one hub for all clients.
 
     `stack` is ``ipv4``, ``dual`` or ``ipv6`` for every host, or one per host, server first
     (``dual,ipv6,ipv4``).
@@ -365,6 +393,11 @@ def lab_up(
     if not 1 <= clients <= MAX_CLIENTS:
         raise LabError(f"--clients {clients}: must be between 1 and {MAX_CLIENTS}")
     stacks = parse_stacks(stack, clients + 1)
+    if wan:
+        try:
+            parse_spec(wan)
+        except WanSpecError as exc:
+            raise LabError(f"--wan: {exc}") from exc
     mgmt = ipaddress.IPv4Network(mgmt_net or default_mgmt_net(tag))
     if not mgmt.subnet_of(LAB_SPACE) or mgmt.overlaps(WAN_NET) or mgmt.prefixlen != 24:
         raise LabError(
@@ -391,9 +424,10 @@ def lab_up(
     state = LabState(
         tag=tag, directory=str(directory), mgmt_net=str(mgmt), created_directory=created_directory
     )
+    state.wan_spec = wan or ""
     state.save()
     try:
-        _build(state, directory, mgmt, clients, stacks)
+        _build(state, directory, mgmt, clients, hub=hub, stacks=stacks)
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(directory)
@@ -406,6 +440,8 @@ def _build(
     directory: Path,
     mgmt: ipaddress.IPv4Network,
     clients: int,
+    *,
+    hub: bool,
     stacks: list[str] | None = None,
 ) -> None:
     tag = state.tag
@@ -470,6 +506,10 @@ def _build(
             _run(["ip", "-n", ns, "-6", "addr", "add", f"{host.wan_ip6}/64", "dev", "wan0",
                   "nodad"])  # fmt: skip
         _run(["ip", "-n", ns, "link", "set", "wan0", "up"])
+        if hub and host.role == "server":
+            # the hub host routes client-to-client traffic through its TUN (as a real hub
+            # host would be set up: forwarding is the host's business, not vpnd's)
+            _run(_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
 
         hostdir = directory / "hosts" / host.name
         Path(host.prefix).mkdir(parents=True, exist_ok=True)
@@ -483,14 +523,53 @@ def _build(
         state.save()
         _run(_ns(ns, sshd, "-f", str(hostdir / "sshd_config")))
 
+    if state.wan_spec:
+        _start_wan(state, directory, wan_ns)
     (directory / "known_hosts").write_text("\n".join(known_hosts) + "\n")
     control_dir = _control_dir(directory, tag)
     state.control_dir = str(control_dir)
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
-    _write_inventory(directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir))
+    _write_inventory(
+        directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir, hub=hub)
+    )
     for host in hosts:
         _wait_tcp(host.ssh_ip, 22, SSHD_READY_TIMEOUT)
+
+
+def _start_wan(state: LabState, directory: Path, wan_ns: str) -> None:
+    """Put the WAN emulator (vpnctl.wan) on the server's leg of the switch: h0 leaves the
+    bridge and the emulator forwards between it and a new veth ``wclients`` whose peer is on the
+    bridge. Every client <-> server packet crosses it once (up = clients -> server); traffic
+    between two clients does not. Its PID goes into lab.json; stats in ``D/wan.json``."""
+    _run(["ip", "-n", wan_ns, "link", "set", "h0", "nomaster"])
+    _run(["ip", "-n", wan_ns, "link", "add", "wclients", "type", "veth", "peer", "name", "wbr"])
+    _run(["ip", "-n", wan_ns, "link", "set", "wbr", "master", "br0", "up"])
+    try:
+        wan = start_wan(wan_ns, "wclients", "h0", state.wan_spec, directory / "wan.json",
+                        log_path=directory / "wan.log")  # fmt: skip
+    except (WanError, WanSpecError) as exc:
+        raise LabError(f"--wan {state.wan_spec}: {exc}") from exc
+    state.wan_pid = wan.pid
+    state.save()
+
+
+def _stop_wan(state: LabState, ours: Callable[[int], bool]) -> list[str]:
+    """Stop the lab's WAN emulator by its recorded PID; report its final counters."""
+    if not state.wan_pid or not pid_alive(state.wan_pid) or not ours(state.wan_pid):
+        return []
+    kill_pids([state.wan_pid], ours=ours)
+    line = f"wan emulator pid {state.wan_pid}"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        stats = json.loads((Path(state.directory) / "wan.json").read_text())
+        for way in ("up", "down"):
+            st = stats[way]
+            line += (
+                f"; {way}: {st['forwarded']} forwarded, {st['dropped_loss']} lost, "
+                f"{st['dropped_queue']} queue-dropped, {st['dropped_outage']} in outage, "
+                f"{st['reordered']} reordered, delay avg {st['delay_avg_ms']} ms"
+            )
+    return [line]
 
 
 def pid_alive(pid: int) -> bool:
@@ -617,6 +696,8 @@ def lab_down(directory: str | Path) -> list[str]:
 
     def ours(pid: int) -> bool:
         return _netns_id(pid) in lab_ns
+
+    removed += _stop_wan(state, ours)
 
     for pidfile in state.sshd_pidfiles:
         with contextlib.suppress(OSError, ValueError):

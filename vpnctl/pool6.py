@@ -14,6 +14,9 @@ out). A link without ``tunnel6:`` gets its pair from the inventory's IPv6 pool:
   The home block is SHA-256(link name) modulo the number of blocks, probing upwards past blocks
   that hold a used address or overlap a route. Pairs are recorded beside the IPv4 ones and
   reused on every later run: adding a link moves nothing.
+* **A dual-stack hub** gets a /112 of the pool (home block SHA-256(hub name), probing past
+  blocks in use): the hub is network + 1, clients take the lowest free addresses after it in
+  file order. Recorded per hub with its clients, so adding a client or a hub moves no one.
 
 Pure: the record comes in and goes out; the keystore reads and writes it.
 """
@@ -25,11 +28,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address, IPv6Network
 
-from vpnctl.inventory import ROLES, Inventory, InventoryError, Link, Problem
+from vpnctl.inventory import ROLES, Hub, Inventory, InventoryError, Link, Problem
 
 __all__ = ["Record6", "allocate_ipv6", "derive_pool6"]
 
 BLOCK = 4  # addresses per link: a /126
+HUB_PREFIX = 112  # a hub's IPv6 client network
+HubRecord6 = Mapping[str, tuple[IPv6Network, Mapping[str, IPv6Address]]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Record6:
 
     pool: IPv6Network | None = None
     links: Mapping[str, tuple[IPv6Address, IPv6Address]] = field(default_factory=dict)
+    hubs: HubRecord6 = field(default_factory=dict)
 
 
 def derive_pool6(inv: Inventory) -> IPv6Network:
@@ -77,6 +83,11 @@ def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[In
         for net in link.side(role).routes
         if net.version == 6
     ]
+    for hub in inv.hubs:
+        routes += [n for n in (*hub.routes, *(n for c in hub.clients for n in c.routes))
+                   if n.version == 6]  # fmt: skip
+    # a link never lands in a hub's recorded IPv6 network
+    routes += [net for net, _ in record.hubs.values()]
     problems: list[Problem] = []
     kept = {name: pair for name, pair in record.links.items() if pair[0] in pool}
     for name, pair in sorted(kept.items()):
@@ -123,6 +134,7 @@ def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[In
         used.update(pair)
         assigned[link.name] = pair
         new_links[link.name] = pair
+    hubs, new_hubs = _allocate_hubs(inv, pool, record, used=used, routes=routes, problems=problems)
     if problems:
         raise InventoryError(problems)
     links = []
@@ -137,6 +149,70 @@ def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[In
                 client=replace(original.client, tunnel6=pair[1]),
             )
         )
-    if not new_links and record.pool is None:
-        return replace(inv, links=tuple(links)), record  # no IPv6 yet: record nothing
-    return replace(inv, links=tuple(links)), Record6(pool, new_links)
+    inv = replace(inv, links=tuple(links), hubs=tuple(hubs))
+    if not new_links and not new_hubs and record.pool is None:
+        return inv, record  # no IPv6 yet: record nothing
+    return inv, Record6(pool, new_links, new_hubs)
+
+
+def _allocate_hubs(
+    inv: Inventory,
+    pool: IPv6Network,
+    record: Record6,
+    *,
+    used: set[IPv6Address],
+    routes: list,
+    problems: list[Problem],
+) -> tuple[list[Hub], dict[str, tuple[IPv6Network, dict[str, IPv6Address]]]]:
+    """A /112 per dual-stack hub and an address per client (see the module docstring)."""
+    new: dict[str, tuple[IPv6Network, dict[str, IPv6Address]]] = {
+        name: (net, dict(clients)) for name, (net, clients) in record.hubs.items()
+    }
+    taken = [net for net, _ in new.values() if net.subnet_of(pool)]
+    size = 1 << (128 - HUB_PREFIX)
+    blocks = pool.num_addresses // size
+    base = int(pool.network_address)
+    hubs: list[Hub] = []
+    for hub in inv.hubs:
+        if not hub.dual_stack:
+            hubs.append(hub)
+            continue
+        recorded = new.get(hub.name)
+        if recorded is not None and recorded[0].subnet_of(pool):
+            network = recorded[0]
+        else:
+            digest = hashlib.sha256(b"vpnctl-hub6\0" + hub.name.encode()).digest()
+            home = int.from_bytes(digest[:8], "big") % blocks
+            for step in range(min(blocks, 1 << 16)):
+                network = IPv6Network((base + size * ((home + step) % blocks), HUB_PREFIX))
+                if any(a in network for a in used) or any(
+                    network.overlaps(n) for n in [*taken, *routes]
+                ):
+                    continue
+                break
+            else:
+                problems.append(
+                    inv.problem(f"hubs[{hub.index}]", f"the IPv6 pool {pool} has no free /112")
+                )
+                hubs.append(hub)
+                continue
+            taken.append(network)
+            new[hub.name] = (network, {})
+        clients = new[hub.name][1]
+        mine = {network.network_address + 1, *clients.values()}
+        placed = []
+        for client in hub.clients:
+            address = clients.get(client.name)
+            if address is None or address not in network:
+                address = next(
+                    network.network_address + k
+                    for k in range(2, size)
+                    if network.network_address + k not in mine
+                )
+                clients[client.name] = address
+                mine.add(address)
+            placed.append(replace(client, tunnel6=address))
+        hubs.append(replace(hub, network6=network, clients=tuple(placed)))
+    return hubs, {
+        k: v for k, v in new.items() if k in {h.name for h in inv.hubs} or k in record.hubs
+    }

@@ -60,11 +60,19 @@ def free_mgmt_net() -> str:
 
 @contextmanager
 def running_lab(
-    directory: Path, *, clients: int = 2, base: str = "t", stack: str = "ipv4"
+    directory: Path,
+    *,
+    clients: int = 2,
+    base: str = "t",
+    wan: str | None = None,
+    stack: str = "ipv4",
 ) -> Iterator[LabState]:
-    """Build a lab in `directory` with a unique tag; tear it down however the test ends."""
+    """Build a lab in `directory` with a unique tag (and `wan`, a vpnctl.wan spec, on its WAN;
+    `stack`: ipv4, dual or ipv6 hosts); tear it down however the test ends."""
     tag = unique_tag(base)
-    state = lab_up(directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net(), stack=stack)
+    state = lab_up(
+        directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net(), wan=wan, stack=stack
+    )
     try:
         yield state
     finally:

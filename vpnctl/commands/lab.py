@@ -15,12 +15,28 @@ DirOption = Annotated[Path, typer.Option("--dir", help="lab directory")]
 
 
 @app.command("up")
-def up(
+def up(  # noqa: PLR0917 - typer passes every option by name
     clients: Annotated[int, typer.Option("--clients", "-n", help="number of client hosts")] = 2,
     directory: DirOption = Path("lab"),
     tag: Annotated[str, typer.Option(help="prefix of every namespace and link")] = "vlab",
     mgmt_net: Annotated[
         str | None, typer.Option("--mgmt-net", help="management /24 inside 198.18.0.0/15")
+    ] = None,
+    hub: Annotated[
+        bool,
+        typer.Option(
+            "--hub/--links",
+            help="join the clients to the server by one hub (one vpnd, one port) instead of "
+            "one point-to-point link each (the default)",
+        ),
+    ] = False,
+    wan: Annotated[
+        str | None,
+        typer.Option(
+            "--wan",
+            help="WAN emulator between clients and server, e.g. delay=10ms,loss=1%,"
+            "up.rate=50mbit (up = clients -> server; see docs/architecture.md)",
+        ),
     ] = None,
     stack: Annotated[
         str,
@@ -30,9 +46,14 @@ def up(
         ),
     ] = "ipv4",
 ) -> None:
-    """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir."""
+    """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir.
+
+    The inventory joins them by one link per client (l1..lN), or with --hub by one hub
+    `hub` on the server that serves all N clients."""
     try:
-        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, stack=stack)
+        state = lab_up(
+            directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub, wan=wan, stack=stack
+        )
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -42,6 +63,10 @@ def up(
             f"  {host.name:<10} ns {host.namespace:<16} ssh {host.ssh_ip:<15} wan "
             + " ".join(a for a in (host.wan_ip, host.wan_ip6) if a)
         )
+    if state.wan_spec:
+        wan_stats = Path(state.directory) / "wan.json"
+        how = f"pid {state.wan_pid}, counters {wan_stats}" if state.wan_pid else "netem qdiscs"
+        typer.echo(f"wan:       {state.wan_spec} ({how})")
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
 
@@ -54,4 +79,7 @@ def down(directory: DirOption = Path("lab")) -> None:
     except LabError as exc:
         typer.echo(f"lab down: {exc}", err=True)
         raise typer.Exit(1) from exc
+    for item in removed:
+        if item.startswith("wan emulator"):
+            typer.echo(item)
     typer.echo(f"lab in {directory} removed ({len(removed)} items)")

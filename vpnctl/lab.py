@@ -510,6 +510,8 @@ def _build(
             # the hub host routes client-to-client traffic through its TUN (as a real hub
             # host would be set up: forwarding is the host's business, not vpnd's)
             _run(_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
+            # and IPv6 between the clients of a dual-stack hub
+            _run(_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"))
 
         hostdir = directory / "hosts" / host.name
         Path(host.prefix).mkdir(parents=True, exist_ok=True)

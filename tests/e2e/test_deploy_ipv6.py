@@ -78,3 +78,36 @@ def test_deploy_over_ipv6_brings_up_dual_stack_links_that_carry_both_families(
     ends = {(e["host"], e["link"]): e for link in status["links"] for e in link["ends"]}
     assert ends[("client1", "l1")]["peer"] == f"[{lab.hosts[0].wan_ip6}]:4001"
     assert status["all_up"] is True
+
+
+@pytest.fixture(scope="module")
+def hub_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
+    require_root_netns()
+    require_tools("sshd", "ssh", "ssh-keygen", "ping")
+    with rendered_lab(
+        tmp_path_factory.mktemp("deployhub6") / "lab",
+        clients=2,
+        base="h6",
+        stack="dual,ipv6,dual",
+        hub=True,
+    ) as state:
+        yield state
+
+
+def test_a_dual_stack_hub_deployed_over_ipv6_serves_an_ipv6_only_client(
+    hub_lab: LabState,
+) -> None:
+    proc = vpnctl(hub_lab, "deploy", "--all", "--wait", "30")
+    assert proc.returncode == 0, proc.stdout
+    build = Path(hub_lab.directory) / "build"
+    hub = json.loads((build / "server" / "manifest.json").read_text())["links"]["hub"]
+    assert set(hub["clients"]) == {"client1", "client2"}
+    client1_6 = hub["clients"]["client1"]["address6"]
+    # every client reaches the hub in both families (client1 has no IPv4 underlay at all)
+    for client in ("client1", "client2"):
+        for address in (hub["local"], hub["local6"]):
+            out = lab_exec(hub_lab, client, "ping", "-c", "2", "-i", "0.2", "-W", "3", address)
+            assert " 0% packet loss" in out, f"ping {address} from {client}: {out}"
+    # and the clients reach each other's IPv6 address through the hub
+    out = lab_exec(hub_lab, "client2", "ping", "-c", "2", "-i", "0.2", "-W", "3", client1_6)
+    assert " 0% packet loss" in out, out

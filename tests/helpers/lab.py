@@ -66,12 +66,20 @@ def running_lab(
     base: str = "t",
     wan: str | None = None,
     stack: str = "ipv4",
+    hub: bool = False,
 ) -> Iterator[LabState]:
     """Build a lab in `directory` with a unique tag (and `wan`, a vpnctl.wan spec, on its WAN;
-    `stack`: ipv4, dual or ipv6 hosts); tear it down however the test ends."""
+    `stack`: ipv4, dual or ipv6 hosts; `hub`: one hub instead of links); tear it down however
+    the test ends."""
     tag = unique_tag(base)
     state = lab_up(
-        directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net(), wan=wan, stack=stack
+        directory,
+        clients=clients,
+        tag=tag,
+        mgmt_net=free_mgmt_net(),
+        wan=wan,
+        stack=stack,
+        hub=hub,
     )
     try:
         yield state
@@ -143,10 +151,10 @@ def vpnctl(
 
 @contextmanager
 def rendered_lab(
-    directory: Path, *, clients: int = 2, base: str = "t", stack: str = "ipv4"
+    directory: Path, *, clients: int = 2, base: str = "t", stack: str = "ipv4", hub: bool = False
 ) -> Iterator[LabState]:
     """A running lab whose inventory has been through `vpnctl keygen` and `vpnctl render`."""
-    with running_lab(directory, clients=clients, base=base, stack=stack) as state:
+    with running_lab(directory, clients=clients, base=base, stack=stack, hub=hub) as state:
         vpnctl(state, "keygen")
         vpnctl(state, "render")
         yield state

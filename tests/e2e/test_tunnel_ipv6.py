@@ -183,7 +183,7 @@ def test_ipv6_only_underlay_carries_an_ipv4_and_ipv6_tunnel(lab: Lab) -> None:
     assert pair.client.ping(SERVER_WAN6)
     # And a server that accepts this one client by its IPv6 address, marking with ipopts
     s_conf = lab.conf("server", "", f"client {CLIENT_WAN6} 0\nipopts 4\n")
-    c_conf = lab.conf("client", SERVER_WAN6, "ipopts 4\n")
+    c_conf = lab.conf("client", SERVER_WAN6, "ipopts 4\nautoroute\nroute2 ::/0\n")
     with (
         vpnd(pair.server, s_conf, lab.dir, "server6") as server,
         vpnd(pair.client, c_conf, lab.dir, "client6") as client,
@@ -194,6 +194,11 @@ def test_ipv6_only_underlay_carries_an_ipv4_and_ipv6_tunnel(lab: Lab) -> None:
         assert pair.server.ping(CLIENT_TUN)
         assert pair.client.ping(SERVER_TUN6)
         assert pair.server.ping(CLIENT_TUN6)
+        # And a default IPv6 route through the tunnel leaves the carrier alone: autoroute
+        # pinned the server's carrier address along its own path
+        routes6 = pair.client.run("ip", "-6", "route").stdout
+        assert f"default dev {lab.tag}t" in routes6 or "default via fd00:5ee::1" in routes6
+        assert f"{SERVER_WAN6} dev {pair.client_if}" in routes6, routes6
         # And each end shows its carrier peer as an IPv6 endpoint
         assert client.status()["peer"] == f"[{SERVER_WAN6}]:24741"
         assert server.status()["peer"].startswith(f"[{CLIENT_WAN6}]:")

@@ -1215,6 +1215,16 @@ def load_peers(config: Config) -> tuple[PeerSpec, ...]:
                 errors.append(
                     ConfigError(peer.source, None, name, f"{mine} is the hub's own address")
                 )
+        if not config.carries_ipv6 and any(n.version == 6 for n in peer.networks):
+            errors.append(
+                ConfigError(
+                    peer.source,
+                    None,
+                    "remote6" if peer.remote6 is not None else "remote",
+                    "this client has IPv6 addresses or routes but the hub carries no IPv6: "
+                    f"give the hub a local6 in {config.source}",
+                )
+            )
         for net in peer.networks:
             for other_net, other in owners.items():
                 if other is not peer and net.overlaps(other_net):

@@ -99,3 +99,21 @@ def test_peer_file_remote6_and_ipv6_routes() -> None:
     assert str(caught.value) == (
         "b.peer:2: route1: gateway fd00:1::99 must be this client's address (it has no IPv6 one)"
     )
+
+
+def test_a_hub_without_ipv6_refuses_a_peer_file_with_ipv6(tmp_path) -> None:
+    from vpnd_runtime.config import load_config
+
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    (peers / "a.peer").write_text("remote 198.19.1.10\nremote6 fd00:1::10\n")
+    conf = tmp_path / "hub.conf"
+    conf.write_text(f"mode server\nserver 0 379\nlocal 198.19.1.1\npeers {peers}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(conf)
+    assert str(caught.value) == (
+        f"{peers / 'a.peer'}: remote6: this client has IPv6 addresses or routes but the hub "
+        f"carries no IPv6: give the hub a local6 in {conf}"
+    )
+    conf.write_text(conf.read_text() + "local6 fd00:1::1\n")
+    assert load_config(conf).peers[0].remote6 == IPv6Address("fd00:1::10")

@@ -17,7 +17,7 @@ proves to the initiator that the responder holds the psk too.
 The Noise bodies are wrapped by `connection.py` as::
 
     message 1: 0x01 | key_id[4] | e[32] | AEAD(payload[10])        (63 bytes)
-               payload = timestamp u64 ns (wall clock) | cipher id u8 | flags u8 (bit 0: compress)
+               payload = timestamp u64 ns (wall clock) | cipher id u8 | flags u8 (bit 1: compress)
     message 2: 0x02 | e[32] | AEAD(empty)                          (49 bytes)
 
 `key_id` (keyed BLAKE2s of the psk, see `kdf.key_id`) lets the responder reject "another key"
@@ -56,7 +56,10 @@ PAYLOAD1_LEN = _PAYLOAD1.size
 MSG1_BODY_LEN = DHLEN + PAYLOAD1_LEN + TAGLEN
 MSG2_BODY_LEN = DHLEN + TAGLEN
 
-FLAG_COMPRESS = 0x01
+#: Message 1 flag: compression on, each packet compressed on its own (session.py).
+FLAG_COMPRESS = 0x02
+#: Message 1 flag of vpnd before issue 14: compression of whole batches (refused, by name).
+FLAG_COMPRESS_BATCH = 0x01
 
 
 def generate_keypair(rng: Callable[[int], bytes]) -> tuple[X25519PrivateKey, bytes]:

@@ -65,6 +65,7 @@ import difflib
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import posixpath
@@ -1031,6 +1032,26 @@ class LinkRecord:
 STALE_AFTER = 5.0  # a running daemon rewrites its record every second (docs/architecture.md)
 
 
+def finite_number(value: object) -> float | None:
+    """`value` as a finite float when it is a number or a number's text; None otherwise.
+
+    What a host prints is not trusted to be well formed: "nan", "inf", a bool or a stray line
+    becomes None (unknown) instead of an exception or a NaN that poisons every comparison.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        value = float(value) if abs(value) < 2**1000 else None
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
+
+
 def parse_status_output(text: str) -> dict[str, LinkRecord]:
     """The output of :func:`status_script` as link -> LinkRecord.
 
@@ -1041,10 +1062,8 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
     daemon is hung or its record is not its own).
     """
     lines = text.splitlines()
-    try:
-        now = float(lines[0])
-    except (IndexError, ValueError):
-        now = time.time()
+    host_now = finite_number(lines[0]) if lines else None
+    now = host_now if host_now is not None else time.time()
     out: dict[str, LinkRecord] = {}
     i = 1
     while i < len(lines):
@@ -1058,7 +1077,7 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
         alive = block[1] == "alive yes"
         record: dict[str, Any] | None = None
         if block[2] not in {"", "-"}:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):  # too deep for json
                 loaded = json.loads(block[2])
                 record = loaded if isinstance(loaded, dict) else None
         if record is not None and not alive:
@@ -1070,8 +1089,7 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
             record = {"state": "not running", "reason": "no status record (never started?)"}
         elif record is not None:
             _judge_freshness(record, block[4].removeprefix("pidfile ").strip(), now)
-        mtime_text = block[3].removeprefix("keymtime ").strip()
-        key_mtime = float(mtime_text) if mtime_text not in {"", "-"} else None
+        key_mtime = finite_number(block[3].removeprefix("keymtime ").strip())
         out[link] = LinkRecord(record if configured else None, key_mtime, now)
     return out
 
@@ -1080,15 +1098,15 @@ def _judge_freshness(record: dict[str, Any], pidfile_pid: str, now: float) -> No
     """Mark `record` (of a live pidfile process) not running/stale unless it is that process's
     and recent (see :func:`parse_status_output`)."""
     pid = record.get("pid")
-    updated = record.get("updated")
+    updated = finite_number(record.get("updated"))
     if str(pid) != pidfile_pid:
         record["reason"] = (
             f"status record is from pid {pid}, the pidfile names {pidfile_pid}; last state "
             f"{record.get('state')}"
         )
         record["state"] = "not running"
-    elif not isinstance(updated, int | float) or now - updated > STALE_AFTER:
-        age = f"{now - updated:.0f}s" if isinstance(updated, int | float) else "never"
+    elif updated is None or now - updated > STALE_AFTER:
+        age = f"{now - updated:.0f}s" if updated is not None else "never"
         record["reason"] = (
             f"status record not rewritten for {age} (daemon pid {pid} hung?); last state "
             f"{record.get('state')}"

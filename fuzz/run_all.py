@@ -1,0 +1,88 @@
+"""Run every fuzz target for a bounded time and report executions per second (`make fuzz`).
+
+Each target runs in its own process (`python -m fuzz TARGET`) for FUZZ_SECONDS seconds (default
+60), the frame decoder for FUZZ_FRAMES_SECONDS (default 2 x FUZZ_SECONDS: it is the target with
+the widest input space and must reach 10^6 executions in one `make fuzz`).  The corpus grows in
+build/fuzz/corpus/TARGET (kept between runs, not committed), seeded from fuzz/seeds/TARGET.  A
+crash leaves its input in build/fuzz/crashes/ and makes this exit non-zero; it then becomes a
+file in fuzz/regressions/TARGET/ (replayed by tests/unit/test_fuzz_regressions.py) and gets fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from fuzz.contracts import TARGETS
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "fuzz"
+
+
+def seconds_for(target: str) -> int:
+    """How long `target` runs (FUZZ_SECONDS, and FUZZ_FRAMES_SECONDS for the frame decoder)."""
+    base = int(os.environ.get("FUZZ_SECONDS", "60"))
+    if target == "frames":
+        return int(os.environ.get("FUZZ_FRAMES_SECONDS", str(2 * base)))
+    return base
+
+
+def run(target: str) -> tuple[bool, int, int, str]:
+    """Fuzz one target; return (clean, executions, executions per second, last lines)."""
+    corpus = BUILD / "corpus" / target
+    crashes = BUILD / "crashes"
+    corpus.mkdir(parents=True, exist_ok=True)
+    crashes.mkdir(parents=True, exist_ok=True)
+    seeds = ROOT / "fuzz" / "seeds" / target
+    cmd = [
+        sys.executable,
+        "-m",
+        "fuzz",
+        target,
+        f"-max_total_time={seconds_for(target)}",
+        "-print_final_stats=1",
+        "-rss_limit_mb=1024",
+        "-timeout=10",
+        f"-artifact_prefix={crashes}/{target}-",
+        str(corpus),
+    ]
+    if seeds.is_dir():
+        cmd.append(str(seeds))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    log = proc.stderr + proc.stdout
+    (BUILD / f"{target}.log").write_text(log)
+    runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", log)
+    rate = re.search(r"stat::average_exec_per_sec:\s*(\d+)", log)
+    tail = "\n".join(log.strip().splitlines()[-25:])
+    return (
+        proc.returncode == 0,
+        int(runs[1]) if runs else 0,
+        int(rate[1]) if rate else 0,
+        tail,
+    )
+
+
+def main() -> int:
+    """Run the targets named on the command line (default: all); print one line each."""
+    names = sys.argv[1:] or list(TARGETS)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        print(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+        return 2
+    failed = []
+    print(f"{'TARGET':<10} {'SECONDS':>7} {'EXECUTIONS':>11} {'EXEC/S':>7}  RESULT", flush=True)
+    for name in names:
+        clean, runs, rate, tail = run(name)
+        result = "clean" if clean else f"FAILED (see {BUILD / name}.log)"
+        print(f"{name:<10} {seconds_for(name):>7} {runs:>11} {rate:>7}  {result}", flush=True)
+        if not clean:
+            failed.append(name)
+            print(tail, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

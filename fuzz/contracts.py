@@ -21,11 +21,12 @@ from vpnctl.fleetstatus import FleetStatus, _judge, format_table, parse_host_out
 from vpnctl.inventory import InventoryError, parse_inventory
 from vpnd_runtime.config import ConfigError, parse_config
 from vpnd_runtime.proto import Connection, Packets, Params, RemoteProtocolError, State
+from vpnd_runtime.proto.connection import Stats
 from vpnd_runtime.proto.events import LinkUp
 from vpnd_runtime.proto.framing import LengthFramer
-from vpnd_runtime.proto.handshake import PROLOGUE, SessionKeys, _SymmetricState
+from vpnd_runtime.proto.handshake import PROLOGUE, ReplayGuard, SessionKeys, _SymmetricState
 from vpnd_runtime.proto.kdf import key_id
-from vpnd_runtime.proto.session import SendState, make_aead
+from vpnd_runtime.proto.session import RecvState, SendState, make_aead
 from vpnd_runtime.proto.slip import SlipFramer
 
 PSK = bytes(range(32))
@@ -48,14 +49,54 @@ def _rng(n: int) -> bytes:
 
 
 # ------------------------------------------------------------------------ frames + session open
-def _established(initiator: bool, lossy: bool, compress: bool, framer: object) -> Connection:
-    """A Connection past the handshake with fixed keys (cheap: no DH per execution)."""
+def _build_established(initiator: bool, lossy: bool, compress: bool, slip: bool) -> Connection:
+    """A Connection past the handshake with fixed keys (no DH)."""
     role = "initiator" if initiator else "responder"
     params = _PARAMS[lossy, compress]
+    framer = SlipFramer(max_message=4096) if slip else LengthFramer()
     conn = Connection(role, PSK, params, _rng, 0.0, framer=framer, wall=WALL)  # type: ignore[arg-type]
     send, recv = (_K_I2R, _K_R2I) if initiator else (_K_R2I, _K_I2R)
     conn._install_keys(SessionKeys(send, recv, _CK, bytes(32)), 0.0)
     conn._link_up(0.0, [])
+    return conn
+
+
+#: One established Connection per mode, built once; each execution gets a fresh copy of it whose
+#: mutable state is new (`_established`), which costs a fraction of building one.
+_TEMPLATES = {
+    (i, lossy, c, slip): _build_established(i, lossy, c, slip)
+    for i in (False, True)
+    for lossy in (False, True)
+    for c in (False, True)
+    for slip in (False, True)
+}
+#: The attributes of an established Connection that change while it runs: `_established` makes
+#: them new for every copy.  Any other attribute must hold an immutable value (checked below, so a
+#: new mutable attribute in Connection stops the harness instead of leaking state between runs).
+_RESET = {"stats", "_out", "_send", "_recv", "_framer", "_guard", "_next_send"}
+_IMMUTABLE = (int, float, str, bytes, bool, type(None), tuple, Params, State)
+for _t in _TEMPLATES.values():
+    _mutable = {
+        k
+        for k, v in vars(_t).items()
+        if not isinstance(v, _IMMUTABLE) and not callable(v) and k not in _RESET
+    }
+    if _mutable:
+        raise RuntimeError(f"fuzz harness: Connection has new mutable state {sorted(_mutable)}")
+
+
+def _established(initiator: bool, lossy: bool, compress: bool, slip: bool) -> Connection:
+    """A fresh copy of the established template of this mode."""
+    t = _TEMPLATES[initiator, lossy, compress, slip]
+    conn = object.__new__(Connection)
+    conn.__dict__.update(t.__dict__)
+    conn.stats = Stats(established_at=0.0)
+    conn._out = []
+    conn._send = SendState(t._send.aead, 0, 0.0)  # type: ignore[union-attr]
+    conn._recv = {0: RecvState(t._recv[0].aead, 0, 0.0)}
+    conn._framer = SlipFramer(max_message=4096) if slip else LengthFramer()
+    conn._guard = ReplayGuard()
+    conn._next_send = None
     return conn
 
 
@@ -89,8 +130,8 @@ def check_frames(data: bytes) -> None:
     sealed, slip = bool(mode & 8), bool(mode & 16)
     if not sealed and not slip:
         _check_length_framer(body)
-    framer: object = SlipFramer(max_message=4096) if slip else LengthFramer()
-    conn = _established(initiator, lossy, compress, framer)
+    conn = _established(initiator, lossy, compress, slip)
+    framer = conn._framer
     if sealed:
         peer_key = _K_R2I if initiator else _K_I2R
         sender = SendState(make_aead(conn.params.cipher, peer_key), 0, 0.0)
@@ -103,7 +144,6 @@ def check_frames(data: bytes) -> None:
         wire = body
     try:
         events = conn.receive_data(wire, 0.5)
-        events += conn.tick(30.0)
     except RemoteProtocolError:
         assert conn.state is State.ERROR
         return

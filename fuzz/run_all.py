@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,10 @@ def seconds_for(target: str) -> int:
     return base
 
 
-def run(target: str) -> tuple[bool, int, int, str]:
-    """Fuzz one target; return (clean, executions, executions per second, last lines)."""
+def run(target: str) -> tuple[bool, int, int, float, str]:
+    """Fuzz one target; return (clean, executions, executions per second, CPU seconds used,
+    last lines).  On a shared machine exec/s says more about the neighbours than about the
+    harness; executions per CPU second do not."""
     corpus = BUILD / "corpus" / target
     crashes = BUILD / "crashes"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,10 @@ def run(target: str) -> tuple[bool, int, int, str]:
     ]
     if seeds.is_dir():
         cmd.append(str(seeds))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     log = proc.stderr + proc.stdout
     (BUILD / f"{target}.log").write_text(log)
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", log)
@@ -61,6 +67,7 @@ def run(target: str) -> tuple[bool, int, int, str]:
         proc.returncode == 0,
         int(runs[1]) if runs else 0,
         int(rate[1]) if rate else 0,
+        cpu,
         tail,
     )
 
@@ -73,11 +80,20 @@ def main() -> int:
         print(f"unknown target(s): {', '.join(unknown)}; known: {', '.join(TARGETS)}")
         return 2
     failed = []
-    print(f"{'TARGET':<10} {'SECONDS':>7} {'EXECUTIONS':>11} {'EXEC/S':>7}  RESULT", flush=True)
+    print(
+        f"{'TARGET':<10} {'SECONDS':>7} {'EXECUTIONS':>11} {'EXEC/S':>7} {'CPU S':>6} "
+        f"{'EXEC/CPU-S':>10}  RESULT",
+        flush=True,
+    )
     for name in names:
-        clean, runs, rate, tail = run(name)
+        clean, runs, rate, cpu, tail = run(name)
         result = "clean" if clean else f"FAILED (see {BUILD / name}.log)"
-        print(f"{name:<10} {seconds_for(name):>7} {runs:>11} {rate:>7}  {result}", flush=True)
+        per_cpu = int(runs / cpu) if cpu > 0 else 0
+        print(
+            f"{name:<10} {seconds_for(name):>7} {runs:>11} {rate:>7} {cpu:>6.1f} {per_cpu:>10}  "
+            f"{result}",
+            flush=True,
+        )
         if not clean:
             failed.append(name)
             print(tail, flush=True)

@@ -89,8 +89,16 @@ def _opens(aead: object, frame: bytes) -> bool:
     return True
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        Params(keyttl=30.0, keepalive=10.0),
+        Params(keyttl=30.0, keepalive=10.0, lossy=True, cipher="aes-256-gcm"),
+    ],
+    ids=["tcp-chacha", "lossy-aesgcm"],
+)
 def test_after_a_rekey_nothing_reachable_from_a_connection_leads_back_to_epoch_0(
-    monkeypatch: pytest.MonkeyPatch,
+    params: Params, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _RECORDED.clear()
     secrets: list[bytes] = []
@@ -102,7 +110,7 @@ def test_after_a_rekey_nothing_reachable_from_a_connection_leads_back_to_epoch_0
         return k
 
     monkeypatch.setattr(NoiseHandshake, "keys", keys)
-    pair = Pair(Params(keyttl=30.0, keepalive=10.0))
+    pair = Pair(params)
     pair.i._rng = _recording_rng(1)
     pair.r._rng = _recording_rng(1001)
     pair.handshake()

@@ -9,12 +9,13 @@ underlay.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root_netns, require_tools
+from tests.conftest import require, require_root_netns, require_tools
 from tests.helpers.lab import lab_exec, rendered_lab, vpnctl
 from vpnctl.lab import LabState
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.root
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     require_root_netns()
     require_tools("sshd", "ssh", "ssh-keygen", "ping")
+    require(os.path.isdir("/proc/sys/net/ipv6"), "needs IPv6 in the kernel")
     with rendered_lab(
         tmp_path_factory.mktemp("deploy6") / "lab", clients=2, base="d6", stack="dual,ipv6,dual"
     ) as state:
@@ -84,6 +86,7 @@ def test_deploy_over_ipv6_brings_up_dual_stack_links_that_carry_both_families(
 def hub_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     require_root_netns()
     require_tools("sshd", "ssh", "ssh-keygen", "ping")
+    require(os.path.isdir("/proc/sys/net/ipv6"), "needs IPv6 in the kernel")
     with rendered_lab(
         tmp_path_factory.mktemp("deployhub6") / "lab",
         clients=2,

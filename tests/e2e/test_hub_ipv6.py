@@ -8,13 +8,14 @@ sends from an address of that network is dropped at the hub and counted as spoof
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root_netns, require_tools
+from tests.conftest import require, require_root_netns, require_tools
 from tests.helpers.netns import Star, namespace_star, new_tag, poll_until, vpnd
 from vpnd_runtime.keyfile import generate_key
 
@@ -30,6 +31,7 @@ PORT = 24741
 def star(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Star, Path]]:
     require_root_netns()
     require_tools("ping", "sysctl")
+    require(os.path.isdir("/proc/sys/net/ipv6"), "needs IPv6 in the kernel")
     tag = new_tag("h6")
     d = tmp_path_factory.mktemp(f"{tag}-hub6")
     with namespace_star(2, tag) as star:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_root_netns, require_tools
+from tests.conftest import require, require_root_netns, require_tools
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
 from vpnd_runtime.keyfile import generate_key
 
@@ -77,6 +77,7 @@ class Lab:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     require_root_netns()
     require_tools("ping")
+    require(os.path.isdir("/proc/sys/net/ipv6"), "needs IPv6 in the kernel")
     tag = new_tag("v6")
     d = tmp_path_factory.mktemp(f"{tag}-ipv6")
     generate_key(d / "shared.key", randomdev="/dev/urandom")

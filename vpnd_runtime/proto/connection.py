@@ -73,10 +73,36 @@ at a time, so frames that follow the handshake in the same read already get the 
    PING unanswered for longer than `maxdelay` (or a PONG arriving later) is `PeerDead` too.
 
 5. Goodbye: `close(reason)` queues CLOSE(reason) when established; the peer gets `Closed`.
+
+6. Datagrams (UDP, `Params.datagram`): each message travels alone in one datagram, no framer, no
+   message ever spans two datagrams, and every datagram starts with the *receiver's* session index
+   (u32, WireGuard's receiver index) so one socket can serve many clients and a client may change
+   address (the server follows the newest source whose datagram authenticated)::
+
+       message 1:  0 u32 | message 1 | initiator index u32                (87 bytes)
+       message 2:  initiator index u32 | message 2 | responder index u32  (57 bytes: smaller than
+                   message 1, so a responder never amplifies, and it answers only after the psk
+                   tag of message 1 verified)
+       data:       receiver index u32 | 0x03 | epoch | counter | AEAD(inner)
+
+   The caller strips the leading index (it chose the session by it) and hands the rest to
+   `receive_datagrams`; `datagrams_to_send` returns whole datagrams, index included.  Loss and
+   reordering are normal: frames failing before authentication are dropped and counted (as on a
+   lossy line), and the counter check is a sliding window of 2,048 (`session.ReplayWindow`): a
+   replayed or too old frame is dropped and counted under "replay".  The initiator retransmits
+   message 1 (a fresh one: new ephemeral key and timestamp, so the replay guard accepts it) after
+   `HS_RETRY` seconds, doubling up to `HS_RETRY_MAX`, until message 2 authenticates or the
+   handshake deadline passes; a message 2 that fails (an answer to an older message 1) leaves the
+   handshake state untouched.  Until an authenticated frame from the responder arrives, the
+   initiator pings every `HS_RETRY` seconds, so a lost CONFIRM is made good at once.  REKEY_INIT
+   is retransmitted the same way (backoff from `HS_RETRY` up to `keepalive`), and a receiver keeps
+   the previous epoch's key after switching, so frames of epoch n that arrive after the first of
+   n+1 (reordering) still open: a rekey loses no packet.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +162,13 @@ from .session import (
 
 Role = Literal["initiator", "responder"]
 
+#: Datagram mode: first retransmission delay of handshake and rekey messages, and its cap.
+HS_RETRY = 1.0
+HS_RETRY_MAX = 8.0
+#: Size of the session index that starts every datagram.
+INDEX_LEN = 4
+_ZERO_INDEX = bytes(INDEX_LEN)
+
 
 class KeyRing(Protocol):
     """A hub's keys, for a responder that serves many clients (see `Connection`'s keyring)."""
@@ -166,6 +199,9 @@ class Params:
     at 262,144.  keyttl: session key lifetime in seconds.  maxdelay: drop the link when a
     keepalive answer takes longer (None: never).  lossy: the transport may destroy frames
     (serial): damaged frames are dropped and counted instead of ending the connection.
+    datagram: each message is one datagram (UDP): lossy, reordered, with a replay window and
+    session indexes (see the module docstring, section 6); `sendbuf` is then the most bytes of
+    packets per datagram.
     """
 
     cipher: str = "chacha20-poly1305"
@@ -179,6 +215,7 @@ class Params:
     handshake_timeout: float = 10.0
     sendbuf: int = 65536
     lossy: bool = False
+    datagram: bool = False
 
     def __post_init__(self) -> None:
         if self.cipher not in CIPHERS:
@@ -259,6 +296,7 @@ class Connection:
         wall: float | None = None,
         announce: IPv4Address | IPv6Address | None = None,
         keyring: KeyRing | None = None,
+        index: int = 0,
     ) -> None:
         if role not in ("initiator", "responder"):
             raise ValueError(f"role must be 'initiator' or 'responder', got {role!r}")
@@ -300,7 +338,18 @@ class Connection:
         self._last_drop: str | None = None
         self._session_id = ""
         self._out: list[bytes] = []
-        self._lossy = params.lossy
+        self._dgram = params.datagram
+        self._lossy = params.lossy or params.datagram
+        if self._dgram and not 0 < index < 2**32:
+            raise ValueError(f"a datagram connection needs a session index 1..2**32-1, got {index}")
+        #: Datagram mode: our session index (the peer puts it first in what it sends us).
+        self.index = index
+        self._index_b = U32.pack(index) if self._dgram else b""
+        self._peer_index_b = _ZERO_INDEX
+        self._hs_retry_at: float | None = None
+        self._hs_backoff = HS_RETRY
+        self._heard = False  # datagram initiator: an authenticated frame came from the responder
+        self._rekey_backoff = HS_RETRY
         self._cipher_id = CIPHERS[params.cipher][0]
         self._flags = FLAG_COMPRESS if params.compress else 0
         self._batch_limit = min(params.sendbuf, MAX_BODY)
@@ -364,12 +413,17 @@ class Connection:
                 "start() needs the wall-clock time (wall=time.time()) for the handshake timestamp"
             )
         self._started = True
+        self._send_message1(wall)
+        if self._dgram:
+            self._hs_retry_at = now + self._hs_backoff
+
+    def _send_message1(self, wall: float) -> None:
         hs = NoiseHandshake(True, self._psk)
         stamp = int(wall * 1e9)
         payload = InitPayload(stamp, self._cipher_id, self._flags, self._announce).encode()
         body = hs.write_message1(self._rng, payload)
         self._hs = hs
-        self._emit(bytes([MSG_INIT]) + self._key_id + body)
+        self._emit_handshake(bytes([MSG_INIT]) + self._key_id + body)
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Feed bytes read from the transport; return the events they complete, in order.
@@ -382,6 +436,8 @@ class Connection:
             raise LocalProtocolError("receive_data on a connection in ERROR state")
         if self.state is State.CLOSED:
             return []
+        if self._dgram:
+            return self.receive_datagrams([data], now)
         self.stats.wire_bytes_in += len(data)
         events: list[Event] = []
         msgs: Sequence[bytes | memoryview]
@@ -407,6 +463,39 @@ class Connection:
             exc.events = events  # type: ignore[attr-defined]
             raise
         return events
+
+    def receive_datagrams(self, msgs: Sequence[bytes | memoryview], now: float) -> list[Event]:
+        """Datagram mode: feed received datagrams, each without its leading session index.
+
+        Frames that fail before authentication are dropped and counted; RemoteProtocolError
+        only for what an authenticated peer did wrong (state becomes ERROR, as `receive_data`).
+        """
+        if self.state is State.ERROR:
+            raise LocalProtocolError("receive_datagrams on a connection in ERROR state")
+        if self.state is State.CLOSED:
+            return []
+        self.stats.wire_bytes_in += sum(map(len, msgs)) + INDEX_LEN * len(msgs)
+        events: list[Event] = []
+        try:
+            self._process(msgs, now, events)
+        except RemoteProtocolError as exc:
+            self.state = State.ERROR
+            exc.events = events  # type: ignore[attr-defined]
+            raise
+        return events
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """Datagram mode: drain the queued datagrams (each whole, index first)."""
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        self.stats.wire_bytes_out += sum(map(len, out))
+        return out
+
+    #: Authenticated frames accepted so far (the daemon's roaming rule: a source whose datagram
+    #: moved this counter is the peer's current address).
+    accepted = 0
 
     def _process(self, msgs: Sequence[bytes | memoryview], now: float, events: list[Event]) -> None:
         """Handle decoded messages in order; in lossy mode count and skip the rejected ones."""
@@ -441,7 +530,14 @@ class Connection:
         limit = self._batch_limit
         compress = self.params.compress
         level = self.params.compress_level
-        if self._length_framed:
+        if self._dgram:
+            prefix = self._peer_index_b
+            seal_prefixed = send.seal_prefixed
+
+            def seal(inner: bytes) -> bytes:
+                return seal_prefixed(prefix, inner)
+
+        elif self._length_framed:
             seal = send.seal_framed
         else:
             framer_encode = self._framer.encode
@@ -499,6 +595,18 @@ class Connection:
                 if self._last_drop:
                     why += f" (last frame dropped: {self._last_drop})"
                 self._dead(why, events)
+            elif (
+                self._hs_retry_at is not None
+                and now >= self._hs_retry_at
+                and self._send is None
+                and (wall := self._wall_at(now)) is not None
+            ):
+                # Datagram initiator: message 1 or 2 was lost; a fresh message 1 (new ephemeral
+                # key, newer timestamp) rather than a copy, which the replay guard would refuse.
+                self._send_message1(wall)
+                self.stats.drops["handshake_retry"] = self.stats.drops.get("handshake_retry", 0) + 1
+                self._hs_backoff = min(self._hs_backoff * 2, HS_RETRY_MAX)
+                self._hs_retry_at = now + self._hs_backoff
             return events
         if (
             p.maxdelay is not None
@@ -528,6 +636,8 @@ class Connection:
             self._ping_outstanding = self._ping_id
             self._ping_sent_at = now
             self._next_ping = now + p.keepalive
+            if self._dgram and self._initiator and not self._heard:
+                self._next_ping = now + min(p.keepalive, HS_RETRY)  # see section 6
             self._seal_inner(bytes([INNER_PING]) + U64.pack(self._ping_id))
         if self._initiator:
             self._maybe_rekey(now)
@@ -546,6 +656,8 @@ class Connection:
     def next_deadline(self) -> float | None:
         """The time at which `tick` must next be called (None: no timer is running)."""
         if self.state is State.HANDSHAKE:
+            if self._hs_retry_at is not None and self._send is None:
+                return min(self._hs_deadline, self._hs_retry_at)
             return self._hs_deadline
         if self.state is not State.ESTABLISHED:
             return None
@@ -586,11 +698,23 @@ class Connection:
         self._out.append(self._framer.encode(msg))
         self.stats.frames_out += 1
 
+    def _emit_handshake(self, msg: bytes) -> None:
+        """A handshake message: framed, or (datagram) between the receiver's index and ours."""
+        if self._dgram:
+            self._out.append(self._peer_index_b + msg + self._index_b)
+            self.stats.frames_out += 1
+        else:
+            self._emit(msg)
+
     def _seal_inner(self, inner: bytes) -> None:
         send = self._send
         if send is None:  # pragma: no cover - callers check
             raise LocalProtocolError("no send key")
-        self._emit(send.seal(inner))
+        if self._dgram:
+            self._out.append(send.seal_prefixed(self._peer_index_b, inner))
+            self.stats.frames_out += 1
+        else:
+            self._emit(send.seal(inner))
 
     def _count_drop(self, kind: str, reason: str) -> None:
         self.stats.drops[kind] = self.stats.drops.get(kind, 0) + 1
@@ -620,8 +744,14 @@ class Connection:
     def _handle_init(self, msg: bytes, now: float) -> None:
         if self._initiator or self._hs is not None:
             raise FrameRejected("unexpected handshake message 1", "unexpected")
-        if len(msg) not in (_MSG1_LEN, _MSG1_LEN_V0):
+        trailer = INDEX_LEN if self._dgram else 0
+        if len(msg) - trailer not in (_MSG1_LEN, _MSG1_LEN_V0):
             raise FrameRejected(f"handshake message 1 of {len(msg)} bytes", "malformed")
+        if trailer:
+            peer_index = bytes(msg[-INDEX_LEN:])
+            if peer_index == _ZERO_INDEX:
+                raise FrameRejected("handshake message 1 with session index 0", "malformed")
+            msg = msg[:-INDEX_LEN]
         kid = bytes(msg[1:5])
         if self._keyring is not None:
             # A hub: the key id selects the candidate keys in O(1) (ids of distinct keys
@@ -683,7 +813,9 @@ class Connection:
         self._peer_key_id = kid
         self._install_keys(hs.keys(), now)
         self._awaiting_confirm = True
-        self._emit(bytes([MSG_RESP]) + body2)
+        if trailer:
+            self._peer_index_b = peer_index
+        self._emit_handshake(bytes([MSG_RESP]) + body2)
 
     @property
     def authenticated(self) -> bool:
@@ -697,15 +829,30 @@ class Connection:
         hs = self._hs
         if not self._initiator or hs is None or self._send is not None:
             raise FrameRejected("unexpected handshake message 2", "unexpected")
-        if len(msg) != _MSG2_LEN:
+        trailer = INDEX_LEN if self._dgram else 0
+        if len(msg) != _MSG2_LEN + trailer:
             raise FrameRejected(f"handshake message 2 of {len(msg)} bytes", "malformed")
+        if trailer:
+            peer_index = bytes(msg[-INDEX_LEN:])
+            if peer_index == _ZERO_INDEX:
+                raise FrameRejected("handshake message 2 with session index 0", "malformed")
+            msg = msg[:-INDEX_LEN]
+            # Try on a copy: an answer to an older message 1 must not spoil the current state.
+            hs = copy.copy(hs)
+            hs._ss = copy.copy(hs._ss)  # noqa: SLF001 — the state is all immutable values
         try:
             hs.read_message2(msg[1:])
         except RemoteProtocolError as exc:
+            if self._dgram:
+                raise FrameRejected(exc.reason, "bad_handshake") from None
             self._hs = None if self._lossy else hs  # a lossy retry cannot reuse the state
             if exc.reason.startswith("handshake authentication failed"):
                 raise FrameRejected(exc.reason, "bad_handshake") from None
             raise
+        if trailer:
+            self._peer_index_b = peer_index
+            self._hs = hs
+            self._hs_retry_at = None
         self._peer_key_id = self._key_id
         self._install_keys(hs.keys(), now)
         self._seal_inner(_CONFIRM)
@@ -714,7 +861,7 @@ class Connection:
     def _install_keys(self, keys: SessionKeys, now: float) -> None:
         cipher = self.params.cipher
         self._send = SendState(make_aead(cipher, keys.send_key), 0, now)
-        self._recv = {0: RecvState(make_aead(cipher, keys.recv_key), 0, now)}
+        self._recv = {0: RecvState(make_aead(cipher, keys.recv_key), 0, now, self._dgram)}
         self._recv_epoch = 0
         self._ck = keys.chaining_key
         self._session_id = keys.handshake_hash[:8].hex()
@@ -727,6 +874,8 @@ class Connection:
         self.stats.established_at = now
         self._last_in = now
         self._next_ping = now + self.params.keepalive
+        if self._dgram and self._initiator:
+            self._next_ping = now + min(self.params.keepalive, HS_RETRY)  # see section 6
         events.append(LinkUp(self.key_id, self._session_id))
 
     def _handle_data(self, msg: bytes, now: float, events: list[Event]) -> None:
@@ -738,6 +887,8 @@ class Connection:
             raise FrameRejected(f"data frame for unknown key epoch {epoch}", "unknown_epoch")
         inner = rs.open(msg, counter, self._lossy)
         # Authenticated from here on: a violation is the (keyed) peer's fault, never a drop.
+        self.accepted += 1
+        self._heard = True
         self._last_in = now
         self.stats.missed_keepalives = 0
         if (
@@ -747,11 +898,13 @@ class Connection:
             and self.state is State.ESTABLISHED
         ):
             self._maybe_rekey(now)  # the peer is the busy sender: renew by its count too
-        if epoch != self._recv_epoch:
-            # The peer's first frame of a new epoch: drop the old key; a responder now knows
-            # the initiator has the new keys and switches its sending too.
+        if epoch > self._recv_epoch:
+            # The peer's first frame of a new epoch: drop the old key (datagrams: keep the one
+            # before, for frames still in flight); a responder now knows the initiator has the
+            # new keys and switches its sending too.
             self._recv_epoch = epoch
-            for old in [e for e in self._recv if e != epoch]:
+            keep = epoch - 1 if self._dgram else epoch
+            for old in [e for e in self._recv if e < keep]:
                 del self._recv[old]
             self._rekey_answer = None
             nxt = self._next_send
@@ -803,7 +956,9 @@ class Connection:
             self.state = State.CLOSED
             events.append(Closed(decode_close(inner)))
         elif kind == INNER_CONFIRM:
-            raise RemoteProtocolError("CONFIRM after the session was confirmed")
+            if not self._dgram:
+                raise RemoteProtocolError("CONFIRM after the session was confirmed")
+            # Datagrams: the CONFIRM arrived after a later frame had confirmed the session.
         else:
             raise RemoteProtocolError(f"unknown inner message type 0x{kind:02x}")
 
@@ -816,7 +971,11 @@ class Connection:
         if self._rekey_priv is not None:
             if self._rekey_retry_at is not None and now >= self._rekey_retry_at and self._rekey_msg:
                 self._seal_inner(self._rekey_msg)
-                self._rekey_retry_at = now + p.keepalive
+                if self._dgram:
+                    self._rekey_backoff = min(self._rekey_backoff * 2, p.keepalive)
+                    self._rekey_retry_at = now + self._rekey_backoff
+                else:
+                    self._rekey_retry_at = now + p.keepalive
             return
         # The peer's count only once it sends in our epoch: until the responder has switched
         # after the last rekey, its count is that of the old epoch.
@@ -833,6 +992,9 @@ class Connection:
         self._rekey_target = send.epoch + 1
         self._rekey_msg = bytes([INNER_REKEY_INIT]) + REKEY.pack(self._rekey_target, pub)
         self._rekey_retry_at = now + p.keepalive if self._lossy else None
+        if self._dgram:
+            self._rekey_backoff = min(HS_RETRY, p.keepalive)
+            self._rekey_retry_at = now + self._rekey_backoff
         self._seal_inner(self._rekey_msg)
 
     def _on_rekey_init(self, inner: bytes, now: float, events: list[Event]) -> None:
@@ -862,7 +1024,7 @@ class Connection:
         resp = bytes([INNER_REKEY_RESP]) + REKEY.pack(target, pub)
         self._seal_inner(resp)
         self._ck = ck
-        self._recv[target] = RecvState(make_aead(cipher, k_i2r), target, now)
+        self._recv[target] = RecvState(make_aead(cipher, k_i2r), target, now, self._dgram)
         # Keep sending in epoch n until the initiator's first frame of n+1 (see _handle_data).
         self._next_send = SendState(make_aead(cipher, k_r2i), target, now)
         self._rekey_answer = (bytes(inner), resp)
@@ -884,7 +1046,7 @@ class Connection:
         ck, k_i2r, k_r2i = rekey_keys(self._ck, dh(priv, peer_pub))
         cipher = self.params.cipher
         self._ck = ck
-        self._recv[target] = RecvState(make_aead(cipher, k_r2i), target, now)
+        self._recv[target] = RecvState(make_aead(cipher, k_r2i), target, now, self._dgram)
         self._send = SendState(make_aead(cipher, k_i2r), target, now)
         self._rekey_priv = None
         self._rekey_msg = None

@@ -10,7 +10,10 @@ with nonce = 4 zero bytes + counter as u64 little-endian (as WireGuard).  Counte
 each epoch and strictly increase.  A receiver keeps at most two epochs: the current one and, during
 a rekey, the next one (or the previous one, until the peer's first frame of the new epoch arrives).
 Over a reliable stream the next counter must be exactly last + 1; on a lossy link (serial) it only
-has to be greater.  The counter check happens after the tag check, so forged headers cannot move it.
+has to be greater; over datagrams (UDP), where packets are lost and reordered, a sliding window of
+`REPLAY_WINDOW` (2,048) counters (`ReplayWindow`, RFC 6479's ring of bitmap words, WireGuard's size)
+accepts each counter at most once, in any order, as long as it is not older than the window.
+The counter check happens after the tag check, so forged headers cannot move it.
 
 Inner messages (the plaintext) start with a type byte::
 
@@ -127,6 +130,16 @@ class SendState:
         hdr = HEADER.pack(MSG_DATA, self.epoch, c)
         return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr)
 
+    def seal_prefixed(self, prefix: bytes, inner: bytes) -> bytes:
+        """`prefix + self.seal(inner)` in one concatenation (the UDP hot path: the prefix is the
+        receiver's session index)."""
+        c = self.counter
+        if c >= COUNTER_LIMIT:
+            raise LocalProtocolError("send counter exhausted: the session must be rekeyed")
+        self.counter = c + 1
+        hdr = HEADER.pack(MSG_DATA, self.epoch, c)
+        return prefix + hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr)
+
     def seal_framed(self, inner: bytes) -> bytes:
         """`LengthFramer.encode(self.seal(inner))` with one copy fewer (the TCP hot path)."""
         c = self.counter
@@ -137,16 +150,66 @@ class SendState:
         return prefix + self.aead.encrypt(NONCE.pack(c), inner, prefix[4:])
 
 
+#: Counters a datagram receiver still accepts behind the highest one seen (WireGuard's 2,048).
+REPLAY_WINDOW = 2048
+_WORD = 64
+_RING_WORDS = REPLAY_WINDOW // _WORD + 1  # one spare word, as RFC 6479: the window slides by words
+_FULL = (1 << _WORD) - 1
+
+
+class ReplayWindow:
+    """RFC 6479 anti-replay window: a ring of 64-bit words over the newest `REPLAY_WINDOW` counters.
+
+    `check(c)` says whether `c` may be accepted (new and not too old) without changing anything;
+    `mark(c)` records it (call it only after the frame authenticated, so a forged counter cannot
+    slide the window).  Sliding forward clears whole words, so any jump costs at most
+    `_RING_WORDS` word writes.
+    """
+
+    __slots__ = ("_ring", "top")
+
+    def __init__(self) -> None:
+        self._ring = [0] * _RING_WORDS
+        #: The highest counter marked so far (-1: none).
+        self.top = -1
+
+    def check(self, counter: int) -> str | None:
+        """None when `counter` is acceptable, else the reason ("replay" or "too_old")."""
+        top = self.top
+        if counter > top:
+            return None
+        if top - counter >= REPLAY_WINDOW:
+            return "too_old"
+        if (self._ring[(counter // _WORD) % _RING_WORDS] >> (counter % _WORD)) & 1:
+            return "replay"
+        return None
+
+    def mark(self, counter: int) -> None:
+        """Record `counter` as received (after `check` accepted it and the tag verified)."""
+        ring = self._ring
+        top = self.top
+        block = counter // _WORD
+        if counter > top:
+            top_block = top // _WORD if top >= 0 else -1
+            steps = min(block - top_block, _RING_WORDS)
+            for i in range(1, steps + 1):
+                ring[(top_block + i) % _RING_WORDS] = 0
+            self.top = counter
+        ring[block % _RING_WORDS] |= 1 << (counter % _WORD)
+
+
 class RecvState:
-    """The receiving half of one epoch: AEAD and the lowest counter still acceptable."""
+    """The receiving half of one epoch: AEAD and the lowest counter still acceptable (streams),
+    or the replay window (datagrams)."""
 
-    __slots__ = ("aead", "epoch", "next_counter", "started")
+    __slots__ = ("aead", "epoch", "next_counter", "started", "window")
 
-    def __init__(self, aead: Any, epoch: int, started: float) -> None:
+    def __init__(self, aead: Any, epoch: int, started: float, datagram: bool = False) -> None:
         self.aead = aead
         self.epoch = epoch
         self.next_counter = 0
         self.started = started
+        self.window = ReplayWindow() if datagram else None
 
     def open(self, msg: bytes, counter: int, lossy: bool) -> bytes:
         """Authenticate and decrypt; then enforce the counter rule.  Raises RemoteProtocolError."""
@@ -156,6 +219,15 @@ class RecvState:
             )
         except InvalidTag:
             raise FrameRejected("bad authentication tag on a data frame", "bad_tag") from None
+        window = self.window
+        if window is not None:
+            why = window.check(counter)
+            if why is not None:
+                raise FrameRejected(f"{why} data frame (counter {counter})", "replay")
+            window.mark(counter)
+            if counter >= self.next_counter:
+                self.next_counter = counter + 1
+            return pt
         expected = self.next_counter
         if counter != expected and (not lossy or counter < expected):
             if counter < expected:

@@ -250,6 +250,8 @@ class Config:
     peers: tuple[PeerSpec, ...] = ()
     #: A hub forwards packets from one client to another (via the host's IP forwarding).
     clienttoclient: bool = True
+    #: The carrier of a network link: "tcp" (the seed's, the default) or "udp" (datagrams).
+    transport: str = "tcp"
     #: Where this config was read from (for messages and the status record); not compared.
     source: str = field(default="<string>", compare=False)
 
@@ -328,6 +330,7 @@ _TEXT_ORDER = (
     "nortscts",
     "xfilter",
     "modemchat",
+    "transport",
 )
 
 
@@ -477,6 +480,15 @@ def _compress(args: list[str]) -> dict[str, Any]:
     return {"compress": True, "compress_level": _int(word, "compress level", 1, 9)}
 
 
+TRANSPORTS = ("tcp", "udp")
+
+
+def _transport(args: list[str]) -> dict[str, Any]:
+    if args[0] not in TRANSPORTS:
+        raise _Bad(f"unknown transport {args[0]!r}; choose tcp or udp")
+    return {"transport": args[0]}
+
+
 def _cipher(args: list[str]) -> dict[str, Any]:
     name = args[0]
     if name not in CIPHERS and name != _CIPHER_FAMILY:
@@ -564,6 +576,7 @@ _DIRECTIVES: dict[str, _Directive] = {
         _Directive("clienttoclient", "clienttoclient yes|no", 0, 1,
                    _flag_directive("clienttoclient")),
         _Directive("autoroute", "autoroute", 0, 1, _flag_directive("autoroute")),
+        _Directive("transport", "transport tcp|udp", 1, 1, _transport),
         *[
             _Directive(hook, f"{hook} <script>", 1, 1,
                        _value(hook, lambda t, hook=hook: _path(t, hook)))
@@ -727,6 +740,19 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
             )
         if "ipopts" in lines:
             fail(lines["ipopts"], "ipopts", "applies only to TCP links (it sets the socket TOS)")
+        if "transport" in lines:
+            fail(
+                lines["transport"],
+                "transport",
+                "applies only to network links: a serial line is its own carrier",
+            )
+    if values.get("transport") == "udp" and "sendbuf" in lines:
+        fail(
+            lines["sendbuf"],
+            "sendbuf",
+            "applies to TCP and serial links: over UDP each datagram carries at most one "
+            "MTU's worth of packets (see mtu)",
+        )
 
     cipher = values.get("cipher", "chacha20-poly1305")
     if cipher == _CIPHER_FAMILY:

@@ -43,7 +43,7 @@ def super_packet(version: int, payload: bytes, mss: int, opts: bytes, flags: int
 
 def check_packet(pkt: bytes) -> tuple[int, bytes, int]:
     """Complete the checksum as the kernel would and verify it; (seq, payload, flags)."""
-    flags, kind, _, mss, start, off = gso.VNET.unpack_from(pkt)
+    flags, _kind, _, _mss, start, off = gso.VNET.unpack_from(pkt)
     ip = pkt[gso.VNET_LEN :]
     version = ip[0] >> 4
     ihl = 20 if version == 4 else 40
@@ -89,8 +89,8 @@ def test_split_then_coalesce_keeps_the_stream(
     merged = gso.coalesce(segs)
     got = b""
     for m in merged:
-        flags, kind, hdr_len, gso_size, _, _ = gso.VNET.unpack_from(m)
-        _, data, tflags = check_packet(m)
+        flags, kind, _hdr_len, gso_size, _, _ = gso.VNET.unpack_from(m)
+        _, data, _tflags = check_packet(m)
         if len(segs) > 1:
             assert kind in (gso.GSO_TCPV4, gso.GSO_TCPV6) and gso_size == mss
         got += data

@@ -46,9 +46,7 @@ def _fold(s: int) -> int:
 
 def _sum16(data: bytes | bytearray | memoryview) -> int:
     n = len(data)
-    return sum(struct.unpack(f"!{n // 2}H", data[: n - (n & 1)])) + (
-        data[-1] << 8 if n & 1 else 0
-    )
+    return sum(struct.unpack(f"!{n // 2}H", data[: n - (n & 1)])) + (data[-1] << 8 if n & 1 else 0)
 
 
 def _ip4_csum(hdr: bytearray, ihl: int) -> None:
@@ -88,7 +86,7 @@ def _pseudo(ip: memoryview, version: int, ihl: int) -> int:
 
 def split(pkt: bytes) -> list[bytes]:
     """Segment one virtio-net TCP super-packet into MSS-sized packets (others: `[pkt]`)."""
-    flags, gso_type, _, mss, _, _ = VNET.unpack_from(pkt)
+    _, gso_type, _, mss, _, _ = VNET.unpack_from(pkt)
     kind = gso_type & ~GSO_ECN
     if kind not in (GSO_TCPV4, GSO_TCPV6) or mss == 0:
         return [pkt]

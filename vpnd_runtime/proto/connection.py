@@ -839,7 +839,7 @@ class Connection:
             msg = msg[:-INDEX_LEN]
             # Try on a copy: an answer to an older message 1 must not spoil the current state.
             hs = copy.copy(hs)
-            hs._ss = copy.copy(hs._ss)  # noqa: SLF001 — the state is all immutable values
+            hs._ss = copy.copy(hs._ss)  # its fields are immutable values: a shallow copy is enough
         try:
             hs.read_message2(msg[1:])
         except RemoteProtocolError as exc:

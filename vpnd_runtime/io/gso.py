@@ -97,64 +97,123 @@ def split(pkt: bytes) -> list[bytes]:
     version, ihl, hlen = parsed
     total = len(ip) - hlen
     count = max(1, (total + mss - 1) // mss)
-    base = bytearray(ip[:hlen])
-    (seq0,) = _U32.unpack_from(base, ihl + 4)
-    tcp_flags = base[ihl + 13]
+    (seq0,) = _U32.unpack_from(ip, ihl + 4)
+    tcp_flags = ip[ihl + 13]
     pseudo = _pseudo(ip, version, ihl)
     thl = hlen - ihl
-    ip_id = _U16.unpack_from(base, 4)[0] if version == 4 else 0
-    hdr = VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, ihl, 16)
+    vnet = VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, ihl, 16)
+    # The header in pieces: what every segment shares, and the fields that change between them.
+    t = ihl
+    if version == 4:
+        (ip_id,) = _U16.unpack_from(ip, 4)
+        head = vnet + bytes(ip[0:2])
+        mid = bytes(ip[6:10])
+        # The IPv4 header sum without total length, id and checksum: add those per segment.
+        base = _sum16(ip[0:2]) + _sum16(ip[6:10]) + _sum16(ip[12:ihl])
+    else:
+        ip_id = base = 0
+        head = vnet + bytes(ip[0:4])
+        mid = bytes(ip[6:40])
+    addrs = bytes(ip[12 : t + 4]) if version == 4 else b""
+    ack_off = bytes(ip[t + 8 : t + 13])
+    window = bytes(ip[t + 14 : t + 16])
+    tail = bytes(ip[t + 18 : hlen])
     out = []
-    pack_into = struct.pack_into
+    join = b"".join
+    pack = struct.pack
+    last = count - 1
     for k in range(count):
         off = k * mss
         chunk = ip[hlen + off : hlen + off + mss]
         clen = len(chunk)
-        h = bytearray(base)
-        if version == 4:
-            pack_into("!HH", h, 2, hlen + clen, (ip_id + k) & 0xFFFF)
-            _ip4_csum(h, ihl)
-        else:
-            pack_into("!H", h, 4, thl + clen)
         f = tcp_flags
-        if k < count - 1:
+        if k < last:
             f &= ~(_FIN | _PSH)
         if k:
             f &= ~_CWR
-        h[ihl + 13] = f
-        pack_into("!I", h, ihl + 4, (seq0 + off) & 0xFFFFFFFF)
-        pack_into("!H", h, ihl + 16, _fold(pseudo + thl + clen))
-        out.append(hdr + h + chunk)
+        tcsum = _fold(pseudo + thl + clen)
+        seq = (seq0 + off) & 0xFFFFFFFF
+        if version == 4:
+            length = hlen + clen
+            ident = (ip_id + k) & 0xFFFF
+            csum = ~_fold(base + length + ident) & 0xFFFF
+            out.append(
+                join(
+                    (
+                        head,
+                        pack("!HH", length, ident),
+                        mid,
+                        pack("!H", csum),
+                        addrs,
+                        pack("!I", seq),
+                        ack_off,
+                        bytes((f,)),
+                        window,
+                        pack("!H", tcsum),
+                        tail,
+                        chunk,
+                    )
+                )
+            )
+        else:
+            out.append(
+                join(
+                    (
+                        head,
+                        pack("!H", thl + clen),
+                        mid,
+                        bytes(ip[t : t + 4]),
+                        pack("!I", seq),
+                        ack_off,
+                        bytes((f,)),
+                        window,
+                        pack("!H", tcsum),
+                        tail,
+                        chunk,
+                    )
+                )
+            )
     return out
 
 
-def _same_flow(a: memoryview, b: memoryview, version: int, ihl: int, hlen: int) -> bool:
-    """Headers equal but for lengths, ids, checksums, sequence and PSH/FIN."""
+def _flow_key(pkt: bytes, version: int, ihl: int, hlen: int) -> tuple[bytes, bytes, bytes]:
+    """What must be equal for two segments to merge: the headers but for lengths, ids,
+    checksums, sequence number and flags (compared separately), in three slices: IP fields and
+    addresses with the ports; ack and data offset; window, urgent pointer and options."""
+    o = VNET_LEN
+    t = o + ihl
     if version == 4:
-        if a[0:2] != b[0:2] or a[6:10] != b[6:10] or a[12:ihl] != b[12:ihl]:
-            return False
-    elif a[0:4] != b[0:4] or a[6:40] != b[6:40]:
-        return False
-    t = ihl
-    return (
-        a[t : t + 4] == b[t : t + 4]  # ports
-        and a[t + 8 : t + 13] == b[t + 8 : t + 13]  # ack, data offset
-        and a[t + 14 : t + 16] == b[t + 14 : t + 16]  # window
-        and a[t + 20 : hlen] == b[t + 20 : hlen]  # options
-    )
+        ip = pkt[o : o + 2] + pkt[o + 6 : o + 10] + pkt[o + 12 : t + 4]
+    else:
+        ip = pkt[o : o + 4] + pkt[o + 6 : t + 4]
+    return ip, pkt[t + 8 : t + 13], pkt[t + 14 : t + 16] + pkt[t + 18 : o + hlen]
 
 
 class _Group:
-    __slots__ = ("first", "hlen", "ihl", "last_len", "mss", "next_seq", "parts", "psh", "size")
+    __slots__ = (
+        "first",
+        "hlen",
+        "ihl",
+        "key",
+        "last_len",
+        "mss",
+        "next_seq",
+        "parts",
+        "psh",
+        "size",
+    )
 
-    def __init__(self, pkt: bytes, ihl: int, hlen: int, plen: int, seq: int) -> None:
+    def __init__(
+        self, pkt: bytes, ihl: int, hlen: int, plen: int, *, seq: int, key: tuple[bytes, ...]
+    ) -> None:
+        self.key = key
         self.first = pkt
         self.ihl = ihl
         self.hlen = hlen
         self.mss = plen
         self.last_len = plen
         self.next_seq = (seq + plen) & 0xFFFFFFFF
-        self.parts = [memoryview(pkt)[VNET_LEN + hlen :]]
+        self.parts = [pkt[VNET_LEN + hlen :]]
         self.size = plen
         self.psh = False
 
@@ -188,11 +247,26 @@ def coalesce(pkts: list[bytes]) -> list[bytes]:
         return pkts
     out: list[bytes] = []
     g: _Group | None = None
+    o = VNET_LEN
+    u32 = _U32.unpack_from
     for pkt in pkts:
-        ip = memoryview(pkt)[VNET_LEN:]
-        parsed = None
-        if len(pkt) > VNET_LEN and pkt[1] == GSO_NONE:
-            parsed = _parse(ip)
+        n = len(pkt)
+        # Fast shape test before any parsing: plain IPv4/IPv6 TCP, no GSO header.
+        if n < o + 40 or pkt[1] != GSO_NONE:
+            parsed = None
+        else:
+            b0 = pkt[o]
+            if b0 == 0x45 and pkt[o + 9] == _PROTO_TCP and not pkt[o + 6] & 0x3F and not pkt[o + 7]:
+                version, ihl = 4, 20
+            elif b0 >> 4 == 6 and pkt[o + 6] == _PROTO_TCP and n >= o + 60:
+                version, ihl = 6, 40
+            else:
+                version = 0
+            if version:
+                thl = (pkt[o + ihl + 12] >> 4) * 4
+                parsed = (version, ihl, ihl + thl) if thl >= 20 and n >= o + ihl + thl else None
+            else:
+                parsed = None
         if parsed is None:
             if g is not None:
                 _emit(g, out)
@@ -200,33 +274,40 @@ def coalesce(pkts: list[bytes]) -> list[bytes]:
             out.append(pkt)
             continue
         version, ihl, hlen = parsed
-        plen = len(ip) - hlen
-        tflags = ip[ihl + 13]
-        (seq,) = _U32.unpack_from(ip, ihl + 4)
+        plen = n - o - hlen
+        tflags = pkt[o + ihl + 13]
+        (seq,) = u32(pkt, o + ihl + 4)
         mergeable = plen > 0 and not tflags & (_SYN | _RST | _URG | _FIN | _CWR)
-        if (
-            g is not None
-            and mergeable
-            and not g.psh
-            and g.hlen == hlen
-            and g.ihl == ihl
-            and seq == g.next_seq
-            and g.last_len == g.mss
-            and plen <= g.mss
-            and hlen + g.size + plen <= _IP_MAX
-            and _same_flow(memoryview(g.first)[VNET_LEN:], ip, version, ihl, hlen)
-        ):
-            g.parts.append(ip[hlen:])
-            g.size += plen
-            g.last_len = plen
-            g.next_seq = (seq + plen) & 0xFFFFFFFF
-            g.psh = bool(tflags & _PSH)
-            continue
+        if mergeable and g is not None:
+            t = o + ihl
+            k1, k2, k3 = g.key
+            if (
+                not g.psh
+                and seq == g.next_seq
+                and g.last_len == g.mss
+                and plen <= g.mss
+                and g.hlen == hlen
+                and hlen + g.size + plen <= _IP_MAX
+                and pkt[t + 8 : t + 13] == k2  # ack first: it changes most often
+                and pkt[t + 14 : t + 16] + pkt[t + 18 : o + hlen] == k3
+                and (
+                    pkt[o : o + 2] + pkt[o + 6 : o + 10] + pkt[o + 12 : t + 4]
+                    if version == 4
+                    else pkt[o : o + 4] + pkt[o + 6 : t + 4]
+                )
+                == k1
+            ):
+                g.parts.append(pkt[o + hlen :])
+                g.size += plen
+                g.last_len = plen
+                g.next_seq = (seq + plen) & 0xFFFFFFFF
+                g.psh = bool(tflags & _PSH)
+                continue
         if g is not None:
             _emit(g, out)
             g = None
         if mergeable and not tflags & _PSH:
-            g = _Group(pkt, ihl, hlen, plen, seq)
+            g = _Group(pkt, ihl, hlen, plen, seq=seq, key=_flow_key(pkt, version, ihl, hlen))
         else:
             out.append(pkt)
     if g is not None:

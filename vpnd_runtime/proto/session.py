@@ -188,14 +188,14 @@ class ReplayWindow:
         """Record `counter` as received (after `check` accepted it and the tag verified)."""
         ring = self._ring
         top = self.top
-        block = counter // _WORD
+        block = counter >> 6
         if counter > top:
-            top_block = top // _WORD if top >= 0 else -1
-            steps = min(block - top_block, _RING_WORDS)
-            for i in range(1, steps + 1):
-                ring[(top_block + i) % _RING_WORDS] = 0
+            top_block = top >> 6 if top >= 0 else -1
+            if block != top_block:
+                for i in range(1, min(block - top_block, _RING_WORDS) + 1):
+                    ring[(top_block + i) % _RING_WORDS] = 0
             self.top = counter
-        ring[block % _RING_WORDS] |= 1 << (counter % _WORD)
+        ring[block % _RING_WORDS] |= 1 << (counter & 63)
 
 
 class RecvState:
@@ -213,21 +213,29 @@ class RecvState:
 
     def open(self, msg: bytes, counter: int, lossy: bool) -> bytes:
         """Authenticate and decrypt; then enforce the counter rule.  Raises RemoteProtocolError."""
+        window = self.window
+        if window is not None:
+            # Datagrams: refuse a replay before spending the decryption on it; mark the counter
+            # only once the tag verified (a forged header must not move the window).
+            why = window.check(counter)
+            if why is not None:
+                raise FrameRejected(f"{why} data frame (counter {counter})", "replay")
+            try:
+                pt = self.aead.decrypt(
+                    NONCE.pack(counter), memoryview(msg)[HEADER_LEN:], msg[:HEADER_LEN]
+                )
+            except InvalidTag:
+                raise FrameRejected("bad authentication tag on a data frame", "bad_tag") from None
+            window.mark(counter)
+            if counter >= self.next_counter:
+                self.next_counter = counter + 1
+            return pt
         try:
             pt = self.aead.decrypt(
                 NONCE.pack(counter), memoryview(msg)[HEADER_LEN:], msg[:HEADER_LEN]
             )
         except InvalidTag:
             raise FrameRejected("bad authentication tag on a data frame", "bad_tag") from None
-        window = self.window
-        if window is not None:
-            why = window.check(counter)
-            if why is not None:
-                raise FrameRejected(f"{why} data frame (counter {counter})", "replay")
-            window.mark(counter)
-            if counter >= self.next_counter:
-                self.next_counter = counter + 1
-            return pt
         expected = self.next_counter
         if counter != expected and (not lossy or counter < expected):
             if counter < expected:

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import yaml
 
+from vpnctl.wan import WanError, WanSpecError, parse_spec, start_wan
+
 STATE_FILE = "lab.json"
 TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 WAN_NET = ipaddress.IPv4Network("198.18.1.0/24")
@@ -89,6 +91,8 @@ class LabState:
     created_run_sshd: bool = False
     created_directory: bool = False
     control_dir: str = ""
+    wan_spec: str = ""  # `lab up --wan`: the emulator on the server's WAN leg (see _start_wan)
+    wan_pid: int = 0
 
     def save(self) -> None:
         """Write the state atomically so a crash never leaves a half-written record."""
@@ -301,6 +305,7 @@ def lab_up(
     clients: int = 2,
     tag: str = "vlab",
     mgmt_net: str | None = None,
+    wan: str | None = None,
 ) -> LabState:
     """Build a lab of one server and `clients` clients; return its recorded state.
 
@@ -310,6 +315,11 @@ def lab_up(
         raise LabError(f"lab tag {tag!r}: must be 1-8 lowercase letters/digits starting a letter")
     if not 1 <= clients <= MAX_CLIENTS:
         raise LabError(f"--clients {clients}: must be between 1 and {MAX_CLIENTS}")
+    if wan:
+        try:
+            parse_spec(wan)
+        except WanSpecError as exc:
+            raise LabError(f"--wan: {exc}") from exc
     mgmt = ipaddress.IPv4Network(mgmt_net or default_mgmt_net(tag))
     if not mgmt.subnet_of(LAB_SPACE) or mgmt.overlaps(WAN_NET) or mgmt.prefixlen != 24:
         raise LabError(
@@ -336,6 +346,7 @@ def lab_up(
     state = LabState(
         tag=tag, directory=str(directory), mgmt_net=str(mgmt), created_directory=created_directory
     )
+    state.wan_spec = wan or ""
     state.save()
     try:
         _build(state, directory, mgmt, clients)
@@ -407,6 +418,8 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
         state.save()
         _run(_ns(ns, sshd, "-f", str(hostdir / "sshd_config")))
 
+    if state.wan_spec:
+        _start_wan(state, directory, wan_ns)
     (directory / "known_hosts").write_text("\n".join(known_hosts) + "\n")
     control_dir = _control_dir(directory, tag)
     state.control_dir = str(control_dir)
@@ -415,6 +428,41 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
     _write_inventory(directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir))
     for host in hosts:
         _wait_tcp(host.mgmt_ip, 22, SSHD_READY_TIMEOUT)
+
+
+def _start_wan(state: LabState, directory: Path, wan_ns: str) -> None:
+    """Put the WAN emulator (vpnctl.wan) on the server's leg of the switch: h0 leaves the
+    bridge and the emulator forwards between it and a new veth ``wclients`` whose peer is on the
+    bridge. Every client <-> server packet crosses it once (up = clients -> server); traffic
+    between two clients does not. Its PID goes into lab.json; stats in ``D/wan.json``."""
+    _run(["ip", "-n", wan_ns, "link", "set", "h0", "nomaster"])
+    _run(["ip", "-n", wan_ns, "link", "add", "wclients", "type", "veth", "peer", "name", "wbr"])
+    _run(["ip", "-n", wan_ns, "link", "set", "wbr", "master", "br0", "up"])
+    try:
+        wan = start_wan(wan_ns, "wclients", "h0", state.wan_spec, directory / "wan.json",
+                        log_path=directory / "wan.log")  # fmt: skip
+    except (WanError, WanSpecError) as exc:
+        raise LabError(f"--wan {state.wan_spec}: {exc}") from exc
+    state.wan_pid = wan.pid
+    state.save()
+
+
+def _stop_wan(state: LabState, ours: Callable[[int], bool]) -> list[str]:
+    """Stop the lab's WAN emulator by its recorded PID; report its final counters."""
+    if not state.wan_pid or not pid_alive(state.wan_pid) or not ours(state.wan_pid):
+        return []
+    kill_pids([state.wan_pid], ours=ours)
+    line = f"wan emulator pid {state.wan_pid}"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        stats = json.loads((Path(state.directory) / "wan.json").read_text())
+        for way in ("up", "down"):
+            st = stats[way]
+            line += (
+                f"; {way}: {st['forwarded']} forwarded, {st['dropped_loss']} lost, "
+                f"{st['dropped_queue']} queue-dropped, {st['dropped_outage']} in outage, "
+                f"{st['reordered']} reordered, delay avg {st['delay_avg_ms']} ms"
+            )
+    return [line]
 
 
 def pid_alive(pid: int) -> bool:
@@ -541,6 +589,8 @@ def lab_down(directory: str | Path) -> list[str]:
 
     def ours(pid: int) -> bool:
         return _netns_id(pid) in lab_ns
+
+    removed += _stop_wan(state, ours)
 
     for pidfile in state.sshd_pidfiles:
         with contextlib.suppress(OSError, ValueError):

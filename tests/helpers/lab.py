@@ -59,10 +59,13 @@ def free_mgmt_net() -> str:
 
 
 @contextmanager
-def running_lab(directory: Path, *, clients: int = 2, base: str = "t") -> Iterator[LabState]:
-    """Build a lab in `directory` with a unique tag; tear it down however the test ends."""
+def running_lab(
+    directory: Path, *, clients: int = 2, base: str = "t", wan: str | None = None
+) -> Iterator[LabState]:
+    """Build a lab in `directory` with a unique tag (and `wan`, a vpnctl.wan spec, on its WAN);
+    tear it down however the test ends."""
     tag = unique_tag(base)
-    state = lab_up(directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net())
+    state = lab_up(directory, clients=clients, tag=tag, mgmt_net=free_mgmt_net(), wan=wan)
     try:
         yield state
     finally:

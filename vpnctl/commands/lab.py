@@ -22,10 +22,18 @@ def up(
     mgmt_net: Annotated[
         str | None, typer.Option("--mgmt-net", help="management /24 inside 198.18.0.0/15")
     ] = None,
+    wan: Annotated[
+        str | None,
+        typer.Option(
+            "--wan",
+            help="WAN emulator between clients and server, e.g. delay=10ms,loss=1%,"
+            "up.rate=50mbit (up = clients -> server; see docs/architecture.md)",
+        ),
+    ] = None,
 ) -> None:
     """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir."""
     try:
-        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net)
+        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, wan=wan)
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -34,6 +42,9 @@ def up(
         typer.echo(
             f"  {host.name:<10} ns {host.namespace:<16} ssh {host.mgmt_ip:<15} wan {host.wan_ip}"
         )
+    if state.wan_spec:
+        wan_stats = Path(state.directory) / "wan.json"
+        typer.echo(f"wan:       {state.wan_spec} (pid {state.wan_pid}, counters {wan_stats})")
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
 
@@ -46,4 +57,7 @@ def down(directory: DirOption = Path("lab")) -> None:
     except LabError as exc:
         typer.echo(f"lab down: {exc}", err=True)
         raise typer.Exit(1) from exc
+    for item in removed:
+        if item.startswith("wan emulator"):
+            typer.echo(item)
     typer.echo(f"lab in {directory} removed ({len(removed)} items)")

@@ -1,27 +1,46 @@
-"""Throughput and latency of the tunnel, measured against raw veth in one run.
+"""Throughput, latency, memory and CPU cost of the tunnel, against raw veth in one run.
 
-    python -m bench.bench_tunnel [--seconds 5] [--reps 3]
+    python -m bench.bench_tunnel [--seconds 5] [--reps 3] [--pings 300] [--modes free,pinned]
+                                 [--only raw,chacha20-poly1305,aes-256-gcm,wireguard-go,openvpn]
 
-For each path it builds two namespaces joined by veth (198.18.1.0/24), runs a single-stream
-iperf3 (`-t seconds`, `reps` times, median), and prints Mbit/s and the ratio to raw veth; then the
-ping RTT the tunnel adds and the daemons' peak RSS (VmHWM). Paths: raw veth, vpnd with
-ChaCha20-Poly1305, vpnd with AES-256-GCM, and wireguard-go / OpenVPN when they are installed
-(skipped with a note otherwise; their setups are in bench/peers.py and the note column says how
-each is configured). Needs root, iproute2, iperf3 and ping.
+Two namespaces joined by veth (198.18.1.0/24). For every path it prints one table row:
+
+- **Mbit/s** — median of `reps` single-stream iperf3 runs (`-t seconds`), and its ratio to raw
+  veth measured in the same run (ratios are what count: absolute figures swing with the machine
+  and its load);
+- **RTT p50/p99** — of `pings` pings 10 ms apart (`ping -i 0.01`, needs root), on the idle tunnel;
+- **RSS** — both daemons' VmRSS once the link is up and idle, and their peak (VmHWM) after the
+  iperf3 runs, in MiB, server/client;
+- **CPU ns/B** — CPU time (utime + stime of the whole process, all threads, from
+  /proc/<pid>/stat) each daemon spent during the iperf3 runs, divided by the bytes iperf3
+  delivered, server/client. Kernel work done on a daemon's behalf in its own syscalls is counted;
+  softirq work the kernel happens to run in another context is not (true for every row alike).
+
+Paths: raw veth; vpnd with ChaCha20-Poly1305 and with AES-256-GCM; wireguard-go and OpenVPN over
+TCP when installed (bench/peers.py says how each is set up and how wireguard-go is found: set
+WIREGUARD_GO, or run /work/shared/tools/get-wireguard-go-2023.sh once; a missing tool gives a
+"skipped" row, never an error).
+
+Modes: `free` lets the scheduler place the daemons; `pinned` puts every thread of both daemons on
+one shared core (sched_setaffinity on each /proc/<pid>/task), so the row shows what one core
+buys; iperf3 and ping stay unpinned. Needs root, iproute2, iperf3 and ping.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.peers import PEERS
@@ -29,54 +48,102 @@ from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
 from vpnd_runtime.keyfile import generate_key
 
 SERVER_TUN, CLIENT_TUN = "198.19.0.1", "198.19.0.2"
+CIPHERS = ("chacha20-poly1305", "aes-256-gcm")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Seconds from starting the client vpnd (its server listening) to both status files saying up.
+STARTUP: dict[str, float] = {}
 
 
-def iperf(pair: Pair, target: str, seconds: int, reps: int) -> float:
-    """Median Mbit/s of `reps` single-stream iperf3 runs from client to server."""
+@dataclass
+class Row:
+    """One line of the table (None: not measured)."""
+
+    mode: str
+    path: str
+    mbps: float | None = None
+    rtt: tuple[float, float] | None = None  # p50, p99 in µs
+    rss_idle: tuple[float, ...] = ()  # MiB, server then client
+    rss_peak: tuple[float, ...] = ()
+    ns_per_byte: tuple[float, ...] = ()
+    note: str = ""
+    extra: list[str] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_mib(pid: int, key: str) -> float:
+    """A /proc/<pid>/status size field (VmRSS, VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pin(pids: tuple[int, ...], core: int) -> None:
+    """Put every thread of every process in `pids` on `core` (new threads inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), {core})
+
+
+def iperf(pair: Pair, target: str, seconds: int, reps: int, pids: tuple[int, ...] = ()) -> tuple:
+    """Median Mbit/s of `reps` single-stream iperf3 runs from client to server, and the CPU
+    nanoseconds per delivered byte each of `pids` spent over those runs."""
     server = subprocess.Popen(
         pair.server.cmd("iperf3", "-s", "-B", target),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    results = []
+    results: list[float] = []
+    cpu = [0.0] * len(pids)
+    delivered = 0
 
     def attempt() -> dict | None:
+        before = [cpu_seconds(pid) for pid in pids]
         proc = pair.client.run(
             "iperf3", "-c", target, "-t", str(seconds), "-J", check=False, timeout=seconds + 30
         )
+        after = [cpu_seconds(pid) for pid in pids]
         try:
             out = json.loads(proc.stdout)
         except ValueError:
             return None
-        return out if "sum_received" in out.get("end", {}) else None
+        if "sum_received" not in out.get("end", {}):
+            return None
+        for i, (a, b) in enumerate(zip(before, after, strict=True)):
+            cpu[i] += b - a
+        return out
 
     try:
         for _ in range(reps):
             out = poll_until(attempt, 20, interval=0.3, what="iperf3 run")
             assert isinstance(out, dict)
-            results.append(out["end"]["sum_received"]["bits_per_second"] / 1e6)
+            received = out["end"]["sum_received"]
+            results.append(received["bits_per_second"] / 1e6)
+            delivered += int(received["bytes"])
     finally:
         server.kill()
         server.wait()
-    return statistics.median(results)
+    per_byte = tuple(c * 1e9 / delivered for c in cpu) if delivered else ()
+    return statistics.median(results), per_byte
 
 
-def ping_rtt(pair: Pair, target: str, count: int = 50) -> float:
-    """Average RTT in ms of `count` pings."""
+def ping_rtt(pair: Pair, target: str, count: int) -> tuple[float, float]:
+    """p50 and p99 RTT in µs of `count` pings 10 ms apart (ping -i 0.01 needs root)."""
     out = pair.client.run(
-        "ping", "-n", "-q", "-c", str(count), "-i", "0.02", target, timeout=60
-    ).stdout
-    match = re.search(r"= [0-9.]+/([0-9.]+)/", out)
-    assert match, out
-    return float(match.group(1))
-
-
-def peak_rss_kib(pid: int) -> int:
-    """VmHWM of a process in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+        "ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", target,
+        check=False, timeout=count * 0.05 + 30,
+    ).stdout  # fmt: skip
+    times = [float(t) * 1000 for t in re.findall(r"time=([0-9.]+) ms", out)]
+    if len(times) < count * 0.9:
+        raise RuntimeError(f"only {len(times)} of {count} pings to {target} answered")
+    q = statistics.quantiles(times, n=100, method="inclusive")
+    return q[49], q[98]
 
 
 @contextmanager
@@ -98,68 +165,159 @@ def vpnd_pair(pair: Pair, work: Path, cipher: str) -> Iterator[tuple]:
             f"statusfile {work}/{role}-{cipher}.status.json\nkeepalive 5\n"
         )
         confs[role] = conf
-    with (
-        vpnd(pair.server, confs["server"], work, f"server-{cipher}") as s,
-        vpnd(pair.client, confs["client"], work, f"client-{cipher}") as c,
-    ):
-        poll_until(lambda: s.state() == "up" and c.state() == "up", 20, what="link up")
-        yield s, c
+
+    def state(role: str) -> str | None:
+        """The state in `role`'s status file, read directly (no `vpnd status` process)."""
+        try:
+            return json.loads((work / f"{role}-{cipher}.status.json").read_text()).get("state")
+        except (OSError, ValueError):
+            return None
+
+    with vpnd(pair.server, confs["server"], work, f"server-{cipher}") as s:
+        poll_until(lambda: state("server") == "listening", 20, interval=0.005, what="listening")
+        started = time.monotonic()
+        with vpnd(pair.client, confs["client"], work, f"client-{cipher}") as c:
+            up = ("server", "client")
+            poll_until(lambda: all(state(r) == "up" for r in up), 20, interval=0.005, what="up")
+            STARTUP[cipher] = time.monotonic() - started
+            yield s, c
+
+
+def measure(
+    row: Row, pair: Pair, target: str, pids: tuple[int, ...], args: argparse.Namespace
+) -> None:
+    """Fill `row` for a tunnel whose daemons are `pids` (server, client) and whose far end is
+    `target`: idle RSS, pings, iperf3 with CPU accounting, peak RSS."""
+    if row.mode == "pinned":
+        pin(pids, args.core)
+    # Wait until the path answers (a fresh link may still be settling), then measure it idle.
+    poll_until(lambda: pair.client.ping(target, timeout=1), 20, what=f"ping {target}")
+    row.rss_idle = tuple(status_mib(pid, "VmRSS") for pid in pids)
+    row.rtt = ping_rtt(pair, target, args.pings)
+    row.mbps, row.ns_per_byte = iperf(pair, target, args.seconds, args.reps, pids)
+    row.rss_peak = tuple(status_mib(pid, "VmHWM") for pid in pids)
+
+
+def _pair_text(values: tuple[float, ...], fmt: str) -> str:
+    return "/".join(format(v, fmt) for v in values) if values else "-"
+
+
+def print_table(rows: list[Row], raw: float | None, args: argparse.Namespace) -> None:
+    """The whole result as one markdown table, then the notes."""
+    print(
+        f"\nsingle TCP stream, iperf3 -t {args.seconds}, median of {args.reps}; "
+        f"{args.pings} pings 10 ms apart; s/c = server/client daemon; "
+        f"pinned = both daemons on core {args.core}; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    print(
+        "\n| mode | path | Mbit/s | ÷ raw | RTT p50 µs | RTT p99 µs | RSS idle MiB s/c "
+        "| RSS peak MiB s/c | CPU ns/B s/c |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    notes: list[str] = []
+    for row in rows:
+        if row.mbps is None:
+            cells = ["-"] * 7
+        else:
+            ratio = f"{row.mbps / raw:.2f}" if raw else "-"
+            cells = [
+                f"{row.mbps:,.0f}",
+                ratio,
+                f"{row.rtt[0]:.0f}" if row.rtt else "-",
+                f"{row.rtt[1]:.0f}" if row.rtt else "-",
+                _pair_text(row.rss_idle, ".1f"),
+                _pair_text(row.rss_peak, ".1f"),
+                _pair_text(row.ns_per_byte, ".2f"),
+            ]
+        label = row.path
+        if row.note:
+            if row.note not in notes:
+                notes.append(row.note)
+            label += f" [{notes.index(row.note) + 1}]"
+        print(f"| {row.mode} | {label} | " + " | ".join(cells) + " |")
+    for i, note in enumerate(notes, 1):
+        print(f"[{i}] {note}")
+    if STARTUP:
+        print(
+            "vpnd start-up to link up (client process started -> both ends up, including "
+            "`ip netns exec` and the interpreter): "
+            + ", ".join(f"{cipher} {secs:.3f} s" for cipher, secs in STARTUP.items())
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
+    ap.add_argument("--reps", type=int, default=3, help="iperf3 runs per row (median; default 3)")
+    ap.add_argument("--pings", type=int, default=300, help="pings per row (default 300)")
+    ap.add_argument(
+        "--modes", default="free,pinned", help="free and/or pinned (default: both, comma-separated)"
+    )
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset of rows: raw, the cipher names, wireguard-go, openvpn",
+    )
+    ap.add_argument(
+        "--core",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="the core the pinned mode shares between both daemons (default: the last one)",
+    )
     args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    if not set(modes) <= {"free", "pinned"}:
+        ap.error(f"--modes: free and/or pinned, not {args.modes!r}")
+    wanted = set(filter(None, args.only.split(","))) or {"raw", *CIPHERS, *(p.label for p in PEERS)}
     for tool in ("ip", "iperf3", "ping"):
         if not shutil.which(tool):
             print(f"needs {tool}", file=sys.stderr)
             return 2
-    rows: list[tuple[str, float | None, str]] = []
-    extra: list[str] = []
+    if os.geteuid() != 0:
+        print("needs root (network namespaces, TUN, ping -i 0.01)", file=sys.stderr)
+        return 2
+    rows: list[Row] = []
+    raw: float | None = None
     with tempfile.TemporaryDirectory(prefix="vb-tunnel-") as tmp:
         work = Path(tmp)
         with namespace_pair(new_tag("vb")) as pair:
-            raw = iperf(pair, pair.server_ip, args.seconds, args.reps)
-            rows.append(("raw veth (MTU 1500)", raw, ""))
-            raw_rtt = ping_rtt(pair, pair.server_ip)
-            for cipher in ("chacha20-poly1305", "aes-256-gcm"):
-                with vpnd_pair(pair, work, cipher) as (s, c):
-                    mbps = iperf(pair, SERVER_TUN, args.seconds, args.reps)
-                    rtt = ping_rtt(pair, SERVER_TUN)
-                    rss = max(peak_rss_kib(s.pid), peak_rss_kib(c.pid))
-                rows.append((f"vpnd TCP, {cipher}", mbps, ""))
-                extra.append(
-                    f"ping RTT added by vpnd ({cipher}): {rtt - raw_rtt:+.3f} ms "
-                    f"({raw_rtt:.3f} -> {rtt:.3f} ms); daemon peak RSS {rss / 1024:.1f} MiB"
-                )
-            for peer in PEERS:
-                if peer.missing_tools():
-                    rows.append((peer.label, None, "not installed: skipped"))
-                    continue
-                try:
-                    with peer.start(pair) as tunnel:
-                        mbps = iperf(pair, tunnel.server_addr, args.seconds, args.reps)
-                        rtt = ping_rtt(pair, tunnel.server_addr)
-                        rss = max(peak_rss_kib(pid) for pid in tunnel.pids)
-                except (RuntimeError, AssertionError, subprocess.SubprocessError) as exc:
-                    # A comparison tool that will not come up is reported, not fatal.
-                    rows.append((peer.label, None, f"failed: {str(exc).splitlines()[0]}"))
-                    continue
-                rows.append((peer.label, mbps, tunnel.note))
-                extra.append(
-                    f"ping RTT added by {peer.label}: {rtt - raw_rtt:+.3f} ms "
-                    f"({raw_rtt:.3f} -> {rtt:.3f} ms); daemon peak RSS {rss / 1024:.1f} MiB"
-                )
-    print(f"single TCP stream, iperf3 -t {args.seconds}, median of {args.reps}")
-    print(f"{'path':<34} {'Mbit/s':>10} {'÷ raw':>7}")
-    for name, mbps, note in rows:
-        if mbps is None:
-            print(f"{name:<34} {'-':>10} {'-':>7}  {note}")
-        else:
-            print(f"{name:<34} {mbps:>10,.0f} {mbps / raw:>7.2f}  {note}")
-    for line in extra:
-        print(line)
+            # Raw veth first: it is the yardstick (the ratio column) for every other row.
+            raw_row = Row("-", "raw veth (MTU 1500)")
+            raw_row.mbps, _ = iperf(pair, pair.server_ip, args.seconds, args.reps)
+            raw_row.rtt = ping_rtt(pair, pair.server_ip, args.pings)
+            raw = raw_row.mbps
+            if "raw" in wanted:
+                rows.append(raw_row)
+            for mode in modes:
+                for cipher in CIPHERS:
+                    if cipher not in wanted:
+                        continue
+                    row = Row(mode, f"vpnd TCP, {cipher}")
+                    with vpnd_pair(pair, work, cipher) as (s, c):
+                        measure(row, pair, SERVER_TUN, (s.pid, c.pid), args)
+                    rows.append(row)
+                    print(f"  measured {mode} {row.path}", file=sys.stderr, flush=True)
+                for peer in PEERS:
+                    if peer.label not in wanted:
+                        continue
+                    row = Row(mode, peer.label)
+                    missing = peer.missing_tools()
+                    if missing:
+                        row.note = f"{peer.label}: not installed ({', '.join(missing)}): skipped"
+                        rows.append(row)
+                        continue
+                    try:
+                        with peer.start(pair) as tunnel:
+                            measure(row, pair, tunnel.server_addr, tunnel.pids, args)
+                            row.note = f"{peer.label}: {tunnel.note}"
+                    except (RuntimeError, AssertionError, subprocess.SubprocessError) as exc:
+                        # A comparison tool that will not come up is reported, not fatal.
+                        row.mbps = None
+                        row.note = f"{peer.label}: failed: {str(exc).splitlines()[0]}"
+                    rows.append(row)
+                    print(f"  measured {mode} {row.path}", file=sys.stderr, flush=True)
+    print_table(rows, raw, args)
     return 0
 
 

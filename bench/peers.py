@@ -12,7 +12,10 @@ files and never appear in argv. Traffic stays inside the two namespaces; every a
 
 The setups are the plainest honest ones, with each tool's default tuning:
 - wireguard-go: the userspace WireGuard (ChaCha20-Poly1305 over UDP, default MTU 1420), keyed
-  with `wg set`.
+  with `wg set`. The binary is `$WIREGUARD_GO` when set, else the one
+  /work/shared/tools/get-wireguard-go-2023.sh fetches (Debian's 0.0.20231211 build, with the TUN
+  and UDP GSO/GRO offloads, unpacked under `${WGGO_DIR:-/tmp/wggo-2023}`; run the script once to
+  get it), else `wireguard-go` on PATH (often an older, slower build: the note says which).
 - OpenVPN 2.6: TCP, `--dev-type tun`, point-to-point TLS with a throwaway EC CA made by the
   openssl CLI, data channel AES-256-GCM (checked in the log), TCP_NODELAY on the transport socket
   (as vpnd does), DCO off (userspace data path).
@@ -50,6 +53,42 @@ class Tunnel:
     note: str
 
 
+#: Where get-wireguard-go-2023.sh unpacks Debian's wireguard-go 0.0.20231211 (its default).
+WGGO_DIR_DEFAULT = "/tmp/wggo-2023"
+
+
+def wireguard_go_binary() -> str | None:
+    """The wireguard-go to measure: $WIREGUARD_GO, else the 2023 build the fetch script unpacked
+    (under $WGGO_DIR or its default), else the one on PATH; None when there is none."""
+    explicit = os.environ.get("WIREGUARD_GO")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    fetched = Path(os.environ.get("WGGO_DIR", WGGO_DIR_DEFAULT)) / "root/usr/bin/wireguard-go"
+    if os.access(fetched, os.X_OK):
+        return str(fetched)
+    return shutil.which("wireguard-go")
+
+
+def find_tool(name: str) -> str | None:
+    """The path of tool `name` (wireguard-go resolved as `wireguard_go_binary` says)."""
+    return wireguard_go_binary() if name == "wireguard-go" else shutil.which(name)
+
+
+def _wireguard_go_version(binary: str) -> str:
+    """`wireguard-go vX (Debian Y)`: the binary's own version string, and the Debian package's
+    when it came from the fetch script (0.0.20231211's binary still reports v0.0.20230223)."""
+    version = tool_version([binary, "--version"], r"wireguard-go (v\S+)")
+    debs = sorted(Path(binary).parents[3].glob("deb/wireguard-go_*.deb"))
+    if debs and shutil.which("dpkg-deb"):
+        proc = subprocess.run(
+            ["dpkg-deb", "-f", str(debs[-1]), "Version"],
+            capture_output=True, text=True, check=False, timeout=10,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return f"wireguard-go {version} (Debian {proc.stdout.strip()})"
+    return f"wireguard-go {version} ({binary})"
+
+
 @dataclass(frozen=True)
 class PeerSetup:
     """One comparison row: its label, the tools it needs and the context manager that builds it."""
@@ -60,7 +99,7 @@ class PeerSetup:
 
     def missing_tools(self) -> list[str]:
         """The needed tools not found on PATH (the row is skipped when any is missing)."""
-        return [tool for tool in self.tools if shutil.which(tool) is None]
+        return [tool for tool in self.tools if find_tool(tool) is None]
 
 
 class Daemon:
@@ -133,6 +172,9 @@ def wireguard_go(pair: Pair) -> Iterator[Tunnel]:
         (pair.server, f"{pair.tag}wgs", WG_SERVER, pair.client_ip),
         (pair.client, f"{pair.tag}wgc", WG_CLIENT, pair.server_ip),
     )
+    binary = wireguard_go_binary()
+    if binary is None:
+        raise RuntimeError("no wireguard-go (set WIREGUARD_GO or run get-wireguard-go-2023.sh)")
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{pair.tag}-wg-")))
         keys: dict[str, tuple[Path, str]] = {}
@@ -148,9 +190,7 @@ def wireguard_go(pair: Pair) -> Iterator[Tunnel]:
         for ns, ifname, _, _ in sides:
             # The UAPI socket is in the shared /var/run/wireguard: remove it if SIGKILL left it.
             stack.callback(Path(f"/var/run/wireguard/{ifname}.sock").unlink, missing_ok=True)
-            daemons.append(
-                _start(stack, ns, ["wireguard-go", "-f", ifname], work / f"{ifname}.log")
-            )
+            daemons.append(_start(stack, ns, [binary, "-f", ifname], work / f"{ifname}.log"))
         for daemon, (ns, ifname, _, _) in zip(daemons, sides, strict=True):
 
             def uapi_ready(d: Daemon = daemon, n: Netns = ns, i: str = ifname) -> bool:
@@ -173,11 +213,10 @@ def wireguard_go(pair: Pair) -> Iterator[Tunnel]:
             ns.run("ip", "link", "set", ifname, "up")
         _wait_link(pair, WG_SERVER, daemons, "wireguard-go handshake")
         mtu = pair.server.run("cat", f"/sys/class/net/{sides[0][1]}/mtu").stdout.strip()
-        version = tool_version(["wireguard-go", "--version"], r"wireguard-go (v\S+)")
         yield Tunnel(
             WG_SERVER,
             tuple(d.pid for d in daemons),
-            f"{version}, userspace, UDP, ChaCha20-Poly1305, MTU {mtu}",
+            f"{_wireguard_go_version(binary)}, userspace, UDP, ChaCha20-Poly1305, MTU {mtu}",
         )
 
 

@@ -16,12 +16,14 @@ Adding a command: write ``vpnctl/commands/<name>.py`` with ``main(ctx: typer.Con
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from vpnctl.inventory import Inventory, UserError, allocate_tunnels, load_inventory
 from vpnctl.keystore import Keystore
@@ -47,6 +49,51 @@ DEFAULT_BUILD = "build"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+GLOBAL_OPTIONS = ("-i", "--inventory", "--keystore", "--build")
+
+
+def hoist_global_options(args: list[str], commands: Iterable[str]) -> list[str]:
+    """``vpnctl render -i lab.yaml`` means ``vpnctl -i lab.yaml render``: global options
+    given after the command (up to a ``--``) are moved in front of it, with their values."""
+    names = set(commands)
+    start, i = None, 0
+    while i < len(args):  # the command: the first word that is not a global option's value
+        if args[i] in GLOBAL_OPTIONS:
+            i += 2
+            continue
+        if args[i] in names:
+            start = i
+            break
+        i += 1
+    if start is None:
+        return args
+    head, tail, moved = args[: start + 1], [], []
+    rest = args[start + 1 :]
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word == "--":
+            tail += rest[i:]
+            break
+        if word in GLOBAL_OPTIONS and i + 1 < len(rest):
+            moved += rest[i : i + 2]
+            i += 2
+            continue
+        if word.startswith(tuple(f"{o}=" for o in GLOBAL_OPTIONS if o.startswith("--"))):
+            moved.append(word)
+        else:
+            tail.append(word)
+        i += 1
+    return moved + head + tail if moved else args
+
+
+class _Group(TyperGroup):
+    """The app's click group: accepts the global options after the command too."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        return super().parse_args(ctx, hoist_global_options(list(args), self.commands))
+
+
 app = typer.Typer(
     name="vpnctl",
     help=(
@@ -59,9 +106,10 @@ app = typer.Typer(
         "Exit codes: 0 ok, 1 a check found a problem, 2 a user error (message on stderr)."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    cls=_Group,  # global options may also follow the command
 )
 
 
@@ -123,6 +171,12 @@ def register(name: str, function: Callable[..., Any]) -> None:
     app.command(name)(_user_errors(function))
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"vpnctl {package_version('vpnctl')}")
+        raise typer.Exit(EXIT_OK)
+
+
 @app.callback()
 def _global_options(
     ctx: typer.Context,
@@ -136,22 +190,44 @@ def _global_options(
         ),
     ] = Path(DEFAULT_INVENTORY),
     keystore: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--keystore",
             envvar="VPNCTL_KEYSTORE",
-            help="Keystore directory: link keys (0600) and tunnel address allocations.",
+            help="Keystore directory: link keys (0600) and tunnel address allocations "
+            "[default: keystore/ beside the inventory].",
+            show_default=False,
         ),
-    ] = Path(DEFAULT_KEYSTORE),
+    ] = None,
     build: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            "--build", envvar="VPNCTL_BUILD", help="Where `render` writes build/<host>/ trees."
+            "--build",
+            envvar="VPNCTL_BUILD",
+            help="Where `render` writes build/<host>/ trees [default: build/ beside the "
+            "inventory].",
+            show_default=False,
         ),
-    ] = Path(DEFAULT_BUILD),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
-    """Global options go before the command: `vpnctl -i lab.yaml render`."""
-    ctx.obj = Workspace(inventory, keystore, build)
+    """Global options go before or after the command: `vpnctl -i lab.yaml render`."""
+    ctx.obj = Workspace(
+        inventory,
+        keystore if keystore is not None else beside(inventory, DEFAULT_KEYSTORE),
+        build if build is not None else beside(inventory, DEFAULT_BUILD),
+    )
+
+
+def beside(inventory: Path, name: str) -> Path:
+    """``name`` in the inventory's directory: keystore/ and build/ follow the inventory, so
+    `vpnctl -i ../site/inventory.yaml keygen` never makes a new keystore where it is run."""
+    return inventory.parent / name
 
 
 def _commands() -> None:

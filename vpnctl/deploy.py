@@ -9,7 +9,7 @@ every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection p
    match on a host: CPython major.minor, machine (``uname -m``) and glibc version, as the probe
    reports them. :func:`build_runtime` makes a wheelhouse for one target: a wheel of
    ``vpnd_runtime`` built here (deterministic bytes, pure, fits every target) plus the wheels of
-   its imports (cryptography, pyroute2, pyserial and their dependencies) at the versions
+   its imports (cryptography, pyserial and their dependencies) at the versions
    installed on the operator's machine. For the operator's own target these come from
    ``pip wheel`` into :func:`wheel_cache` (as they always did: no network once warm); for any
    other target from ``pip download --only-binary=:all: --no-deps --python-version X.Y
@@ -35,7 +35,10 @@ every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection p
    the committed copies of the changed files (an existing backup of an uncommitted deploy is
    kept, never overwritten), unpack the new files from a tar stream on stdin (keys 0600, never
    in argv), stop removed links, and (re)start changed links -- ``systemctl restart`` under
-   systemd, else SIGTERM by pidfile, wait, ``vpnd -f CONF --daemon``. Its time bound grows with
+   systemd, else SIGTERM by pidfile (only while a vpnd still holds the pidfile's flock, so a
+   reused PID is never signalled), wait, ``vpnd -f CONF --daemon``. Before the files, the
+   account the daemons run as (the inventory's ``daemon_user``) is created if missing; under
+   systemd it is handed its key files. Its time bound grows with
    the number of links. If the apply fails or times out, that host is rolled back at once (best
    effort) and every link it shares with another host in this deploy is failed there too.
 4. **Confirm.** For each changed link, poll the status records at *both* ends until both are
@@ -65,6 +68,7 @@ import difflib
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import posixpath
@@ -84,9 +88,10 @@ from pathlib import Path
 from typing import Any
 
 import vpnd_runtime
+from vpnctl.hostdata import check_record, clean_json
 from vpnctl.inventory import Host, Inventory, UserError
 from vpnctl.keystore import Keystore
-from vpnctl.ssh import SshError, SshHost, quote
+from vpnctl.ssh import SshError, SshHost, SshTimeout, SshUnreachable, quote
 
 try:
     from packaging.requirements import Requirement
@@ -114,7 +119,7 @@ RUNTIME_DIR = "opt/vpnd"  # below the host prefix: venv-<stamp>/, current -> ven
 RUNTIME_LINK = "usr/local/bin/vpnd"  # below the host prefix (rendering.RUNTIME_PATH)
 STATE_DIR = "var/lib/vpnctl"  # below the host prefix: deployed manifest, commit-confirm backups
 UNIT_DIR = "/etc/systemd/system"
-RUNTIME_DEPS = ("cryptography", "pyroute2", "pyserial")
+RUNTIME_DEPS = ("cryptography", "pyserial")
 DEFAULT_JOBS = 8
 DEFAULT_WAIT = 30.0
 POLL_INTERVAL = 0.5
@@ -546,6 +551,28 @@ def load_manifest(build: Path, host: str) -> dict[str, Any]:
 
 _MANIFEST_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _MANIFEST_PATH = re.compile(r"/[A-Za-z0-9_./-]*")
+_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def _run_as(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(user, group) the host's daemons run as (the rendered ``user``/``group``), or None."""
+    run_as = manifest.get("run_as")
+    return (run_as[0], run_as[1]) if run_as else None
+
+
+def _account_sh(run_as: tuple[str, str] | None) -> str:
+    """Create the system account vpnd runs as, unless it exists (idempotent; no home, no
+    shell). Before the files are unpacked, so they can be handed to it."""
+    if run_as is None:
+        return ""
+    user, group = quote(run_as[0]), quote(run_as[1])
+    fail = quote(f"apply-failed: cannot create the account {run_as[0]}:{run_as[1]}")
+    return (
+        f"{{ getent group {group} >/dev/null || groupadd --system {group}; }} && "
+        f"{{ id -u {user} >/dev/null 2>&1 || useradd --system --gid {group} --no-create-home "
+        f"--home-dir /nonexistent --shell /usr/sbin/nologin {user}; }} || "
+        f"{{ echo {fail} >&2; exit 3; }}"
+    )
 
 
 def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
@@ -554,6 +581,13 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     prefix = manifest.get("prefix")
     if not isinstance(prefix, str) or not _MANIFEST_PATH.fullmatch(prefix):
         raise DeployError(f"{path}: prefix {prefix!r} is not a plain absolute path")
+    run_as = manifest.get("run_as")
+    if run_as is not None and not (
+        isinstance(run_as, list)
+        and len(run_as) == 2
+        and all(isinstance(n, str) and _ACCOUNT.fullmatch(n) for n in run_as)
+    ):
+        raise DeployError(f"{path}: run_as {run_as!r} is not [user, group] of plain names")
     for link, entry in manifest["links"].items():
         if not _MANIFEST_NAME.fullmatch(str(link)) or not isinstance(entry, dict):
             raise DeployError(f"{path}: link name {link!r} is not a valid link name")
@@ -715,13 +749,25 @@ alive() {
 }
 pid_of() { [ -f "$1" ] && cat "$1" 2>/dev/null; }
 """
+#: `locked FILE`: true while a process holds a flock on FILE (vpnd holds its pidfile's).
+_SH_LOCKED = r"""
+locked() {
+  [ -f "$1" ] || return 1
+  if command -v flock >/dev/null 2>&1; then flock -n -s "$1" true; [ $? -eq 1 ]; return; fi
+  python3 -c 'import fcntl, sys
+f = open(sys.argv[1])
+try: fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+except BlockingIOError: sys.exit(0)
+sys.exit(1)' "$1"
+}
+"""
 
 
 def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     """One shell script reporting stamp, systemd, python, target, file hashes/modes, running
     links."""
     prefix = manifest["prefix"]
-    lines = [_SH_FUNCS]
+    lines = [_SH_FUNCS, _SH_LOCKED]
     lines.append(f'echo "stamp $(cat {quote(_rt(prefix, "STAMP"))} 2>/dev/null || echo -)"')
     lines.append(
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
@@ -741,8 +787,9 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     deployed = posixpath.join(prefix, STATE_DIR, "manifest.json")
     lines.append(f'echo "deployed $(base64 -w0 {quote(deployed)} 2>/dev/null || echo -)"')
     for link, entry in sorted(links.items()):
+        pf = quote(entry["pidfile"])
         lines.append(
-            f'if alive "$(pid_of {quote(entry["pidfile"])})" || '
+            f'if {{ locked {pf} && alive "$(pid_of {pf})"; }} || '
             f"{{ [ -d /run/systemd/system ] && systemctl is-active --quiet "
             f'{quote(f"vpnd-{link}")} 2>/dev/null; }}; then echo "running {link} yes"; '
             f'else echo "running {link} no"; fi'
@@ -791,6 +838,9 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
         elif word == "deployed" and rest.strip() not in {"", "-"}:
             with contextlib.suppress(ValueError):
                 deployed = json.loads(base64.b64decode(rest.strip()))
+            if not isinstance(deployed, dict) or not isinstance(deployed.get("links"), dict):
+                raise DeployError(f"malformed probe answer: {STATE_DIR}/manifest.json on the "
+                                  "host is not a vpnctl manifest")  # fmt: skip
     target = parse_target(target_text) if target_text is not None else None
     return RemoteState(stamp, systemd, python, files, running, deployed, pending, uid, target,
                        target_text)  # fmt: skip
@@ -812,19 +862,30 @@ def _lock_sh(prefix: str) -> str:
 
 
 def _stop_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
-    """Stop one link's daemon and wait (bounded) until it is gone."""
+    """Stop one link's daemon and wait (bounded) until it is gone.
+
+    Without systemd the PID comes from the pidfile, and it is signalled only while the pidfile
+    is still flock-locked (vpnd holds that lock for its whole life): a stale pidfile whose PID
+    the kernel has since given to another process never gets that process killed."""
     if use_systemd:
         return f"systemctl stop {quote(f'vpnd-{link}')} 2>/dev/null || true\n"
     pf = quote(entry["pidfile"])
     return (
-        f'pid=$(pid_of {pf}); if alive "$pid"; then kill -TERM "$pid"; i=0; '
+        f'pid=$(pid_of {pf}); if locked {pf} && alive "$pid"; then kill -TERM "$pid"; i=0; '
         f'while alive "$pid" && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; '
-        f'alive "$pid" && kill -KILL "$pid"; fi; rm -f {pf}\n'
+        f'alive "$pid" && locked {pf} && kill -KILL "$pid"; fi; rm -f {pf}\n'
     )
 
 
-def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: bool) -> str:
-    """Start one link's daemon; a failure prints `start-failed <link>: <message>`."""
+def _start_sh(
+    link: str,
+    entry: Mapping[str, Any],
+    prefix: str,
+    use_systemd: bool,
+    run_as: tuple[str, str] | None = None,
+) -> str:
+    """Start one link's daemon; a failure prints `start-failed <link>: <message>`. Without
+    systemd the daemon starts as root and drops to `run_as`, whose run directories these are."""
     if use_systemd:
         unit = quote(f"vpnd-{link}")
         return (
@@ -834,8 +895,9 @@ def _start_sh(link: str, entry: Mapping[str, Any], prefix: str, use_systemd: boo
         )
     rundir = quote(posixpath.dirname(entry["pidfile"]))
     statusdir = quote(posixpath.dirname(entry["statusfile"]))
+    own = f"chown {quote(run_as[0])}:{quote(run_as[1])} {rundir} {statusdir}; " if run_as else ""
     return (
-        f"mkdir -p {rundir} {statusdir}; out=$({quote(_runtime_bin(prefix))} -f "
+        f"mkdir -p {rundir} {statusdir}; {own}out=$({quote(_runtime_bin(prefix))} -f "
         f"{quote(entry['config'])} --daemon </dev/null 9>&- 2>&1) || "
         f'echo {quote(f"start-failed {link}:")} "$(echo "$out" | tail -n 1)"\n'
     )
@@ -887,7 +949,7 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     backup, pending = quote(f"{state}/prev"), quote(f"{state}/pending")
-    out = [_SH_FUNCS, _lock_sh(prefix), 'echo "applied-at $(date +%s.%N)"', "umask 077"]
+    out = [_SH_FUNCS, _SH_LOCKED, _lock_sh(prefix), 'echo "applied-at $(date +%s.%N)"', "umask 077"]
     # The backup holds the last *committed* version of each file. A pending marker means an
     # earlier deploy was interrupted after it started changing files: its backup is kept and
     # files it already backed up are not backed up again (they may be uncommitted now).
@@ -905,7 +967,17 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
             f"{{ rm -f {saved}; echo {quote(f'apply-failed: cannot back up {item.path}')} >&2; "
             "exit 3; }; fi"
         )
+    run_as = _run_as(manifest)
+    if run_as:
+        out.append(_account_sh(run_as))
     out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
+    if run_as:  # the user reads its configs (SIGHUP; systemd's User=) and, under systemd, its key
+        owner = f"{quote(run_as[0])}:{quote(run_as[1])}"
+        for item in plan.files:
+            if item.kind == "config":
+                out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
+            elif item.kind == "key" and plan.use_systemd:
+                out.append(f"chown {owner} {quote(item.path)}")
     for link in plan.removed:
         entry = deployed.get("links", {}).get(link, {})
         if entry.get("pidfile"):
@@ -919,7 +991,7 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     for link in plan.restarts:
         entry = manifest["links"][link]
         out.append(_stop_sh(link, entry, plan.use_systemd))
-        out.append(_start_sh(link, entry, prefix, plan.use_systemd))
+        out.append(_start_sh(link, entry, prefix, plan.use_systemd, run_as))
     return "\n".join(out) + "\n"
 
 
@@ -946,7 +1018,7 @@ def rollback_script(
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     links = set(links)
-    out = [_SH_FUNCS, _lock_sh(prefix)]
+    out = [_SH_FUNCS, _SH_LOCKED, _lock_sh(prefix)]
     if runtime_back:
         rt = quote(_rt(prefix))
         out.append(
@@ -968,7 +1040,8 @@ def rollback_script(
         entry = manifest["links"][link]
         conf = quote(entry["config"])
         out.append(f"if [ -f {conf} ]; then")
-        out.append("  " + _start_sh(link, entry, prefix, plan.use_systemd).strip())
+        start = _start_sh(link, entry, prefix, plan.use_systemd, _run_as(manifest))
+        out.append("  " + start.strip())
         out.append("fi")
     if finish:
         out.append(f"rm -rf {quote(state)}/prev {quote(state)}/pending")
@@ -1028,6 +1101,7 @@ class LinkRecord:
     now: float  # the host's clock when it was read
 
 
+BAD_ANSWER = "bad answer"  # the state of an end whose host answered with a malformed record
 STALE_AFTER = 5.0  # a running daemon rewrites its record every second (docs/architecture.md)
 
 
@@ -1041,10 +1115,7 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
     daemon is hung or its record is not its own).
     """
     lines = text.splitlines()
-    try:
-        now = float(lines[0])
-    except (IndexError, ValueError):
-        now = time.time()
+    now = (_finite(lines[0]) if lines else None) or time.time()
     out: dict[str, LinkRecord] = {}
     i = 1
     while i < len(lines):
@@ -1057,11 +1128,17 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
         configured = block[0] == "config yes"
         alive = block[1] == "alive yes"
         record: dict[str, Any] | None = None
-        if block[2] not in {"", "-"}:
-            with contextlib.suppress(ValueError):
+        bad: str | None = None
+        if block[2] not in {"", "-"}:  # a host's answer is data: parsed, type-checked, cleaned
+            try:
                 loaded = json.loads(block[2])
-                record = loaded if isinstance(loaded, dict) else None
-        if record is not None and not alive:
+            except ValueError:
+                loaded, bad = None, "the status record is not JSON (cut short?)"
+            bad = bad or check_record(loaded)
+            record = clean_json(loaded) if bad is None else None
+        if bad is not None:
+            record = {"state": BAD_ANSWER, "reason": f"malformed answer: {bad}"}
+        elif record is not None and not alive:
             record["reason"] = f"daemon (pid {record.get('pid')}) is gone; last state " + str(
                 record.get("state")
             )
@@ -1070,10 +1147,19 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
             record = {"state": "not running", "reason": "no status record (never started?)"}
         elif record is not None:
             _judge_freshness(record, block[4].removeprefix("pidfile ").strip(), now)
-        mtime_text = block[3].removeprefix("keymtime ").strip()
-        key_mtime = float(mtime_text) if mtime_text not in {"", "-"} else None
-        out[link] = LinkRecord(record if configured else None, key_mtime, now)
+        out[link] = LinkRecord(record if configured or bad else None,
+                               _finite(block[3].removeprefix("keymtime ")), now)  # fmt: skip
     return out
+
+
+def _finite(text: str) -> float | None:
+    """A host's number (a clock, an mtime), or None when it is absent or not a finite number:
+    a bad value from a host must never abort a deploy half way."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _judge_freshness(record: dict[str, Any], pidfile_pid: str, now: float) -> None:
@@ -1119,6 +1205,7 @@ class HostOutcome:
     waiting: dict[str, str] = field(default_factory=dict)  # link -> why not confirmable
     rolled_back: dict[str, str] = field(default_factory=dict)  # link -> why
     runtime_switched: bool = False  # the new runtime was installed (a rollback switches back)
+    unreachable: bool = False  # the probe could not reach the host (ssh failed or timed out)
 
 
 @dataclass
@@ -1369,7 +1456,9 @@ def deploy(
             )
         except (SshError, DeployError, UserError) as exc:
             outcome.error = str(exc)
-            printer.line(name, f"FAILED probe: {exc}", finished=True)
+            outcome.unreachable = isinstance(exc, SshUnreachable | SshTimeout)
+            printer.line(name, f"FAILED probe: {str(exc).removeprefix(f'{name}: ')}",
+                         finished=True)  # fmt: skip
             return
         states[name] = remote
         host_runtime[name] = runtime
@@ -1388,7 +1477,8 @@ def deploy(
 
     work = [n for n in hosts if outcomes[n].plan is not None and not outcomes[n].plan.noop]
     if not work:
-        echo("no changes: every host is up to date, nothing restarted")
+        if report.ok:  # never "no changes" after a failure: the recap says what failed
+            echo("no changes: every host is up to date, nothing restarted")
         return report
 
     tarballs: dict[str, bytes] = {}  # stamp -> tar, made once per target that is installed

@@ -27,24 +27,40 @@ failed``, ``not running``, ``unreachable``, ``not deployed``, or a fingerprint m
 
 from __future__ import annotations
 
+import textwrap
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpnctl.deploy import load_manifest, parse_status_output, status_script
+from vpnctl.deploy import BAD_ANSWER, load_manifest, parse_status_output, status_script
+from vpnctl.hostdata import clean_text
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import format_age
 from vpnctl.ssh import SshError, SshHost
-from vpnd_runtime.status import format_bytes
+from vpnd_runtime.status import format_bytes, prometheus_text
 
-__all__ = ["EndStatus", "FleetStatus", "LinkStatus", "collect", "format_table", "parse_host_output"]
+__all__ = [
+    "COLUMNS",
+    "EndStatus",
+    "FleetStatus",
+    "LinkStatus",
+    "MalformedAnswer",
+    "collect",
+    "end_row",
+    "format_table",
+    "parse_host_output",
+    "table_rows",
+]
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_JOBS = 16
 MIN_CALL = 0.2  # seconds: below this an ssh call cannot succeed; the host is not asked
+ASKING = "asking"  # the state of an end whose host has not answered yet (live view only)
+HOST_FAILURES = ("unreachable", BAD_ANSWER, ASKING)  # end states said once, on the host's line
 
 
 @dataclass
@@ -65,6 +81,7 @@ class EndStatus:
     key_fingerprint: str | None = None
     key_age: float | None = None
     pid: int | None = None
+    record: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # cleaned
 
 
 @dataclass
@@ -84,6 +101,7 @@ class FleetStatus:
     links: list[LinkStatus]
     unreachable: dict[str, str]  # host -> why
     elapsed: float = 0.0
+    bad_answers: dict[str, str] = field(default_factory=dict)  # host -> what was malformed
 
     @property
     def all_up(self) -> bool:
@@ -96,13 +114,63 @@ class FleetStatus:
             "version": 1,
             "all_up": self.all_up,
             "unreachable": self.unreachable,
-            "links": [asdict(link) for link in self.links],
+            "bad_answers": self.bad_answers,
+            "links": [
+                {**asdict(link), "ends": [_end_json(end) for end in link.ends]}
+                for link in self.links
+            ],
         }
+
+    def prometheus(self) -> str:
+        """Every end's record as Prometheus text (labels host, link, role; the same metric
+        families as ``vpnd status --prometheus``), plus per host and per link verdicts."""
+        ends = [
+            ({"host": e.host, "link": e.link, "role": e.role}, e.record or {"state": e.state})
+            for link in self.links
+            for e in link.ends
+        ]
+        text = prometheus_text(ends)
+        hosts = sorted({e.host for link in self.links for e in link.ends})
+        failed = set(self.unreachable) | set(self.bad_answers)
+        lines = [
+            "# HELP vpnctl_host_answered 1 when the host answered vpnctl status with a valid "
+            "record, else 0.",
+            "# TYPE vpnctl_host_answered gauge",
+            *(f'vpnctl_host_answered{{host="{h}"}} {0 if h in failed else 1}' for h in hosts),
+            "# HELP vpnctl_link_up 1 when both ends of the link are up with the same key.",
+            "# TYPE vpnctl_link_up gauge",
+            *(f'vpnctl_link_up{{link="{link.link}"}} {int(link.up)}' for link in self.links),
+            "# HELP vpnctl_status_duration_seconds How long asking the fleet took.",
+            "# TYPE vpnctl_status_duration_seconds gauge",
+            f"vpnctl_status_duration_seconds {round(self.elapsed, 3)}",
+        ]
+        return text + "\n".join(lines) + "\n"
+
+
+def _end_json(end: EndStatus) -> dict[str, Any]:
+    doc = asdict(end)
+    del doc["record"]
+    return doc
+
+
+class MalformedAnswer(UserError):
+    """A host answered, but not with what the status script prints (cut short, wrong types,
+    not JSON): shown as that host's error line, never a crash of the fleet view."""
 
 
 def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list[EndStatus]:
-    """Turn one host's :func:`vpnctl.deploy.status_script` output into an EndStatus per link."""
+    """Turn one host's :func:`vpnctl.deploy.status_script` output into an EndStatus per link.
+
+    Raises MalformedAnswer when the output lacks a link's block (cut short) or holds a record
+    of the wrong shape; every string taken from it is already cleaned of control characters.
+    """
     found = parse_status_output(text)
+    missing = [link for link in sorted(manifest["links"]) if link not in found]
+    if missing:
+        raise MalformedAnswer(f"answer cut short: nothing about link(s) {', '.join(missing)}")
+    for link, read in sorted(found.items()):
+        if read.record is not None and read.record.get("state") == BAD_ANSWER:
+            raise MalformedAnswer(f"link {link}: {read.record.get('reason')}")
     ends = []
     for link, entry in sorted(manifest["links"].items()):
         end = EndStatus(host=host, link=link, role=entry.get("role", "?"), state="not deployed")
@@ -117,6 +185,7 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
             end.bytes_out = record.get("bytes_out")
             end.key_fingerprint = record.get("key_fingerprint")
             end.pid = record.get("pid")
+            end.record = record
             since = record.get("since")
             if end.state == "up" and isinstance(since, int | float) and read is not None:
                 end.uptime = max(0.0, read.now - since)
@@ -138,6 +207,9 @@ def _judge(link: str, ends: list[EndStatus]) -> LinkStatus:
     for end in ends:
         if end.state == "up":
             continue
+        if end.state in HOST_FAILURES:  # its reason is on the host's own line, said once
+            reasons.append(f"{end.host}: {end.state}")
+            continue
         why = end.reason or end.state
         reasons.append(
             f"{end.host}: {why}" if why == end.state else f"{end.host}: {end.state}, {why}"
@@ -153,95 +225,213 @@ def collect(
     timeout: float = DEFAULT_TIMEOUT,
     jobs: int = DEFAULT_JOBS,
     connect_timeout: float = 5.0,
+    on_answer: Callable[[FleetStatus], None] | None = None,
 ) -> FleetStatus:
     """Ask every relevant host in parallel; hosts that do not answer within `timeout` are
-    reported unreachable."""
+    reported unreachable, hosts whose answer is malformed as a bad answer. ``on_answer`` gets
+    the status so far each time a host is done (the live view on a terminal)."""
     started = time.monotonic()
     known = {h.name: h for h in inventory.hosts}
     wanted = list(hosts) or list(known)
     unknown = [h for h in wanted if h not in known]
     if unknown:
-        raise UserError(f"{inventory.file}: no host named {', '.join(unknown)}")
+        raise UserError(f"{inventory.file}: no host named {', '.join(unknown)}; "
+                        f"the hosts are: {', '.join(known)}")  # fmt: skip
     manifests = {name: load_manifest(build, name) for name in known}
     links = sorted({link for name in wanted for link in manifests[name]["links"]})
     ask = sorted(
         set(wanted)
         | {manifests[n]["links"][ln]["peer"] for n in wanted for ln in manifests[n]["links"]}
     )
-    ends: dict[str, list[EndStatus]] = {link: [] for link in links}
-    unreachable: dict[str, str] = {}
-
     deadline = started + timeout
 
-    def ask_host(name: str) -> tuple[str, list[EndStatus] | str]:
+    def ask_host(name: str) -> tuple[str, list[EndStatus] | tuple[str, str]]:
         left = deadline - time.monotonic()
         if left < MIN_CALL:
-            return name, f"not asked: the {timeout:g}s bound ran out first (raise --jobs)"
+            why = f"not asked: the {timeout:.1f}s bound ran out first (raise --jobs)"
+            return name, ("unreachable", why)
         ssh = SshHost(name, known[name].ssh, connect_timeout=min(connect_timeout, left))
         try:
             result = ssh.run(status_script(manifests[name], manifests[name]["links"]),
                              timeout=left)  # fmt: skip
+            return name, parse_host_output(name, manifests[name], result.text)
+        except MalformedAnswer as exc:
+            return name, (BAD_ANSWER, str(exc))
         except SshError as exc:
-            return name, str(exc).removeprefix(f"{name}: ")
-        return name, parse_host_output(name, manifests[name], result.text)
+            why = str(exc).removeprefix(f"{name}: ").removeprefix("unreachable: ")
+            return name, ("unreachable", why)
+
+    done: dict[str, list[EndStatus] | tuple[str, str]] = {}
+    lock = threading.Lock()
+
+    def answered(name: str) -> None:
+        _, answer = ask_host(name)
+        with lock:
+            done[name] = answer
+            if on_answer is not None:
+                pending = [n for n in ask if n not in done]
+                on_answer(_assemble(links, manifests, done, pending, time.monotonic() - started))
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        answers = list(pool.map(ask_host, ask))
-    for name, answer in answers:
-        if isinstance(answer, str):
-            unreachable[name] = answer
+        list(pool.map(answered, ask))
+    return _assemble(links, manifests, done, [], time.monotonic() - started)
+
+
+def _assemble(
+    links: list[str],
+    manifests: Mapping[str, Mapping[str, Any]],
+    answers: Mapping[str, list[EndStatus] | tuple[str, str]],
+    pending: list[str],
+    elapsed: float,
+) -> FleetStatus:
+    """The FleetStatus of the answers so far; each end of a host still being asked is shown
+    in state ``asking`` (the live view on a terminal redraws as hosts answer)."""
+    ends: dict[str, list[EndStatus]] = {link: [] for link in links}
+    unreachable: dict[str, str] = {}
+    bad_answers: dict[str, str] = {}
+    for name in [*sorted(answers), *pending]:
+        answer = answers.get(name, (ASKING, ""))
+        if isinstance(answer, tuple):
+            state, why = answer[0], clean_text(answer[1])
+            if state == "unreachable":
+                unreachable[name] = why
+            elif state == BAD_ANSWER:
+                bad_answers[name] = why
             for link, entry in manifests[name]["links"].items():
                 if link in ends:
-                    ends[link].append(
-                        EndStatus(name, link, entry.get("role", "?"), "unreachable", answer)
-                    )
+                    ends[link].append(EndStatus(name, link, entry.get("role", "?"), state,
+                                                why or None))  # fmt: skip
             continue
         for end in answer:
             if end.link in ends:
                 ends[end.link].append(end)
     result = [_judge(link, ends[link]) for link in links]
-    return FleetStatus(result, unreachable, time.monotonic() - started)
+    return FleetStatus(result, unreachable, elapsed, bad_answers)
 
 
 def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else format_bytes(n, compact=True)
 
 
-def format_table(status: FleetStatus) -> str:
-    """One table: a row per link end, the link's verdict on its first row."""
-    header = ("LINK", "VERDICT", "HOST", "ROLE", "STATE", "PEER", "UPTIME", "RTT", "IN", "OUT",
-              "KEY", "KEY AGE")  # fmt: skip
-    rows: list[tuple[str, ...]] = []
+def _fmt_rtt(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1000
+    return f"{ms:.1f}ms" if ms < 100 else f"{ms:.0f}ms"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column; when the table is too wide, columns with the highest ``drop`` number go
+    first (0: never dropped)."""
+
+    name: str
+    drop: int
+
+
+COLUMNS = (
+    Column("LINK", 0),
+    Column("VERDICT", 0),
+    Column("HOST", 0),
+    Column("ROLE", 5),
+    Column("STATE", 0),
+    Column("PEER", 7),
+    Column("UPTIME", 1),
+    Column("RTT", 2),
+    Column("IN", 3),
+    Column("OUT", 3),
+    Column("KEY", 4),
+    Column("KEY AGE", 6),
+)
+_GAP = "  "
+_GREEN, _RED, _YELLOW, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[0m"
+
+
+def end_row(end: EndStatus) -> dict[str, str]:
+    """The cells of one link end, by column name (LINK and VERDICT are the link's, not set
+    here). Every string from the host is cleaned; the state is the bare state -- its reason is
+    said once, below the table."""
+    return {
+        "HOST": clean_text(end.host),
+        "ROLE": clean_text(end.role),
+        "STATE": clean_text(end.state),
+        "PEER": clean_text(end.peer) if end.peer else "-",
+        "UPTIME": format_age(end.uptime) if end.uptime is not None else "-",
+        "RTT": _fmt_rtt(end.last_rtt),
+        "IN": _fmt_bytes(end.bytes_in),
+        "OUT": _fmt_bytes(end.bytes_out),
+        "KEY": clean_text(end.key_fingerprint) if end.key_fingerprint else "-",
+        "KEY AGE": format_age(end.key_age) if end.key_age is not None else "-",
+    }
+
+
+def table_rows(status: FleetStatus) -> list[dict[str, str]]:
+    """A row per link end; the link's name and verdict on its first row."""
+    rows = []
     for link in status.links:
         for i, end in enumerate(link.ends):
-            state = (
-                end.state if not end.reason or end.state == "up" else f"{end.state}: {end.reason}"
-            )
-            rows.append(
-                (
-                    link.link if i == 0 else "",
-                    ("UP" if link.up else "DOWN") if i == 0 else "",
-                    end.host,
-                    end.role,
-                    state[:48],
-                    end.peer or "-",
-                    format_age(end.uptime) if end.uptime is not None else "-",
-                    f"{end.last_rtt * 1000:.1f}ms" if end.last_rtt is not None else "-",
-                    _fmt_bytes(end.bytes_in),
-                    _fmt_bytes(end.bytes_out),
-                    end.key_fingerprint or "-",
-                    format_age(end.key_age) if end.key_age is not None else "-",
-                )
-            )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+            row = end_row(end)
+            row["LINK"] = clean_text(link.link) if i == 0 else ""
+            row["VERDICT"] = ("UP" if link.up else "DOWN") if i == 0 else ""
+            rows.append(row)
+    return rows
+
+
+def _paint(column: str, cell: str, padded: str) -> str:
+    colour = None
+    if column == "VERDICT" and cell:
+        colour = _GREEN if cell == "UP" else _RED
+    elif column == "STATE":
+        failed = cell in HOST_FAILURES and cell != ASKING
+        colour = _GREEN if cell == "up" else _RED if failed else _YELLOW
+    return f"{colour}{cell}{_RESET}{padded[len(cell) :]}" if colour else padded
+
+
+def format_table(status: FleetStatus, *, width: int | None = None, color: bool = False) -> str:
+    """The status table and, below it, each problem said once.
+
+    ``width`` (terminal columns; None: no limit, as with ``--wide`` or into a pipe) drops the
+    least telling columns (PEER, KEY AGE, ROLE, KEY, IN/OUT, RTT, UPTIME, in that order) until
+    the table fits, and wraps the lines below it. ``color`` paints UP/DOWN and the states.
+    """
+    rows = table_rows(status)
+    columns = list(COLUMNS)
+
+    def table_width(cols: list[Column]) -> int:
+        widths = [max(len(c.name), *(len(r[c.name]) for r in rows)) for c in cols]
+        return sum(widths) + len(_GAP) * (len(cols) - 1)
+
+    dropped: list[str] = []
+    while width is not None and table_width(columns) > width:
+        worst = max(c.drop for c in columns)
+        if worst == 0:
+            break
+        dropped += [c.name for c in columns if c.drop == worst]
+        columns = [c for c in columns if c.drop != worst]
+    widths = {c.name: max(len(c.name), *(len(r[c.name]) for r in rows)) for c in columns}
+    out = [_GAP.join(c.name.ljust(widths[c.name]) for c in columns).rstrip()]
+    for row in rows:
+        cells = []
+        for c in columns:
+            padded = row[c.name].ljust(widths[c.name])
+            cells.append(_paint(c.name, row[c.name], padded) if color else padded)
+        out.append(_GAP.join(cells).rstrip())
+    notes: list[str] = []
     down = [link for link in status.links if not link.up]
-    out.append("")
-    if down:
-        out += [f"DOWN {link.link}: {link.why}" for link in down]
-    for host, why in sorted(status.unreachable.items()):
-        out.append(f"UNREACHABLE {host}: {why}")
+    notes += [f"DOWN {clean_text(link.link)}: {clean_text(link.why)}" for link in down]
+    notes += [f"UNREACHABLE {clean_text(host)}: {why}" for host, why in
+              sorted(status.unreachable.items())]  # fmt: skip
+    notes += [f"BAD ANSWER {clean_text(host)}: {why}" for host, why in
+              sorted(status.bad_answers.items())]  # fmt: skip
     up = len(status.links) - len(down)
-    out.append(f"{up}/{len(status.links)} link(s) up ({status.elapsed:.1f}s)")
+    notes.append(f"{up}/{len(status.links)} link(s) up ({status.elapsed:.1f}s)")
+    if dropped:
+        notes.append(f"(not shown to fit {width} columns: {', '.join(dropped)}; --wide shows all)")
+    out.append("")
+    for note in notes:
+        if width is None or len(note) <= width:
+            out.append(note)
+        else:
+            out += textwrap.wrap(note, width=max(width, 20), subsequent_indent="  ",
+                                 break_on_hyphens=False)  # fmt: skip
     return "\n".join(out) + "\n"

@@ -30,13 +30,14 @@ stages (allocation, rendering) use :meth:`Inventory.problem` to point at the rig
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,9 @@ _SSH_HOST_RE = re.compile(
 )
 _PREFIX_RE = re.compile(r"/[A-Za-z0-9_./-]*")
 _SSH_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: The account vpnd runs as (deploy creates it): a plain system user name, no numeric ids.
+_DAEMON_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+DEFAULT_DAEMON_USER = "vpnd"
 _SSH_JUMP_ONE = (
     r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?"
     r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
@@ -144,6 +148,9 @@ class Host:
     ``address`` is its underlay (WAN) address, the one clients dial. ``prefix`` is the
     directory under which /etc/vpnd, /run/vpnd... live on that host ("/" on a real host, a
     per-host directory in the lab). ``systemd`` is True, False or None (auto: deploy probes).
+    ``daemon_user``/``daemon_group`` are the account vpnd runs as after start-up (rendered as the
+    config's ``user``/``group`` and the unit's ``User=``/``Group=``; deploy creates it);
+    ``root`` keeps the daemon root (no drop). The group defaults to the user's name.
     """
 
     name: str
@@ -152,6 +159,15 @@ class Host:
     prefix: str = "/"
     systemd: bool | None = None
     index: int = 0
+    daemon_user: str = DEFAULT_DAEMON_USER
+    daemon_group: str | None = None
+
+    @property
+    def run_as(self) -> tuple[str, str] | None:
+        """(user, group) vpnd runs as on this host, or None when it stays root."""
+        if self.daemon_user == "root":
+            return None
+        return self.daemon_user, self.daemon_group or self.daemon_user
 
     def path(self, *parts: str) -> str:
         """An absolute path on the host, below its prefix: ``path("etc/vpnd", "l.conf")``."""
@@ -410,7 +426,8 @@ class _Reader:
         except ValueError:
             address = None
         if address is None:
-            self.fail(node, path, f"expected an IPv4 address like 198.18.1.1, got {_show(value)}")
+            self.fail(node, path, f"expected an IPv4 address like 198.18.1.1, got {_show(value)}"
+                      + _family_hint(value, "an IPv4 address"))  # fmt: skip
             return None
         if address.is_unspecified or address.is_multicast or address.is_loopback:
             self.fail(node, path, f"{address} is not a usable unicast address")
@@ -430,7 +447,9 @@ class _Reader:
             try:
                 loose = IPv4Network(value, strict=False)
             except ValueError:
-                self.fail(node, path, f"expected a network like 198.18.10.0/24: {exc}")
+                hint = _family_hint(value, "an IPv4 network") or _netmask_hint(value)
+                self.fail(node, path, f"expected a network like 198.18.10.0/24, got "
+                          f"{_show(value)}" + (hint or f": {exc}"))  # fmt: skip
                 return None
             self.fail(node, path, f"{value} has host bits set; did you mean {loose}?")
             return None
@@ -441,6 +460,45 @@ class _Reader:
             self.fail(node, path, f"must be an absolute path (starting with /), got {value!r}")
             return None
         return value
+
+
+def _family_hint(value: object, takes: str) -> str:
+    """``"; this field takes an IPv4 address, 2001:db8::1 is IPv6"`` when ``value`` is an
+    address or network of the other family, else ""."""
+    text = str(value)
+    for parse in (ip_address, ip_network):
+        try:
+            found = parse(text) if parse is ip_address else parse(text, strict=False)
+        except ValueError:
+            continue
+        if found.version == 6:
+            return f"; this field takes {takes}, {text} is IPv6"
+    return ""
+
+
+def _netmask_hint(value: str) -> str:
+    """``"; write 198.18.30.0/24"`` for ``198.18.30.0 255.255.255.0`` (address and netmask,
+    as in ifconfig or a Cisco config), else ""."""
+    words = value.split()
+    if len(words) == 2:
+        with contextlib.suppress(ValueError):
+            return f"; write {IPv4Network('/'.join(words), strict=False)}"
+    return ""
+
+
+def _yaml_snippet(text: str, mark: yaml.Mark | None) -> str:
+    """The offending line with a caret under the column, and a hint when it holds a tab."""
+    if mark is None:
+        return ""
+    lines = text.splitlines()
+    if not 0 <= mark.line < len(lines):
+        return ""
+    line = lines[mark.line]
+    shown = line.replace("\t", " ")
+    out = f"\n  {shown}\n  {' ' * min(mark.column, len(shown))}^"
+    if "\t" in line:
+        out += "\n  hint: this line holds a tab; YAML indents with spaces only"
+    return out
 
 
 def _own_key(node: yaml.MappingNode, merged: int, index: int, key: str) -> bool:
@@ -512,7 +570,7 @@ _TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
     "nortscts": lambda r, n, p: r.boolean(n, p),
     "xfilter": lambda r, n, p: r.boolean(n, p),
 }
-_HOST_SETTINGS = ("ssh", "prefix", "systemd")
+_HOST_SETTINGS = ("ssh", "prefix", "systemd", "daemon_user", "daemon_group")
 _DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", *_TUNABLE_READERS)
 _SSH_KEYS = ("host", "port", "user", "identity", "options", "proxyjump")
 _HOST_KEYS = ("name", "address", *_HOST_SETTINGS)
@@ -594,6 +652,16 @@ def _read_host_settings(r: _Reader, fields: Mapping[str, yaml.Node], path: str) 
                        f"use only letters, digits and _ . - / in a prefix: {prefix!r}")  # fmt: skip
             else:
                 out["prefix"] = "/" + normal.lstrip("/")
+    for key in ("daemon_user", "daemon_group"):
+        if key in fields:
+            value = r.text(fields[key], f"{path}.{key}")
+            if value is not None and not _DAEMON_USER_RE.fullmatch(value):
+                r.fail(fields[key], f"{path}.{key}", f"expected a system account name "
+                       f"(a-z 0-9 _ -, starting with a letter or _), got {value!r}")  # fmt: skip
+            elif value == "root" and key == "daemon_group":
+                r.fail(fields[key], f"{path}.{key}", "root's group: name an unprivileged one")
+            elif value is not None:
+                out[key] = value
     if "systemd" in fields:
         value = r.scalar(fields["systemd"], f"{path}.systemd")
         if value == "auto":
@@ -673,7 +741,8 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise InventoryError([Problem(file, line, "", f"not valid YAML: {exc.problem}")]) from None
+        message = f"not valid YAML: {exc.problem}{_yaml_snippet(text, mark)}"
+        raise InventoryError([Problem(file, line, "", message)]) from None
     except yaml.YAMLError as exc:
         raise InventoryError([Problem(file, None, "", f"not valid YAML: {exc}")]) from None
     if root is None:
@@ -742,6 +811,10 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 prefix=own.get("prefix", default_host.get("prefix", "/")),
                 systemd=own.get("systemd", default_host.get("systemd")),
                 index=i,
+                daemon_user=own.get(
+                    "daemon_user", default_host.get("daemon_user", DEFAULT_DAEMON_USER)
+                ),
+                daemon_group=own.get("daemon_group", default_host.get("daemon_group")),
             )
         )
 

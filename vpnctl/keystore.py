@@ -4,8 +4,10 @@ Layout of the keystore directory (mode 0700; every file 0600, created with O_EXC
 
     <link>.key              the key, in the runtime's key-file format (64 hex digits + "\\n")
     <link>.key.enc          ... or the same key encrypted at rest (format below), never both
-    <link>.meta.json        {"version", "link", "fingerprint", "created", "encrypted"}: what
-                            `keys` and `render` need, so neither ever needs the passphrase
+    <link>.meta.json        {"version", "link", "fingerprint", "created", "encrypted"}: the
+                            creation time, and the fingerprint of an encrypted key (so `keys`
+                            and `render` never need the passphrase); a plain key's fingerprint
+                            is always computed from the key file itself
     <link>.next.key[.enc]   a staged replacement (`keygen --rotate LINK`) with its
     <link>.next.meta.json   metadata; the current key stays until `keygen --promote LINK`
     <link>.retired-<UTC>.*  keys replaced by a promotion (kept, never deleted by vpnctl)
@@ -242,31 +244,58 @@ class Keystore:
         return self.info(link, staged=staged) or _impossible(link)
 
     def info(self, link: str, *, staged: bool = False) -> KeyInfo | None:
-        """Fingerprint, creation time and encryption of the key of ``link`` (None: no key)."""
+        """Fingerprint, creation time and encryption of the key of ``link`` (None: no key).
+
+        The fingerprint of a plain key is computed from the key file itself, never taken from
+        the metadata, so a damaged or swapped key shows (or fails) as it is: a malformed key
+        file or one others can read is a KeystoreError naming the file. An encrypted key file
+        is checked for its format, link and mode; its fingerprint is the metadata's (it cannot
+        be known without the passphrase; :meth:`load` proves the two agree)."""
         if not self.has_key(link, staged=staged):
             return None
         path = self.key_path(link, staged=staged)
         meta_path = self.meta_path(link, staged=staged)
+        meta: dict[str, object] | None = None
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            return KeyInfo(
-                link=link,
-                fingerprint=str(meta["fingerprint"]),
-                created=_parse_utc(str(meta["created"])),
-                encrypted=bool(meta["encrypted"]),
-                path=path,
-            )
+            loaded = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(loaded, dict):
+                raise TypeError("not a JSON object")
+            meta = loaded
+            created = _parse_utc(str(meta["created"]))
         except FileNotFoundError:
-            pass
+            created = None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeystoreError(f"{meta_path}: unreadable key metadata: {exc}") from None
         if path.suffix == ".enc":
-            raise KeystoreError(
-                f"{meta_path}: missing; the fingerprint of an encrypted key is "
-                "only known from its metadata"
-            )
+            self.check_encrypted_file(path, link)
+            if meta is None:
+                raise KeystoreError(
+                    f"{meta_path}: missing; the fingerprint of an encrypted key is "
+                    "only known from its metadata"
+                )
+            try:
+                recorded = str(meta["fingerprint"])
+            except KeyError as exc:
+                raise KeystoreError(f"{meta_path}: unreadable key metadata: {exc}") from None
+            return KeyInfo(link, recorded, created or path.stat().st_mtime, True, path)
         key = self._load_plain(path)
-        return KeyInfo(link, fingerprint(key), path.stat().st_mtime, False, path)
+        return KeyInfo(link, fingerprint(key), created or path.stat().st_mtime, False, path)
+
+    def check_encrypted_file(self, path: Path, link: str) -> None:
+        """Refuse an encrypted key file others can read, or one not in the encrypted format
+        for ``link`` (checked without the passphrase); the KeystoreError names the file."""
+        self._check_private(path)
+        try:
+            text = path.read_bytes()[:4096].decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        head = _HEADER_RE.match(text)
+        if head is None or _DATA_RE.fullmatch(text, head.end()) is None:
+            raise KeystoreError(
+                f"{path}: malformed encrypted key file (not the {ENCRYPTED_MAGIC!r} format)"
+            )
+        if head["link"] != link:
+            raise KeystoreError(f"{path}: holds the key of link {head['link']!r}, not {link!r}")
 
     def _load_plain(self, path: Path) -> bytes:
         try:

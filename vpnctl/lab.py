@@ -275,6 +275,9 @@ def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> d
                 "options": lab_ssh_options(directory, control_dir),
             },
             "systemd": False,
+            # Lab hosts share this machine's accounts and live below a private temp directory
+            # an unprivileged account cannot reach: their daemons stay root (no `user`).
+            "daemon_user": "root",
             "keepalive": LAB_KEEPALIVE,
             "noanswer": LAB_NOANSWER,
         },

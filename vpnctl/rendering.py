@@ -135,6 +135,8 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "config": host.path("etc/vpnd", f"{link.name}.conf"),
         "rundir": host.path("run/vpnd"),
         "runtime": host.path(RUNTIME_PATH),
+        "user": host.run_as[0] if host.run_as else None,
+        "group": host.run_as[1] if host.run_as else None,
     }
 
 
@@ -206,6 +208,7 @@ def _manifest_head(host: Host) -> dict[str, Any]:
         "prefix": host.prefix,
         "systemd": "auto" if host.systemd is None else host.systemd,
         "runtime": host.path(RUNTIME_PATH),
+        "run_as": list(host.run_as) if host.run_as else None,  # deploy creates this account
         "links": {},
     }
 

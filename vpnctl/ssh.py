@@ -175,7 +175,7 @@ class SshHost:
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise SshTimeout(self.name, f"no answer within {timeout:g}s") from exc
+            raise SshTimeout(self.name, f"no answer within {timeout:.1f}s") from exc
         except FileNotFoundError as exc:
             raise SshError(
                 self.name, f"{self.ssh_binary}: not found; install openssh-client"

@@ -7,9 +7,16 @@ loop treats both alike; `run_modemchat` dials the modem before a line link start
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import stat
+import struct
+import termios
+import time
 from typing import TYPE_CHECKING
+
+from vpnd_runtime.linequeue import Pacer
 
 if TYPE_CHECKING:
     from vpnd_runtime.config import Config
@@ -24,6 +31,9 @@ class RandomDev:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if not stat.S_ISCHR(os.fstat(self._fd).st_mode):  # a regular file gives predictable keys
+            os.close(self._fd)
+            raise OSError(errno.EINVAL, f"randomdev {path} is not a character device")
 
     def __call__(self, n: int) -> bytes:
         chunks = []
@@ -41,11 +51,13 @@ class RandomDev:
 
 
 class SerialCarrier:
-    """The serial line seen through the daemon's Carrier interface (io/tcp.py)."""
+    """The serial line seen through the daemon's Carrier interface (io/tcp.py), with a model of
+    the line's speed (`pacer`) so the daemon feeds it no faster than it carries bytes."""
 
-    def __init__(self, transport: SerialTransport, device: str) -> None:
+    def __init__(self, transport: SerialTransport, device: str, speed: int) -> None:
         self.transport = transport
         self.peer = device
+        self.pacer = Pacer(speed)
 
     def fileno(self) -> int:
         return self.transport.fileno()
@@ -58,6 +70,7 @@ class SerialCarrier:
         return data
 
     def write(self, data: bytes) -> None:
+        self.pacer.sent(len(data), time.monotonic())
         self.transport.write(data)
 
     def flush(self) -> bool:
@@ -65,7 +78,16 @@ class SerialCarrier:
 
     @property
     def pending(self) -> bool:
-        return self.transport.pending() > 0
+        """Bytes wait in our buffer, or a UART's driver still holds more than the pacer's lead
+        (TIOCOUTQ; a PTY always answers 0, and then the pacer alone keeps the lead small)."""
+        return self.transport.pending() > 0 or self._device_backlog() > self.pacer.lead_bytes
+
+    def _device_backlog(self) -> int:
+        try:
+            raw = fcntl.ioctl(self.transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int(struct.unpack("i", raw)[0])
 
     def check_carrier(self) -> None:
         """LineDown when the modem dropped carrier (never with localline)."""

@@ -4,10 +4,14 @@ Spellings (the seed's flags plus a few subcommands)::
 
     vpnd [-f CONF] [--daemon] [-v]        run the daemon for CONF (default /etc/vpnd.conf)
     vpnd --check -f CONF                  parse CONF and load its key; print a one-line summary
+    vpnd --check --no-key -f CONF         the same without the key (a config rendered on the
+                                          operator's machine, whose key is not there yet)
     vpnd -t -f CONF                       modem chat test (serial links)
     vpnd -m [PATH] [-f CONF]              make a key (PATH, else CONF's keyfile, else default)
     vpnd genkey PATH [--randomdev DEV]    make a key at PATH
     vpnd status -f CONF [--json]          show the running daemon's status record
+    vpnd status --prometheus -f CONF... [--textfile PATH]
+                                          the same as Prometheus metrics (node_exporter)
 
 Exit codes: 0 success, 1 status "link not up" (from the status module), 2 usage, config or key
 error. User errors print a message, never a traceback. Each action is a small function taking
@@ -33,7 +37,7 @@ from vpnd_runtime.config import (
 )
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key
 
-__all__ = ["main"]
+__all__ = ["check_config", "main"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -64,6 +68,11 @@ def _top_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="create a new key file (PATH, else the config's keyfile, else the default)",
     )
+    parser.add_argument(
+        "--no-key",
+        action="store_true",
+        help="with --check: do not load the key file (it may not exist where the config is)",
+    )
     parser.add_argument("--randomdev", metavar="DEV", help="entropy source for -m")
     parser.add_argument("--daemon", action="store_true", help="detach and log to syslog")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -78,8 +87,25 @@ def _sub_parser() -> argparse.ArgumentParser:
     genkey.add_argument("path", metavar="PATH")
     genkey.add_argument("--randomdev", metavar="DEV", default=DEFAULT_RANDOMDEV)
     status = subs.add_parser("status", help="show the daemon's status record")
-    status.add_argument("-f", "--config", metavar="CONF", default=DEFAULT_CONFIG)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "-f",
+        "--config",
+        metavar="CONF",
+        action="append",
+        help=f"config file [{DEFAULT_CONFIG}]; several with --prometheus",
+    )
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="Prometheus text format (exit 0 whatever the state: it is in the metrics)",
+    )
+    status.add_argument(
+        "--textfile",
+        metavar="PATH",
+        help="with --prometheus: write atomically to PATH (a node_exporter textfile, *.prom)",
+    )
     for sub in (genkey, status):
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -114,24 +140,45 @@ def cmd_make_key(args: argparse.Namespace) -> int:
     return _make_key(path or DEFAULT_KEYFILE, randomdev or DEFAULT_RANDOMDEV)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Parse the config and load its key file; print one summary line."""
-    conf = args.config or DEFAULT_CONFIG
+def check_config(conf: str, *, key: bool = True) -> str:
+    """Parse ``conf`` (and load its key file unless ``key`` is False); return the one-line
+    summary ``vpnd --check`` prints. ConfigError/KeyFileError name the file and line.
+
+    ``vpnctl render`` runs this with ``key=False`` on every config it renders, so the operator's
+    machine checks a config exactly as ``vpnd --check --no-key`` does."""
     config = load_config(conf)
-    keys = _load_keys(config)
     link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
+    keys = _load_keys(config) if key else {}
+    if key:  # on the host: the accounts `user`/`group` name must exist (the drop is at start)
+        from vpnd_runtime.privdrop import resolve  # noqa: PLC0415 - lazy, like the rest
+
+        resolve(config)
+
+    def keyinfo(path: str) -> str:
+        return f"key {fingerprint(keys[path])}" if key else f"key {path} not checked (--no-key)"
+
     if config.is_hub:
-        print(
+        lines = [
             f"{conf}: OK (hub, {link}, {config.local}, {len(config.peers)} clients, "
-            f"{len(set(keys.values()))} keys)"
-        )
-        for peer in config.peers:
-            print(f"  {peer.name}: {peer.remote}, key {fingerprint(keys[peer.keyfile])}")
-        return EXIT_OK
-    print(
-        f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, "
-        f"key fingerprint {fingerprint(keys[config.keyfile])})"
-    )
+            + (f"{len(set(keys.values()))} keys)" if key else "keys not checked (--no-key))")
+        ]
+        lines += [f"  {peer.name}: {peer.remote}, {keyinfo(peer.keyfile)}" for peer in config.peers]
+        return "\n".join(lines)
+    info = keyinfo(config.keyfile)
+    if key:
+        info = info.replace("key ", "key fingerprint ", 1)
+    return f"{conf}: OK (mode {config.mode}, {link}, {config.local} -> {config.remote}, {info})"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Parse the config and load its key file (not with --no-key); print one summary line."""
+    from vpnd_runtime.privdrop import PrivDropError  # noqa: PLC0415 - lazy, like the rest
+
+    try:
+        print(check_config(args.config or DEFAULT_CONFIG, key=not args.no_key))
+    except PrivDropError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -143,11 +190,19 @@ def _load_keys(config: Config) -> dict[str, bytes]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``vpnd status -f CONF [--json]``: delegate to ``vpnd_runtime.status.print_status``,
-    whose return value is the exit code (0 link up, 1 otherwise)."""
-    config = load_config(args.config)
-    from vpnd_runtime.status import print_status  # noqa: PLC0415 - lazy: optional module
+    whose return value is the exit code (0 link up, 1 otherwise). With ``--prometheus`` every
+    ``-f CONF`` given is exported (``--textfile PATH``: into a node_exporter textfile)."""
+    paths = args.config or [DEFAULT_CONFIG]
+    if args.textfile and not args.prometheus:
+        raise ConfigError(args.textfile, None, "--textfile", "goes with --prometheus")
+    if len(paths) > 1 and not args.prometheus:
+        raise ConfigError(paths[1], None, "-f", "several configs only with --prometheus")
+    configs = [load_config(path) for path in paths]
+    from vpnd_runtime import status  # noqa: PLC0415 - lazy: optional module
 
-    return int(print_status(config, args.json) or 0)
+    if args.prometheus:
+        return int(status.print_prometheus(configs, args.textfile) or 0)
+    return int(status.print_status(configs[0], args.json) or 0)
 
 
 def cmd_chat_test(args: argparse.Namespace) -> int:
@@ -176,7 +231,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     first = next((i for i, word in enumerate(argv) if word not in ("-v", "--verbose")), None)
     if first is not None and argv[first] in _SUBCOMMANDS:  # `vpnd [-v] genkey ...`
         return _sub_parser().parse_args(argv[first:] + argv[:first])
-    args = _top_parser().parse_args(argv)
+    parser = _top_parser()
+    args = parser.parse_args(argv)
+    if args.no_key and not args.check:
+        parser.error("--no-key goes with --check")
     if args.make_key is not None:
         args.command = "make-key"
     elif args.check:

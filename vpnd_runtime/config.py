@@ -25,15 +25,15 @@ the file and resolves relative paths against the config file's directory.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
+
+from vpnd_runtime.trusted import untrusted_reason
 
 __all__ = [
     "CIPHERS",
@@ -111,6 +111,8 @@ _ANY = "0.0.0.0"
 _INT_RE = re.compile(r"[0-9]+")
 _FLOAT_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 _ROUTE_RE = re.compile(r"route([0-9]+)")
+#: A POSIX-ish account name (useradd's default rule, 32 characters at most) or a numeric id.
+_ACCOUNT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}[A-Za-z0-9_.$-]?|[0-9]{1,10}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +254,9 @@ class Config:
     clienttoclient: bool = True
     #: The carrier of a network link: "tcp" (the seed's, the default) or "udp" (datagrams).
     transport: str = "tcp"
+    #: Account to run as after start-up (see vpnd_runtime/privdrop.py); None: stay as started.
+    user: str | None = None
+    group: str | None = None
     #: Where this config was read from (for messages and the status record); not compared.
     source: str = field(default="<string>", compare=False)
 
@@ -310,6 +315,8 @@ _TEXT_ORDER = (
     "randomdev",
     "pidfile",
     "statusfile",
+    "user",
+    "group",
     "keepalive",
     "noanswer",
     "maxdelay",
@@ -340,6 +347,8 @@ def _host_text(host: str) -> str:
 
 def _float_text(value: float) -> str:
     """Plain decimal notation (never an exponent) that reads back to the same float."""
+    from decimal import Decimal  # noqa: PLC0415 - lazy: the daemon never renders a config
+
     text = format(Decimal(repr(value)), "f")
     return text[:-2] if text.endswith(".0") else text
 
@@ -518,6 +527,22 @@ def _interface(args: list[str]) -> dict[str, Any]:
     return {"interface": name}
 
 
+def _account(name: str) -> Callable[[list[str]], dict[str, Any]]:
+    def parse(args: list[str]) -> dict[str, Any]:
+        value = args[0]
+        if not _ACCOUNT_RE.fullmatch(value):
+            raise _Bad(f"must be an account name or a numeric id, got {value!r}")
+        if value in ("root", "0"):
+            what = "root" if name == "user" else "root's group"
+            raise _Bad(
+                f"{value!r} is {what}: vpnd starts as root anyway; omit '{name}' to keep "
+                "running as root, or name an unprivileged account"
+            )
+        return {name: value}
+
+    return parse
+
+
 def _route(index: int) -> Callable[[list[str]], dict[str, Any]]:
     def parse(args: list[str]) -> dict[str, Any]:
         dest = _ipv4(args[0], "destination")
@@ -575,6 +600,8 @@ _DIRECTIVES: dict[str, _Directive] = {
                    _value("peers_dir", lambda t: _path(t, "peers"))),
         _Directive("clienttoclient", "clienttoclient yes|no", 0, 1,
                    _flag_directive("clienttoclient")),
+        _Directive("user", "user <name>|<uid>", 1, 1, _account("user")),
+        _Directive("group", "group <name>|<gid>", 1, 1, _account("group")),
         _Directive("autoroute", "autoroute", 0, 1, _flag_directive("autoroute")),
         _Directive("transport", "transport tcp|udp", 1, 1, _transport),
         *[
@@ -638,6 +665,8 @@ def _unknown_message(keyword: str) -> str:
         return f"route index {match.group(1)} is out of range: extra routes are route1..route9"
     if keyword.lower() in _DIRECTIVES:
         return f"unknown directive; directives are lowercase: did you mean {keyword.lower()!r}?"
+    import difflib  # noqa: PLC0415 - lazy: only a bad config needs the hint
+
     hints = difflib.get_close_matches(keyword.lower(), list(_DIRECTIVES), n=1, cutoff=0.6)
     if hints:
         return f"unknown directive; did you mean {hints[0]!r}?"
@@ -754,6 +783,9 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
             "MTU's worth of packets (see mtu)",
         )
 
+    if "group" in lines and "user" not in lines:
+        fail(lines["group"], "group", "needs a 'user' (the account vpnd switches to)")
+
     cipher = values.get("cipher", "chacha20-poly1305")
     if cipher == _CIPHER_FAMILY:
         cipher = f"aes-{values.get('keysize', 256)}-gcm"
@@ -804,8 +836,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         with open(name, "rb") as handle:
             data = handle.read()
+            reason = untrusted_reason(os.fstat(handle.fileno()), name, "config file")
     except OSError as exc:
         raise ConfigError(name, None, None, f"cannot read config: {exc.strerror}") from None
+    if reason is not None:
+        raise ConfigError(name, None, None, reason)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -813,9 +848,35 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(name, line, None, "not valid UTF-8 text") from None
     base = os.path.dirname(os.path.abspath(name))
     config = parse_config(text, name, base_dir=base)
+    errors = _file_checks(config, text, name)
+    if errors:
+        raise ConfigError.combine(errors)
     if config.peers_dir is not None:
         config = replace(config, peers=load_peers(config))
     return config
+
+
+def _file_checks(config: Config, text: str, path: str) -> list[ConfigError]:
+    """Checks on the files a config names (run by :func:`load_config` only; parsing is pure):
+    the hook scripts and modemchat file, which run with the daemon's rights, must be writable by
+    no one but root or the current user (:mod:`.trusted`). Files that do not exist yet are left
+    to the runtime, which reports them when used. (``randomdev`` is checked by the daemon when
+    it opens it: ``vpnd -m`` may still read a key from a file.)"""
+    lines = {keyword: number for number, keyword, _ in _lex(text)}
+    errors: list[ConfigError] = []
+    for name in ("linkup", "linkdown", "slipup", "slipdown", "modemchat"):
+        value = getattr(config, name)
+        if value is None or name not in lines:
+            continue
+        try:
+            info = os.stat(value)
+        except OSError:
+            continue
+        what = "modemchat file" if name == "modemchat" else f"{name} script"
+        reason = untrusted_reason(info, value, what)
+        if reason is not None:
+            errors.append(ConfigError(path, lines[name], name, reason))
+    return errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -846,6 +907,8 @@ def parse_peer(
         fail(None, None, f"peer name {name!r} must be letters, digits, '_', '.', '-' (≤ 64)")
     for number, keyword, args in _lex(text):
         if keyword not in _PEER_DIRECTIVES:
+            import difflib  # noqa: PLC0415 - lazy: only a bad peer file needs the hint
+
             hints = difflib.get_close_matches(keyword.lower(), _PEER_DIRECTIVES, n=1, cutoff=0.6)
             where = "the hub's config" if keyword in _DIRECTIVES else None
             message = (
@@ -924,6 +987,11 @@ def load_peers(config: Config) -> tuple[PeerSpec, ...]:
         path = os.path.join(directory, entry)
         try:
             with open(path, "rb") as handle:
+                # A peer file decides which keys open the hub: as trusted as the config itself.
+                reason = untrusted_reason(os.fstat(handle.fileno()), path, "peer file")
+                if reason is not None:
+                    errors.append(ConfigError(path, None, None, reason))
+                    continue
                 text = handle.read().decode("utf-8")
             peers.append(
                 parse_peer(

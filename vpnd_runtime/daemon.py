@@ -97,6 +97,7 @@ from vpnd_runtime.io.hooks import HookRunner
 from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, TunError
 from vpnd_runtime.io.udp import UdpEndpoint, UdpLink
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
+from vpnd_runtime.linequeue import LineQueue
 from vpnd_runtime.link import Link
 from vpnd_runtime.peers import DOWN, UP, Peer, PeerTable
 from vpnd_runtime.proto.connection import INDEX_LEN, Connection, Params
@@ -110,8 +111,10 @@ if TYPE_CHECKING:  # the serial pieces are imported only by links that use them
 
 log = logging.getLogger("vpnd")
 
-#: Packets read from the TUN per loop turn before sealing them together.
+#: Packets read from the TUN per loop turn before sealing them together, and the most bytes
+#: (4 GSO super-packets): enough to amortise a turn, little enough to keep a busy daemon small.
 TUN_BATCH = 32
+TUN_BATCH_BYTES = 256 * 1024
 #: Unauthenticated connections a point-to-point server lets wait at once (oldest evicted).
 MAX_PENDING = 8
 #: The same for a hub, in all and per source address.
@@ -304,8 +307,9 @@ class Daemon:
         self.connect_started = 0.0
         self.pending: list[Session] = []
         self.link = Link(config, self.hooks, self.status, lambda: self._watch_tun(False))
-        # A slow line must not be handed a whole batch at once (see TUN_BATCH).
-        self.tun_batch = 4 if config.is_serial else TUN_BATCH
+        self.tun_batch = TUN_BATCH
+        #: A serial link's scheduler (linequeue.py): packets wait here, not in the tty's buffers.
+        self.lineq: LineQueue | None = None
         self._wire_base = (0, 0)  # carrier bytes in/out of sessions already closed
         self._drop_base: dict[str, int] = {}  # protocol/line drops of sessions already closed
         self._blocked: set[Session] = set()  # up sessions with output queued
@@ -491,6 +495,9 @@ class Daemon:
         if self._blocked and self.hub:
             oldest = min(s.blocked_since or now for s in self._blocked)
             deadline = min(deadline, max(now, oldest + STALL_AFTER))
+        active = self.active
+        if self.lineq and active is not None and not active.carrier.pending:
+            deadline = min(deadline, max(now, active.carrier.pacer.ready_at()))  # type: ignore[attr-defined]
         if self._dials and self.active is None:
             if self.connecting is None and not self.pending:
                 deadline = min(deadline, self.next_attempt)
@@ -516,6 +523,8 @@ class Daemon:
             self._run_protocol(s, now, lambda s=s: s.conn.tick(now))
         if self._blocked and self.hub:
             self._update_tun_watch(now)
+        if self.lineq:
+            self._feed_line(now)
         active = self.active
         if active is not None and isinstance(active.carrier, SerialCarrier):
             try:
@@ -792,7 +801,7 @@ class Daemon:
                 self._schedule_retry(time.monotonic(), f"modem chat failed: {result[1]}")
                 return
             now = time.monotonic()
-        carrier = SerialCarrier(transport, cfg.server_host)
+        carrier = SerialCarrier(transport, cfg.server_host, cfg.speed)
         conn, framer = self._line_connection(now)
         session = self._add_pending(carrier, conn, now, framer)
         session.peer = self.peer
@@ -1059,19 +1068,30 @@ class Daemon:
         read = os.read
         fd = tun.fd
         batch: list[bytes] = []
+        total = 0
         for _ in range(self.tun_batch):
             try:
-                batch.append(read(fd, READ_SIZE))
+                packet = read(fd, READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._tun_lost(f"TUN {tun.name} lost: {exc.strerror or exc}")
                 return
+            batch.append(packet)
+            total += len(packet)
+            if total >= TUN_BATCH_BYTES:
+                break
         if not batch:
             return
         hdr = tun.hdr_len
         self.status.packets_out += len(batch)
         self.status.bytes_out += sum(map(len, batch)) - len(batch) * hdr
+        if self.config.is_serial:
+            if self.lineq is None:
+                self.lineq = LineQueue(self.config.speed, hdr)
+            self.lineq.push(batch)
+            self._feed_line(now)
+            return
         if self._udp and hdr:
             # One datagram per MTU: cut TCP super-packets into segments (see io/gso.py).
             split = gso.split
@@ -1096,6 +1116,20 @@ class Daemon:
             self._run_protocol(
                 session, now, lambda s=session, p=packets: s.conn.send_packets(p, now)
             )
+
+    def _feed_line(self, now: float) -> None:
+        """Serial: hand the line its next frames while it can take them (linequeue.py)."""
+        lineq = self.lineq
+        session = self.active
+        if lineq is None or session is None or not session.up:
+            return
+        carrier = session.carrier
+        pacer = carrier.pacer  # type: ignore[attr-defined] — a SerialCarrier
+        while lineq and not session.closed and not carrier.pending and pacer.ready(now):
+            batch = lineq.take()
+            self.peer.packets_out += len(batch)
+            self.peer.bytes_out += sum(map(len, batch)) - len(batch) * lineq.hdr
+            self._run_protocol(session, now, lambda b=batch: session.conn.send_packets(b, now))
 
     def _tun_lost(self, reason: str) -> None:
         """The TUN failed under us: every peer's link goes down (and comes back)."""
@@ -1165,6 +1199,10 @@ class Daemon:
         STALL_AFTER — a stalled client no longer holds the others back)."""
         if self.hub:
             held = any(now - (s.blocked_since or now) < STALL_AFTER for s in self._blocked)
+        elif self.config.is_serial:
+            held = False  # a serial link reads the TUN eagerly into its line queue
+            if not self._blocked:
+                self._feed_line(now)
         else:
             held = bool(self._blocked)
         self._watch_tun(not held)
@@ -1280,6 +1318,10 @@ class Daemon:
     def _peer_down(self, peer: Peer, reason: str) -> None:
         """Undo `_peer_up`, whatever part of it happened; the last peer down takes the TUN."""
         self.link.peer_down(peer, reason)
+        if self.lineq is not None:  # what waited for the line will not cross it now
+            lineq, self.lineq = self.lineq, None
+            for why, n in [*lineq.drops.items(), ("link_down", len(lineq))]:
+                self._drop_base[why] = self._drop_base.get(why, 0) + n
         peer.session_started = None
         if not self.hub:
             self.status.session_started = None
@@ -1378,6 +1420,9 @@ class Daemon:
             wire_out += s.conn.stats.wire_bytes_out
         self.status.carrier_bytes_in, self.status.carrier_bytes_out = wire_in, wire_out
         drops = dict(self._drop_base)
+        if self.lineq is not None:
+            for k, v in self.lineq.drops.items():
+                drops[k] = drops.get(k, 0) + v
         for s in sessions:
             for k, v in self._session_drops(s).items():
                 drops[k] = drops.get(k, 0) + v

@@ -108,8 +108,10 @@ class Link:
             )
         if self.hub and self.tun is not None:
             for net in peer.networks:
-                for problem in self.tun.remove_route(net):
-                    log.warning("removing %s", problem)
+                try:
+                    self.tun.remove_route(net)
+                except TunError as exc:
+                    log.warning("%s: %s", peer.name, exc)
         if self.up_count <= 0:
             self.up_count = 0
             self._tun_down(peer)

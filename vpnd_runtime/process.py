@@ -6,10 +6,10 @@ import contextlib
 import errno
 import fcntl
 import logging
-import logging.handlers
 import os
 import sys
 
+from vpnd_runtime import privdrop
 from vpnd_runtime.config import Config
 
 log = logging.getLogger("vpnd")
@@ -22,8 +22,10 @@ def _setup_logging(config: Config, daemon: bool, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     tag = f"vpnd[{config.interface}]"
     if daemon and os.path.exists("/dev/log"):
-        handler: logging.Handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        from logging.handlers import SysLogHandler  # noqa: PLC0415 - lazy: ~0.5 MB, detached only
+
+        handler: logging.Handler = SysLogHandler(
+            address="/dev/log", facility=SysLogHandler.LOG_DAEMON
         )
         handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
     elif daemon:
@@ -53,7 +55,12 @@ def write_pidfile(path: str) -> int:
     Returns the fd to hand to `remove_pidfile`.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # O_NOFOLLOW: a symlink planted at the pidfile's name never makes us write its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.ELOOP, f"pidfile {path} is a symlink; refusing to follow it") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -66,8 +73,9 @@ def write_pidfile(path: str) -> int:
 
 
 def remove_pidfile(path: str, fd: int) -> None:
-    """Delete the pidfile (still locked by us, so still ours) and release it."""
-    with contextlib.suppress(FileNotFoundError):
+    """Delete the pidfile (still locked by us, so still ours) and release it. After a drop to
+    `user` the directory may be root's: the file then stays, unlocked, i.e. stale (harmless)."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
         os.unlink(path)
     os.close(fd)
 
@@ -122,11 +130,15 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
 
     pid_fd = -1
     try:
+        ident = privdrop.prepare(config)  # `user`: resolve it, make its status directory
         if config.pidfile:
             pid_fd = write_pidfile(config.pidfile)
+        privdrop.drop(config, ident)  # from here: that user, CAP_NET_ADMIN + CAP_NET_BIND_SERVICE
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         ready(str(exc.strerror or exc))
+        if config.pidfile and pid_fd >= 0:
+            remove_pidfile(config.pidfile, pid_fd)
         return 1
     try:
         return Daemon(config, table).run(ready)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -93,12 +94,23 @@ class StatusWriter:
             for name in ("hub", "peers", "peers_total", "peers_up"):
                 del fields[name]
         data = json.dumps(fields, sort_keys=True)
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = self._open_tmp()
         try:
             os.write(fd, data.encode())
         finally:
             os.close(fd)
         os.replace(self._tmp, self.path)
+
+    def _open_tmp(self) -> int:
+        """Create the temp file afresh: O_EXCL|O_NOFOLLOW, so a symlink (or anything else)
+        planted at its name is never written through, only unlinked (which removes the link,
+        not its target) before one more exclusive try."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(self._tmp, flags, 0o644)
+        except FileExistsError:
+            os.unlink(self._tmp)  # a leftover of a crash, or planted: either way not ours
+            return os.open(self._tmp, flags, 0o644)
 
     def remove(self) -> None:
         """Delete the published record (on clean shutdown)."""
@@ -280,3 +292,132 @@ def print_status(config: Any, as_json: bool = False) -> int:
     if record.get("hub"):
         return 0 if record.get("state") in ("up", "listening") else 1
     return 0 if record.get("state") == "up" else 1
+
+
+# ---- Prometheus text format (node_exporter textfile, `vpnctl status --prometheus`) -----------
+
+#: (name, type, help, record field or None, extra label) of each per-link metric; counters end
+#: in _total. Fields missing from a record (or null) are left out, never invented.
+_METRICS: tuple[tuple[str, str, str, str | None, tuple[str, str] | None], ...] = (
+    ("vpnd_up", "gauge", "1 when the link is up (session established), else 0.", None, None),
+    ("vpnd_state", "gauge", "1 for the link's current state, 0 for the others.", None, None),
+    ("vpnd_state_since_timestamp_seconds", "gauge", "When the link entered its state.",
+     "since", None),
+    ("vpnd_status_updated_timestamp_seconds", "gauge", "When the daemon last wrote its status.",
+     "updated", None),
+    ("vpnd_session_age_seconds", "gauge", "Age of the current session.", "session_age", None),
+    ("vpnd_keepalive_rtt_seconds", "gauge", "Round trip time of the last keepalive.",
+     "last_rtt", None),
+    ("vpnd_missed_keepalives", "gauge", "Keepalives unanswered in a row.",
+     "missed_keepalives", None),
+    ("vpnd_rekeys_total", "counter", "Session rekeys since the daemon started.", "rekeys", None),
+    ("vpnd_reconnects_total", "counter", "Carrier reconnects since the daemon started.",
+     "reconnects", None),
+    ("vpnd_tunnel_bytes_total", "counter", "Tunnel-side IP bytes.", "bytes_in",
+     ("direction", "in")),
+    ("vpnd_tunnel_bytes_total", "counter", "Tunnel-side IP bytes.", "bytes_out",
+     ("direction", "out")),
+    ("vpnd_tunnel_packets_total", "counter", "Tunnel-side IP packets.", "packets_in",
+     ("direction", "in")),
+    ("vpnd_tunnel_packets_total", "counter", "Tunnel-side IP packets.", "packets_out",
+     ("direction", "out")),
+    ("vpnd_carrier_bytes_total", "counter", "Bytes on the carrier (TCP or serial), framing "
+     "included.", "carrier_bytes_in", ("direction", "in")),
+    ("vpnd_carrier_bytes_total", "counter", "Bytes on the carrier (TCP or serial), framing "
+     "included.", "carrier_bytes_out", ("direction", "out")),
+)  # fmt: skip
+_EXTRA_STATES = ("not running", "stale")
+
+
+def _label_value(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(labels: dict[str, str]) -> str:
+    inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+    return "{" + inner + "}" if inner else ""
+
+
+def _number(value: object) -> str | None:
+    """A sample value, or None for anything that is not a finite number (never invented)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, inf: leave out
+        return None
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def prometheus_text(ends: list[tuple[dict[str, str], dict[str, Any]]]) -> str:
+    """The Prometheus text exposition of status records: ``ends`` pairs the labels of each
+    link end (``link``, and ``host``/``role`` in a fleet) with its record. Each metric family
+    gets its HELP and TYPE once, then one sample per end; ``vpnd_info`` carries the key
+    fingerprint, mode and interface as labels. A per-client list in a hub record (``peers``)
+    is not exported here."""
+    families: dict[str, tuple[str, str, list[str]]] = {}
+
+    def sample(name: str, kind: str, text: str, labels: dict[str, str], value: str) -> None:
+        families.setdefault(name, (kind, text, []))[2].append(f"{name}{_labels(labels)} {value}")
+
+    for labels, record in ends:
+        state = str(record.get("state", "unknown"))
+        for name, kind, text, key, extra in _METRICS:
+            if name == "vpnd_up":
+                sample(name, kind, text, labels, "1" if state == "up" else "0")
+            elif name == "vpnd_state":
+                for each in (*STATES, *_EXTRA_STATES):
+                    sample(name, kind, text, {**labels, "state": each},
+                           "1" if each == state else "0")  # fmt: skip
+            elif key is not None:
+                value = _number(record.get(key))
+                if value is not None:
+                    sample(name, kind, text, {**labels, **dict([extra])} if extra else labels,
+                           value)  # fmt: skip
+        drops = record.get("drops")
+        if isinstance(drops, dict):
+            for reason, count in sorted(drops.items()):
+                value = _number(count)
+                if value is not None:
+                    sample("vpnd_drops_total", "counter", "Frames or packets dropped, by reason.",
+                           {**labels, "reason": str(reason)}, value)  # fmt: skip
+        info = {k: str(record[k]) for k in ("key_fingerprint", "mode", "interface")
+                if isinstance(record.get(k), str)}  # fmt: skip
+        if info:
+            sample("vpnd_info", "gauge", "Constant 1; the link's key fingerprint, mode and "
+                   "interface as labels.", {**labels, **info}, "1")  # fmt: skip
+    out = []
+    for name, (kind, text, lines) in families.items():
+        out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *lines]
+    return "\n".join(out) + "\n" if out else ""
+
+
+def write_textfile(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename, mode 0644), as node_exporter's
+    textfile collector needs: it must never read half a file."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def link_name(config_path: str) -> str:
+    """The link a config belongs to: its file name without ``.conf`` (``/etc/vpnd/lab.conf`` ->
+    ``lab``), as vpnctl names the configs it renders."""
+    name = os.path.basename(config_path)
+    return name[: -len(".conf")] if name.endswith(".conf") else name
+
+
+def print_prometheus(configs: list[Any], textfile: str | None = None) -> int:
+    """``vpnd status --prometheus -f CONF...``: every link's record as Prometheus text, on
+    stdout or atomically into ``textfile`` (a node_exporter textfile). Exit 0: the state is in
+    the metrics, not the exit code."""
+    ends = [({"link": link_name(c.source)}, read_status(c.statusfile)) for c in configs]
+    text = prometheus_text(ends)
+    if textfile is None:
+        sys.stdout.write(text)
+    else:
+        write_textfile(textfile, text)
+    return 0

@@ -215,7 +215,10 @@ def test_encrypted_keygen_takes_the_passphrase_from_an_environment_variable(
     assert run("render", "--check").exit_code == 0
 
 
-def test_encrypted_keygen_prompts_twice_when_no_source_is_given(project: Path) -> None:
+def test_encrypted_keygen_prompts_twice_when_no_source_is_given(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("vpnctl.commands.keygen.can_prompt", lambda: True)  # as on a terminal
     result = run("keygen", "--encrypt", input="pw\npw\n")
     assert result.exit_code == 0, result.output
     assert (project / "keystore/lab.key.enc").exists()

@@ -32,6 +32,7 @@ def test_rendered_pair_of_one_link_comes_up_and_passes_ping(tmp_path: Path) -> N
         version: 1
         defaults:
           systemd: false
+          daemon_user: root  # the prefixes sit below pytest's 0700 tmp_path
           keepalive: 2
         hosts:
           - name: hq

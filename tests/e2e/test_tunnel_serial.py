@@ -120,7 +120,7 @@ class SerialLab:
         local, remote = (SERVER_TUN, CLIENT_TUN) if role == "server" else (CLIENT_TUN, SERVER_TUN)
         path = self.dir / f"{role}.conf"
         path.write_text(
-            f"mode {role}\nserver {device}\nspeed 115200\nlocalline\nnortscts\n"
+            f"mode {role}\nserver {device}\nspeed 2000000\nlocalline\nnortscts\n"
             f"local {local}\nremote {remote}\nkeyfile {self.dir / 'k'}\n"
             f"randomdev /dev/urandom\ninterface {self.tag}l\nmtu 1400\n"
             f"statusfile {self.dir / role}.status.json\nkeepalive 1\nnoanswer 3\n"

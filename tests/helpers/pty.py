@@ -111,3 +111,80 @@ def pty_pair(tag: str, timeout: float = 5.0) -> Iterator[PtyPair]:
             pair.cut(timeout)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+class PacedLine:
+    """A null-modem cable that carries bytes no faster than a real 8N1 line at `speed`.
+
+    Two PTY pairs; a thread copies between their master sides through one token bucket per
+    direction at speed/10 bytes per second (bursts of at most `burst` seconds of line time), so
+    whatever the slaves are written faster waits in the PTYs' buffers, as it would in a UART's.
+    `a` and `b` are the slave paths the two ends open. `carried` counts bytes each way.
+    """
+
+    def __init__(self, speed: int, burst: float = 0.02) -> None:
+        self.rate = speed / 10.0
+        self.burst = max(1.0, self.rate * burst)
+        self._ma, self._sa = os.openpty()
+        self._mb, self._sb = os.openpty()
+        for fd in (self._sa, self._sb):
+            import tty
+
+            tty.setraw(fd)
+        self.a, self.b = os.ttyname(self._sa), os.ttyname(self._sb)
+        self.carried = {"a->b": 0, "b->a": 0}
+        self._stop = False
+        import threading
+
+        self._thread = threading.Thread(target=self._pump, name="paced-line", daemon=True)
+
+    def start(self) -> PacedLine:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        for fd in (self._ma, self._sa, self._mb, self._sb):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _pump(self) -> None:
+        import select
+        import time
+
+        ways = [(self._ma, self._mb, "a->b"), (self._mb, self._ma, "b->a")]
+        tokens = {name: self.burst for _, _, name in ways}
+        last = time.monotonic()
+        while not self._stop:
+            now = time.monotonic()
+            for _, _, name in ways:
+                tokens[name] = min(self.burst, tokens[name] + (now - last) * self.rate)
+            last = now
+            want = [src for src, _, name in ways if tokens[name] >= 1]
+            if not want:
+                time.sleep(1 / self.rate)
+                continue
+            ready, _, _ = select.select(want, [], [], 0.002)
+            for src, dst, name in ways:
+                if src not in ready:
+                    continue
+                try:
+                    data = os.read(src, int(tokens[name]))
+                except OSError:
+                    continue  # EIO while no one holds the slave open
+                if data:
+                    with contextlib.suppress(OSError):
+                        os.write(dst, data)
+                    tokens[name] -= len(data)
+                    self.carried[name] += len(data)
+
+
+@contextlib.contextmanager
+def paced_line(speed: int) -> Iterator[PacedLine]:
+    """A PacedLine, stopped and closed on exit."""
+    line = PacedLine(speed).start()
+    try:
+        yield line
+    finally:
+        line.close()

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vpnctl.keystore import KeystoreError
+from vpnctl.keystore import KeyInfo, KeystoreError
 
-__all__ = ["main", "read_passphrase"]
+__all__ = ["can_prompt", "main", "read_passphrase"]
+
+
+def can_prompt() -> bool:
+    """True when a person can be asked: standard input is a terminal. Without one vpnctl
+    never prompts (a script would hang or get getpass's warning and "Aborted!")."""
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 def read_passphrase(
@@ -34,6 +42,11 @@ def read_passphrase(
             raise KeystoreError(f"{file}: the passphrase file is empty")
         return lines[0].encode()
     if prompt:
+        if not can_prompt():
+            raise KeystoreError(
+                "a passphrase is needed and there is no terminal to ask it on: "
+                "give --passphrase-env VAR or --passphrase-file FILE"
+            )
         value = typer.prompt(
             "Keystore passphrase", hide_input=True, confirmation_prompt=confirm, err=True
         )
@@ -79,6 +92,9 @@ def main(
             help="Encrypt with the passphrase on the first line of FILE.",
         ),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document (docs/json.md) instead of lines.")
+    ] = False,
 ) -> None:
     """Create a key for every link of the inventory that has none.
 
@@ -101,24 +117,43 @@ def main(
         if link is not None and link not in {lk.name for lk in inventory.links}:
             names = ", ".join(lk.name for lk in inventory.links)
             raise KeystoreError(f"{option} {link}: no such link in {ws.inventory_path} ({names})")
+    done: list[dict[str, object]] = []
+
+    def report(action: str, info: KeyInfo, line: str) -> None:
+        entry = {"link": info.link, "action": action, "fingerprint": info.fingerprint}
+        done.append({**entry, "encrypted": info.encrypted})
+        if not as_json:
+            typer.echo(line)
+
+    def finish() -> None:
+        if as_json:
+            doc = {"version": 1, "keystore": str(store.root), "keys": done}
+            typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+
     if promote is not None:
         info = store.promote(promote)
-        typer.echo(f"promoted {promote}  {info.fingerprint}  (now current; re-render and deploy)")
-        return
+        line = f"promoted {promote}  {info.fingerprint}  (now current; re-render and deploy)"
+        report("promoted", info, line)
+        return finish()
     wants_encryption = encrypt or passphrase_env is not None or passphrase_file is not None
     store.create()
     if rotate is not None:
         current = store.info(rotate)
+        staged_info = store.info(rotate, staged=True)
+        if staged_info is not None:
+            raise KeystoreError(
+                f"{staged_info.path}: {rotate!r} already has a staged key "
+                f"({staged_info.fingerprint}); make it current with `vpnctl keygen --promote "
+                f"{rotate}`, or discard it with `rm {store.root}/{rotate}.next.*` and rotate again"
+            )
         passphrase = read_passphrase(
             passphrase_env, passphrase_file, prompt=wants_encryption, confirm=True
         )
         info = store.generate(rotate, passphrase=passphrase, staged=True)
         beside = f" beside {current.fingerprint}" if current else ""
-        typer.echo(
-            f"staged  {rotate}  {info.fingerprint}{beside}; "
-            f"`vpnctl keygen --promote {rotate}` makes it current"
-        )
-        return
+        report("staged", info, f"staged  {rotate}  {info.fingerprint}{beside}; "
+               f"`vpnctl keygen --promote {rotate}` makes it current")  # fmt: skip
+        return finish()
     missing = [link.name for link in inventory.links if not store.has_key(link.name)]
     passphrase = (
         read_passphrase(passphrase_env, passphrase_file, prompt=wants_encryption, confirm=True)
@@ -135,5 +170,6 @@ def main(
             action = "kept"
         assert info is not None  # noqa: S101 - has_key/generate guarantee a key
         note = "  (encrypted)" if info.encrypted else ""
-        typer.echo(f"{action:<8}{link.name:<{width}}  {info.fingerprint}{note}")
+        report(action, info, f"{action:<8}{link.name:<{width}}  {info.fingerprint}{note}")
     ws.allocated(inventory, persist=True)
+    return finish()

@@ -2,14 +2,66 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vpnctl.inventory import UserError
-from vpnctl.rendering import RenderError, check_build, diff_build, render, write_build
+from vpnctl.inventory import Inventory, UserError
+from vpnctl.rendering import (
+    RenderError,
+    changed_paths,
+    check_build,
+    diff_build,
+    render,
+    write_build,
+)
+from vpnd_runtime.cli import check_config
+from vpnd_runtime.config import ConfigError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from vpnctl.cli import Workspace
+
+__all__ = ["main", "rendered", "vpnd_check"]
+
+
+def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str], dict[str, bytes]]:
+    """What `vpnctl render` would write now: (allocated inventory, link -> key fingerprint
+    computed from the key file, build-relative path -> bytes). `deploy` compares it with build/
+    to refuse a stale build. With ``persist`` new tunnel allocations are recorded."""
+    inventory = ws.load_inventory()
+    store = ws.keystore()
+    store.check_directory()
+    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
+    if missing:
+        raise RenderError(
+            f"{store.root}: no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first"
+        )
+    fingerprints = {}
+    for link in inventory.links:
+        info = store.info(link.name)
+        assert info is not None  # noqa: S101 - has_key() was checked above
+        fingerprints[link.name] = info.fingerprint
+    inventory = ws.allocated(inventory, persist=persist)
+    return inventory, fingerprints, render(inventory, fingerprints)
+
+
+def vpnd_check(build: Path, files: Mapping[str, bytes]) -> list[str]:
+    """Run ``vpnd --check --no-key`` (in-process: the same function) on every rendered config
+    present under ``build``; one problem line per config it refuses."""
+    problems = []
+    for rel in sorted(files):
+        path = build / rel
+        if rel.split("/", 1)[-1].startswith("etc/vpnd/") and rel.endswith(".conf"):
+            if not path.exists():
+                continue  # check_build reports a missing file
+            try:
+                check_config(str(path), key=False)
+            except ConfigError as exc:
+                problems.append(f"vpnd --check --no-key: {exc}")
+    return problems
 
 
 def main(
@@ -28,6 +80,9 @@ def main(
             "--diff", help="Show what a render would change (unified diff); exit 1 if anything."
         ),
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document (docs/json.md) instead of lines.")
+    ] = False,
 ) -> None:
     """Render each link's server and client configs (and systemd units) into build/<host>/.
 
@@ -42,30 +97,29 @@ def main(
     if check and diff:
         raise UserError("give either --check or --diff, not both")
     ws = workspace(ctx)
-    inventory = ws.load_inventory()
-    store = ws.keystore()
-    store.check_directory()
-    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
-    if missing:
-        raise RenderError(
-            f"{store.root}: no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first"
-        )
-    fingerprints = {}
-    for link in inventory.links:
-        info = store.info(link.name)
-        assert info is not None  # noqa: S101 - has_key() was checked above
-        fingerprints[link.name] = info.fingerprint
-    inventory = ws.allocated(inventory, persist=not (check or diff))
-    files = render(inventory, fingerprints)
+    inventory, fingerprints, files = rendered(ws, persist=not (check or diff))
     build = ws.build_path
     if diff:
         text = diff_build(files, build)
-        typer.echo(text, nl=False)
+        if as_json:
+            doc = {"version": 1, "build": str(build), "changed": changed_paths(files, build),
+                   "diff": text}  # fmt: skip
+            typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            typer.echo(text, nl=False)
         if text:
             raise typer.Exit(EXIT_FAILED)
         return
     if check:
         result = check_build(inventory, fingerprints, build, files)
+        result.problems.extend(vpnd_check(build, files))
+        if as_json:
+            doc = {"version": 1, "build": str(build), "ok": result.ok,
+                   "verified": result.verified, "problems": result.problems}  # fmt: skip
+            typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+            if not result.ok:
+                raise typer.Exit(EXIT_FAILED)
+            return
         for line in result.verified:
             typer.echo(f"ok    {line}")
         for line in result.problems:
@@ -76,9 +130,17 @@ def main(
         typer.echo(f"all {len(result.verified)} link(s) mirror; {build}/ is up to date")
         return
     changes = write_build(files, build)
-    for change in changes:
-        typer.echo(f"{change.action:<8}{build}/{change.path}")
+    problems = vpnd_check(build, files)
+    if problems:  # cannot happen unless render and the runtime disagree: say so loudly
+        raise RenderError("\n".join(problems))
     hosts = len(inventory.hosts)
     links = len(inventory.links)
+    if as_json:
+        doc = {"version": 1, "build": str(build), "hosts": hosts, "links": links,
+               "changes": [{"action": c.action, "path": c.path} for c in changes]}  # fmt: skip
+        typer.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    for change in changes:
+        typer.echo(f"{change.action:<8}{build}/{change.path}")
     summary = f"{len(changes)} file(s) changed" if changes else "no changes"
     typer.echo(f"rendered {links} link(s) for {hosts} host(s) into {build}/: {summary}")

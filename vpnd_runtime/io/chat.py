@@ -36,11 +36,14 @@ of every step for ``vpnd -t`` and for the log.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Protocol
+
+from vpnd_runtime.trusted import untrusted_reason
 
 DEFAULT_TIMEOUT = 45.0  # chat(8)'s default, seconds per expect
 _READ_SLICE = 0.1  # longest single blocking read, so deadlines are checked often
@@ -386,11 +389,14 @@ def load_chat_script(path: str) -> ChatScript:
     """Read and parse the chat script file at `path` (errors name the file and line)."""
     try:
         with open(path, encoding="utf-8") as fh:
+            reason = untrusted_reason(os.fstat(fh.fileno()), path, "modemchat file")
             text = fh.read()
     except OSError as exc:
         raise ChatScriptError(path, None, f"cannot read chat script: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ChatScriptError(path, None, f"not UTF-8 text: {exc.reason}") from exc
+    if reason is not None:  # the script drives the line the daemon trusts: owner-only writes
+        raise ChatScriptError(path, None, reason)
     return parse_chat_script(text, path)
 
 

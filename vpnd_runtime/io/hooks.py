@@ -14,9 +14,10 @@ import logging
 import os
 import queue
 import signal
-import subprocess
 import threading
 from dataclasses import dataclass
+
+from vpnd_runtime.trusted import check_trusted
 
 log = logging.getLogger("vpnd.hooks")
 
@@ -73,6 +74,13 @@ class HookRunner:
 
 def run_hook(item: HookRun, timeout: float) -> int | None:
     """Run one hook now, logging how it ended; returns the exit code (None on timeout/failure)."""
+    import subprocess  # noqa: PLC0415 - lazy: ~1 MB of RSS a daemon without hooks never needs
+
+    try:  # checked on every run: a script made writable after start is not run either
+        check_trusted(item.script, f"{item.event} script")
+    except OSError as exc:
+        log.error("%s script %s not run: %s", item.event, item.script, exc)
+        return None
     env = dict(os.environ)
     env.update(dict(item.env))
     argv = [item.script, *item.args]

@@ -40,8 +40,10 @@ import os
 import select
 import struct
 import termios
+from typing import TYPE_CHECKING
 
-import serial
+if TYPE_CHECKING:  # pyserial is imported by open_serial only: TCP links never load it (memory)
+    import serial
 
 # Errors that mean the device or its far end is gone, not "try again".
 _LINE_GONE = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBADF, errno.EPIPE}
@@ -59,6 +61,8 @@ def open_serial(device: str, speed: int, rtscts: bool, localline: bool) -> seria
     `localline` is recorded on the port (attribute ``vpnd_localline``) for ``carrier_ok``.
     Raises ``serial.SerialException`` naming the device when it cannot be opened or locked.
     """
+    import serial  # noqa: PLC0415 - lazy: only serial links pay for pyserial (~1 MB, ~10 ms)
+
     try:
         port = serial.Serial(
             port=device,

@@ -8,8 +8,9 @@ Contract (what the daemon relies on):
   completes the partial checksums. Both ends must use the offload (the protocol carries the header
   opaquely), so the daemon always opens the TUN this way.
 - `configure()` sets the point-to-point address (`local peer remote/32`), the MTU and brings the
-  link up through pyroute2 (netlink, no `ip` subprocess). The kernel then owns the host route to
-  `remote`; extra routes go through `add_route`/`del_route`.
+  link up through rtnetlink (vpnd_runtime.io.netlink, no `ip` subprocess, no pyroute2). The
+  kernel then owns the host route to `remote`; extra routes go through `add_route` (via a
+  gateway, or straight out of the TUN without one) and `remove_route`/`remove_routes`.
 - The fd is non-blocking: the daemon's selector loop decides when to read.
 """
 
@@ -21,13 +22,13 @@ import fcntl
 import ipaddress
 import os
 import queue
+import socket
 import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from vpnd_runtime.io import netlink
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -45,31 +46,32 @@ INLINE_MAX = 4096
 #: One read can return a 64 KiB GSO super-packet plus its virtio header.
 READ_SIZE = 65535 + VNET_HDR_LEN
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 class TunError(OSError):
     """The TUN interface could not be created or configured (message names the interface)."""
 
 
 @contextlib.contextmanager
-def _netlink(what: str) -> Iterator[IPRoute]:
-    """An IPRoute socket whose failures (NetlinkError is no OSError) surface as TunError."""
+def _netlink(what: str) -> Iterator[netlink.RtNetlink]:
+    """An rtnetlink socket whose failures surface as TunError saying `what` was being done."""
     try:
-        with IPRoute() as ipr:
-            yield ipr
-    except NetlinkError as exc:
-        raise TunError(exc.code, f"{what}: {exc}") from exc
+        with netlink.RtNetlink() as nl:
+            yield nl
     except OSError as exc:
         if isinstance(exc, TunError):
             raise
-        raise TunError(exc.errno or errno.EIO, f"{what}: {exc}") from exc
+        raise TunError(exc.errno or errno.EIO, f"{what}: {exc.strerror or exc}") from exc
 
 
 @dataclass
 class Route:
-    """A route through the tunnel: `dest` network via the far end."""
+    """A route through the tunnel: `network` via `gateway`, or out of the TUN itself (None)."""
 
-    network: ipaddress.IPv4Network
-    gateway: ipaddress.IPv4Address | None
+    network: Network
+    gateway: Address | None = None
 
 
 @dataclass
@@ -82,7 +84,9 @@ class Tun:
     hdr_len: int = VNET_HDR_LEN
     index: int = 0
     _routes: list[Route] = field(default_factory=list)
-    _pinned: list[dict[str, object]] = field(default_factory=list)
+    _pinned: list[tuple[ipaddress.IPv4Network, int | None, Address | None]] = field(
+        default_factory=list
+    )
 
     @classmethod
     def open(cls, name: str, offload: bool = True) -> Tun:
@@ -108,104 +112,94 @@ class Tun:
             raise TunError(exc.errno, f"cannot create TUN {name}: {exc.strerror}") from exc
         return cls(name=name, fd=fd, hdr_len=VNET_HDR_LEN if offload else 0)
 
-    def configure(
-        self,
-        local: ipaddress.IPv4Address,
-        remote: ipaddress.IPv4Address | None,
-        mtu: int,
-    ) -> None:
+    def configure(self, local: Address, remote: Address | None, mtu: int) -> None:
         """Give the link its addresses and MTU, and bring it up: point-to-point `local` ->
-        `remote`, or, for a hub (`remote` None), `local`/32 alone (clients get routes)."""
-        with _netlink(f"configuring {self.name}") as ipr:
-            links = ipr.link_lookup(ifname=self.name)
-            if not links:
-                raise TunError(errno.ENODEV, f"TUN {self.name} vanished before configuration")
-            self.index = links[0]
-            ipr.link("set", index=self.index, mtu=mtu)
-            if remote is None:
-                ipr.addr("add", index=self.index, address=str(local), prefixlen=32)
-            else:
-                ipr.addr(
-                    "add", index=self.index, local=str(local), address=str(remote), prefixlen=32
-                )
-            ipr.link("set", index=self.index, state="up")
+        `remote`, or, for a hub (`remote` None), `local` alone (its clients get routes)."""
+        what = f"configuring {self.name} ({local} peer {remote or '-'}, mtu {mtu})"
+        try:
+            self.index = socket.if_nametoindex(self.name)
+        except OSError as exc:
+            raise TunError(
+                errno.ENODEV, f"{what}: TUN {self.name} vanished before configuration"
+            ) from exc
+        with _netlink(what) as nl:
+            nl.set_link(self.index, mtu=mtu)
+            nl.add_address(self.index, local, local.max_prefixlen, peer=remote)
+            nl.set_link(self.index, up=True)
 
-    def add_route(
-        self, network: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None = None
-    ) -> None:
-        """Route `network` through the tunnel (via `gateway`, or straight onto the device);
-        remembered so `remove_route`/`remove_routes` can undo it."""
-        with _netlink(f"route {network} via {gateway or self.name}") as ipr:
-            if gateway is None:
-                ipr.route("add", dst=str(network), oif=self.index)
-            else:
-                ipr.route("add", dst=str(network), gateway=str(gateway), oif=self.index)
+    def add_route(self, network: Network, gateway: Address | None = None) -> None:
+        """Route `network` through the tunnel, via `gateway` or (None) straight out of the TUN.
+
+        Remembered so `remove_route`/`remove_routes` can undo it.
+        """
+        with _netlink(f"TUN {self.name}") as nl:
+            nl.add_route(network, oif=self.index, gateway=gateway)
         self._routes.append(Route(network, gateway))
 
-    def remove_route(self, network: ipaddress.IPv4Network) -> list[str]:
-        """Remove one route this object added; returns the problems met (never raises)."""
-        routes = [r for r in self._routes if r.network == network]
-        self._routes = [r for r in self._routes if r.network != network]
-        return self._delete([(f"route {r.network}", self._spec(r)) for r in routes])
-
-    def _spec(self, route: Route) -> dict[str, object]:
-        spec: dict[str, object] = {"dst": str(route.network), "oif": self.index}
-        if route.gateway is not None:
-            spec["gateway"] = str(route.gateway)
-        return spec
-
-    @staticmethod
-    def _delete(specs: list[tuple[str, dict[str, object]]]) -> list[str]:
-        problems: list[str] = []
-        if not specs:
-            return problems
+    def remove_route(self, network: Network) -> bool:
+        """Remove the route to `network` this object added; False when there was none to remove
+        (never added here, or the kernel already dropped it). Raises TunError otherwise."""
+        mine = [r for r in self._routes if r.network == network]
+        if not mine:
+            return False
+        route = mine[-1]
+        self._routes.remove(route)
         try:
-            with IPRoute() as ipr:
-                for what, spec in specs:
-                    try:
-                        ipr.route("del", **spec)
-                    except NetlinkError as exc:
-                        if exc.code not in (errno.ESRCH, errno.ENODEV):
-                            problems.append(f"{what}: {exc}")
-        except (OSError, NetlinkError) as exc:
-            problems.append(f"netlink: {exc}")
-        return problems
+            with _netlink(f"TUN {self.name}") as nl:
+                nl.del_route(network, oif=self.index, gateway=route.gateway)
+        except TunError as exc:
+            if exc.errno in (errno.ESRCH, errno.ENODEV):
+                return False
+            raise
+        return True
 
     def pin_route(self, dst: ipaddress.IPv4Address) -> str | None:
         """Pin a host route to `dst` (the carrier's peer) along its current path.
 
         Routes through the tunnel (route1..9) may cover the server's own address; the pinned /32
         keeps the carrier's packets off the tunnel (no routing loop). Returns a description of
-        the path, or None when `dst` has no route or is already pinned (nothing to undo).
+        the path, or None when `dst` has no route, is local, or is already pinned (nothing to
+        undo).
         """
-        with _netlink(f"pinning the route to {dst}") as ipr:
-            found = ipr.route("get", dst=str(dst))
-            if not found:
+        with _netlink(f"pinning the route to {dst}") as nl:
+            found = nl.get_route(dst)
+            if (
+                found is None
+                or found.kind != netlink.RTN_UNICAST
+                or found.oif in (None, self.index)
+            ):
                 return None
-            gateway = found[0].get_attr("RTA_GATEWAY")
-            oif = found[0].get_attr("RTA_OIF")
-            if oif == self.index:
-                return None
-            spec = {"dst": f"{dst}/32", "oif": oif}
-            if gateway:
-                spec["gateway"] = gateway
+            host = ipaddress.ip_network(f"{dst}/{dst.max_prefixlen}")
             try:
-                ipr.route("add", **spec)
-            except NetlinkError as exc:
-                if exc.code == errno.EEXIST:
+                nl.add_route(host, oif=found.oif, gateway=found.gateway)
+            except netlink.NetlinkError as exc:
+                if exc.errno == errno.EEXIST:
                     return None
                 raise
-        self._pinned.append(spec)
-        return f"{dst} via {gateway or 'direct'} (ifindex {oif})"
+        self._pinned.append((host, found.oif, found.gateway))
+        return f"{dst} via {found.gateway or 'direct'} (ifindex {found.oif})"
 
     def remove_routes(self) -> list[str]:
         """Remove the routes this object added; returns the problems met (never raises)."""
-        specs = [(f"route {r.network}", self._spec(r)) for r in reversed(self._routes)] + [
-            (f"pinned route {spec['dst']}", spec) for spec in self._pinned
-        ]
+        problems: list[str] = []
+        specs = [
+            (f"route {r.network}", r.network, self.index, r.gateway) for r in reversed(self._routes)
+        ] + [(f"pinned route {net}", net, oif, gw) for net, oif, gw in self._pinned]
         self._routes.clear()
         self._pinned.clear()
-        return self._delete(specs)
+        if not specs:
+            return problems
+        try:
+            with netlink.RtNetlink() as nl:
+                for what, network, oif, gateway in specs:
+                    try:
+                        nl.del_route(network, oif=oif, gateway=gateway)
+                    except netlink.NetlinkError as exc:
+                        if exc.errno not in (errno.ESRCH, errno.ENODEV):
+                            problems.append(f"{what}: {exc.strerror or exc}")
+        except OSError as exc:
+            problems.append(f"netlink: {exc}")
+        return problems
 
     def close(self) -> None:
         """Close the fd: the kernel deletes the (non-persistent) interface and its routes."""
@@ -225,7 +219,7 @@ class TunWriter:
     are dropped and counted, as a full NIC queue would (the inner TCP then slows down).
     """
 
-    def __init__(self, fd: int, hdr_len: int = VNET_HDR_LEN, max_bytes: int = 8 << 20) -> None:
+    def __init__(self, fd: int, hdr_len: int = VNET_HDR_LEN, max_bytes: int = 2 << 20) -> None:
         self.fd = os.dup(fd)
         self.hdr_len = hdr_len
         self.max_bytes = max_bytes

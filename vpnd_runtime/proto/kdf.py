@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
-import hashlib
+try:  # hashlib's blake2s without importing hashlib: its _hashlib maps the system libcrypto
+    # (~3.5 MB of RSS) into a daemon that already carries cryptography's own OpenSSL
+    from _blake2 import blake2s
+except ImportError:  # pragma: no cover - a Python built without _blake2
+    from hashlib import blake2s
 
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -47,4 +51,4 @@ def key_id(psk: bytes) -> bytes:
     without trying the AEAD.  (`cryptography` has no keyed BLAKE2s; hashlib's is the same
     primitive.)
     """
-    return hashlib.blake2s(b"vpnd/1 key id", key=psk, digest_size=4).digest()
+    return blake2s(b"vpnd/1 key id", key=psk, digest_size=4).digest()

@@ -37,7 +37,6 @@ Rekey keys: new_ck, k_i2r, k_r2i = HKDF(chaining key, X25519(e_init, e_resp), 3)
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -256,6 +255,8 @@ def packets_inner(parts: list[bytes], compress: bool, level: int) -> bytes:
     With `compress`, the body is zlib-compressed and sent so only when that makes it smaller.
     """
     if compress:
+        import zlib  # noqa: PLC0415 - lazy: only links with `compress` load it
+
         body = b"".join(parts[1:])
         packed = zlib.compress(body, level)
         if len(packed) < len(body):
@@ -276,6 +277,8 @@ def decode_packets(inner: bytes) -> list[bytes]:
     if flags & ~PACKETS_COMPRESSED:
         raise RemoteProtocolError(f"unknown PACKETS flags 0x{flags:02x}")
     if flags & PACKETS_COMPRESSED:
+        import zlib  # noqa: PLC0415 - lazy: only links with `compress` load it
+
         d = zlib.decompressobj()
         try:
             body = d.decompress(memoryview(inner)[2:], MAX_BODY + 1)

@@ -152,7 +152,7 @@ class SendState:
 #: Counters a datagram receiver still accepts behind the highest one seen (WireGuard's 2,048).
 REPLAY_WINDOW = 2048
 _WORD = 64
-_RING_WORDS = REPLAY_WINDOW // _WORD + 1  # one spare word, as RFC 6479: the window slides by words
+RING_WORDS = REPLAY_WINDOW // _WORD + 1  # one spare word, as RFC 6479: the window slides by words
 _FULL = (1 << _WORD) - 1
 
 
@@ -162,13 +162,13 @@ class ReplayWindow:
     `check(c)` says whether `c` may be accepted (new and not too old) without changing anything;
     `mark(c)` records it (call it only after the frame authenticated, so a forged counter cannot
     slide the window).  Sliding forward clears whole words, so any jump costs at most
-    `_RING_WORDS` word writes.
+    `RING_WORDS` word writes.
     """
 
     __slots__ = ("_ring", "top")
 
     def __init__(self) -> None:
-        self._ring = [0] * _RING_WORDS
+        self._ring = [0] * RING_WORDS
         #: The highest counter marked so far (-1: none).
         self.top = -1
 
@@ -179,7 +179,7 @@ class ReplayWindow:
             return None
         if top - counter >= REPLAY_WINDOW:
             return "too_old"
-        if (self._ring[(counter // _WORD) % _RING_WORDS] >> (counter % _WORD)) & 1:
+        if (self._ring[(counter // _WORD) % RING_WORDS] >> (counter % _WORD)) & 1:
             return "replay"
         return None
 
@@ -191,10 +191,10 @@ class ReplayWindow:
         if counter > top:
             top_block = top >> 6 if top >= 0 else -1
             if block != top_block:
-                for i in range(1, min(block - top_block, _RING_WORDS) + 1):
-                    ring[(top_block + i) % _RING_WORDS] = 0
+                for i in range(1, min(block - top_block, RING_WORDS) + 1):
+                    ring[(top_block + i) % RING_WORDS] = 0
             self.top = counter
-        ring[block % _RING_WORDS] |= 1 << (counter & 63)
+        ring[block % RING_WORDS] |= 1 << (counter & 63)
 
 
 class RecvState:

@@ -36,6 +36,7 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 #: Largest IPv4 total length (and IPv6 payload length) a coalesced packet may reach.
 _IP_MAX = 65535
+MASK32 = 0xFFFFFFFF
 
 
 def _fold(s: int) -> int:
@@ -122,6 +123,31 @@ def split(pkt: bytes) -> list[bytes]:
     join = b"".join
     pack = struct.pack
     last = count - 1
+    if version == 4:
+        # The whole header (virtio + IPv4 + TCP) in one pack per segment.
+        hdr = struct.Struct(f"!{len(head)}sHH4sH{len(addrs)}sI5sB2sH{len(tail)}s").pack
+        chunk_end = hlen + count * mss
+        for k, start in enumerate(range(hlen, chunk_end, mss)):
+            chunk = ip[start : start + mss]
+            clen = len(chunk)
+            f = tcp_flags
+            if k < last:
+                f &= ~(_FIN | _PSH)
+            if k:
+                f &= ~_CWR
+            length = hlen + clen
+            ident = (ip_id + k) & 0xFFFF
+            s = base + length + ident
+            s = (s & 0xFFFF) + (s >> 16)
+            s = (s & 0xFFFF) + (s >> 16)
+            t16 = pseudo + thl + clen
+            t16 = (t16 & 0xFFFF) + (t16 >> 16)
+            t16 = (t16 & 0xFFFF) + (t16 >> 16)
+            out.append(
+                hdr(head, length, ident, mid, ~s & 0xFFFF, addrs, (seq0 + start - hlen) & MASK32,
+                    ack_off, f, window, t16, tail) + chunk
+            )  # fmt: skip
+        return out
     for k in range(count):
         off = k * mss
         chunk = ip[hlen + off : hlen + off + mss]
@@ -133,89 +159,113 @@ def split(pkt: bytes) -> list[bytes]:
             f &= ~_CWR
         tcsum = _fold(pseudo + thl + clen)
         seq = (seq0 + off) & 0xFFFFFFFF
-        if version == 4:
-            length = hlen + clen
-            ident = (ip_id + k) & 0xFFFF
-            csum = ~_fold(base + length + ident) & 0xFFFF
-            out.append(
-                join(
-                    (
-                        head,
-                        pack("!HH", length, ident),
-                        mid,
-                        pack("!H", csum),
-                        addrs,
-                        pack("!I", seq),
-                        ack_off,
-                        bytes((f,)),
-                        window,
-                        pack("!H", tcsum),
-                        tail,
-                        chunk,
-                    )
+        out.append(
+            join(
+                (
+                    head,
+                    pack("!H", thl + clen),
+                    mid,
+                    bytes(ip[t : t + 4]),
+                    pack("!I", seq),
+                    ack_off,
+                    bytes((f,)),
+                    window,
+                    pack("!H", tcsum),
+                    tail,
+                    chunk,
                 )
             )
-        else:
-            out.append(
-                join(
-                    (
-                        head,
-                        pack("!H", thl + clen),
-                        mid,
-                        bytes(ip[t : t + 4]),
-                        pack("!I", seq),
-                        ack_off,
-                        bytes((f,)),
-                        window,
-                        pack("!H", tcsum),
-                        tail,
-                        chunk,
-                    )
-                )
-            )
+        )
     return out
 
 
-def _flow_key(pkt: bytes, version: int, ihl: int, hlen: int) -> tuple[bytes, bytes, bytes]:
-    """What must be equal for two segments to merge: the headers but for lengths, ids,
-    checksums, sequence number and flags (compared separately), in three slices: IP fields and
-    addresses with the ports; ack and data offset; window, urgent pointer and options."""
-    o = VNET_LEN
-    t = o + ihl
-    if version == 4:
-        ip = pkt[o : o + 2] + pkt[o + 6 : o + 10] + pkt[o + 12 : t + 4]
-    else:
-        ip = pkt[o : o + 4] + pkt[o + 6 : t + 4]
-    return ip, pkt[t + 8 : t + 13], pkt[t + 14 : t + 16] + pkt[t + 18 : o + hlen]
-
-
 class _Group:
+    """An open run of segments of one flow: the first packet, where its fields are, and the
+    header slices a following segment must repeat exactly."""
+
     __slots__ = (
+        "addr_at",
         "first",
+        "flags",
+        "habs",
         "hlen",
         "ihl",
-        "key",
+        "ip0",
+        "ip1",
+        "ip1_at",
+        "k_ack",
+        "k_addr",
+        "k_opt",
+        "k_win",
         "last_len",
         "mss",
         "next_seq",
         "parts",
         "psh",
         "size",
+        "t",
     )
 
-    def __init__(
-        self, pkt: bytes, ihl: int, hlen: int, plen: int, *, seq: int, key: tuple[bytes, ...]
-    ) -> None:
-        self.key = key
+    def __init__(self, pkt: bytes, version: int, ihl: int, hlen: int, seq: int) -> None:
+        o = VNET_LEN
+        t = o + ihl
+        habs = o + hlen
+        plen = len(pkt) - habs
         self.first = pkt
         self.ihl = ihl
         self.hlen = hlen
+        self.t = t
+        self.habs = habs
+        if version == 4:
+            self.ip0 = pkt[o : o + 2]  # version, IHL, TOS
+            self.ip1_at = o + 6
+            self.ip1 = pkt[o + 6 : o + 10]  # flags, fragment offset, TTL, protocol
+            self.addr_at = o + 12
+        else:
+            self.ip0 = pkt[o : o + 4]  # version, traffic class, flow label
+            self.ip1_at = o + 6
+            self.ip1 = pkt[o + 6 : o + 8]  # next header, hop limit
+            self.addr_at = o + 8
+        self.k_addr = pkt[self.addr_at : t + 4]  # addresses and ports
+        self.k_ack = pkt[t + 8 : t + 13]  # ack and data offset
+        self.k_win = pkt[t + 14 : t + 16]
+        self.k_opt = pkt[t + 18 : habs]  # urgent pointer and options
+        self.flags = pkt[t + 13]
         self.mss = plen
         self.last_len = plen
         self.next_seq = (seq + plen) & 0xFFFFFFFF
-        self.parts = [pkt[VNET_LEN + hlen :]]
+        self.parts = [pkt[habs:]]
         self.size = plen
         self.psh = False
+
+    def extend(self, pkt: bytes) -> bool:
+        """Append `pkt` when it is the next segment of this run (the kernel's GRO rules)."""
+        t = self.t
+        habs = self.habs
+        plen = len(pkt) - habs
+        if (
+            plen <= 0
+            or plen > self.mss
+            or self.psh
+            or self.last_len != self.mss
+            or pkt[1] != GSO_NONE
+            or pkt[t + 13] & ~_PSH != self.flags
+            or _U32.unpack_from(pkt, t + 4)[0] != self.next_seq
+            or self.hlen + self.size + plen > _IP_MAX
+            or pkt[t + 8 : t + 13] != self.k_ack
+            or pkt[self.addr_at : t + 4] != self.k_addr
+            or pkt[t + 14 : t + 16] != self.k_win
+            or pkt[t + 18 : habs] != self.k_opt
+            or pkt[VNET_LEN : VNET_LEN + len(self.ip0)] != self.ip0
+            or pkt[self.ip1_at : self.ip1_at + len(self.ip1)] != self.ip1
+        ):
+            return False
+        self.parts.append(pkt[habs:])
+        self.size += plen
+        self.last_len = plen
+        self.next_seq = (self.next_seq + plen) & 0xFFFFFFFF
+        self.psh = bool(pkt[t + 13] & _PSH)
+        return True
 
 
 def _emit(g: _Group, out: list[bytes]) -> None:
@@ -248,68 +298,32 @@ def coalesce(pkts: list[bytes]) -> list[bytes]:
     out: list[bytes] = []
     g: _Group | None = None
     o = VNET_LEN
-    u32 = _U32.unpack_from
     for pkt in pkts:
+        if g is not None:
+            if len(pkt) > g.habs and g.extend(pkt):
+                continue
+            _emit(g, out)
+            g = None
         n = len(pkt)
-        # Fast shape test before any parsing: plain IPv4/IPv6 TCP, no GSO header.
-        if n < o + 40 or pkt[1] != GSO_NONE:
-            parsed = None
-        else:
+        # Shape test before any parsing: plain IPv4/IPv6 TCP, no GSO header.
+        version = ihl = 0
+        if n >= o + 40 and pkt[1] == GSO_NONE:
             b0 = pkt[o]
             if b0 == 0x45 and pkt[o + 9] == _PROTO_TCP and not pkt[o + 6] & 0x3F and not pkt[o + 7]:
                 version, ihl = 4, 20
             elif b0 >> 4 == 6 and pkt[o + 6] == _PROTO_TCP and n >= o + 60:
                 version, ihl = 6, 40
-            else:
-                version = 0
-            if version:
-                thl = (pkt[o + ihl + 12] >> 4) * 4
-                parsed = (version, ihl, ihl + thl) if thl >= 20 and n >= o + ihl + thl else None
-            else:
-                parsed = None
-        if parsed is None:
-            if g is not None:
-                _emit(g, out)
-                g = None
-            out.append(pkt)
-            continue
-        version, ihl, hlen = parsed
-        plen = n - o - hlen
-        tflags = pkt[o + ihl + 13]
-        (seq,) = u32(pkt, o + ihl + 4)
-        mergeable = plen > 0 and not tflags & (_SYN | _RST | _URG | _FIN | _CWR)
-        if mergeable and g is not None:
-            t = o + ihl
-            k1, k2, k3 = g.key
+        if version:
+            thl = (pkt[o + ihl + 12] >> 4) * 4
+            tflags = pkt[o + ihl + 13]
             if (
-                not g.psh
-                and seq == g.next_seq
-                and g.last_len == g.mss
-                and plen <= g.mss
-                and g.hlen == hlen
-                and hlen + g.size + plen <= _IP_MAX
-                and pkt[t + 8 : t + 13] == k2  # ack first: it changes most often
-                and pkt[t + 14 : t + 16] + pkt[t + 18 : o + hlen] == k3
-                and (
-                    pkt[o : o + 2] + pkt[o + 6 : o + 10] + pkt[o + 12 : t + 4]
-                    if version == 4
-                    else pkt[o : o + 4] + pkt[o + 6 : t + 4]
-                )
-                == k1
+                thl >= 20
+                and n > o + ihl + thl
+                and not tflags & (_SYN | _RST | _URG | _FIN | _CWR | _PSH)
             ):
-                g.parts.append(pkt[o + hlen :])
-                g.size += plen
-                g.last_len = plen
-                g.next_seq = (seq + plen) & 0xFFFFFFFF
-                g.psh = bool(tflags & _PSH)
+                g = _Group(pkt, version, ihl, ihl + thl, _U32.unpack_from(pkt, o + ihl + 4)[0])
                 continue
-        if g is not None:
-            _emit(g, out)
-            g = None
-        if mergeable and not tflags & _PSH:
-            g = _Group(pkt, ihl, hlen, plen, seq=seq, key=_flow_key(pkt, version, ihl, hlen))
-        else:
-            out.append(pkt)
+        out.append(pkt)
     if g is not None:
         _emit(g, out)
     return out

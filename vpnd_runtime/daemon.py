@@ -687,11 +687,17 @@ class Daemon:
         unknown = 0
         for source, datagrams in batches:
             runs: dict[Session, list[memoryview]] = {}
+            last_key = b""
+            last_run: list[memoryview] = []
             for d in datagrams:
+                key = d[:INDEX_LEN]
+                if key == last_key and len(d) > INDEX_LEN:  # a GRO batch: one session, mostly
+                    last_run.append(d[INDEX_LEN:])
+                    continue
                 if len(d) <= INDEX_LEN:
                     unknown += 1
                     continue
-                idx = int.from_bytes(d[:INDEX_LEN], "big")
+                idx = int.from_bytes(key, "big")
                 if idx == 0:
                     self._udp_handshake(source, d[INDEX_LEN:], now)
                     continue
@@ -699,7 +705,9 @@ class Daemon:
                 if session is None:
                     unknown += 1
                     continue
-                runs.setdefault(session, []).append(d[INDEX_LEN:])
+                last_key = bytes(key)
+                last_run = runs.setdefault(session, [])
+                last_run.append(d[INDEX_LEN:])
             for session, msgs in runs.items():
                 if session.closed:
                     continue

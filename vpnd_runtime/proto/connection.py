@@ -274,6 +274,8 @@ _MIN_DATA = HEADER_LEN + TAG_LEN
 _CONFIRM = bytes([INNER_CONFIRM])
 #: A PACKETS message with no packet: the initiator's first frame of a new epoch (key confirmation).
 _EMPTY_PACKETS = bytes([INNER_PACKETS, 0])
+#: The head of an uncompressed PACKETS message.
+_PACKETS_PLAIN = b"\x01\x00"
 
 
 class Connection:
@@ -661,6 +663,32 @@ class Connection:
                 )
             if not min(map(len, packets)):
                 raise LocalProtocolError("zero-length packet (nothing sent)")
+        if self._dgram and not compress:
+            # Datagrams: each batch (one MTU's worth) sealed straight behind the peer's index.
+            prefix = self._peer_index_b
+            seal_p = send.seal_prefixed
+            join = b"".join
+            batch = [_PACKETS_PLAIN]
+            for p in packets:
+                n = len(p)
+                if size and size + n + 4 > limit:
+                    out.append(seal_p(prefix, join(batch)))
+                    nbatch += 1
+                    batch = [_PACKETS_PLAIN]
+                    size = 0
+                batch.append(pack(n))
+                batch.append(p)
+                size += n + 4
+                total += n
+            if size:
+                out.append(seal_p(prefix, join(batch)))
+                nbatch += 1
+            stats.packets_out += len(packets)
+            stats.bytes_out += total
+            stats.frames_out += nbatch
+            if self._initiator:
+                self._maybe_rekey(now)
+            return
         for p in packets:
             n = len(p)
             if count and size + n + 4 > limit:

@@ -62,6 +62,7 @@ PACKETS_COMPRESSED = 0x01
 HEADER = struct.Struct(">BIQ")
 HEADER_LEN = HEADER.size  # 13
 FRAMED_HEADER = struct.Struct(">IBIQ")  # u32 frame length + HEADER
+_PREFIXED_HEADER = struct.Struct(">4sBIQ")  # datagram: receiver index + HEADER
 TAG_LEN = 16
 NONCE = struct.Struct("<4xQ")
 U32 = struct.Struct(">I")
@@ -130,14 +131,14 @@ class SendState:
         return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr)
 
     def seal_prefixed(self, prefix: bytes, inner: bytes) -> bytes:
-        """`prefix + self.seal(inner)` in one concatenation (the UDP hot path: the prefix is the
-        receiver's session index)."""
+        """`prefix + self.seal(inner)` (the UDP hot path: the prefix is the receiver's 4-byte
+        session index), header and prefix packed in one call."""
         c = self.counter
         if c >= COUNTER_LIMIT:
             raise LocalProtocolError("send counter exhausted: the session must be rekeyed")
         self.counter = c + 1
-        hdr = HEADER.pack(MSG_DATA, self.epoch, c)
-        return prefix + hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr)
+        hdr = _PREFIXED_HEADER.pack(prefix, MSG_DATA, self.epoch, c)
+        return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr[4:])
 
     def seal_framed(self, inner: bytes) -> bytes:
         """`LengthFramer.encode(self.seal(inner))` with one copy fewer (the TCP hot path)."""

@@ -131,9 +131,10 @@ def _wg_row(
 def wan_table(args: argparse.Namespace, work: Path) -> None:
     from tests.helpers.wan import wan_pair  # noqa: PLC0415 — the emulator only for this table
 
-    cc = args.cc or Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    host = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    cc = args.cc or host
     print(f"\nWAN: delay {args.delay} each way, loss per packet both ways; inner TCP: {cc}; "
-          f"iperf3 -t {args.seconds}")  # fmt: skip
+          f"vpnd's TCP carrier: {host} (the host's default); iperf3 -t {args.seconds}")  # fmt: skip
     print(f"{'loss':>5}  {'raw':>7} {'vpnd UDP':>9} {'vpnd TCP':>9} {'wg-go':>7}  "
           f"{'UDP÷wg':>7} {'UDP÷TCP':>8}  retransmits raw/UDP/TCP/wg")  # fmt: skip
     for loss in args.losses:

@@ -72,7 +72,7 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     require_root_netns()
-    require_tools("ping")
+    require_tools("ping", "sysctl")
     tag = new_tag("vu")
     d = tmp_path_factory.mktemp(f"{tag}-udp")
     generate_key(d / "shared.key", randomdev="/dev/urandom")

@@ -25,7 +25,14 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from vpnctl.inventory import Inventory, UserError, allocate_tunnels, load_inventory
+from vpnctl.inventory import (
+    Inventory,
+    UserError,
+    allocate_hubs,
+    allocate_tunnels,
+    hub_networks,
+    load_inventory,
+)
 from vpnctl.keystore import Keystore
 
 __all__ = [
@@ -137,9 +144,13 @@ class Workspace:
         """
         keystore = self.keystore()
         record = keystore.load_allocations()
-        resolved, new_record = allocate_tunnels(inventory, record, str(keystore.allocations_path))
-        if persist and new_record != record:
-            keystore.save_allocations(new_record)
+        hub_record = keystore.load_hub_allocations()
+        resolved, new_record = allocate_tunnels(
+            inventory, record, str(keystore.allocations_path), hub_networks(inventory, hub_record)
+        )
+        resolved, new_hubs = allocate_hubs(resolved, hub_record)
+        if persist and (new_record != record or new_hubs != hub_record):
+            keystore.save_allocations(new_record, new_hubs)
         return resolved
 
 

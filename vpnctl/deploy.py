@@ -479,7 +479,7 @@ class DesiredFile:
     data: bytes = field(repr=False)
     mode: int
     link: str
-    kind: str  # "config" | "key" | "unit"
+    kind: str  # "config" | "key" | "unit"; on a hub also "peer" (peer file), "peerkey"
     mtime: float | None = None
 
     @property
@@ -490,7 +490,7 @@ class DesiredFile:
     @property
     def secret(self) -> bool:
         """True for key files."""
-        return self.kind == "key"
+        return self.kind in ("key", "peerkey")
 
 
 @dataclass(frozen=True)
@@ -522,11 +522,17 @@ class HostPlan:
     unchanged: list[str]
     files: list[DesiredFile]  # the files that differ from the host's copies: written, backed up
     paths: dict[str, list[str]] = field(default_factory=dict)  # link -> all its paths (rollback)
+    # hubs whose only change is their peers directory: SIGHUP, no restart (hub -> why)
+    reload: dict[str, list[str]] = field(default_factory=dict)
+    # hub -> peer files and keys of clients removed from it: deleted (backed up first)
+    prune: dict[str, list[str]] = field(default_factory=dict)
+    # hub -> clients whose pairing this deploy changes (added or changed): confirmed after it
+    touched_clients: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def noop(self) -> bool:
         """True when nothing at all would be done on this host."""
-        return not (self.runtime or self.changed or self.start or self.removed)
+        return not (self.runtime or self.changed or self.start or self.removed or self.reload)
 
     @property
     def restarts(self) -> list[str]:
@@ -594,11 +600,60 @@ def _check_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
         peer = entry.get("peer")
         if peer is not None and not _MANIFEST_NAME.fullmatch(str(peer)):
             raise DeployError(f"{path}: links.{link}.peer {peer!r} is not a valid host name")
-        for key in ("config", "keyfile", "pidfile", "statusfile"):
+        hub = entry.get("role") == "hub"
+        key_name = entry.get("key")
+        if key_name is not None and not _MANIFEST_KEY.fullmatch(str(key_name)):
+            raise DeployError(f"{path}: links.{link}.key {key_name!r} is not a key name")
+        if hub:
+            _check_hub_entry(path, link, entry)
+        for key in ("config", "pidfile", "statusfile", *(() if hub else ("keyfile",))):
             value = entry.get(key)
             if not isinstance(value, str) or not _MANIFEST_PATH.fullmatch(value):
                 raise DeployError(f"{path}: links.{link}.{key} {value!r} is not a plain "
                                   "absolute path")  # fmt: skip
+
+
+_MANIFEST_KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}(?:\.[a-z0-9][a-z0-9_-]{0,62})?")
+
+
+def _check_hub_entry(path: Path, link: str, entry: Mapping[str, Any]) -> None:
+    """A hub's entry: its peers directory and each client's name, key name and paths."""
+    peers = entry.get("peers")
+    if not isinstance(peers, str) or not _MANIFEST_PATH.fullmatch(peers):
+        raise DeployError(f"{path}: links.{link}.peers {peers!r} is not a plain absolute path")
+    clients = entry.get("clients")
+    if not isinstance(clients, dict):
+        raise DeployError(f"{path}: links.{link}.clients is not a mapping")
+    for name, client in clients.items():
+        if not _MANIFEST_NAME.fullmatch(str(name)) or not isinstance(client, dict):
+            raise DeployError(f"{path}: links.{link}.clients: {name!r} is not a client name")
+        if not _MANIFEST_KEY.fullmatch(str(client.get("key"))):
+            raise DeployError(f"{path}: links.{link}.clients.{name}.key is not a key name")
+        for key in ("peerfile", "keyfile"):
+            value = client.get(key)
+            if not isinstance(value, str) or not _MANIFEST_PATH.fullmatch(value):
+                raise DeployError(f"{path}: links.{link}.clients.{name}.{key} {value!r} is not a "
+                                  "plain absolute path")  # fmt: skip
+
+
+def _key_file(
+    keystore: Keystore,
+    name: str,
+    fingerprint: object,
+    where: str,
+    passphrase: bytes | None,
+) -> tuple[bytes, float]:
+    """The runtime key file of keystore key `name` (and its creation time), refused when the
+    build was rendered for another key."""
+    info = keystore.info(name)
+    if info is None:
+        raise DeployError(f"{keystore.root}: no key for link {name!r}; run `vpnctl keygen`")
+    if info.fingerprint != fingerprint:
+        raise DeployError(
+            f"{where}: link {name!r} was rendered for key {fingerprint} but the keystore holds "
+            f"{info.fingerprint}; re-run `vpnctl render`"
+        )
+    return keystore.key_file_bytes(name, passphrase=passphrase), info.created
 
 
 def desired_files(
@@ -628,22 +683,27 @@ def desired_files(
                     f"{local}: does not match its sha256 in {build / host / 'manifest.json'}; "
                     "re-run `vpnctl render` (do not edit build/ by hand)"
                 )
-            if rel.startswith("etc/vpnd/"):
+            if entry.get("role") == "hub" and rel.endswith(".peer"):
+                client = entry["clients"].get(Path(rel).stem)
+                if client is None:
+                    raise DeployError(f"{local}: not a client of hub {link!r} in the manifest")
+                out.append(DesiredFile(client["peerfile"], data, 0o644, link, "peer"))
+            elif rel.startswith("etc/vpnd/"):
                 out.append(DesiredFile(entry["config"], data, 0o644, link, "config"))
             elif rel.startswith("systemd/") and use_systemd:
                 out.append(DesiredFile(posixpath.join(UNIT_DIR, Path(rel).name), data, 0o644,
                                        link, "unit"))  # fmt: skip
-        info = keystore.info(link)
-        if info is None:
-            raise DeployError(f"{keystore.root}: no key for link {link!r}; run `vpnctl keygen`")
-        if info.fingerprint != entry.get("key_fingerprint"):
-            raise DeployError(
-                f"{build / host / 'manifest.json'}: link {link!r} was rendered for key "
-                f"{entry.get('key_fingerprint')} but the keystore holds {info.fingerprint}; "
-                "re-run `vpnctl render`"
-            )
-        key = keystore.key_file_bytes(link, passphrase=passphrase)
-        out.append(DesiredFile(entry["keyfile"], key, 0o600, link, "key", mtime=info.created))
+        where = str(build / host / "manifest.json")
+        if entry.get("role") == "hub":  # one key per client, in the peers directory
+            for _name, client in sorted(entry["clients"].items()):
+                key, created = _key_file(keystore, client["key"], client.get("key_fingerprint"),
+                                         where, passphrase)  # fmt: skip
+                out.append(DesiredFile(client["keyfile"], key, 0o600, link, "peerkey",
+                                       mtime=created))  # fmt: skip
+            continue
+        key, created = _key_file(keystore, entry.get("key", link), entry.get("key_fingerprint"),
+                                 where, passphrase)  # fmt: skip
+        out.append(DesiredFile(entry["keyfile"], key, 0o600, link, "key", mtime=created))
     return out
 
 
@@ -690,9 +750,83 @@ def plan_host(
     )
     deployed_links = set((remote.deployed or {}).get("links", {}))
     removed = sorted(deployed_links - set(manifest["links"]))
-    unchanged = sorted(link for link in by_link if link not in changed and link not in start)
     paths = {link: [item.path for item in items] for link, items in by_link.items()}
-    return HostPlan(host, use_systemd, runtime, changed, start, removed, unchanged, files, paths)
+    reload, prune, touched = _plan_hubs(
+        manifest, by_link, remote, changed, start=start, files=files
+    )
+    for hub, gone in prune.items():
+        paths[hub] = paths.get(hub, []) + gone
+    unchanged = sorted(
+        link for link in by_link if link not in changed and link not in start and link not in reload
+    )
+    return HostPlan(host, use_systemd, runtime, changed, start, removed, unchanged, files, paths,
+                    reload, prune, touched)  # fmt: skip
+
+
+def _plan_hubs(
+    manifest: Mapping[str, Any],
+    by_link: Mapping[str, list[DesiredFile]],
+    remote: RemoteState,
+    changed: dict[str, list[str]],
+    *,
+    start: list[str],
+    files: list[DesiredFile],
+) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]]]:
+    """Hubs whose change is only in their peers directory are *reloaded* (SIGHUP), not
+    restarted: the daemon applies the new client set and keeps every unchanged client's session.
+    Peer files and keys of clients removed since the last deploy are pruned (and the hub
+    reloaded, so the daemon cuts and revokes them). Returns (reload, prune, touched clients)."""
+    reload: dict[str, list[str]] = {}
+    prune: dict[str, list[str]] = {}
+    touched: dict[str, list[str]] = {}
+    deployed = (remote.deployed or {}).get("links", {})
+    for link, entry in sorted(manifest["links"].items()):
+        if entry.get("role") != "hub":
+            continue
+        clients = entry.get("clients", {})
+        old_entry = deployed.get(link)
+        before = old_entry.get("clients", {}) if isinstance(old_entry, dict) else {}
+        gone = sorted(set(before) - set(clients))
+        for name in gone:
+            old = before[name] if isinstance(before[name], dict) else {}
+            for path in (old.get("peerfile"), old.get("keyfile")):
+                # only plain paths inside this hub's peers directory are ever deleted
+                if (
+                    isinstance(path, str)
+                    and _MANIFEST_PATH.fullmatch(path)
+                    and ".." not in path.split("/")
+                    and path.startswith(entry["peers"] + "/")
+                ):
+                    prune.setdefault(link, []).append(path)
+        written = {item.path for item in files}
+        by_path = {c["peerfile"]: n for n, c in clients.items()}
+        by_path |= {c["keyfile"]: n for n, c in clients.items()}
+        touched[link] = sorted({by_path[p] for p in written if p in by_path})
+        reasons = [f"client {name} removed" for name in gone]
+        own = [item for item in by_link.get(link, []) if item.path in written]
+        peers_only = all(item.kind in ("peer", "peerkey") for item in own) and all(
+            why.startswith(("new peer", "peer")) for why in changed.get(link, [])
+        )
+        if link in changed:
+            if peers_only and remote.running.get(link, False):
+                changed.pop(link)
+                added = {
+                    by_path[item.path]
+                    for item in own
+                    if item.kind == "peer" and remote.files.get(item.path) is None
+                }
+                reload[link] = [
+                    f"client {name} {'added' if name in added else 'changed'}"
+                    for name in touched[link]
+                ] + reasons
+            else:
+                changed[link] += reasons
+                touched[link] = sorted(clients)
+        elif reasons and link not in start:
+            reload[link] = reasons
+        if link in start:
+            touched[link] = sorted(clients)
+    return reload, prune, touched
 
 
 def redacted_diff(
@@ -903,6 +1037,20 @@ def _start_sh(
     )
 
 
+def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
+    """SIGHUP a hub so it re-reads its peers directory (HUB-SPEC.md: unchanged clients keep
+    their sessions); a failure prints `start-failed <link>: ...` like a failed start."""
+    if use_systemd:
+        unit = quote(f"vpnd-{link}")
+        return (f"systemctl reload {unit} || "
+                f"echo {quote(f'start-failed {link}: systemctl reload failed')}\n")  # fmt: skip
+    pf = quote(entry["pidfile"])
+    return (
+        f'pid=$(pid_of {pf}); if alive "$pid"; then kill -HUP "$pid"; else '
+        f"echo {quote(f'start-failed {link}: not running, cannot reload')}; fi\n"
+    )
+
+
 def install_runtime_script(prefix: str, stamp: str) -> str:
     """Unpack the wheelhouse (tar on stdin) into a new venv and switch `current` to it."""
     rt = quote(_rt(prefix))
@@ -957,14 +1105,15 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
     out.append(f"mkdir -p {backup}/files {backup}/absent && : > {pending} || "
                "{ echo 'apply-failed: cannot write the backup' >&2; exit 3; }")  # fmt: skip
     out.append(f"sync -f {pending} 2>/dev/null || true")
-    for item in plan.files:
-        src = quote(item.path)
-        saved, absent = _backup_paths(prefix, item.path)
+    pruned = [path for _, paths in sorted(plan.prune.items()) for path in paths]
+    for path in [item.path for item in plan.files] + pruned:
+        src = quote(path)
+        saved, absent = _backup_paths(prefix, path)
         out.append(
             f"if [ ! -e {saved} ] && [ ! -e {absent} ]; then "
             f'if [ -f {src} ]; then mkdir -p "$(dirname {saved})" && cp -p {src} {saved}; '
             f'else mkdir -p "$(dirname {absent})" && : > {absent}; fi || '
-            f"{{ rm -f {saved}; echo {quote(f'apply-failed: cannot back up {item.path}')} >&2; "
+            f"{{ rm -f {saved}; echo {quote(f'apply-failed: cannot back up {path}')} >&2; "
             "exit 3; }; fi"
         )
     run_as = _run_as(manifest)
@@ -978,6 +1127,8 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
                 out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
             elif item.kind == "key" and plan.use_systemd:
                 out.append(f"chown {owner} {quote(item.path)}")
+    for path in pruned:  # peer files and keys of clients removed from a hub
+        out.append(f"rm -f {quote(path)}")
     for link in plan.removed:
         entry = deployed.get("links", {}).get(link, {})
         if entry.get("pidfile"):
@@ -992,6 +1143,8 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
         entry = manifest["links"][link]
         out.append(_stop_sh(link, entry, plan.use_systemd))
         out.append(_start_sh(link, entry, prefix, plan.use_systemd, run_as))
+    for link in sorted(plan.reload):  # hubs whose peers directory changed: SIGHUP only
+        out.append(_reload_sh(link, manifest["links"][link], plan.use_systemd))
     return "\n".join(out) + "\n"
 
 
@@ -1027,6 +1180,8 @@ def rollback_script(
             f"basename \"$(readlink {rt}/current)\" | sed 's/^venv-//' > {rt}/STAMP; fi"
         )
     restart = sorted(links | (set(plan.restarts) if runtime_back else set()))
+    reload = sorted(link for link in restart if link in plan.reload and link not in plan.restarts)
+    restart = [link for link in restart if link not in reload]
     for link in restart:
         out.append(_stop_sh(link, manifest["links"][link], plan.use_systemd))
     paths = {path for link in links for path in plan.paths.get(link, [])}
@@ -1043,6 +1198,8 @@ def rollback_script(
         start = _start_sh(link, entry, prefix, plan.use_systemd, _run_as(manifest))
         out.append("  " + start.strip())
         out.append("fi")
+    for link in reload:  # a hub reloaded by this deploy: back to its previous peers directory
+        out.append(_reload_sh(link, manifest["links"][link], plan.use_systemd))
     if finish:
         out.append(f"rm -rf {quote(state)}/prev {quote(state)}/pending")
     return "\n".join(out) + "\n"
@@ -1086,7 +1243,9 @@ def status_script(manifest: Mapping[str, Any], links: Iterable[str]) -> str:
             'else echo "config no"; fi',
             f'if alive "$(pid_of {pf})"; then echo "alive yes"; else echo "alive no"; fi',
             f"if [ -f {sf} ]; then tr -d '\\n' < {sf}; echo; else echo -; fi",
-            f'echo "keymtime $(stat -c %Y {quote(entry["keyfile"])} 2>/dev/null || echo -)"',
+            f'echo "keymtime $(stat -c %Y {quote(entry["keyfile"])} 2>/dev/null || echo -)"'
+            if entry.get("keyfile")
+            else 'echo "keymtime -"',  # a hub: one key per client, none of its own
             f'p=$(pid_of {pf}); echo "pidfile ${{p:--}}"',
         ]
     return "\n".join(lines) + "\n"
@@ -1103,6 +1262,26 @@ class LinkRecord:
 
 BAD_ANSWER = "bad answer"  # the state of an end whose host answered with a malformed record
 STALE_AFTER = 5.0  # a running daemon rewrites its record every second (docs/architecture.md)
+
+
+def finite_number(value: object) -> float | None:
+    """`value` as a finite float when it is a number or a number's text; None otherwise.
+
+    What a host prints is not trusted to be well formed: "nan", "inf", a bool or a stray line
+    becomes None (unknown) instead of an exception or a NaN that poisons every comparison.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        value = float(value) if abs(value) < 2**1000 else None
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
 
 
 def parse_status_output(text: str) -> dict[str, LinkRecord]:
@@ -1132,7 +1311,7 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
         if block[2] not in {"", "-"}:  # a host's answer is data: parsed, type-checked, cleaned
             try:
                 loaded = json.loads(block[2])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep for json
                 loaded, bad = None, "the status record is not JSON (cut short?)"
             bad = bad or check_record(loaded)
             record = clean_json(loaded) if bad is None else None
@@ -1166,15 +1345,15 @@ def _judge_freshness(record: dict[str, Any], pidfile_pid: str, now: float) -> No
     """Mark `record` (of a live pidfile process) not running/stale unless it is that process's
     and recent (see :func:`parse_status_output`)."""
     pid = record.get("pid")
-    updated = record.get("updated")
+    updated = finite_number(record.get("updated"))
     if str(pid) != pidfile_pid:
         record["reason"] = (
             f"status record is from pid {pid}, the pidfile names {pidfile_pid}; last state "
             f"{record.get('state')}"
         )
         record["state"] = "not running"
-    elif not isinstance(updated, int | float) or now - updated > STALE_AFTER:
-        age = f"{now - updated:.0f}s" if isinstance(updated, int | float) else "never"
+    elif updated is None or now - updated > STALE_AFTER:
+        age = f"{now - updated:.0f}s" if updated is not None else "never"
         record["reason"] = (
             f"status record not rewritten for {age} (daemon pid {pid} hung?); last state "
             f"{record.get('state')}"
@@ -1256,13 +1435,21 @@ def _poll_round(
     """One status read per host, in parallel: (host, link) -> record (None: not deployed)."""
 
     def one(host: str) -> dict[tuple[str, str], dict[str, Any] | None]:
+        links = manifests[host]["links"]
         try:
-            found = read_statuses(ssh[host], manifests[host], sorted(wanted[host]))
+            found = read_statuses(ssh[host], manifests[host],
+                                  sorted({_unit_link(u) for u in wanted[host]}))  # fmt: skip
         except SshError as exc:
             return {(host, link): {"state": "unreachable", "reason": str(exc)}
                     for link in wanted[host]}  # fmt: skip
-        return {(host, link): found[link].record if link in found else None
-                for link in wanted[host]}  # fmt: skip
+        out: dict[tuple[str, str], dict[str, Any] | None] = {}
+        for unit in wanted[host]:
+            link = _unit_link(unit)
+            record = found[link].record if link in found else None
+            if "/" in unit and links.get(link, {}).get("role") == "hub":
+                record = _peer_record(record, unit.split("/", 1)[1])
+            out[(host, unit)] = record
+        return out
 
     out: dict[tuple[str, str], dict[str, Any] | None] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(wanted)))) as pool:
@@ -1507,7 +1694,7 @@ def deploy(
 def apply_timeout(plan: HostPlan) -> float:
     """The time bound of one host's apply: each stop may wait 10 s for a daemon to exit, so the
     bound grows with the number of links the apply stops and starts."""
-    return 60.0 + 15.0 * (len(plan.restarts) + len(plan.removed))
+    return 60.0 + 15.0 * (len(plan.restarts) + len(plan.removed) + len(plan.reload))
 
 
 def _rollback_host(
@@ -1523,7 +1710,7 @@ def _rollback_host(
     plan = outcome.plan
     if plan is None:
         return
-    links = plan.restarts
+    links = sorted(set(plan.restarts) | set(plan.reload))
     echo(f"{name}: rolling back {', '.join(links) or 'runtime'} ({why})")
     for link in links:
         outcome.rolled_back.setdefault(link, why)
@@ -1590,7 +1777,8 @@ def _apply_confirm_commit(
                 detail = result.error_text[-300:] or result.text.strip()[-300:]
                 raise SshError(name, f"apply exited {result.returncode}: {detail}")
             what = ", ".join(plan.restarts) or "none"
-            printer.line(name, f"applied; (re)started: {what}", finished=True)
+            reloaded = f"; reloaded: {', '.join(sorted(plan.reload))}" if plan.reload else ""
+            printer.line(name, f"applied; (re)started: {what}{reloaded}", finished=True)
         except SshError as exc:
             outcome.error = str(exc)
             printer.line(name, f"FAILED apply: {exc}", finished=True)
@@ -1602,27 +1790,28 @@ def _apply_confirm_commit(
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(apply, work))
 
-    # 4. confirm every (re)started link from both ends
-    to_confirm: dict[str, list[str]] = {}  # link -> hosts where it was (re)started
-    broken_elsewhere: dict[str, str] = {}  # link -> host whose apply of it failed
+    # 4. confirm every (re)started link from both ends; a hub's unit is each hub-client pair
+    # (`hub/client`) it (re)started or reloaded, seen in the hub's peers[] and at the client
+    to_confirm: dict[str, list[str]] = {}  # unit -> hosts where it was (re)started/reloaded
+    broken_elsewhere: dict[str, str] = {}  # unit -> host whose apply of it failed
+    unit_ends: dict[str, list[str]] = {}  # unit -> [hub or server host, client host]
+    fingerprints: dict[str, str] = {}
     for name in work:
         plan = outcomes[name].plan
         if plan is None:
             continue
-        for link in plan.restarts:
-            if outcomes[name].error is None:
-                to_confirm.setdefault(link, []).append(name)
-            else:
-                broken_elsewhere[link] = name
+        for link in sorted(set(plan.restarts) | set(plan.reload)):
+            for unit, ends, fp in _confirm_units(name, manifests[name], link, plan):
+                unit_ends.setdefault(unit, ends)
+                fingerprints.setdefault(unit, fp)
+                if outcomes[name].error is None:
+                    to_confirm.setdefault(unit, []).append(name)
+                else:
+                    broken_elsewhere[unit] = name
 
-    def ends_of(link: str) -> list[str]:
-        first = to_confirm[link][0]
-        return [first, str(manifests[first]["links"][link]["peer"])]
-
-    fingerprints = {
-        link: str(manifests[names[0]]["links"][link]["key_fingerprint"])
-        for link, names in to_confirm.items()
-    }
+    def ends_of(unit: str) -> list[str]:
+        first = to_confirm[unit][0]
+        return [first, *(h for h in unit_ends[unit] if h != first)][:2]
 
     def said(link: str, state: str, why: str) -> None:
         echo(f"link {link:<10} {state.upper() if state == 'failed' else state}: {why}")
@@ -1653,7 +1842,7 @@ def _apply_confirm_commit(
         outcome = outcomes[name]
         plan = outcome.plan
         assert plan is not None  # noqa: S101
-        links = sorted(outcome.rolled_back)
+        links = sorted({_unit_link(unit) for unit in outcome.rolled_back})
         echo(f"{name}: rolling back {', '.join(links)} (restoring previous files and daemons)")
         try:
             ssh[name].run(rollback_script(plan, manifests[name], links, outcome.runtime_switched),
@@ -1661,7 +1850,7 @@ def _apply_confirm_commit(
         except SshError as exc:
             outcome.error = f"rollback failed: {exc}"
 
-    rollback_hosts = sorted({n for link in failed for n in to_confirm[link]})
+    rollback_hosts = sorted({n for unit in failed for n in to_confirm[unit]})
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(rollback, rollback_hosts))
 
@@ -1709,6 +1898,56 @@ def _apply_confirm_commit(
         list(pool.map(commit, committable))
 
 
+def _unit_link(unit: str) -> str:
+    """The link (or hub) a confirm unit belongs to: ``hub/client`` -> ``hub``."""
+    return unit.split("/", 1)[0]
+
+
+def _confirm_units(
+    host: str, manifest: Mapping[str, Any], link: str, plan: HostPlan
+) -> list[tuple[str, list[str], str]]:
+    """What confirming `link` on `host` means: (unit, [its two end hosts], key fingerprint).
+
+    A point-to-point link is one unit. A hub is one unit per client pair ``hub/client`` --
+    every client when the hub (re)started, only the added or changed clients when it was
+    reloaded (the others keep their sessions). A hub's client is the unit of its own pair."""
+    entry = manifest["links"][link]
+    if entry.get("role") == "hub":
+        clients = entry.get("clients", {})
+        names = plan.touched_clients.get(link, sorted(clients)) if link in plan.reload else clients
+        return [
+            (f"{link}/{c}", [host, str(clients[c]["host"])], str(clients[c]["key_fingerprint"]))
+            for c in sorted(names)
+            if c in clients
+        ]
+    unit = f"{entry['hub']}/{host}" if entry.get("hub") else link
+    return [(unit, [host, str(entry["peer"])], str(entry["key_fingerprint"]))]
+
+
+def _peer_record(record: dict[str, Any] | None, client: str) -> dict[str, Any] | None:
+    """A hub's view of one client, from its status record's ``peers[]`` (HUB-SPEC.md), shaped
+    like a link's record (state, reason, key_fingerprint, since) so confirm can judge it."""
+    if record is None or record.get("state") in {"not running", "stale", "unreachable"}:
+        return record
+    for peer in record.get("peers") or []:
+        if isinstance(peer, dict) and peer.get("name") == client:
+            state = str(peer.get("state"))
+            started = peer.get("session_started")
+            return {
+                "state": state,
+                "reason": peer.get("reason"),
+                "key_fingerprint": peer.get("key_fingerprint"),
+                "since": started if state == "up" and started is not None else peer.get("since"),
+                "peer": peer.get("peer"),
+                "session_age": peer.get("session_age"),
+                "last_rtt": peer.get("last_rtt"),
+                "bytes_in": peer.get("bytes_in"),
+                "bytes_out": peer.get("bytes_out"),
+                "pid": record.get("pid"),
+            }
+    return {"state": "down", "reason": f"the hub lists no client {client!r} in peers[]"}
+
+
 def _committed_manifest(
     manifest: Mapping[str, Any], previous: Mapping[str, Any] | None, rolled_back: Iterable[str]
 ) -> dict[str, Any]:
@@ -1716,7 +1955,7 @@ def _committed_manifest(
     are left out when they had none), so "removed" planning stays right next time."""
     record = json.loads(json.dumps(manifest))
     old_links = (previous or {}).get("links", {})
-    for link in rolled_back:
+    for link in sorted({_unit_link(unit) for unit in rolled_back}):
         if link in old_links:
             record["links"][link] = old_links[link]
         else:
@@ -1753,6 +1992,8 @@ def _describe(plan: HostPlan) -> str:
     for link, why in sorted(plan.changed.items()):
         parts.append(f"{link}: {', '.join(why)}")
     parts += [f"{link}: not running, start" for link in plan.start]
+    parts += [f"{link}: {', '.join(why)}, reload (no restart)" for link, why in
+              sorted(plan.reload.items())]  # fmt: skip
     parts += [f"{link}: removed from inventory, stop" for link in plan.removed]
     if plan.unchanged:
         parts.append(f"unchanged: {', '.join(plan.unchanged)}")
@@ -1781,6 +2022,11 @@ def _dry_run_diff(
             chunks.append(f"# {name}: {link} is not running: would start it\n")
         for link in plan.removed:
             chunks.append(f"# {name}: {link} is no longer rendered: would stop and remove it\n")
+        for link, why in sorted(plan.reload.items()):
+            chunks.append(f"# {name}: hub {link}: {', '.join(why)}: would reload it (SIGHUP), "
+                          "not restart it\n")  # fmt: skip
+        for link, paths in sorted(plan.prune.items()):
+            chunks += [f"# {name}: hub {link}: would delete {path}\n" for path in paths]
         current: dict[str, bytes | None] = {}
         readable = [f.path for f in plan.files if not f.secret and states[name].files.get(f.path)]
         if readable:

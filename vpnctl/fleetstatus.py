@@ -27,6 +27,7 @@ failed``, ``not running``, ``unreachable``, ``not deployed``, or a fingerprint m
 
 from __future__ import annotations
 
+import math
 import textwrap
 import threading
 import time
@@ -36,7 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vpnctl.deploy import BAD_ANSWER, load_manifest, parse_status_output, status_script
+from vpnctl.deploy import (
+    BAD_ANSWER,
+    _peer_record,
+    finite_number,
+    load_manifest,
+    parse_status_output,
+    status_script,
+)
 from vpnctl.hostdata import clean_text
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import format_age
@@ -102,6 +110,7 @@ class FleetStatus:
     unreachable: dict[str, str]  # host -> why
     elapsed: float = 0.0
     bad_answers: dict[str, str] = field(default_factory=dict)  # host -> what was malformed
+    hubs: dict[str, EndStatus] = field(default_factory=dict)  # hub -> the hub daemon itself
 
     @property
     def all_up(self) -> bool:
@@ -119,6 +128,11 @@ class FleetStatus:
                 {**asdict(link), "ends": [_end_json(end) for end in link.ends]}
                 for link in self.links
             ],
+            **(
+                {"hubs": {name: _end_json(end) for name, end in self.hubs.items()}}
+                if self.hubs
+                else {}
+            ),
         }
 
     def prometheus(self) -> str:
@@ -158,8 +172,37 @@ class MalformedAnswer(UserError):
     not JSON): shown as that host's error line, never a crash of the fleet view."""
 
 
+def _units(host: str, manifest: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(status unit, link on this host, client name) for every link of a host's manifest: a
+    link is its own unit; a hub is one unit ``hub/client`` per client (read from the hub
+    record's ``peers[]``) plus the hub itself; a hub's client is the unit of its pair."""
+    out: list[tuple[str, str, str | None]] = []
+    for link, entry in sorted(manifest["links"].items()):
+        if entry.get("role") == "hub":
+            out.append((link, link, None))
+            out += [(f"{link}/{client}", link, client) for client in sorted(entry["clients"])]
+        elif entry.get("hub"):
+            out.append((f"{entry['hub']}/{host}", link, None))
+        else:
+            out.append((link, link, None))
+    return out
+
+
+def _other_hosts(host: str, manifest: Mapping[str, Any]) -> set[str]:
+    """The hosts at the far end of this host's links (a hub's: all its clients)."""
+    out = set()
+    for entry in manifest["links"].values():
+        if entry.get("role") == "hub":
+            out |= {str(c["host"]) for c in entry["clients"].values()}
+        elif entry.get("peer"):
+            out.add(str(entry["peer"]))
+    out.discard(host)
+    return out
+
+
 def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list[EndStatus]:
-    """Turn one host's :func:`vpnctl.deploy.status_script` output into an EndStatus per link.
+    """Turn one host's :func:`vpnctl.deploy.status_script` output into an EndStatus per link
+    (per hub: one for the hub daemon and one per client, from its record's ``peers[]``).
 
     Raises MalformedAnswer when the output lacks a link's block (cut short) or holds a record
     of the wrong shape; every string taken from it is already cleaned of control characters.
@@ -172,27 +215,48 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
         if read.record is not None and read.record.get("state") == BAD_ANSWER:
             raise MalformedAnswer(f"link {link}: {read.record.get('reason')}")
     ends = []
-    for link, entry in sorted(manifest["links"].items()):
-        end = EndStatus(host=host, link=link, role=entry.get("role", "?"), state="not deployed")
+    for unit, link, client in _units(host, manifest):
+        entry = manifest["links"][link]
+        end = EndStatus(host=host, link=unit, role=entry.get("role", "?"), state="not deployed")
         read = found.get(link)
         record = read.record if read is not None else None
+        if client is not None:  # a hub client: the hub's entry for it in the record's peers[]
+            record = _peer_record(record, client)
+            if record is not None and record.get("session_age") is not None and read is not None:
+                record["since"] = read.now - float(record["session_age"])
         if record is not None:
+            # The record is the host's word: a field of the wrong type, or a number that is not
+            # finite, is shown as unknown rather than crash the table or the JSON.
             end.state = str(record.get("state", "unknown"))
-            end.reason = record.get("reason")
-            end.peer = record.get("peer")
-            end.last_rtt = record.get("last_rtt")
-            end.bytes_in = record.get("bytes_in")
-            end.bytes_out = record.get("bytes_out")
-            end.key_fingerprint = record.get("key_fingerprint")
-            end.pid = record.get("pid")
+            end.reason = _text(record.get("reason"))
+            end.peer = _text(record.get("peer"))
+            end.last_rtt = finite_number(record.get("last_rtt"))
+            end.bytes_in = _count(record.get("bytes_in"))
+            end.bytes_out = _count(record.get("bytes_out"))
+            end.key_fingerprint = _text(record.get("key_fingerprint"))
+            end.pid = _count(record.get("pid"))
             end.record = record
-            since = record.get("since")
-            if end.state == "up" and isinstance(since, int | float) and read is not None:
-                end.uptime = max(0.0, read.now - since)
+            since = finite_number(record.get("since"))
+            if end.state == "up" and since is not None and read is not None:
+                end.uptime = _age(read.now - since)
         if read is not None and read.key_mtime is not None:
-            end.key_age = max(0.0, read.now - read.key_mtime)
+            end.key_age = _age(read.now - read.key_mtime)
         ends.append(end)
     return ends
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _count(value: object) -> int | None:
+    """A non-negative integer of a record (bytes, pid); None when it is anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _age(seconds: float) -> float | None:
+    """A duration between two finite host times, clamped at 0; None when it overflows."""
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _judge(link: str, ends: list[EndStatus]) -> LinkStatus:
@@ -238,11 +302,11 @@ def collect(
         raise UserError(f"{inventory.file}: no host named {', '.join(unknown)}; "
                         f"the hosts are: {', '.join(known)}")  # fmt: skip
     manifests = {name: load_manifest(build, name) for name in known}
-    links = sorted({link for name in wanted for link in manifests[name]["links"]})
-    ask = sorted(
-        set(wanted)
-        | {manifests[n]["links"][ln]["peer"] for n in wanted for ln in manifests[n]["links"]}
-    )
+    units = sorted({unit for name in wanted for unit, _, _ in _units(name, manifests[name])})
+    ask = sorted(set(wanted) | {h for n in wanted for h in _other_hosts(n, manifests[n])})
+    hub_names = {ln for n in known for ln, e in manifests[n]["links"].items()
+                 if e.get("role") == "hub"}  # fmt: skip
+    links = [unit for unit in units if unit not in hub_names]
     deadline = started + timeout
 
     def ask_host(name: str) -> tuple[str, list[EndStatus] | tuple[str, str]]:
@@ -270,11 +334,13 @@ def collect(
             done[name] = answer
             if on_answer is not None:
                 pending = [n for n in ask if n not in done]
-                on_answer(_assemble(links, manifests, done, pending, time.monotonic() - started))
+                elapsed = time.monotonic() - started
+                on_answer(_assemble(links, manifests, done, pending, elapsed, hub_names=hub_names))
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(answered, ask))
-    return _assemble(links, manifests, done, [], time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    return _assemble(links, manifests, done, [], elapsed, hub_names=hub_names)
 
 
 def _assemble(
@@ -283,10 +349,13 @@ def _assemble(
     answers: Mapping[str, list[EndStatus] | tuple[str, str]],
     pending: list[str],
     elapsed: float,
+    *,
+    hub_names: set[str],
 ) -> FleetStatus:
     """The FleetStatus of the answers so far; each end of a host still being asked is shown
     in state ``asking`` (the live view on a terminal redraws as hosts answer)."""
     ends: dict[str, list[EndStatus]] = {link: [] for link in links}
+    hubs: dict[str, EndStatus] = {}
     unreachable: dict[str, str] = {}
     bad_answers: dict[str, str] = {}
     for name in [*sorted(answers), *pending]:
@@ -297,16 +366,21 @@ def _assemble(
                 unreachable[name] = why
             elif state == BAD_ANSWER:
                 bad_answers[name] = why
-            for link, entry in manifests[name]["links"].items():
-                if link in ends:
-                    ends[link].append(EndStatus(name, link, entry.get("role", "?"), state,
-                                                why or None))  # fmt: skip
+            for unit, link, _ in _units(name, manifests[name]):
+                role = manifests[name]["links"][link].get("role", "?")
+                end = EndStatus(name, unit, role, state, why or None)
+                if unit in hub_names:
+                    hubs[unit] = end
+                elif unit in ends:
+                    ends[unit].append(end)
             continue
         for end in answer:
-            if end.link in ends:
+            if end.link in hub_names:
+                hubs[end.link] = end
+            elif end.link in ends:
                 ends[end.link].append(end)
     result = [_judge(link, ends[link]) for link in links]
-    return FleetStatus(result, unreachable, elapsed, bad_answers)
+    return FleetStatus(result, unreachable, elapsed, bad_answers, hubs)
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -365,10 +439,57 @@ def end_row(end: EndStatus) -> dict[str, str]:
     }
 
 
+def _hub_row(status: FleetStatus, hub: str) -> dict[str, str]:
+    """The first row of a hub's block: the hub daemon itself and how many clients are up."""
+    pairs = [ln for ln in status.links if ln.link.startswith(f"{hub}/")]
+    end = status.hubs.get(hub)
+    row = dict.fromkeys((c.name for c in COLUMNS), "-")
+    row.update(
+        LINK=clean_text(hub),
+        VERDICT=f"{sum(1 for ln in pairs if ln.up)}/{len(pairs)} UP",
+        HOST=clean_text(end.host) if end else "-",
+        ROLE="hub",
+        STATE=clean_text(end.state) if end else "not deployed",
+    )
+    return row
+
+
+def _hub_client_row(link: LinkStatus, client: str) -> dict[str, str]:
+    """One hub client as one row: the client's own state (and the hub's view when it differs),
+    the session as the hub sees it (endpoint, age, RTT, bytes), the client's key."""
+    hub_end = next((e for e in link.ends if e.role == "hub"), None)
+    own = next((e for e in link.ends if e.role != "hub"), None)
+    view = hub_end or own
+    row = end_row(view) if view is not None else {c.name: "-" for c in COLUMNS}
+    state = clean_text(own.state) if own is not None else "not deployed"
+    if hub_end is not None and hub_end.state != (own.state if own else None):
+        state += f" (hub: {clean_text(hub_end.state)})"
+    row.update(
+        LINK=f"  {clean_text(client)}",
+        VERDICT="UP" if link.up else "DOWN",
+        HOST=clean_text(own.host) if own is not None else clean_text(client),
+        ROLE="client",
+        STATE=state,
+    )
+    if own is not None:
+        own_cells = end_row(own)
+        row["KEY"], row["KEY AGE"] = own_cells["KEY"], own_cells["KEY AGE"]
+    return row
+
+
 def table_rows(status: FleetStatus) -> list[dict[str, str]]:
-    """A row per link end; the link's name and verdict on its first row."""
+    """A row per link end; the link's name and verdict on its first row. A hub is one block:
+    its own row, then one row per client."""
     rows = []
+    shown_hubs: set[str] = set()
     for link in status.links:
+        hub, _, client = link.link.partition("/")
+        if client:
+            if hub not in shown_hubs:
+                shown_hubs.add(hub)
+                rows.append(_hub_row(status, hub))
+            rows.append(_hub_client_row(link, client))
+            continue
         for i, end in enumerate(link.ends):
             row = end_row(end)
             row["LINK"] = clean_text(link.link) if i == 0 else ""

@@ -24,6 +24,14 @@ Loading runs in stages, each collecting every problem it finds before giving up:
    so adding a link never moves another link's addresses, and the same inventory with the
    same record always yields the same addresses.
 
+**Hubs** (``hubs:``): one server host for many client hosts (HUB-SPEC: one daemon, one port,
+one peers directory). Each hub is checked like a link (host names, port, interface, routes on
+every host that installs them) plus: a client listed twice, a client that is the hub's own
+server, two clients with one address, overlapping routes behind two clients. Allocation
+(:func:`allocate_hubs`, after the links) gives a hub without ``network:`` a /24 of the pool (home
+block SHA-256(hub name), probing past used blocks; links' /30s avoid recorded hub networks) and
+each client the next free address; both are recorded under ``"hubs"`` in ``allocations.json``.
+
 Every accepted scalar records its line under its dotted path in ``Inventory.lines``; later
 stages (allocation, rendering) use :meth:`Inventory.problem` to point at the right line.
 """
@@ -60,6 +68,8 @@ __all__ = [
     "HOOKS",
     "ROLES",
     "Host",
+    "Hub",
+    "HubClient",
     "Inventory",
     "InventoryError",
     "Link",
@@ -68,7 +78,9 @@ __all__ = [
     "Ssh",
     "Tunables",
     "UserError",
+    "allocate_hubs",
     "allocate_tunnels",
+    "hub_key_name",
     "load_inventory",
     "parse_inventory",
 ]
@@ -233,6 +245,63 @@ class Link:
 
 
 @dataclass(frozen=True)
+class HubClient:
+    """One client of a hub: a host (its name is the client's name in the hub's peers
+    directory), its tunnel address inside the hub's network and the networks behind it."""
+
+    host: str
+    tunnel: IPv4Address | None
+    routes: tuple[IPv4Network, ...] = ()
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        """The client's name: ``<name>.peer`` on the hub, ``<hub>.<name>`` in the keystore."""
+        return self.host
+
+
+@dataclass(frozen=True)
+class Hub:
+    """One vpnd server (one daemon, one port, one TUN) for many clients (HUB-SPEC.md).
+
+    ``network`` is the hub's client network (the hub is its first address, clients get the
+    following ones); None until :func:`allocate_hubs` takes a block from the pool. ``routes``
+    are the networks behind the hub, routed to it by every client.
+    """
+
+    name: str
+    server: str
+    clients: tuple[HubClient, ...]
+    interface: str
+    tunables: Tunables
+    network: IPv4Network | None = None
+    routes: tuple[IPv4Network, ...] = ()
+    hooks: tuple[tuple[str, str], ...] = ()  # run on the hub, per client
+    client_hooks: tuple[tuple[str, str], ...] = ()  # run on every client
+    clienttoclient: bool = True
+    index: int = 0
+
+    @property
+    def tunnel(self) -> IPv4Address | None:
+        """The hub's own tunnel address: the first address of its network."""
+        return None if self.network is None else self.network.network_address + 1
+
+    def client(self, name: str) -> HubClient:
+        """The client called ``name`` (KeyError when there is none)."""
+        for client in self.clients:
+            if client.name == name:
+                return client
+        raise KeyError(name)
+
+
+def hub_key_name(hub: str, client: str) -> str:
+    """The keystore name of the key a hub shares with one client: ``<hub>.<client>``.
+
+    Link and host names never contain a dot, so this never collides with a link's key."""
+    return f"{hub}.{client}"
+
+
+@dataclass(frozen=True)
 class Inventory:
     """A validated inventory. ``lines`` maps dotted field paths to their source lines."""
 
@@ -241,6 +310,21 @@ class Inventory:
     links: tuple[Link, ...]
     pool: IPv4Network = DEFAULT_POOL
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    hubs: tuple[Hub, ...] = ()
+
+    def hub(self, name: str) -> Hub:
+        """The hub called ``name`` (KeyError when there is none)."""
+        for hub in self.hubs:
+            if hub.name == name:
+                return hub
+        raise KeyError(name)
+
+    def key_names(self) -> list[str]:
+        """Every key the inventory needs: one per link, one per hub client (in file order)."""
+        names = [link.name for link in self.links]
+        for hub in self.hubs:
+            names += [hub_key_name(hub.name, c.name) for c in hub.clients]
+        return names
 
     def host(self, name: str) -> Host:
         """The host called ``name`` (KeyError when there is none)."""
@@ -588,6 +672,21 @@ _LINK_KEYS = (
 )
 
 
+_HUB_KEYS = (
+    "name",
+    "server",
+    "clients",
+    "network",
+    "routes",
+    "hooks",
+    "interface",
+    "clienttoclient",
+    *(key for key in _TUNABLE_READERS if key not in _SERIAL_ONLY),
+)
+_HUB_CLIENT_KEYS = ("host", "tunnel", "routes")
+MAX_HUB_CLIENTS = 4096
+
+
 def _read_tunables(r: _Reader, fields: Mapping[str, yaml.Node], path: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, reader in _TUNABLE_READERS.items():
@@ -756,7 +855,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 )
             ]
         )
-    top = r.mapping(root, "", ("version", "defaults", "hosts", "links"))
+    top = r.mapping(root, "", ("version", "defaults", "hosts", "links", "hubs"))
     if top is None:
         raise InventoryError(r.problems)
     if "version" in top:
@@ -821,7 +920,13 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
     # ---- links ----------------------------------------------------------------------------
     links: list[Link] = []
     explicit: dict[int, dict[str, Any]] = {}
-    for i, node in enumerate(_required_list(r, top, "links", root)):
+    if "hubs" in top and "links" not in top:
+        link_nodes: list = []  # an inventory of hubs only
+    elif "hubs" in top:
+        link_nodes = r.sequence(top["links"], "links") or []
+    else:
+        link_nodes = _required_list(r, top, "links", root)
+    for i, node in enumerate(link_nodes):
         path = f"links[{i}]"
         fields = r.mapping(node, path, _LINK_KEYS)
         if fields is None:
@@ -934,10 +1039,11 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 index=i,
             )
         )
+    hubs = _read_hubs(r, top["hubs"], default_tunables) if "hubs" in top else []
     if r.problems:
         raise InventoryError(r.problems)
 
-    inventory = Inventory(file, tuple(hosts), tuple(links), pool, dict(r.lines))
+    inventory = Inventory(file, tuple(hosts), tuple(links), pool, dict(r.lines), tuple(hubs))
     problems = _cross_check(
         inventory,
         explicit_interface={
@@ -947,6 +1053,127 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
     if problems:
         raise InventoryError(problems)
     return inventory
+
+
+def _read_hub_client(r: _Reader, node: yaml.Node, path: str) -> HubClient | None:
+    """A client of a hub: a host name, or ``{host: NAME, tunnel: ADDRESS, routes: [...]}``."""
+    if isinstance(node, yaml.ScalarNode):
+        host = r.name(node, path)
+        if host is None:
+            return None
+        r.lines[f"{path}.host"] = node.start_mark.line + 1
+        return HubClient(host=host, tunnel=None)
+    fields = r.mapping(node, path, _HUB_CLIENT_KEYS)
+    if fields is None:
+        return None
+    if "host" not in fields:
+        r.fail(node, f"{path}.host", "missing required key 'host' (the client's host name)")
+        return None
+    host = r.name(fields["host"], f"{path}.host")
+    tunnel = r.address(fields["tunnel"], f"{path}.tunnel") if "tunnel" in fields else None
+    routes = _read_routes(r, fields["routes"], f"{path}.routes") if "routes" in fields else ()
+    if host is None or ("tunnel" in fields and tunnel is None) or routes is None:
+        return None
+    return HubClient(host=host, tunnel=tunnel, routes=routes)
+
+
+def _read_hubs(r: _Reader, node: yaml.Node, default_tunables: Mapping[str, Any]) -> list[Hub]:
+    """The ``hubs:`` section: each a server host, its client hosts and hub-wide settings."""
+    hubs: list[Hub] = []
+    for i, item in enumerate(r.sequence(node, "hubs") or []):
+        path = f"hubs[{i}]"
+        fields = r.mapping(item, path, _HUB_KEYS)
+        if fields is None:
+            continue
+        ok = True
+        for key in ("name", "server", "clients"):
+            if key not in fields:
+                r.fail(item, f"{path}.{key}", f"missing required key {key!r}")
+                ok = False
+        name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
+        server = r.name(fields["server"], f"{path}.server") if "server" in fields else None
+        own = _read_tunables(r, fields, path)
+        base = {k: v for k, v in default_tunables.items() if k not in _SERIAL_ONLY}
+        if base.get("transport", "tcp") != "tcp" and "transport" not in own:
+            base["transport"] = "tcp"  # defaults.transport: serial applies to links only
+        tunables = Tunables(**{**base, **own})
+        if tunables.transport != "tcp":
+            r.fail(
+                fields["transport"],
+                f"{path}.transport",
+                "a hub serves its clients over tcp; serial is for point-to-point links",
+            )
+            ok = False
+        network = None
+        if "network" in fields:
+            network = r.network(fields["network"], f"{path}.network")
+            if network is not None and network.prefixlen > 30:
+                r.fail(
+                    fields["network"],
+                    f"{path}.network",
+                    f"{network} is too small: it holds the hub and its clients",
+                )
+                network = None
+            ok = ok and network is not None
+        routes = _read_routes(r, fields["routes"], f"{path}.routes") if "routes" in fields else ()
+        hooks = (
+            _per_side(r, fields["hooks"], f"{path}.hooks", lambda n, p: _read_hooks(r, n, p))
+            if "hooks" in fields
+            else {}
+        )
+        c2c = True
+        if "clienttoclient" in fields:
+            got = r.boolean(fields["clienttoclient"], f"{path}.clienttoclient")
+            c2c = bool(got) if got is not None else True
+        interface = None
+        if "interface" in fields:
+            interface = r.text(fields["interface"], f"{path}.interface")
+            if interface is not None and (
+                len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)
+            ):
+                r.fail(
+                    fields["interface"],
+                    f"{path}.interface",
+                    f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
+                )
+                interface = None
+        if routes is not None and len(routes) + (1 if c2c else 0) > MAX_ROUTES:
+            r.fail(
+                fields["routes"],
+                f"{path}.routes",
+                f"at most {MAX_ROUTES - 1} routes behind a hub with clienttoclient (each "
+                "client also routes the hub's network), or set clienttoclient: false",
+            )
+        clients: list[HubClient] = []
+        items = r.sequence(fields["clients"], f"{path}.clients") if "clients" in fields else None
+        if items is not None and not items:
+            r.fail(fields["clients"], f"{path}.clients", "the list of clients is empty")
+        if items is not None and len(items) > MAX_HUB_CLIENTS:
+            r.fail(
+                fields["clients"], f"{path}.clients", f"at most {MAX_HUB_CLIENTS} clients per hub"
+            )
+        for j, client_node in enumerate(items or []):
+            client = _read_hub_client(r, client_node, f"{path}.clients[{j}]")
+            if client is not None:
+                clients.append(replace(client, index=j))
+        if not ok or name is None or server is None or routes is None or not clients:
+            continue
+        hubs.append(
+            Hub(
+                name=name,
+                server=server,
+                clients=tuple(clients),
+                interface=interface or _derived_interface(name),
+                tunables=tunables,
+                network=network,
+                routes=routes,
+                hooks=hooks.get("server", ()),
+                client_hooks=hooks.get("client", ()),
+                clienttoclient=c2c,
+                index=i,
+            )
+        )
+    return hubs
 
 
 def _has_problem(r: _Reader, prefix: str) -> bool:
@@ -1030,6 +1257,11 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
         if link.server.host in peers and link.client.host in peers:
             peers[link.server.host].add(link.client.host)
             peers[link.client.host].add(link.server.host)
+    for hub in inv.hubs:
+        for client in hub.clients:
+            if hub.server in peers and client.host in peers and hub.server != client.host:
+                peers[hub.server].add(client.host)
+                peers[client.host].add(hub.server)
 
     link_names: dict[str, int] = {}
     tunnel_used: dict[IPv4Address, str] = {}
@@ -1165,6 +1397,240 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
                     )
                 else:
                     host_routes.setdefault(installing, []).append((net, f"{where} ({net})"))
+    problems += _check_hubs(
+        inv,
+        hosts_by_name,
+        underlay,
+        peers,
+        link_names=link_names,
+        tunnel_used=tunnel_used,
+        ports=ports,
+        interfaces=interfaces,
+        host_routes=host_routes,
+    )
+    return problems
+
+
+def _check_hubs(
+    inv: Inventory,
+    hosts_by_name: Mapping[str, Host],
+    underlay: Mapping[IPv4Address, str],
+    peers: Mapping[str, set[str]],
+    *,
+    link_names: Mapping[str, int],
+    tunnel_used: dict[IPv4Address, str],
+    ports: dict[tuple[str, int], int],
+    interfaces: dict[tuple[str, str], int],
+    host_routes: dict[str, list[tuple[IPv4Network, str]]],
+) -> list[Problem]:
+    """Cross checks of the ``hubs:`` section against the hosts, the links and each other."""
+    problems: list[Problem] = []
+    add = problems.append
+    hub_names: dict[str, int] = {}
+    hub_ports: dict[tuple[str, int], str] = {}
+    hub_ifaces: dict[tuple[str, str], str] = {}
+    networks: list[tuple[IPv4Network, str]] = []
+
+    def known(host: str, where: str) -> bool:
+        if host in hosts_by_name:
+            return True
+        hint = difflib.get_close_matches(host, list(hosts_by_name), n=1, cutoff=0.6)
+        more = f"; did you mean {hint[0]!r}?" if hint else ""
+        add(inv.problem(where, f"no host named {host!r} in hosts{more}"))
+        return False
+
+    def route_on(installing: str, net: IPv4Network, where: str) -> None:
+        carried = next(
+            (p for p in sorted(peers.get(installing, ())) if hosts_by_name[p].address in net), None
+        )
+        if carried is not None:
+            add(
+                inv.problem(
+                    where,
+                    f"{net} contains {carried}'s underlay address "
+                    f"{hosts_by_name[carried].address}: {installing}'s carrier to "
+                    f"{carried} would be routed into a tunnel",
+                )
+            )
+            return
+        clash = next((o for n, o in host_routes.get(installing, []) if n.overlaps(net)), None)
+        if clash is not None:
+            add(inv.problem(where, f"{net} overlaps {clash} (both routed on host {installing!r})"))
+        else:
+            host_routes.setdefault(installing, []).append((net, f"{where} ({net})"))
+
+    for hub in inv.hubs:
+        path = f"hubs[{hub.index}]"
+        if hub.name in link_names:
+            add(
+                inv.problem(
+                    f"{path}.name",
+                    f"{hub.name!r} is already the name of "
+                    f"links[{link_names[hub.name]}]: hubs and links share "
+                    "one namespace (config, unit and key names)",
+                )
+            )
+            continue
+        if hub.name in hub_names:
+            add(
+                inv.problem(
+                    f"{path}.name",
+                    f"duplicate hub name {hub.name!r} (also hubs[{hub_names[hub.name]}])",
+                )
+            )
+            continue
+        hub_names[hub.name] = hub.index
+        if not known(hub.server, f"{path}.server"):
+            continue
+
+        # The hub's port and interface.
+        key = (hub.server, hub.tunables.port)
+        if key in ports or key in hub_ports:
+            other = f"links[{ports[key]}]" if key in ports else hub_ports[key]
+            add(
+                inv.problem(
+                    f"{path}.port", f"port {key[1]} on host {key[0]!r} is already used by {other}"
+                )
+            )
+        elif key[1] == hosts_by_name[hub.server].ssh.port:
+            add(
+                inv.problem(
+                    f"{path}.port",
+                    f"port {key[1]} on host {key[0]!r} is its ssh port: "
+                    "vpnd could not listen there (and deploy needs ssh)",
+                )
+            )
+        else:
+            hub_ports[key] = path
+
+        # The hub's client network (when given): no underlay, no other tunnel address inside.
+        network_ok = hub.network is not None
+        if hub.network is not None:
+            inside = next((a for a in sorted(underlay) if a in hub.network), None)
+            clash_net = next((o for n, o in networks if n.overlaps(hub.network)), None)
+            used = next((a for a in sorted(tunnel_used) if a in hub.network), None)
+            if inside is not None:
+                network_ok = False
+                add(
+                    inv.problem(
+                        f"{path}.network",
+                        f"{hub.network} contains the underlay address "
+                        f"{inside} of {underlay[inside]}",
+                    )
+                )
+            elif clash_net is not None:
+                add(inv.problem(f"{path}.network", f"{hub.network} overlaps {clash_net}"))
+                network_ok = False
+            elif used is not None:
+                network_ok = False
+                add(
+                    inv.problem(
+                        f"{path}.network",
+                        f"{hub.network} contains {used}, used by {tunnel_used[used]}",
+                    )
+                )
+            else:
+                networks.append((hub.network, f"{path}.network ({hub.network})"))
+                assert hub.tunnel is not None  # noqa: S101 - network is set
+                tunnel_used[hub.tunnel] = path
+
+        seen: dict[str, int] = {}
+        bad_routes: set[str] = set()
+        hub_ends = [hub.server]
+        for client in hub.clients:
+            where = f"{path}.clients[{client.index}]"
+            if not known(client.host, f"{where}.host"):
+                continue
+            if client.host == hub.server:
+                add(
+                    inv.problem(
+                        f"{where}.host",
+                        f"{client.host!r} is the hub's own server "
+                        f"({path}.server): a hub cannot be its own "
+                        "client",
+                    )
+                )
+                continue
+            if client.host in seen:
+                first = inv.line_of(f"{path}.clients[{seen[client.host]}]")
+                add(
+                    inv.problem(
+                        f"{where}.host",
+                        f"{client.host!r} is listed twice in this hub (first on line {first})",
+                    )
+                )
+                continue
+            seen[client.host] = client.index
+            hub_ends.append(client.host)
+            if client.tunnel is not None:
+                taken = client.tunnel in tunnel_used
+                if hub.network is None:
+                    add(
+                        inv.problem(
+                            f"{where}.tunnel",
+                            f"a client address needs the hub's network "
+                            f"in {path}.network (the pool picks the "
+                            "network otherwise)",
+                        )
+                    )
+                elif client.tunnel not in hub.network:
+                    add(
+                        inv.problem(
+                            f"{where}.tunnel",
+                            f"{client.tunnel} is outside the hub's network {hub.network}",
+                        )
+                    )
+                elif client.tunnel in (hub.network.network_address, hub.network.broadcast_address):
+                    add(
+                        inv.problem(
+                            f"{where}.tunnel",
+                            f"{client.tunnel} is the network or broadcast address of {hub.network}",
+                        )
+                    )
+                elif client.tunnel in underlay:
+                    add(
+                        inv.problem(
+                            f"{where}.tunnel",
+                            f"{client.tunnel} is the underlay address of {underlay[client.tunnel]}",
+                        )
+                    )
+                elif taken:
+                    owner = tunnel_used[client.tunnel]
+                    what = "the hub's own address" if owner == path else f"already used by {owner}"
+                    add(inv.problem(f"{where}.tunnel", f"{client.tunnel} is {what}"))
+                else:
+                    tunnel_used[client.tunnel] = where
+            # Networks behind a client are routed on the hub's host.
+            for j, net in enumerate(client.routes):
+                route_on(hub.server, net, f"{where}.routes[{j}]")
+            # Networks behind the hub, and the hub's network, are routed on each client's host
+            # (one problem per route, not one per client).
+            for j, net in enumerate(hub.routes):
+                if f"{path}.routes[{j}]" not in bad_routes:
+                    before = len(problems)
+                    route_on(client.host, net, f"{path}.routes[{j}]")
+                    if len(problems) > before:
+                        bad_routes.add(f"{path}.routes[{j}]")
+            if network_ok and hub.network is not None and hub.clienttoclient:
+                route_on(client.host, hub.network, f"{path}.network")
+        for host in hub_ends:
+            ikey = (host, hub.interface)
+            if ikey in interfaces or ikey in hub_ifaces:
+                other = f"links[{interfaces[ikey]}]" if ikey in interfaces else hub_ifaces[ikey]
+                how = (
+                    ""
+                    if f"{path}.interface" in inv.lines
+                    else (" (derived from the hub name; set hubs[N].interface to choose another)")
+                )
+                add(
+                    inv.problem(
+                        f"{path}.interface",
+                        f"interface {hub.interface!r} on host "
+                        f"{host!r} is already used by {other}{how}",
+                    )
+                )
+            else:
+                hub_ifaces[ikey] = path
     return problems
 
 
@@ -1188,7 +1654,10 @@ def _block_addresses(pool: IPv4Network, block: int) -> tuple[IPv4Address, IPv4Ad
 
 
 def allocate_tunnels(
-    inv: Inventory, record: Mapping[str, tuple[IPv4Address, IPv4Address]], record_name: str
+    inv: Inventory,
+    record: Mapping[str, tuple[IPv4Address, IPv4Address]],
+    record_name: str,
+    reserved: Iterable[IPv4Network] = (),
 ) -> tuple[Inventory, dict[str, tuple[IPv4Address, IPv4Address]]]:
     """Give every link without ``tunnel:`` a (server, client) address pair from the pool.
 
@@ -1207,6 +1676,7 @@ def allocate_tunnels(
                 explicit_owner[address] = (link.name, f"links[{link.index}].tunnel.{role}")
     used |= set(explicit_owner)
     routes = [net for link in inv.links for role in ROLES for net in link.side(role).routes]
+    routes += list(reserved)  # hub networks: a link's /30 never lands inside one
 
     new_record = dict(record)
     problems: list[Problem] = []
@@ -1271,3 +1741,149 @@ def allocate_tunnels(
             )
         )
     return replace(inv, links=tuple(links)), new_record
+
+
+HubRecord = dict[str, tuple[IPv4Network, dict[str, IPv4Address]]]
+HUB_BLOCK_PREFIX = 24
+
+
+def hub_networks(inv: Inventory, hub_record: Mapping[str, Any]) -> list[IPv4Network]:
+    """Every network a hub holds or held (explicit or recorded): the pool keeps them for hubs."""
+    nets = [hub.network for hub in inv.hubs if hub.network is not None]
+    nets += [network for network, _ in hub_record.values() if network.subnet_of(inv.pool)]
+    return nets
+
+
+def _hub_prefix(pool: IPv4Network, clients: int) -> int:
+    """A hub's block: a /24 (room for 253 clients; adding one never moves another), or, in a
+    pool smaller than a /24, the smallest block holding the hub, its clients and the network
+    and broadcast addresses."""
+    if pool.prefixlen <= HUB_BLOCK_PREFIX:
+        return HUB_BLOCK_PREFIX
+    prefix = 30
+    while prefix > pool.prefixlen and 2 ** (32 - prefix) < clients + 3:
+        prefix -= 1
+    return prefix
+
+
+def allocate_hubs(inv: Inventory, hub_record: Mapping[str, Any]) -> tuple[Inventory, HubRecord]:
+    """Give every hub without ``network:`` a block of the pool, and every client without
+    ``tunnel:`` an address in its hub's network; ``inv`` must have its links allocated.
+
+    ``hub_record`` maps hub names to ``(network, {client: address})`` allocated earlier
+    (``keystore/allocations.json``): kept whenever still valid, and
+    kept for hubs and clients since removed, so adding a client or a hub never moves another.
+    A hub's block: SHA-256(hub name) modulo the number of blocks, probing upwards past blocks
+    that hold a used address or overlap a route, a link's tunnel or another hub's network.
+    New clients take the lowest free addresses after the hub's own (network + 1), in file order.
+    """
+    used: set[IPv4Address] = {h.address for h in inv.hosts}
+    for link in inv.links:
+        for role in ROLES:
+            address = link.side(role).tunnel
+            if address is not None:
+                used.add(address)
+    taken: list[IPv4Network] = [hub.network for hub in inv.hubs if hub.network is not None]
+    routes = [net for link in inv.links for role in ROLES for net in link.side(role).routes]
+    for hub in inv.hubs:
+        routes += list(hub.routes) + [net for c in hub.clients for net in c.routes]
+    new_record: HubRecord = {
+        name: (network, dict(clients)) for name, (network, clients) in hub_record.items()
+    }
+    problems: list[Problem] = []
+    networks: dict[str, IPv4Network] = {}
+    for _name, (network, _) in sorted(hub_record.items()):
+        if network.subnet_of(inv.pool):
+            taken.append(network)
+    for hub in sorted(inv.hubs, key=lambda h: h.name):
+        if hub.network is not None:
+            inside = sorted(a for a in used if a in hub.network)
+            if inside:  # a link's tunnel, allocated before this network was given
+                problems.append(inv.problem(f"hubs[{hub.index}].network",
+                                            f"{hub.network} contains {inside[0]}, already a "
+                                            "link's tunnel address"))  # fmt: skip
+            networks[hub.name] = hub.network
+            continue
+        recorded = hub_record.get(hub.name)
+        if recorded is not None and recorded[0].subnet_of(inv.pool):
+            networks[hub.name] = recorded[0]
+            continue
+        prefix = _hub_prefix(inv.pool, len(hub.clients))
+        size = 2 ** (32 - prefix)
+        blocks = inv.pool.num_addresses // size
+        home = (
+            int.from_bytes(hashlib.sha256(b"vpnctl-hub\0" + hub.name.encode()).digest()[:8], "big")
+            % blocks
+        )
+        for step in range(blocks):
+            net = IPv4Network(
+                (int(inv.pool.network_address) + size * ((home + step) % blocks), prefix)
+            )
+            if any(address in net for address in used):
+                continue
+            if any(net.overlaps(other) for other in taken + routes):
+                continue
+            break
+        else:
+            problems.append(
+                inv.problem(
+                    f"hubs[{hub.index}].network",
+                    f"the tunnel pool {inv.pool} has no free /{prefix} for "
+                    "this hub; widen defaults.tunnel_pool or give "
+                    "network:",
+                )
+            )
+            continue
+        networks[hub.name] = net
+        taken.append(net)
+        new_record[hub.name] = (net, {})
+    if problems:
+        raise InventoryError(problems)
+
+    hubs = []
+    for hub in inv.hubs:
+        network = networks[hub.name]
+        recorded_clients = dict(new_record.get(hub.name, (network, {}))[1])
+        if new_record.get(hub.name, (None,))[0] != network:
+            recorded_clients = {}  # the hub moved (an explicit network): start afresh
+        hub_used = {
+            network.network_address,
+            network.network_address + 1,
+            network.broadcast_address,
+        } | used
+        hub_used |= {c.tunnel for c in hub.clients if c.tunnel is not None}
+        hub_used |= {a for n, a in recorded_clients.items() if a in network}
+        free = (a for a in network.hosts() if a not in hub_used)
+        pinned = {c.tunnel for c in hub.clients if c.tunnel is not None}
+        holder = {a: n for n, a in recorded_clients.items()}
+        clients = []
+        for client in hub.clients:
+            address = client.tunnel
+            if address is not None and holder.get(address, client.name) != client.name:
+                problems.append(inv.problem(
+                    f"hubs[{hub.index}].clients[{client.index}].tunnel",
+                    f"{address} is already allocated to client {holder[address]!r} of this hub "
+                    "in keystore/allocations.json"))  # fmt: skip
+                continue
+            if address is None:
+                kept = recorded_clients.get(client.name)
+                if kept is not None and kept in network and kept not in pinned:
+                    address = kept
+                else:
+                    address = next(free, None)
+                    if address is None:
+                        problems.append(
+                            inv.problem(
+                                f"hubs[{hub.index}].clients[{client.index}]",
+                                f"the hub's network {network} is full; give a larger network:",
+                            )
+                        )
+                        continue
+                    recorded_clients[client.name] = address
+            clients.append(replace(client, tunnel=address))
+        if hub.network is None or recorded_clients:
+            new_record[hub.name] = (network, recorded_clients)
+        hubs.append(replace(hub, network=network, clients=tuple(clients)))
+    if problems:
+        raise InventoryError(problems)
+    return replace(inv, hubs=tuple(hubs)), new_record

@@ -22,6 +22,8 @@ Theory of operation
   tag); the WAN lives inside namespaces and is always ``198.18.1.0/24``.
 * ``D/inventory.yaml`` describes the hosts and one link per client (server <-> client i) and
   ``D/ssh_config`` the ssh connection details (known_hosts pinned, multiplexing in ``D``).
+* ``--wan SPEC`` puts the WAN emulator (``vpnctl/wan.py``) on the server's switch port in
+  ``T-wan``, so every client <-> server packet crosses it (``_start_wan``); ``lab down`` stops it.
 * Everything is recorded in ``D/lab.json`` *before* it is created, so ``lab_down`` removes every
   trace -- processes running inside the lab's namespaces, ssh control masters, namespaces, root
   links, files -- even after ``lab_up`` crashed halfway.
@@ -263,10 +265,17 @@ def lab_ssh_options(directory: Path, control_dir: Path) -> list[str]:
     ]
 
 
-def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> dict[str, object]:
-    """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client."""
+HUB_NAME = "hub"
+HUB_PORT = 4000
+
+
+def lab_inventory(
+    hosts: list[LabHost], directory: Path, control_dir: Path, *, hub: bool = False
+) -> dict[str, object]:
+    """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client -- or,
+    with ``hub``, one hub on the server (``hubs:``, port 4000) with every client."""
     server = hosts[0]
-    return {
+    inventory = {
         "version": 1,
         "defaults": {
             "ssh": {
@@ -295,10 +304,22 @@ def lab_inventory(hosts: list[LabHost], directory: Path, control_dir: Path) -> d
             for idx, client in enumerate(hosts[1:], start=1)
         ],
     }
+    if hub:
+        del inventory["links"]
+        inventory["hubs"] = [
+            {
+                "name": HUB_NAME,
+                "server": server.name,
+                "port": HUB_PORT,
+                "clients": [client.name for client in hosts[1:]],
+            }
+        ]
+    return inventory
 
 
 def _write_inventory(path: Path, inventory: dict[str, object]) -> None:
-    header = "# written by `vpnctl lab up`: one server, one link per client, lab addresses only\n"
+    shape = "one hub for every client" if "hubs" in inventory else "one link per client"
+    header = f"# written by `vpnctl lab up`: one server, {shape}, lab addresses only\n"
     path.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
 
 
@@ -308,9 +329,11 @@ def lab_up(
     clients: int = 2,
     tag: str = "vlab",
     mgmt_net: str | None = None,
+    hub: bool = False,
     wan: str | None = None,
 ) -> LabState:
-    """Build a lab of one server and `clients` clients; return its recorded state.
+    """Build a lab of one server and `clients` clients; return its recorded state. Its
+    inventory joins them by one link per client, or with ``hub`` by one hub for all clients.
 
     On any failure everything created so far is removed before the LabError propagates.
     """
@@ -352,7 +375,7 @@ def lab_up(
     state.wan_spec = wan or ""
     state.save()
     try:
-        _build(state, directory, mgmt, clients)
+        _build(state, directory, mgmt, clients, hub=hub)
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(directory)
@@ -360,7 +383,9 @@ def lab_up(
     return state
 
 
-def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, clients: int) -> None:
+def _build(
+    state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, clients: int, *, hub: bool
+) -> None:
     tag = state.tag
     hosts = _host_plan(tag, directory, mgmt, clients)
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -409,6 +434,10 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
         _run(["ip", "-n", wan_ns, "link", "set", f"h{idx}", "master", "br0", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{host.wan_ip}/{WAN_NET.prefixlen}", "dev", "wan0"])
         _run(["ip", "-n", ns, "link", "set", "wan0", "up"])
+        if hub and host.role == "server":
+            # the hub host routes client-to-client traffic through its TUN (as a real hub
+            # host would be set up: forwarding is the host's business, not vpnd's)
+            _run(_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
 
         hostdir = directory / "hosts" / host.name
         Path(host.prefix).mkdir(parents=True, exist_ok=True)
@@ -428,7 +457,9 @@ def _build(state: LabState, directory: Path, mgmt: ipaddress.IPv4Network, client
     state.control_dir = str(control_dir)
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
-    _write_inventory(directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir))
+    _write_inventory(
+        directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir, hub=hub)
+    )
     for host in hosts:
         _wait_tcp(host.mgmt_ip, 22, SSHD_READY_TIMEOUT)
 

@@ -43,8 +43,18 @@ from typing import Any
 
 import jinja2
 
-from vpnctl.inventory import ROLES, Host, Inventory, Link, UserError
-from vpnd_runtime.config import Config, ConfigError, parse_config
+from vpnctl.inventory import (
+    ROLES,
+    Host,
+    Hub,
+    HubClient,
+    Inventory,
+    Link,
+    Tunables,
+    UserError,
+    hub_key_name,
+)
+from vpnd_runtime.config import Config, ConfigError, PeerSpec, parse_config, parse_peer
 
 __all__ = [
     "MANIFEST",
@@ -137,6 +147,99 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "runtime": host.path(RUNTIME_PATH),
         "user": host.run_as[0] if host.run_as else None,
         "group": host.run_as[1] if host.run_as else None,
+        "hub": False,
+    }
+
+
+def _tunable_context(t: Tunables) -> dict[str, Any]:
+    return {
+        "port": t.port,
+        "mtu": t.mtu,
+        "keepalive": t.keepalive,
+        "noanswer": t.noanswer,
+        "maxdelay": t.maxdelay,
+        "cipher": t.cipher,
+        "keyttl": t.keyttl,
+        "sendbuf": t.sendbuf,
+        "compress": t.compress,
+        "ipopts": t.ipopts,
+        "udp": t.transport == "udp",
+    }
+
+
+def hub_peers_dir(hub: Hub) -> str:
+    """The hub's peers directory below etc/vpnd: ``<hub>.peers``."""
+    return f"{hub.name}.peers"
+
+
+def _hub_context(inv: Inventory, hub: Hub) -> dict[str, Any]:
+    """The hub's own config and unit: nothing in it depends on the client set, so adding or
+    removing a client leaves both byte-identical (deploy then only reloads the hub)."""
+    host = inv.host(hub.server)
+    return {
+        "inventory": Path(inv.file).name,
+        "hub": hub.name,
+        "link": hub.name,
+        "role": "hub",
+        "peer_role": "peers directory",
+        "host": hub.server,
+        "peer": "clients",
+        "local": str(hub.tunnel),
+        "serial": False,  # a hub runs over TCP (the unit's device rules see this)
+        "device": None,
+        "peers": host.path("etc/vpnd", hub_peers_dir(hub)),
+        "interface": hub.interface,
+        "clienttoclient": hub.clienttoclient,
+        "pidfile": host.path("run/vpnd", f"{hub.name}.pid"),
+        "statusfile": host.path("run/vpnd", f"{hub.name}.status.json"),
+        "hooks": list(hub.hooks),
+        "config": host.path("etc/vpnd", f"{hub.name}.conf"),
+        "rundir": host.path("run/vpnd"),
+        "runtime": host.path(RUNTIME_PATH),
+        "user": host.run_as[0] if host.run_as else None,
+        "group": host.run_as[1] if host.run_as else None,
+        **_tunable_context(hub.tunables),
+    }
+
+
+def _hub_client_context(inv: Inventory, hub: Hub, client: HubClient) -> dict[str, Any]:
+    """The client side of one hub client: an ordinary client config (HUB-SPEC.md) whose
+    routes are the hub's network (unless clienttoclient is off) and the networks behind the
+    hub, via the hub's address."""
+    host = inv.host(client.host)
+    routes = ([hub.network] if hub.clienttoclient and hub.network is not None else []) + list(
+        hub.routes
+    )
+    return {
+        "inventory": Path(inv.file).name,
+        "link": hub.name,
+        "role": "client",
+        "peer_role": "hub",
+        "host": client.host,
+        "peer": hub.server,
+        "serial": False,
+        "device": None,
+        "server_address": str(inv.host(hub.server).address),
+        "local": str(client.tunnel),
+        "remote": str(hub.tunnel),
+        "interface": hub.interface,
+        "keyfile": host.path("etc/vpnd", f"{hub.name}.key"),
+        "pidfile": host.path("run/vpnd", f"{hub.name}.pid"),
+        "statusfile": host.path("run/vpnd", f"{hub.name}.status.json"),
+        "speed": 0,
+        "localline": False,
+        "nortscts": False,
+        "xfilter": False,
+        "modemchat": None,
+        "routes": routes,
+        "hooks": list(hub.client_hooks),
+        "config": host.path("etc/vpnd", f"{hub.name}.conf"),
+        "rundir": host.path("run/vpnd"),
+        "runtime": host.path(RUNTIME_PATH),
+        "user": host.run_as[0] if host.run_as else None,
+        "group": host.run_as[1] if host.run_as else None,
+        "hub": False,
+        **_tunable_context(hub.tunables),
     }
 
 
@@ -158,7 +261,7 @@ def render(inv: Inventory, fingerprints: Mapping[str, str]) -> dict[str, bytes]:
     env = _environment()
     conf_template = env.get_template("vpnd.conf.j2")
     unit_template = env.get_template("vpnd.service.j2")
-    missing = [link.name for link in inv.links if link.name not in fingerprints]
+    missing = [name for name in inv.key_names() if name not in fingerprints]
     if missing:
         raise RenderError(f"no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first")
     out: dict[str, bytes] = {}
@@ -195,9 +298,115 @@ def render(inv: Inventory, fingerprints: Mapping[str, str]) -> dict[str, bytes]:
                 "unit": unit,
                 "files": {rel: _sha256(data) for rel, data in sorted(files.items())},
             }
+    for hub in inv.hubs:
+        _render_hub(inv, hub, fingerprints, env, out=out, manifests=manifests)
     for name, manifest in manifests.items():
         out[f"{name}/{MANIFEST}"] = _json_bytes(manifest)
     return dict(sorted(out.items()))
+
+
+def _render_hub(
+    inv: Inventory,
+    hub: Hub,
+    fingerprints: Mapping[str, str],
+    env: jinja2.Environment,
+    *,
+    out: dict[str, bytes],
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    """The hub's config, unit and peers directory (one ``<client>.peer`` each) on its host, and
+    one client config (and unit) per client host; every file passes the runtime's parser."""
+    if hub.network is None or any(c.tunnel is None for c in hub.clients):
+        raise RenderError(f"hub {hub.name!r} has no tunnel addresses (not allocated)")
+    host = inv.host(hub.server)
+    context = _hub_context(inv, hub)
+    conf_rel = f"etc/vpnd/{hub.name}.conf"
+    conf = env.get_template("hub.conf.j2").render(context).encode()
+    _self_check_hub(conf, f"build/{host.name}/{conf_rel}")
+    files = {conf_rel: conf}
+    unit = None
+    if host.systemd is not False:
+        unit = f"vpnd-{hub.name}.service"
+        files[f"systemd/{unit}"] = env.get_template("vpnd.service.j2").render(context).encode()
+    peer_template = env.get_template("hub.peer.j2")
+    clients: dict[str, Any] = {}
+    for client in hub.clients:
+        key = hub_key_name(hub.name, client.name)
+        peer_rel = f"etc/vpnd/{hub_peers_dir(hub)}/{client.name}.peer"
+        keyfile = host.path("etc/vpnd", hub_peers_dir(hub), f"{client.name}.key")
+        peer = peer_template.render(
+            inventory=Path(inv.file).name,
+            hub=hub.name,
+            client=client.name,
+            client_address=str(inv.host(client.host).address),
+            address=str(client.tunnel),
+            keyfile=keyfile,
+            routes=list(client.routes),
+        ).encode()
+        _self_check_peer(peer, f"build/{host.name}/{peer_rel}")
+        files[peer_rel] = peer
+        clients[client.name] = {
+            "host": client.host,
+            "address": str(client.tunnel),
+            "key": key,
+            "key_fingerprint": fingerprints[key],
+            "peerfile": host.path(peer_rel),
+            "keyfile": keyfile,
+            "routes": [str(net) for net in client.routes],
+        }
+    for rel, data in files.items():
+        out[f"{host.name}/{rel}"] = data
+    manifests[host.name]["links"][hub.name] = {
+        "role": "hub",
+        "peer": None,
+        "transport": "tcp",
+        "interface": hub.interface,
+        "local": str(hub.tunnel),
+        "network": str(hub.network),
+        "clienttoclient": hub.clienttoclient,
+        "config": context["config"],
+        "peers": context["peers"],
+        "keyfile": None,
+        "pidfile": context["pidfile"],
+        "statusfile": context["statusfile"],
+        "key_fingerprint": None,
+        "unit": unit,
+        "clients": clients,
+        "files": {rel: _sha256(data) for rel, data in sorted(files.items())},
+    }
+
+    conf_template = env.get_template("vpnd.conf.j2")
+    unit_template = env.get_template("vpnd.service.j2")
+    for client in hub.clients:
+        chost = inv.host(client.host)
+        ccontext = _hub_client_context(inv, hub, client)
+        crel = f"etc/vpnd/{hub.name}.conf"
+        cconf = conf_template.render(ccontext).encode()
+        _self_check(cconf, f"build/{chost.name}/{crel}")
+        cfiles = {crel: cconf}
+        cunit = None
+        if chost.systemd is not False:
+            cunit = f"vpnd-{hub.name}.service"
+            cfiles[f"systemd/{cunit}"] = unit_template.render(ccontext).encode()
+        for rel, data in cfiles.items():
+            out[f"{chost.name}/{rel}"] = data
+        key = hub_key_name(hub.name, client.name)
+        manifests[chost.name]["links"][hub.name] = {
+            "role": "client",
+            "peer": hub.server,
+            "hub": hub.name,
+            "key": key,
+            "transport": "tcp",
+            "interface": hub.interface,
+            "local": str(client.tunnel),
+            "config": ccontext["config"],
+            "keyfile": ccontext["keyfile"],
+            "pidfile": ccontext["pidfile"],
+            "statusfile": ccontext["statusfile"],
+            "key_fingerprint": fingerprints[key],
+            "unit": cunit,
+            "files": {rel: _sha256(data) for rel, data in sorted(cfiles.items())},
+        }
 
 
 def _manifest_head(host: Host) -> dict[str, Any]:
@@ -218,6 +427,26 @@ def _self_check(conf: bytes, where: str) -> Config:
         return parse_config(conf.decode(), where)
     except ConfigError as exc:
         raise RenderError(f"the runtime parser refuses a rendered config:\n{exc}") from None
+
+
+def _self_check_hub(conf: bytes, where: str) -> None:
+    """Feed a rendered hub config through the runtime's parser; it must come out a hub."""
+    config = _self_check(conf, where)
+    if not config.is_hub:
+        raise RenderError(f"{where}: the runtime does not read this config as a hub")
+
+
+def _parse_peer(text: str, where: str) -> PeerSpec:
+    """A peer file through the runtime's own peer-file parser (its name from the file name)."""
+    return parse_peer(text, where, Path(where).stem, default_keyfile="(the hub's keyfile)")
+
+
+def _self_check_peer(data: bytes, where: str) -> None:
+    """Feed a rendered peer file through the runtime's peer-file parser."""
+    try:
+        _parse_peer(data.decode(), where)
+    except ConfigError as exc:
+        raise RenderError(f"the runtime parser refuses a rendered peer file:\n{exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,7 +697,147 @@ def check_build(
                 f"{link.name}: {link.server.host} {s.local} <-> {c.local} {link.client.host}  "
                 f"{transport}  key {s_entry['key_fingerprint']}"
             )
+    for hub in inv.hubs:
+        _check_hub(
+            inv, hub, fingerprints, build, manifests=manifests, verified=verified, problems=problems
+        )
     if expected is not None:
         for rel in changed_paths(expected, build):
             problems.append(f"{build / rel}: out of date with the inventory; run `vpnctl render`")
     return CheckResult(verified, problems)
+
+
+# --------------------------------------------------------------------------------------------
+# The hub pairing check
+
+_MIRRORED = ("keepalive", "noanswer", "maxdelay", "cipher", "keyttl", "mtu", "compress")
+
+
+def _directives(text: str) -> dict[str, list[str]]:
+    """``directive -> arguments`` of a vpnd config or peer file (comments and blanks skipped):
+    enough to compare the two ends textually once the runtime parser has accepted them."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            out.setdefault(words[0], words[1:])
+    return out
+
+
+def _read(path: Path, problems: list[str]) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror}")
+        return None
+
+
+def _check_hub(
+    inv: Inventory,
+    hub: Hub,
+    fingerprints: Mapping[str, str],
+    build: Path,
+    *,
+    manifests: Mapping[str, Mapping[str, Any] | None],
+    verified: list[str],
+    problems: list[str],
+) -> None:
+    """Prove that every client of ``hub`` pairs with it: the hub's peer file for the client and
+    the client's config name the same addresses (mirrored), the client dials the hub's address
+    and port, both ends carry the keystore's key for the pair, liveness/cipher settings agree,
+    and the client's routes go via the hub's address."""
+    manifest = manifests.get(hub.server)
+    if manifest is None:
+        return
+    entry = manifest["links"].get(hub.name)
+    where = build / hub.server / MANIFEST
+    if entry is None or entry.get("role") != "hub":
+        problems.append(f"{where}: no hub {hub.name!r} (role hub) on {hub.server}")
+        return
+    conf_path = build / hub.server / "etc" / "vpnd" / f"{hub.name}.conf"
+    text = _read(conf_path, problems)
+    if text is None:
+        return
+    try:
+        parse_config(text, str(conf_path))
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return
+    hub_conf = _directives(text)
+    server_address = str(inv.host(hub.server).address)
+    hub_local = (hub_conf.get("local") or ["?"])[0]
+    hub_port = (hub_conf.get("server") or ["?", "?"])[-1]
+    if hub_conf.get("mode") != ["server"] or "peers" not in hub_conf:
+        problems.append(f"{conf_path}: not a hub config (mode server with peers)")
+        return
+    for client in hub.clients:
+        name = f"hub {hub.name} client {client.name}"
+        found: list[str] = []
+        bad = found.append
+        hub_view = entry.get("clients", {}).get(client.name)
+        cmanifest = manifests.get(client.host)
+        centry = None if cmanifest is None else cmanifest["links"].get(hub.name)
+        if hub_view is None:
+            problems.append(f"{where}: hub {hub.name!r} has no client {client.name!r}")
+            continue
+        if centry is None or centry.get("role") != "client":
+            if cmanifest is not None:
+                problems.append(f"{build / client.host / MANIFEST}: no client side of hub "
+                                f"{hub.name!r}")  # fmt: skip
+            continue
+        peer_path = build / hub.server / "etc" / "vpnd" / hub_peers_dir(hub) / f"{client.name}.peer"
+        peer_text = _read(peer_path, problems)
+        config = _parse_side(build, client.host, hub.name, problems)
+        if peer_text is None or config is None:
+            continue
+        try:
+            _parse_peer(peer_text, str(peer_path))
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        peer = _directives(peer_text)
+        peer_remote = (peer.get("remote") or ["?"])[0]
+        if config.mode != "client":
+            bad(f"the client config is mode {config.mode}, expected client")
+        if (str(config.local), str(config.remote)) != (peer_remote, hub_local):
+            bad(f"tunnel addresses do not mirror: hub {hub_local}, peer file remote "
+                f"{peer_remote}; client {config.local}->{config.remote}")  # fmt: skip
+        if config.server_host != server_address:
+            bad(f"client dials {config.server_host}, the hub's address is {server_address}")
+        if str(config.server_port) != hub_port:
+            bad(f"hub listens on port {hub_port}, client dials {config.server_port}")
+        client_conf = _directives(_read(build / client.host / "etc" / "vpnd" /
+                                        f"{hub.name}.conf", problems) or "")  # fmt: skip
+        for directive in _MIRRORED:
+            if hub_conf.get(directive) != client_conf.get(directive):
+                have = " ".join(hub_conf.get(directive, ["(none)"]))
+                want = " ".join(client_conf.get(directive, ["(none)"]))
+                bad(f"{directive} differs: hub {have}, client {want}")
+        if peer.get("keyfile", [None])[0] != hub_view.get("keyfile"):
+            bad(f"peer file keyfile {peer.get('keyfile')} is not {hub_view.get('keyfile')}")
+        for route in config.routes:
+            if str(route.gateway) != hub_local:
+                bad(f"client route{route.index} goes via {route.gateway}, not the hub {hub_local}")
+        for directive, args in peer.items():
+            if directive.startswith("route") and args[-1:] != [peer_remote]:
+                bad(f"peer file {directive} goes via {args[-1:]}, not the client {peer_remote}")
+        if (
+            hub.clienttoclient
+            and hub.network is not None
+            and not any(route.network == hub.network for route in config.routes)
+        ):
+            bad(f"the client has no route to the hub's network {hub.network}")
+        key = hub_key_name(hub.name, client.name)
+        fps = {hub_view.get("key_fingerprint"), centry.get("key_fingerprint")}
+        if len(fps) != 1:
+            bad(f"key fingerprints differ: hub {hub_view.get('key_fingerprint')}, client "
+                f"{centry.get('key_fingerprint')}")  # fmt: skip
+        elif fingerprints.get(key) not in fps:
+            bad(f"rendered with key {fps.pop()}, the keystore holds {fingerprints.get(key)}; "
+                "run `vpnctl render`")  # fmt: skip
+        problems.extend(f"{name}: {what}" for what in found)
+        if not found:
+            verified.append(
+                f"{hub.name}/{client.name}: hub {hub.server} {hub_local} <-> {config.local} "
+                f"{client.host}  tcp/{hub_port}  key {hub_view['key_fingerprint']}"
+            )

@@ -497,6 +497,7 @@ DRAIN_BATCH = 128
 # kernel's RT throttling (sched_rt_runtime_us) still leaves the rest of the machine 5 %.
 RT_PRIORITY = 10
 EARLY = 0.0005  # a packet due within this many seconds goes now (centres the ms rounding)
+HOLD_MAX = 128 * 1024 * 1024  # bytes held in the timer heap at most (both directions)
 
 
 def open_leg(ifname: str) -> socket.socket:
@@ -532,6 +533,7 @@ class Forwarder:
         self.pipes = (Pipe(spec.up, rng, self.start), Pipe(spec.down, rng, self.start))
         self.heap: list[tuple[float, int, int, bytes]] = []  # (due, seq, out leg, packet)
         self.seq = 0
+        self.held_bytes = 0
         self.stats_path = stats_path
         self.running = True
         self.poller = select.epoll()
@@ -552,6 +554,7 @@ class Forwarder:
             "spec": self.spec.describe(),
             "uptime": round(time.monotonic() - self.start, 3),
             "queued": len(self.heap),
+            "queued_bytes": self.held_bytes,
         }
         for name, pipe in zip(("up", "down"), self.pipes, strict=True):
             st = asdict(pipe.stats)
@@ -611,6 +614,10 @@ class Forwarder:
                 self._push(verdict.deliver_at, out, part)
 
     def _push(self, due: float, out: int, packet: bytes) -> None:
+        if self.held_bytes + len(packet) > HOLD_MAX:  # a memory bound, not a WAN property
+            self.pipes[1 - out].stats.dropped_queue += segment_count(packet)[0]
+            return
+        self.held_bytes += len(packet)
         self.seq += 1
         heapq.heappush(self.heap, (due, self.seq, out, packet))
 
@@ -618,6 +625,7 @@ class Forwarder:
         heap = self.heap
         while heap and heap[0][0] <= now:
             _due, _seq, out, packet = heapq.heappop(heap)
+            self.held_bytes -= len(packet)
             pipe = self.pipes[1 - out]
             try:
                 self.socks[out].send(packet)
@@ -690,7 +698,8 @@ def netem_available(namespace: str, ifname: str) -> bool:
 
 
 def netem_args(imp: Impairment) -> list[str]:
-    """The `tc ... netem` arguments for one direction (the netem backend; no outage form)."""
+    """The `tc ... netem` arguments for one direction (the netem backend). netem has no outage
+    and counts its queue in packets: `limit` (bytes) is not passed on, a 100,000-packet queue is."""
     args = ["limit", "100000"]
     if imp.delay or imp.jitter:
         args += ["delay", f"{imp.delay * 1e6:.0f}us"]

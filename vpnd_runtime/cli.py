@@ -145,8 +145,9 @@ def check_config(conf: str, *, key: bool = True) -> str:
     summary ``vpnd --check`` prints. ConfigError/KeyFileError name the file and line.
 
     ``vpnctl render`` runs this with ``key=False`` on every config it renders, so the operator's
-    machine checks a config exactly as ``vpnd --check --no-key`` does."""
-    config = load_config(conf)
+    machine checks a config exactly as ``vpnd --check --no-key`` does (a hub's peers directory,
+    like the keys, is then read only where it exists)."""
+    config = load_config(conf, peers_optional=not key)
     link = config.server_host if config.is_serial else f"{config.server_host}:{config.server_port}"
     keys = _load_keys(config) if key else {}
     if key:  # on the host: the accounts `user`/`group` name must exist (the drop is at start)

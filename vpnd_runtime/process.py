@@ -130,6 +130,8 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
 
     pid_fd = -1
     try:
+        if config.user is not None:
+            preload(config)  # after the drop the interpreter's own files may be unreadable
         ident = privdrop.prepare(config)  # `user`: resolve it, make its status directory
         if config.pidfile:
             pid_fd = write_pidfile(config.pidfile)
@@ -149,3 +151,24 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
     finally:
         if config.pidfile and pid_fd >= 0:
             remove_pidfile(config.pidfile, pid_fd)
+
+
+def preload(config: Config) -> None:
+    """Import now what this config will need later (hooks, compression, a serial line, the
+    hints of a config error on SIGHUP). The runtime imports these lazily to stay small; but once
+    vpnd runs as `user`, the Python installation may not be readable by that account (a root-only
+    prefix), and a lazy import would fail in the middle of a link up."""
+    import difflib  # noqa: F401, PLC0415
+    import importlib  # noqa: PLC0415
+
+    wanted = []
+    if any((config.linkup, config.linkdown, config.slipup, config.slipdown)):
+        wanted.append("subprocess")
+    if config.compress:
+        wanted.append("zlib")
+    if config.is_serial:
+        wanted += ["serial", "vpnd_runtime.io.serial", "vpnd_runtime.proto.slip"]
+        if config.modemchat:
+            wanted.append("vpnd_runtime.io.chat")
+    for name in wanted:
+        importlib.import_module(name)

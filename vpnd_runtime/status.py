@@ -15,7 +15,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 STATUS_VERSION = 1
@@ -56,6 +57,10 @@ class StatusRecord:
     reconnects: int = 0
     links_up: int = 0
     updated: float = 0.0
+    #: The key the current session was opened with (differs from key_fingerprint while a
+    #: rotation is under way: the far end may use `nextkey`), and the second accepted key.
+    session_key_fingerprint: str | None = None
+    next_key_fingerprint: str | None = None
     #: A hub (many clients): its clients' entries, and how many there are / are up.
     hub: bool = False
     peers: list[dict[str, Any]] = field(default_factory=list)
@@ -70,6 +75,9 @@ class StatusRecord:
             self.state = state
             self.reason = reason
             self.since = time.time()
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclass_fields(StatusRecord))
 
 
 class StatusWriter:
@@ -89,7 +97,9 @@ class StatusWriter:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o755, exist_ok=True)
-        fields = asdict(record)
+        # Shallow: asdict() deep-copies every hub client's entry once a second, which was most of
+        # an idle hub's CPU with a thousand clients (bench/hub_findings.md).
+        fields = {name: getattr(record, name) for name in _FIELD_NAMES}
         if not record.hub:  # a point-to-point record keeps its first-version shape
             for name in ("hub", "peers", "peers_total", "peers_up"):
                 del fields[name]
@@ -204,6 +214,8 @@ def format_status(record: dict[str, Any]) -> str:
         ),
         ("peer", record.get("peer")),
         ("key", record.get("key_fingerprint")),
+        ("next key", record.get("next_key_fingerprint")),
+        ("session key", record.get("session_key_fingerprint") if state == "up" else None),
         (
             "session age",
             _fmt_age(record.get("session_age"))

@@ -1,11 +1,13 @@
 """A small UDP sender/receiver pair for the WAN emulator's tests (run inside namespaces).
 
     python udp_probe.py recv ADDR PORT IDLE TOTAL   # prints "ready", then one JSON line
-    python udp_probe.py send ADDR PORT COUNT SIZE INTERVAL
+    python udp_probe.py send ADDR PORT COUNT SIZE INTERVAL [GSO]
 
 Each datagram carries its sequence number; the receiver reports, in arrival order, the sequence
-numbers and arrival times (kernel receive stamps, seconds since the first one), ending IDLE seconds after the last
-datagram (or TOTAL seconds after start). INTERVAL 0 sends as fast as the socket takes them.
+numbers and arrival times (kernel receive stamps, seconds since the first one), ending IDLE
+seconds after the last datagram (or TOTAL seconds after start). INTERVAL 0 sends as fast as the
+socket takes them. GSO > 1 hands the kernel GSO datagrams at a time in one send (UDP_SEGMENT):
+the wire then carries UDP GSO super-packets, each datagram still numbered on its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 SEQ = struct.Struct("!I")
 SO_TIMESTAMPNS = 35  # arrival times stamped by the kernel: a late wake-up here does not skew them
 TIMESPEC = struct.Struct("qq")
+UDP_SEGMENT = 103
 
 
 def receive(addr: str, port: int, idle: float, total: float) -> None:
@@ -63,17 +66,21 @@ def receive(addr: str, port: int, idle: float, total: float) -> None:
     print(json.dumps({"seqs": seqs, "times": times, "bytes": nbytes}), flush=True)
 
 
-def send(addr: str, port: int, count: int, size: int, interval: float) -> None:
-    """Send `count` datagrams of `size` bytes, `interval` seconds apart (0: back to back)."""
+def send(addr: str, port: int, count: int, size: int, interval: float, *, gso: int = 1) -> None:
+    """Send `count` datagrams of `size` bytes, `interval` seconds apart (0: back to back), `gso`
+    of them per system call as one UDP GSO super-packet when `gso` > 1."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if gso > 1:
+        sock.setsockopt(socket.SOL_UDP, UDP_SEGMENT, size)
     pad = b"\0" * (size - SEQ.size)
     start = time.monotonic()
-    for seq in range(count):
+    for first in range(0, count, gso):
         if interval:
-            pause = start + seq * interval - time.monotonic()
+            pause = start + first * interval - time.monotonic()
             if pause > 0:
                 time.sleep(pause)  # pacing, not waiting for a condition
-        sock.sendto(SEQ.pack(seq) + pad, (addr, port))
+        batch = range(first, min(first + gso, count))
+        sock.sendto(b"".join(SEQ.pack(seq) + pad for seq in batch), (addr, port))
 
 
 if __name__ == "__main__":
@@ -81,4 +88,4 @@ if __name__ == "__main__":
         receive(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))
     else:
         send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
-             float(sys.argv[6]))  # fmt: skip
+             float(sys.argv[6]), gso=int(sys.argv[7]) if len(sys.argv) > 7 else 1)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vpnctl.inventory import allocate_tunnels, parse_inventory
+from vpnctl.inventory import allocate_hubs, allocate_tunnels, hub_networks, parse_inventory
 from vpnctl.rendering import check_build, render, write_build
-from vpnd_runtime.config import parse_config
+from vpnd_runtime.config import parse_config, parse_peer
 from vpnd_runtime.keyfile import fingerprint
 
 CIPHERS = ["chacha20-poly1305", "aes-256-gcm", "aes-128-gcm"]
@@ -111,3 +112,94 @@ def test_any_valid_inventory_renders_configs_that_parse_and_mirror(document: dic
         result = check_build(inventory, fingerprints, build, files)
         assert result.problems == []
         assert len(result.verified) == len(inventory.links)
+
+
+@st.composite
+def hub_inventories(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid inventory with 1..3 hubs (2..8 hosts; each hub on one host with 1..6 clients,
+    client addresses from the pool or pinned in an explicit network), plus maybe a link."""
+    host_count = draw(st.integers(2, 8))
+    hosts: list[dict[str, Any]] = []
+    for i in range(host_count):
+        host: dict[str, Any] = {"name": f"h{i}", "address": f"198.18.1.{i + 1}"}
+        if draw(st.booleans()):
+            host["prefix"] = f"/srv/lab/h{i}"
+        host["systemd"] = draw(st.sampled_from([True, False, "auto"]))
+        hosts.append(host)
+    route_block = iter(range(100, 250))
+    hubs = []
+    for i in range(draw(st.integers(1, 3))):
+        server = draw(st.integers(0, host_count - 1))
+        others = [h for h in range(host_count) if h != server]
+        chosen = draw(st.lists(st.sampled_from(others), min_size=1, max_size=6, unique=True))
+        explicit = draw(st.booleans())
+        hub: dict[str, Any] = {"name": f"hub-{i}", "server": f"h{server}", "port": 5000 + i}
+        if explicit:
+            hub["network"] = f"198.18.{40 + i}.0/24"
+        clients: list[Any] = []
+        for j, c in enumerate(chosen):
+            client: dict[str, Any] = {"host": f"h{c}"}
+            if explicit and draw(st.booleans()):
+                client["tunnel"] = f"198.18.{40 + i}.{100 + j}"
+            if draw(st.booleans()):
+                client["routes"] = [f"198.18.{next(route_block)}.0/24"]
+            clients.append(client if len(client) > 1 or draw(st.booleans()) else f"h{c}")
+        hub["clients"] = clients
+        if draw(st.booleans()):
+            hub["routes"] = [f"198.18.{next(route_block)}.0/24"]
+        hub["clienttoclient"] = draw(st.booleans())
+        hub["keepalive"] = draw(st.sampled_from([1, 2.5, 10]))
+        hub["cipher"] = draw(st.sampled_from(CIPHERS))
+        hub["compress"] = draw(st.sampled_from([False, 6]))
+        hubs.append(hub)
+    document: dict[str, Any] = {"version": 1, "hosts": hosts, "hubs": hubs}
+    if draw(st.booleans()):
+        document["links"] = [{"name": "p2p", "server": "h0", "client": "h1", "port": 4000}]
+    return document
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hub_inventories())
+def test_any_valid_hub_inventory_renders_configs_that_parse_and_pair(document: dict) -> None:
+    text = yaml.safe_dump(document, sort_keys=False)
+    parsed = parse_inventory(text, "inv.yaml")
+    inventory, _record = allocate_tunnels(parsed, {}, "record", hub_networks(parsed, {}))
+    inventory, hub_record = allocate_hubs(inventory, {})
+    fingerprints = key_fingerprints(inventory.key_names())
+    files = render(inventory, fingerprints)
+    assert render(inventory, fingerprints) == files
+
+    addresses: set[str] = set()
+    for hub in inventory.hubs:
+        conf = parse_config(files[f"{hub.server}/etc/vpnd/{hub.name}.conf"].decode())
+        assert conf.is_hub and str(conf.local) == str(hub.tunnel)
+        assert conf.clienttoclient == hub.clienttoclient
+        for client in hub.clients:
+            assert client.tunnel in hub.network and client.tunnel != hub.tunnel
+            assert str(client.tunnel) not in addresses
+            addresses.add(str(client.tunnel))
+            peer_rel = f"{hub.server}/etc/vpnd/{hub.name}.peers/{client.name}.peer"
+            peer = parse_peer(files[peer_rel].decode(), peer_rel, client.name, default_keyfile="-")
+            mine = parse_config(files[f"{client.host}/etc/vpnd/{hub.name}.conf"].decode())
+            assert mine.mode == "client"
+            assert (mine.local, mine.remote) == (peer.remote, conf.local)
+            assert (mine.server_host, mine.server_port) == (
+                str(inventory.host(hub.server).address),
+                conf.server_port,
+            )
+            assert {r.network for r in peer.routes} == set(client.routes)
+            expected = set(hub.routes) | ({hub.network} if hub.clienttoclient else set())
+            assert {r.network for r in mine.routes} == {IPv4Network(n) for n in expected}
+            assert all(r.gateway == conf.local for r in mine.routes)
+            for name in ("keepalive", "noanswer", "compress", "cipher", "mtu", "keyttl"):
+                assert getattr(mine, name) == getattr(conf, name)
+        if hub.name in hub_record:
+            assert hub_record[hub.name][0] == hub.network
+
+    with tempfile.TemporaryDirectory(prefix="vpnctl-prop-") as tmp:
+        build = Path(tmp) / "build"
+        write_build(files, build)
+        result = check_build(inventory, fingerprints, build, files)
+        assert result.problems == []
+        pairs = sum(len(hub.clients) for hub in inventory.hubs)
+        assert len(result.verified) == len(inventory.links) + pairs

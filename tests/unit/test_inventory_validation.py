@@ -273,7 +273,7 @@ def test_unknown_key_gets_a_did_you_mean_hint() -> None:
 def test_unknown_top_level_key_lists_the_known_keys() -> None:
     text = "zzz: 1\n" + with_links("- {name: one, server: alpha, client: beta}\n")
     assert problems(text) == [
-        "inv.yaml:1 zzz: unknown key; known keys: version, defaults, hosts, links"
+        "inv.yaml:1 zzz: unknown key; known keys: version, defaults, hosts, links, hubs"
     ]
 
 

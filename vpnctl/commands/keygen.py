@@ -96,7 +96,8 @@ def main(
         bool, typer.Option("--json", help="One JSON document (docs/json.md) instead of lines.")
     ] = False,
 ) -> None:
-    """Create a key for every link of the inventory that has none.
+    """Create a key for every link of the inventory that has none, and one per hub client
+    (named <hub>.<client>).
 
     Keys live in the keystore directory (0700), one file per link (0600, created with
     O_EXCL). An existing key is never overwritten or regenerated: running keygen again
@@ -113,9 +114,10 @@ def main(
     store = ws.keystore()
     if rotate is not None and promote is not None:
         raise KeystoreError("give either --rotate or --promote, not both")
+    key_names = inventory.key_names()
     for option, link in (("--rotate", rotate), ("--promote", promote)):
-        if link is not None and link not in {lk.name for lk in inventory.links}:
-            names = ", ".join(lk.name for lk in inventory.links)
+        if link is not None and link not in key_names:
+            names = ", ".join(key_names)
             raise KeystoreError(f"{option} {link}: no such link in {ws.inventory_path} ({names})")
     done: list[dict[str, object]] = []
 
@@ -154,22 +156,22 @@ def main(
         report("staged", info, f"staged  {rotate}  {info.fingerprint}{beside}; "
                f"`vpnctl keygen --promote {rotate}` makes it current")  # fmt: skip
         return finish()
-    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
+    missing = [name for name in key_names if not store.has_key(name)]
     passphrase = (
         read_passphrase(passphrase_env, passphrase_file, prompt=wants_encryption, confirm=True)
         if missing
         else None
     )
-    width = max(len(link.name) for link in inventory.links)
-    for link in inventory.links:
-        if link.name in missing:
-            info = store.generate(link.name, passphrase=passphrase)
+    width = max(len(name) for name in key_names)
+    for name in key_names:  # links, then one key per hub client: <hub>.<client>
+        if name in missing:
+            info = store.generate(name, passphrase=passphrase)
             action = "created"
         else:
-            info = store.info(link.name)
+            info = store.info(name)
             action = "kept"
         assert info is not None  # noqa: S101 - has_key/generate guarantee a key
         note = "  (encrypted)" if info.encrypted else ""
-        report(action, info, f"{action:<8}{link.name:<{width}}  {info.fingerprint}{note}")
+        report(action, info, f"{action:<8}{name:<{width}}  {info.fingerprint}{note}")
     ws.allocated(inventory, persist=True)
     return finish()

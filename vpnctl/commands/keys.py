@@ -19,7 +19,8 @@ def main(
         bool, typer.Option("--json", help="One JSON document instead of a table.")
     ] = False,
 ) -> None:
-    """List each link of the inventory with its key's fingerprint, age and storage.
+    """List each link of the inventory (and each hub client, as <hub>.<client>) with its key's
+    fingerprint, age and storage.
 
     The fingerprint is the same one `vpnd status` and the manifests show, so both ends of a
     link can be compared. A STAGED column shows a key waiting for `keygen --promote`.
@@ -34,12 +35,12 @@ def main(
         store.check_directory()
     now = time.time()
     rows = []
-    for link in inventory.links:
-        info = store.info(link.name) if store.root.exists() else None
-        staged = store.info(link.name, staged=True) if store.root.exists() else None
+    for name in inventory.key_names():  # hub clients' keys are <hub>.<client>
+        info = store.info(name) if store.root.exists() else None
+        staged = store.info(name, staged=True) if store.root.exists() else None
         rows.append(
             {
-                "link": link.name,
+                "link": name,
                 "fingerprint": info.fingerprint if info else None,
                 "age_seconds": round(now - info.created) if info else None,
                 "stored": ("encrypted" if info.encrypted else "plain") if info else None,

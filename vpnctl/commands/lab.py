@@ -15,13 +15,21 @@ DirOption = Annotated[Path, typer.Option("--dir", help="lab directory")]
 
 
 @app.command("up")
-def up(
+def up(  # noqa: PLR0917 - typer passes every option by name
     clients: Annotated[int, typer.Option("--clients", "-n", help="number of client hosts")] = 2,
     directory: DirOption = Path("lab"),
     tag: Annotated[str, typer.Option(help="prefix of every namespace and link")] = "vlab",
     mgmt_net: Annotated[
         str | None, typer.Option("--mgmt-net", help="management /24 inside 198.18.0.0/15")
     ] = None,
+    hub: Annotated[
+        bool,
+        typer.Option(
+            "--hub/--links",
+            help="join the clients to the server by one hub (one vpnd, one port) instead of "
+            "one point-to-point link each (the default)",
+        ),
+    ] = False,
     wan: Annotated[
         str | None,
         typer.Option(
@@ -31,9 +39,12 @@ def up(
         ),
     ] = None,
 ) -> None:
-    """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir."""
+    """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir.
+
+    The inventory joins them by one link per client (l1..lN), or with --hub by one hub
+    `hub` on the server that serves all N clients."""
     try:
-        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, wan=wan)
+        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub, wan=wan)
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -44,7 +55,8 @@ def up(
         )
     if state.wan_spec:
         wan_stats = Path(state.directory) / "wan.json"
-        typer.echo(f"wan:       {state.wan_spec} (pid {state.wan_pid}, counters {wan_stats})")
+        how = f"pid {state.wan_pid}, counters {wan_stats}" if state.wan_pid else "netem qdiscs"
+        typer.echo(f"wan:       {state.wan_spec} ({how})")
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
 

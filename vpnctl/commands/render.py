@@ -34,16 +34,16 @@ def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str]
     inventory = ws.load_inventory()
     store = ws.keystore()
     store.check_directory()
-    missing = [link.name for link in inventory.links if not store.has_key(link.name)]
+    missing = [name for name in inventory.key_names() if not store.has_key(name)]
     if missing:
         raise RenderError(
             f"{store.root}: no key for link(s) {', '.join(missing)}; run `vpnctl keygen` first"
         )
     fingerprints = {}
-    for link in inventory.links:
-        info = store.info(link.name)
+    for name in inventory.key_names():
+        info = store.info(name)
         assert info is not None  # noqa: S101 - has_key() was checked above
-        fingerprints[link.name] = info.fingerprint
+        fingerprints[name] = info.fingerprint
     inventory = ws.allocated(inventory, persist=persist)
     return inventory, fingerprints, render(inventory, fingerprints)
 
@@ -127,6 +127,13 @@ def main(
         if not result.ok:
             typer.echo(f"{len(result.problems)} problem(s) in {build}/", err=True)
             raise typer.Exit(EXIT_FAILED)
+        if inventory.hubs:
+            clients = sum(len(hub.clients) for hub in inventory.hubs)
+            typer.echo(
+                f"all {len(inventory.links)} link(s) mirror and all {clients} hub client(s) pair "
+                f"with their hub; {build}/ is up to date"
+            )
+            return
         typer.echo(f"all {len(result.verified)} link(s) mirror; {build}/ is up to date")
         return
     changes = write_build(files, build)
@@ -143,4 +150,9 @@ def main(
     for change in changes:
         typer.echo(f"{change.action:<8}{build}/{change.path}")
     summary = f"{len(changes)} file(s) changed" if changes else "no changes"
+    if inventory.hubs:
+        clients = sum(len(hub.clients) for hub in inventory.hubs)
+        hubs = f" and {len(inventory.hubs)} hub(s) with {clients} client(s)"
+        typer.echo(f"rendered {links} link(s){hubs} for {hosts} host(s) into {build}/: {summary}")
+        return
     typer.echo(f"rendered {links} link(s) for {hosts} host(s) into {build}/: {summary}")

@@ -69,6 +69,8 @@ class StatusRecord:
     #: A dual-stack link's IPv6 tunnel addresses (`local6`/`remote6`); absent when not set.
     local6: str | None = None
     remote6: str | None = None
+    #: UDP: times the peer's address changed under an authenticated session (roaming).
+    roams: int = 0
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         """Move to `state` (recording since when) unless already there with the same reason."""

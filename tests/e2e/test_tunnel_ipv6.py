@@ -206,3 +206,33 @@ def test_ipv6_only_underlay_carries_an_ipv4_and_ipv6_tunnel(lab: Lab) -> None:
         # And the carrier's connection carries the traffic class ipopts 4 (low delay) asks for
         ss = pair.client.run("ss", "-6", "-t", "-n", "--tos", "state", "established").stdout
         assert "tclass:0x10" in ss, ss
+
+
+def test_udp_over_an_ipv6_underlay_carries_both_families_and_tcp_over_ipv6(lab: Lab) -> None:
+    # Given the IPv6-only underlay and a dual-stack tunnel over UDP
+    pair = lab.pair
+    pair.server.run("ip", "addr", "flush", "dev", pair.server_if)
+    pair.client.run("ip", "addr", "flush", "dev", pair.client_if)
+    pair.server.run("ip", "-6", "addr", "add", f"{SERVER_WAN6}/64", "dev", pair.server_if, "nodad")
+    pair.client.run("ip", "-6", "addr", "add", f"{CLIENT_WAN6}/64", "dev", pair.client_if, "nodad")
+    s_conf = lab.conf("server", "", f"transport udp\nclient {CLIENT_WAN6} 0\nipopts 4\n")
+    c_conf = lab.conf("client", SERVER_WAN6, "transport udp\nipopts 4\n")
+    with (
+        vpnd(pair.server, s_conf, lab.dir, "server-udp6") as server,
+        vpnd(pair.client, c_conf, lab.dir, "client-udp6") as client,
+    ):
+        poll_until(lambda: server.state() == "up" and client.state() == "up", 20, what="link up")
+        # Then both families cross both ways, and the carrier endpoints are IPv6
+        for ns, targets in (
+            (pair.client, (SERVER_TUN, SERVER_TUN6)),
+            (pair.server, (CLIENT_TUN, CLIENT_TUN6)),
+        ):
+            for target in targets:
+                assert ns.ping(target), target
+        assert client.status()["peer"] == f"[{SERVER_WAN6}]:24741"
+        assert server.status()["peer"].startswith(f"[{CLIENT_WAN6}]:")
+        # And 8 MiB of TCP over IPv6 inside the tunnel arrive intact (segmented for datagrams)
+        blob = lab.dir / "blob-udp"
+        blob.write_bytes(os.urandom(8 * 1024 * 1024))
+        n, digest = _transfer(lab, blob, SERVER_TUN6)
+        assert (n, digest) == (blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())

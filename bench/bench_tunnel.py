@@ -18,7 +18,7 @@ Two namespaces joined by veth (198.18.1.0/24). For every path it prints one tabl
 
 IPv6 rows (`--only ipv6`, on by default): raw veth over IPv6 (2001:db8:1::1/2 on the same veth),
 vpnd ChaCha20-Poly1305 carrying IPv6 inside a dual-stack tunnel (fd00:5ee::1/2) over the IPv4
-carrier, and the same tunnel carried over an IPv6 carrier (IPv6 in IPv6).
+carrier, and the same tunnel carried over an IPv6 carrier (IPv6 in IPv6), TCP and UDP.
 
 Paths: raw veth; vpnd with ChaCha20-Poly1305 and with AES-256-GCM; wireguard-go and OpenVPN over
 TCP when installed (bench/peers.py says how each is set up and how wireguard-go is found: set
@@ -155,19 +155,21 @@ def ping_rtt(pair: Pair, target: str, count: int) -> tuple[float, float]:
 @contextmanager
 def vpnd_pair(pair: Pair, work: Path, cipher: str, v6: str = "") -> Iterator[tuple]:
     """Start a server and client vpnd with `cipher` and wait for the link. `v6`: "" (IPv4
-    only), "inside" (a dual-stack tunnel) or "both" (that tunnel over an IPv6 carrier)."""
+    only), "inside" (a dual-stack tunnel), "both" (that tunnel over an IPv6 TCP carrier) or
+    "udp" (over an IPv6 UDP carrier)."""
     key = work / f"{cipher}.key"
     if not key.exists():
         generate_key(key, randomdev="/dev/urandom")
     confs = {}
     label = f"{cipher}{'-' + v6 if v6 else ''}"
-    server_ip = SERVER_WAN6 if v6 == "both" else pair.server_ip
+    server_ip = SERVER_WAN6 if v6 in ("both", "udp") else pair.server_ip
     for role, local, remote, local6, remote6 in (
         ("server", SERVER_TUN, CLIENT_TUN, SERVER_TUN6, CLIENT_TUN6),
         ("client", CLIENT_TUN, SERVER_TUN, CLIENT_TUN6, SERVER_TUN6),
     ):
         server_line = "server 0 379" if role == "server" else f"server {server_ip} 379"
         six = f"local6 {local6}\nremote6 {remote6}\n" if v6 else ""
+        six += "transport udp\n" if v6 == "udp" else ""
         conf = work / f"{role}-{label}.conf"
         conf.write_text(
             f"mode {role}\n{server_line}\nlocal {local}\nremote {remote}\ncipher {cipher}\n"
@@ -326,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     for v6, path in (
                         ("inside", "vpnd TCP, chacha20, IPv6 inside"),
                         ("both", "vpnd TCP/IPv6, chacha20, IPv6 in"),
+                        ("udp", "vpnd UDP/IPv6, chacha20, IPv6 in"),
                     ):
                         row = Row(mode, path)
                         with vpnd_pair(pair, work, CIPHERS[0], v6) as (s, c):

@@ -20,9 +20,10 @@ from vpnctl.hostdata import clean_text
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import Keystore
 from vpnctl.rendering import changed_paths
+from vpnctl.workspace import EXIT_FAILED, workspace
 
 if TYPE_CHECKING:
-    from vpnctl.cli import Workspace
+    from vpnctl.workspace import Workspace
 
 __all__ = ["deploy_json", "format_recap", "main", "preflight", "recap"]
 
@@ -70,8 +71,6 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     fingerprint within --wait seconds, else its previous files and daemon are restored.
     Exit 1 when a host failed or a link was rolled back.
     """
-    from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
-
     ws = workspace(ctx)
     inventory = ws.load_inventory()
     if all_hosts and hosts:

@@ -62,7 +62,11 @@ def apply_hosts(
             if plan.runtime:
                 rt, tar = installs[name]
                 assert rt is not None  # noqa: S101 - a plan installs a runtime only if built
-                printer.line(name, f"installing runtime {rt.stamp}")
+                if rt.stamp in states[name].venvs:  # complete on the host already: switch only
+                    tar = b""
+                    printer.line(name, f"reusing runtime {rt.stamp} (already on the host)")
+                else:
+                    printer.line(name, f"installing runtime {rt.stamp}")
                 ssh[name].run(install_runtime_script(manifest["prefix"], rt.stamp),
                               stdin=tar, timeout=300, check=True)  # fmt: skip
                 outcome.runtime_switched = True

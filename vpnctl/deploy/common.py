@@ -21,6 +21,7 @@ RUNTIME_DIR = "opt/vpnd"  # below the host prefix: venv-<stamp>/, current -> ven
 RUNTIME_LINK = "usr/local/bin/vpnd"  # below the host prefix (rendering.RUNTIME_PATH)
 
 
+COMPLETE = ".vpnctl-complete"  # in a venv-<stamp>/ whose install finished (reusable)
 STATE_DIR = "var/lib/vpnctl"  # below the host prefix: deployed manifest, commit-confirm backups
 
 
@@ -85,6 +86,7 @@ class RemoteState:
     uid: int | None = None  # the ssh user's uid (deploy needs root)
     target: Target | None = None  # the host's python/machine/glibc (None: not reported)
     target_text: str | None = None  # the probe's raw target line (None: no such line)
+    venvs: frozenset[str] = frozenset()  # stamps of complete runtimes on the host (reusable)
 
 
 @dataclass

@@ -345,6 +345,7 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
     pending = False
     uid: int | None = None
     target_text: str | None = None
+    venvs: frozenset[str] = frozenset()
     for line in text.splitlines():
         word, _, rest = line.partition(" ")
         if word == "stamp":
@@ -357,6 +358,8 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
             pending = rest.strip() == "yes"
         elif word == "target":
             target_text = rest.strip()
+        elif word == "venvs":
+            venvs = frozenset(w for w in rest.split() if re.fullmatch(r"[0-9a-f]{1,64}", w))
         elif word == "uid":
             with contextlib.suppress(ValueError):
                 uid = int(rest.strip())
@@ -380,7 +383,7 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
                                   "host is not a vpnctl manifest")  # fmt: skip
     target = parse_target(target_text) if target_text is not None else None
     return RemoteState(stamp, systemd, python, files, running, deployed, pending, uid, target,
-                       target_text)  # fmt: skip
+                       target_text, venvs)  # fmt: skip
 
 
 def check_remote(name: str, user: str, remote: RemoteState) -> None:
@@ -390,7 +393,8 @@ def check_remote(name: str, user: str, remote: RemoteState) -> None:
         found = "unknown" if remote.uid is None else str(remote.uid)
         raise DeployError(
             f"{name}: ssh user {user!r} is not root (uid {found}); deploy installs files and "
-            "manages daemons on the host: set ssh.user: root for it in the inventory"
+            "manages daemons on the host: give it passwordless sudo and `become: sudo` in the "
+            "inventory, or set ssh.user: root"
         )
     if remote.python is None:
         raise DeployError(f"{name}: python3 not found on the host (the runtime needs it)")

@@ -33,6 +33,10 @@ from vpnctl.deploy.common import RUNTIME_DEPS, STAMP_LEN, DeployError, Echo
 # stamp, so an unchanged runtime is never reinstalled.
 _ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
 
+# The pip-less installer run on each host (shipped in the tarball; part of the stamp, so a host
+# whose runtime was laid out by another installer version gets a fresh venv).
+INSTALLER_SOURCE = (Path(__file__).parent / "wheel_install.py").read_bytes()
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -40,15 +44,18 @@ class Runtime:
 
     stamp: str
     wheels: tuple[Path, ...]  # installed into the host's venv
-    pip: Path  # pip's own wheel, run in place (``python pip.whl/pip``) to install them
+    pip: Path  # pip's own wheel (cached with the others; no longer shipped: see INSTALLER)
 
     def tarball(self) -> bytes:
-        """Wheels and pip as an uncompressed tar (wheels are already compressed)."""
+        """The wheels and the installer (tools/wheel_install.py) as an uncompressed tar
+        (wheels are already compressed)."""
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for wheel in self.wheels:
                 tar.add(wheel, arcname=wheel.name)
-            tar.add(self.pip, arcname=f"tools/{self.pip.name}")
+            info = tarfile.TarInfo("tools/wheel_install.py")
+            info.size, info.mode, info.mtime = len(INSTALLER_SOURCE), 0o644, 0
+            tar.addfile(info, io.BytesIO(INSTALLER_SOURCE))
         return buf.getvalue()
 
 
@@ -270,6 +277,7 @@ def runtime_stamp(wheels: Iterable[Path], target: Target) -> str:
     """The stamp of a wheelhouse for `target`: a hash over the wheels' names and bytes and the
     target's key (a host whose Python or glibc changed gets a fresh venv)."""
     digest = hashlib.sha256(f"target {target.key}\0".encode())
+    digest.update(b"installer\0" + hashlib.sha256(INSTALLER_SOURCE).digest())
     for wheel in sorted(wheels, key=lambda p: p.name):
         digest.update(wheel.name.encode() + b"\0" + hashlib.sha256(wheel.read_bytes()).digest())
     return digest.hexdigest()[:STAMP_LEN]

@@ -7,7 +7,7 @@ import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from vpnctl.deploy.common import RUNTIME_DIR, RUNTIME_LINK, STATE_DIR, UNIT_DIR, HostPlan
+from vpnctl.deploy.common import COMPLETE, RUNTIME_DIR, RUNTIME_LINK, STATE_DIR, UNIT_DIR, HostPlan
 from vpnctl.deploy.runtime import TARGET_PY
 from vpnctl.ssh import quote
 
@@ -75,6 +75,10 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
     lines.append('echo "python $(command -v python3 || echo -)"')
     lines.append(f'echo "target $(python3 -c {quote(TARGET_PY)} 2>/dev/null || echo -)"')
     lines.append('echo "uid $(id -u)"')
+    lines.append(  # the runtimes already complete on the host: one may be reused
+        f"echo venvs $(cd {quote(_rt(prefix))} 2>/dev/null && for d in venv-*; do "
+        f'[ -e "$d/{COMPLETE}" ] && echo "${{d#venv-}}"; done)'
+    )
     pending = posixpath.join(prefix, STATE_DIR, "pending")
     lines.append(f'if [ -e {quote(pending)} ]; then echo "pending yes"; else echo "pending no"; fi')
     for idx, path in enumerate(paths):
@@ -169,21 +173,30 @@ def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
 
 
 def install_runtime_script(prefix: str, stamp: str) -> str:
-    """Unpack the wheelhouse (tar on stdin) into a new venv and switch `current` to it."""
+    """Unpack the wheelhouse (tar on stdin) into a new venv and switch `current` to it.
+
+    The wheels are unpacked by ``tools/wheel_install.py`` (no pip, no resolver: the set is
+    resolved already; hashes checked against each RECORD) into ``venv-<stamp>``, which is
+    marked complete only at the end. A complete ``venv-<stamp>`` already on the host (same
+    wheels, same target, same installer) is reused as it is: nothing unpacked, stdin ignored."""
     rt = quote(_rt(prefix))
     venv = f"venv-{stamp}"
     return f"""set -e
 umask 022
 mkdir -p {rt} {quote(posixpath.dirname(_runtime_bin(prefix)))}
-wh=$(mktemp -d {rt}/wheels.XXXXXX)
-trap 'rm -rf "$wh"' EXIT
-tar -x -f - -C "$wh"
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{
-  echo "python3 on this host is older than 3.11; the runtime needs 3.11+" >&2; exit 4; }}
-rm -rf {rt}/{venv}
-python3 -m venv --without-pip {rt}/{venv}
-{rt}/{venv}/bin/python "$(ls "$wh"/tools/pip-*.whl)/pip" install --quiet --no-index --no-deps \
-    --disable-pip-version-check --no-compile "$wh"/*.whl
+if [ -e {rt}/{venv}/{COMPLETE} ]; then
+  echo "runtime-reused {stamp}"
+else
+  wh=$(mktemp -d {rt}/wheels.XXXXXX)
+  trap 'rm -rf "$wh"' EXIT
+  tar -x -f - -C "$wh"
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{
+    echo "python3 on this host is older than 3.11; the runtime needs 3.11+" >&2; exit 4; }}
+  rm -rf {rt}/{venv}
+  python3 -m venv --without-pip {rt}/{venv}
+  {rt}/{venv}/bin/python "$wh"/tools/wheel_install.py {rt}/{venv} "$wh"/*.whl
+  : > {rt}/{venv}/{COMPLETE}
+fi
 old=$(readlink {rt}/current 2>/dev/null || true)
 if [ -n "$old" ] && [ "$old" != {venv} ]; then ln -sfn "$old" {rt}/previous; fi
 ln -sfn {venv} {rt}/current.new && mv -T {rt}/current.new {rt}/current

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vpnctl.deploy import (
+    TARGET_PY,
     DeployError,
     Target,
     build_runtime,
@@ -46,10 +48,17 @@ def test_a_host_without_glibc_parses_with_no_glibc_and_garbage_does_not_parse() 
 
 def test_the_probe_asks_python3_for_the_target_and_parse_probe_keeps_it() -> None:
     manifest = {"prefix": "/", "links": {}}
-    assert 'echo "target $(python3 -c ' in probe_script(manifest, [])
+    assert 'echo "target $(python3 -S -c ' in probe_script(manifest, [])
     state = parse_probe("uid 0\npython /usr/bin/python3\ntarget cpython 3.13 x86_64 glibc 2.39\n",
                         [])  # fmt: skip
     assert state.target == Target((3, 13), "x86_64", (2, 39))
+
+
+def test_the_probes_target_line_run_here_is_the_local_target() -> None:
+    """The probe's own snippet (os.confstr, no platform module) agrees with local_target()."""
+    out = subprocess.run([sys.executable, "-S", "-c", TARGET_PY], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert parse_target(out) == local_target()
 
 
 def test_the_local_target_is_this_interpreter() -> None:

@@ -194,9 +194,12 @@ def local_target() -> Target:
 
 
 # Printed by the probe: `target <implementation> <major.minor> <machine> [glibc <version>]`.
-TARGET_PY = (
-    "import platform, sys; print(sys.implementation.name, '%d.%d' % sys.version_info[:2], "
-    "platform.machine(), *platform.libc_ver())"
+TARGET_PY = (  # run with -S; the libc from confstr, not platform.libc_ver() (that reads the binary)
+    "import os, sys\n"
+    "try: libc = os.confstr('CS_GNU_LIBC_VERSION') or ''\n"
+    "except (ValueError, OSError): libc = ''\n"
+    "print(sys.implementation.name, '%d.%d' % sys.version_info[:2], os.uname().machine, "
+    "*libc.split())"
 )
 
 

@@ -73,7 +73,7 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
     )
     lines.append('echo "python $(command -v python3 || echo -)"')
-    lines.append(f'echo "target $(python3 -c {quote(TARGET_PY)} 2>/dev/null || echo -)"')
+    lines.append(f'echo "target $(python3 -S -c {quote(TARGET_PY)} 2>/dev/null || echo -)"')
     lines.append('echo "uid $(id -u)"')
     lines.append(  # the runtimes already complete on the host: one may be reused
         f"echo venvs $(cd {quote(_rt(prefix))} 2>/dev/null && for d in venv-*; do "
@@ -172,12 +172,18 @@ def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
     )
 
 
+# Imported once by the install: what `vpnd -f CONF --daemon` imports before it detaches.
+WARM_PY = "import vpnd_runtime.cli, vpnd_runtime.process, vpnd_runtime.daemon"
+
+
 def install_runtime_script(prefix: str, stamp: str) -> str:
     """Unpack the wheelhouse (tar on stdin) into a new venv and switch `current` to it.
 
     The wheels are unpacked by ``tools/wheel_install.py`` (no pip, no resolver: the set is
     resolved already; hashes checked against each RECORD) into ``venv-<stamp>``, which is
-    marked complete only at the end. A complete ``venv-<stamp>`` already on the host (same
+    marked complete only at the end, after the daemon's modules were imported once: that proves
+    the runtime imports on this host, and writes their bytecode once (daemons started together
+    would each compile them otherwise). A complete ``venv-<stamp>`` already on the host (same
     wheels, same target, same installer) is reused as it is: nothing unpacked, stdin ignored."""
     rt = quote(_rt(prefix))
     venv = f"venv-{stamp}"
@@ -195,6 +201,7 @@ else
   rm -rf {rt}/{venv}
   python3 -m venv --without-pip {rt}/{venv}
   {rt}/{venv}/bin/python "$wh"/tools/wheel_install.py {rt}/{venv} "$wh"/*.whl
+  PYTHONDONTWRITEBYTECODE= {rt}/{venv}/bin/python -c {quote(WARM_PY)}
   : > {rt}/{venv}/{COMPLETE}
 fi
 old=$(readlink {rt}/current 2>/dev/null || true)
@@ -208,9 +215,16 @@ done
 """
 
 
-def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[str, Any]) -> str:
+def apply_script(
+    plan: HostPlan,
+    manifest: Mapping[str, Any],
+    deployed: Mapping[str, Any],
+    *,
+    defer: Iterable[str] = (),
+) -> str:
     """Back up the changed links' files, unpack the new ones (stdin), stop removed links,
-    (re)start changed and stopped links."""
+    (re)start changed and stopped links -- except those in `defer`, which are stopped here and
+    started later by :func:`start_script` (a client end waits for its server's listener)."""
     prefix = manifest["prefix"]
     state = posixpath.join(prefix, STATE_DIR)
     backup, pending = quote(f"{state}/prev"), quote(f"{state}/pending")
@@ -256,12 +270,41 @@ def apply_script(plan: HostPlan, manifest: Mapping[str, Any], deployed: Mapping[
         if plan.use_systemd:
             out.append(f"systemctl disable --quiet {quote(f'vpnd-{link}')} 2>/dev/null || true")
             out.append(f"rm -f {quote(posixpath.join(UNIT_DIR, f'vpnd-{link}.service'))}")
-    for link in plan.restarts:
-        entry = manifest["links"][link]
-        out.append(_stop_sh(link, entry, plan.use_systemd))
-        out.append(_start_sh(link, entry, prefix, plan.use_systemd, run_as))
+    restarts = [(link, manifest["links"][link]) for link in plan.restarts]
+    out.append(_together([_stop_sh(link, entry, plan.use_systemd) for link, entry in restarts],
+                         plan.use_systemd))  # fmt: skip
+    out.append(_starts_sh([link for link in plan.restarts if link not in set(defer)], plan,
+                          manifest, run_as))  # fmt: skip
     for link in sorted(plan.reload):  # hubs whose peers directory changed: SIGHUP only
         out.append(_reload_sh(link, manifest["links"][link], plan.use_systemd))
+    return "\n".join(out) + "\n"
+
+
+def _together(snippets: list[str], use_systemd: bool) -> str:
+    """Run the shell `snippets` (stops or starts of different links) at the same time and wait
+    for all; one by one under systemd (systemctl serialises them anyway)."""
+    if use_systemd or len(snippets) < 2:
+        return "".join(snippets)
+    return "".join(f"( {s.strip()}\n) &\n" for s in snippets) + "wait\n"
+
+
+def _starts_sh(
+    links: Iterable[str],
+    plan: HostPlan,
+    manifest: Mapping[str, Any],
+    run_as: tuple[str, str] | None,
+) -> str:
+    """Start `links` (all at once without systemd); failures print ``start-failed``."""
+    prefix = manifest["prefix"]
+    return _together([_start_sh(link, manifest["links"][link], prefix, plan.use_systemd, run_as)
+                      for link in links], plan.use_systemd)  # fmt: skip
+
+
+def start_script(plan: HostPlan, manifest: Mapping[str, Any], links: Iterable[str]) -> str:
+    """Start the links an apply deferred (client ends, once their servers listen); under the
+    host's deploy lock, like the apply."""
+    out = [_SH_FUNCS, _SH_LOCKED, _lock_sh(manifest["prefix"])]
+    out.append(_starts_sh(sorted(links), plan, manifest, _run_as(manifest)))
     return "\n".join(out) + "\n"
 
 

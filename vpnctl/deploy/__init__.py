@@ -102,6 +102,7 @@ from vpnctl.deploy.confirm import (
     _confirm_units,
     _peer_record,
     confirm_links,
+    finite_number,
     parse_status_output,
     read_statuses,
 )

@@ -137,6 +137,7 @@ def deploy_json(report: DeployReport, *, dry_run: bool) -> dict[str, Any]:
                 "confirmed": sorted(outcome.confirmed),
                 "waiting": {k: clean_text(v) for k, v in sorted(outcome.waiting.items())},
                 "rolled_back": {k: clean_text(v) for k, v in sorted(outcome.rolled_back.items())},
+                "skipped": {k: clean_text(v) for k, v in sorted(outcome.skipped.items())},
             }
         )
     return {
@@ -250,6 +251,8 @@ def recap(report: DeployReport, *, dry_run: bool) -> list[dict[str, Any]]:
                 detail += [f"{link} rolled back" for link in sorted(outcome.rolled_back)]
                 detail += [f"{link} confirmed" for link in sorted(outcome.confirmed)]
                 detail += [f"{link} not confirmed" for link in sorted(outcome.waiting)]
+        if plan is not None and outcome.skipped:  # also when nothing else was left to do
+            detail += [f"{link} {why}" for link, why in sorted(outcome.skipped.items())]
             if plan.removed:
                 detail.append(f"{'would stop' if dry_run else 'stopped'} {', '.join(plan.removed)}")
         rows.append({"host": name, "result": result, "detail": clean_text("; ".join(detail))})

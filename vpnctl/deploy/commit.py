@@ -139,12 +139,13 @@ def commit_hosts(
     jobs: int,
 ) -> None:
     """Phase 6: every host whose steps all ran records what it now runs -- the new entry of
-    each link that stayed, the previously deployed entry of each link rolled back -- and only
+    each link that stayed, the previously deployed entry of each link rolled back or not
+    applied -- and only
     then drops its backups and the pending marker."""
 
     def commit(name: str) -> None:
-        record = _committed_manifest(manifests[name], states[name].deployed,
-                                     outcomes[name].rolled_back)  # fmt: skip
+        kept = [*outcomes[name].rolled_back, *outcomes[name].skipped]  # at their previous entry
+        record = _committed_manifest(manifests[name], states[name].deployed, kept)
         body = json.dumps(record, indent=2, sort_keys=True).encode()
         try:
             ssh[name].run(commit_script(manifests[name]), stdin=body, timeout=30, check=True)

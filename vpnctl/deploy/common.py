@@ -130,6 +130,8 @@ class HostOutcome:
     confirmed: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # link -> why not confirmable
     rolled_back: dict[str, str] = field(default_factory=dict)  # link -> why
+    # link -> why it was not applied at all (its other end failed before apply)
+    skipped: dict[str, str] = field(default_factory=dict)
     runtime_switched: bool = False  # the new runtime was installed (a rollback switches back)
     unreachable: bool = False  # the probe could not reach the host (ssh failed or timed out)
 

@@ -360,6 +360,13 @@ def confirm_changes(
         echo(f"link {link:<10} {state.upper() if state == 'failed' else state}: {why}")
 
     results: dict[str, tuple[str, str]] = {}
+    for unit in sorted(to_confirm):  # a hub pair whose client failed before apply (no plan)
+        other = next((h for h in unit_ends[unit] if h not in to_confirm[unit]), None)
+        if other in outcomes and outcomes[other].plan is None and outcomes[other].error:
+            why = str(outcomes[other].error).removeprefix(f"{other}: ")
+            results[unit] = ("waiting", f"not confirmed: the other end {other} failed before "
+                                        f"apply ({why})")  # fmt: skip
+            said(unit, *results[unit])
     for link in sorted(set(to_confirm) & set(broken_elsewhere)):
         results[link] = ("failed", f"the apply on {broken_elsewhere[link]} failed and was "
                                    "rolled back there")  # fmt: skip

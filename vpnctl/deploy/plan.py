@@ -19,6 +19,7 @@ from vpnctl.deploy.common import (
     UNIT_DIR,
     DeployError,
     DesiredFile,
+    HostOutcome,
     HostPlan,
     RemoteState,
 )
@@ -422,3 +423,34 @@ def _describe(plan: HostPlan) -> str:
     if plan.unchanged:
         parts.append(f"unchanged: {', '.join(plan.unchanged)}")
     return "; ".join(parts)
+
+
+def skip_links_of_failed_ends(
+    name: str,
+    outcome: HostOutcome,
+    manifest: Mapping[str, Any],
+    failed: Mapping[str, str],
+) -> list[str]:
+    """Take out of `name`'s plan every point-to-point link (or hub-client end) whose other end
+    is a host of this deploy that failed before apply (`failed`: host -> error): applying one
+    end alone would restart it against a peer in an unknown state, and confirming it would
+    only wait out ``--wait``. Its files are not written, its daemon not touched, and
+    ``outcome.skipped`` says why. A hub's own end stays in the plan (its other clients need
+    it); confirm skips the pairs of its failed clients. Returns the links taken out."""
+    plan = outcome.plan
+    if plan is None:
+        return []
+    out = []
+    for link in sorted(set(plan.changed) | set(plan.start)):
+        entry = manifest["links"][link]
+        other = entry.get("peer")
+        if entry.get("role") == "hub" or other == name or other not in failed:
+            continue
+        plan.changed.pop(link, None)
+        if link in plan.start:
+            plan.start.remove(link)
+        plan.files = [item for item in plan.files if item.link != link]
+        why = str(failed[other]).removeprefix(f"{other}: ")
+        outcome.skipped[link] = f"not applied: its other end {other} failed before apply ({why})"
+        out.append(link)
+    return out

@@ -30,6 +30,7 @@ from vpnctl.deploy.plan import (
     parse_probe,
     plan_host,
     redacted_diff,
+    skip_links_of_failed_ends,
 )
 from vpnctl.deploy.runtime import Runtime, _RuntimeBuilder, local_target
 from vpnctl.deploy.scripts import (
@@ -110,6 +111,12 @@ def deploy(
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(probe, hosts))
+
+    # a link whose other end failed at probe is not applied at this end either (nor waited for)
+    failed = {n: str(outcomes[n].error) for n in hosts if outcomes[n].plan is None}
+    for name in hosts:
+        for link in skip_links_of_failed_ends(name, outcomes[name], manifests[name], failed):
+            echo(f"{name}: {link} not applied: {outcomes[name].skipped[link].split(': ', 1)[1]}")
 
     stamps = sorted({runtime.stamp for runtime in host_runtime.values()})
     report = DeployReport(outcomes, runtime_stamp=", ".join(stamps))

@@ -48,7 +48,7 @@ def test_a_host_without_glibc_parses_with_no_glibc_and_garbage_does_not_parse() 
 
 def test_the_probe_asks_python3_for_the_target_and_parse_probe_keeps_it() -> None:
     manifest = {"prefix": "/", "links": {}}
-    assert 'echo "target $(python3 -S -c ' in probe_script(manifest, [])
+    assert "t=$(python3 -S -c " in probe_script(manifest, [])
     state = parse_probe("uid 0\npython /usr/bin/python3\ntarget cpython 3.13 x86_64 glibc 2.39\n",
                         [])  # fmt: skip
     assert state.target == Target((3, 13), "x86_64", (2, 39))
@@ -58,7 +58,9 @@ def test_the_probes_target_line_run_here_is_the_local_target() -> None:
     """The probe's own snippet (os.confstr, no platform module) agrees with local_target()."""
     out = subprocess.run([sys.executable, "-S", "-c", TARGET_PY], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
-    assert parse_target(out) == local_target()
+    target, _, exe = out.strip().partition("|")
+    assert parse_target(target) == local_target()
+    assert exe == sys.executable
 
 
 def test_the_local_target_is_this_interpreter() -> None:

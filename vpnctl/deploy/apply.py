@@ -68,7 +68,9 @@ def apply_hosts(
                     printer.line(name, f"reusing runtime {rt.stamp} (already on the host)")
                 else:
                     printer.line(name, f"installing runtime {rt.stamp}")
-                ssh[name].run(install_runtime_script(manifest["prefix"], rt.stamp),
+                script = install_runtime_script(manifest["prefix"], rt.stamp,
+                                                states[name].python_exe)  # fmt: skip
+                ssh[name].run(script,
                               stdin=tar, timeout=300, check=True)  # fmt: skip
                 outcome.runtime_switched = True
             deployed = states[name].deployed or {}

@@ -87,6 +87,7 @@ class RemoteState:
     target: Target | None = None  # the host's python/machine/glibc (None: not reported)
     target_text: str | None = None  # the probe's raw target line (None: no such line)
     venvs: frozenset[str] = frozenset()  # stamps of complete runtimes on the host (reusable)
+    python_exe: str | None = None  # python3's real path on the host (sys.executable)
 
 
 @dataclass

@@ -26,6 +26,7 @@ class LinkRecord:
     now: float  # the host's clock when it was read
 
 
+CONFIRM_WAIT_UP = 3.0  # seconds a host waits for its links to come up before it answers a poll
 BAD_ANSWER = "bad answer"  # the state of an end whose host answered with a malformed record
 
 
@@ -130,10 +131,17 @@ def _judge_freshness(record: dict[str, Any], pidfile_pid: str, now: float) -> No
 
 
 def read_statuses(
-    ssh: SshHost, manifest: Mapping[str, Any], links: Iterable[str], timeout: float = 10.0
+    ssh: SshHost,
+    manifest: Mapping[str, Any],
+    links: Iterable[str],
+    timeout: float = 10.0,
+    *,
+    wait_up: float = 0.0,
 ) -> dict[str, LinkRecord]:
-    """The status of `links` on one host in one ssh call (SshError when it does not answer)."""
-    result = ssh.run(status_script(manifest, list(links)), timeout=timeout)
+    """The status of `links` on one host in one ssh call (SshError when it does not answer);
+    with `wait_up`, read once they are all up or after that many seconds on the host."""
+    script = status_script(manifest, list(links), wait_up=wait_up)
+    result = ssh.run(script, timeout=timeout + wait_up)
     return parse_status_output(result.text)
 
 
@@ -142,14 +150,17 @@ def _poll_round(
     ssh: Mapping[str, SshHost],
     manifests: Mapping[str, Mapping[str, Any]],
     jobs: int,
+    wait_up: float = 0.0,
 ) -> dict[tuple[str, str], dict[str, Any] | None]:
-    """One status read per host, in parallel: (host, link) -> record (None: not deployed)."""
+    """One status read per host, in parallel: (host, link) -> record (None: not deployed).
+    With `wait_up`, each host answers once its links are up (or after `wait_up` seconds)."""
 
     def one(host: str) -> dict[tuple[str, str], dict[str, Any] | None]:
         links = manifests[host]["links"]
         try:
             found = read_statuses(ssh[host], manifests[host],
-                                  sorted({_unit_link(u) for u in wanted[host]}))  # fmt: skip
+                                  sorted({_unit_link(u) for u in wanted[host]}),
+                                  wait_up=wait_up)  # fmt: skip
         except SshError as exc:
             return {(host, link): {"state": "unreachable", "reason": str(exc)}
                     for link in wanted[host]}  # fmt: skip
@@ -216,7 +227,9 @@ def confirm_links(
         for link, ends in pending.items():
             for host in ends:
                 wanted.setdefault(host, set()).add(link)
-        records = _poll_round(wanted, ssh, manifests, jobs)
+        # the hosts wait (up to CONFIRM_WAIT_UP s) for their links to come up before answering
+        left = max(0.0, deadline - time.monotonic())
+        records = _poll_round(wanted, ssh, manifests, jobs, wait_up=min(CONFIRM_WAIT_UP, left))
         for (host, link), record in records.items():
             floor = (not_before or {}).get(host)
             since = record.get("since") if record is not None else None

@@ -347,6 +347,7 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
     uid: int | None = None
     target_text: str | None = None
     venvs: frozenset[str] = frozenset()
+    python_exe: str | None = None
     for line in text.splitlines():
         word, _, rest = line.partition(" ")
         if word == "stamp":
@@ -359,6 +360,8 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
             pending = rest.strip() == "yes"
         elif word == "target":
             target_text = rest.strip()
+        elif word == "pyexe" and re.fullmatch(r"/[A-Za-z0-9_./+-]{1,255}", rest.strip()):
+            python_exe = rest.strip()
         elif word == "venvs":
             venvs = frozenset(w for w in rest.split() if re.fullmatch(r"[0-9a-f]{1,64}", w))
         elif word == "uid":
@@ -384,7 +387,7 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
                                   "host is not a vpnctl manifest")  # fmt: skip
     target = parse_target(target_text) if target_text is not None else None
     return RemoteState(stamp, systemd, python, files, running, deployed, pending, uid, target,
-                       target_text, venvs)  # fmt: skip
+                       target_text, venvs, python_exe)  # fmt: skip
 
 
 def check_remote(name: str, user: str, remote: RemoteState) -> None:

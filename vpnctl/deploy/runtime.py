@@ -199,7 +199,8 @@ TARGET_PY = (  # run with -S; the libc from confstr, not platform.libc_ver() (th
     "try: libc = os.confstr('CS_GNU_LIBC_VERSION') or ''\n"
     "except (ValueError, OSError): libc = ''\n"
     "print(sys.implementation.name, '%d.%d' % sys.version_info[:2], os.uname().machine, "
-    "*libc.split())"
+    "*libc.split(), end='|')\n"
+    "print(sys.executable)"  # the interpreter itself: the install runs it without PATH lookups
 )
 
 

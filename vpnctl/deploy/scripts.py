@@ -3,6 +3,7 @@ command line). Probe, runtime install, apply, rollback, commit and status all li
 
 from __future__ import annotations
 
+import math
 import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -73,7 +74,8 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
     )
     lines.append('echo "python $(command -v python3 || echo -)"')
-    lines.append(f'echo "target $(python3 -S -c {quote(TARGET_PY)} 2>/dev/null || echo -)"')
+    lines.append(f"t=$(python3 -S -c {quote(TARGET_PY)} 2>/dev/null) || t=-")
+    lines.append('echo "target ${t%%|*}"; echo "pyexe ${t#*|}"')
     lines.append('echo "uid $(id -u)"')
     lines.append(  # the runtimes already complete on the host: one may be reused
         f"echo venvs $(cd {quote(_rt(prefix))} 2>/dev/null && for d in venv-*; do "
@@ -176,7 +178,7 @@ def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
 WARM_PY = "import vpnd_runtime.cli, vpnd_runtime.process, vpnd_runtime.daemon"
 
 
-def install_runtime_script(prefix: str, stamp: str) -> str:
+def install_runtime_script(prefix: str, stamp: str, python: str | None = None) -> str:
     """Unpack the wheelhouse (tar on stdin) into a new venv and switch `current` to it.
 
     The wheels are unpacked by ``tools/wheel_install.py`` (no pip, no resolver: the set is
@@ -184,7 +186,9 @@ def install_runtime_script(prefix: str, stamp: str) -> str:
     marked complete only at the end, after the daemon's modules were imported once: that proves
     the runtime imports on this host, and writes their bytecode once (daemons started together
     would each compile them otherwise). A complete ``venv-<stamp>`` already on the host (same
-    wheels, same target, same installer) is reused as it is: nothing unpacked, stdin ignored."""
+    wheels, same target, same installer) is reused as it is: nothing unpacked, stdin ignored.
+    `python` is the interpreter the probe found (its real path: no PATH lookup or version
+    manager shim per step); default ``python3``."""
     rt = quote(_rt(prefix))
     venv = f"venv-{stamp}"
     return f"""set -e
@@ -196,10 +200,8 @@ else
   wh=$(mktemp -d {rt}/wheels.XXXXXX)
   trap 'rm -rf "$wh"' EXIT
   tar -x -f - -C "$wh"
-  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{
-    echo "python3 on this host is older than 3.11; the runtime needs 3.11+" >&2; exit 4; }}
   rm -rf {rt}/{venv}
-  python3 -m venv --without-pip {rt}/{venv}
+  {quote(python or "python3")} -m venv --without-pip {rt}/{venv}
   {rt}/{venv}/bin/python "$wh"/tools/wheel_install.py {rt}/{venv} "$wh"/*.whl
   PYTHONDONTWRITEBYTECODE= {rt}/{venv}/bin/python -c {quote(WARM_PY)}
   : > {rt}/{venv}/{COMPLETE}
@@ -385,15 +387,33 @@ def status_command(manifest: Mapping[str, Any], link: str) -> str:
 _MARK = "@@vpnctl"
 
 
-def status_script(manifest: Mapping[str, Any], links: Iterable[str]) -> str:
+def status_script(
+    manifest: Mapping[str, Any], links: Iterable[str], *, wait_up: float = 0.0
+) -> str:
     """One shell script reading the status records of `links` on a host, no Python started.
 
     It does what ``vpnd status`` does -- read the record the daemon publishes atomically and
     check that its process is alive (via the pidfile) -- for every link in one go, plus the host
     clock and each key file's mtime. Output per link: a marker line, ``config yes|no``,
     ``alive yes|no``, the record on one line (or ``-``), ``keymtime <s>|-``, ``pidfile <pid>|-``.
+
+    With `wait_up` (seconds), it first waits on the host, checking every 0.2 s, until every
+    link's record (hubs aside: their clients are in ``peers[]``) says ``"state": "up"``: a
+    deploy confirming links that are still coming up then makes one ssh call per host instead
+    of one every poll interval (each costs the host a login shell).
     """
-    lines = [_SH_FUNCS, "date +%s.%N"]
+    links = list(links)
+    lines = [_SH_FUNCS]
+    waited = [quote(manifest["links"][link]["statusfile"]) for link in links
+              if manifest["links"][link].get("role") != "hub"]  # fmt: skip
+    if wait_up > 0 and waited:
+        rounds = max(1, math.ceil(wait_up / 0.2))
+        lines.append(
+            f"n=0; while [ $n -lt {rounds} ]; do w=0; for f in {' '.join(waited)}; do "
+            'grep -q \'"state": "up"\' "$f" 2>/dev/null || { w=1; break; }; done; '
+            "[ $w = 0 ] && break; sleep 0.2; n=$((n+1)); done"
+        )
+    lines.append("date +%s.%N")
     for link in links:
         entry = manifest["links"][link]
         sf, pf = quote(entry["statusfile"]), quote(entry["pidfile"])

@@ -34,6 +34,7 @@ import sys
 import sysconfig
 import zipfile
 
+MIN_PYTHON = (3, 11)  # deploy.runtime.MIN_PYTHON
 SCRIPT_KEYS = ("scripts",)
 LIB_KEYS = ("purelib", "platlib")
 SIGNATURES = (".jws", ".p7s")
@@ -180,6 +181,10 @@ def main(argv):
     if len(argv) < 2:
         sys.stderr.write("usage: wheel_install.py VENV WHEEL...\n")
         return 2
+    if sys.version_info < MIN_PYTHON:
+        need = "{}.{}".format(*MIN_PYTHON)
+        sys.stderr.write(f"python3 on this host is older than {need}; the runtime needs {need}+\n")
+        return 4
     venv = os.path.abspath(argv[0])
     if os.path.realpath(sys.prefix) != os.path.realpath(venv):
         sys.stderr.write(f"wheel_install: run me with {venv}/bin/python\n")

@@ -31,32 +31,44 @@ every remote action goes through :mod:`vpnctl.ssh` (one multiplexed connection p
    compares that with the desired files: a link *changes* when any of its files (config, key,
    unit) differs or the runtime changes; a link whose files match but whose daemon is not
    running is *started*; a link in the last deploy but no longer rendered is *removed*.
-   Nothing else is touched.
+   Nothing else is touched. A link whose other end is a host of this deploy that failed at
+   probe is taken out of the plan: it is not applied at either end and nobody waits for it
+   (``HostOutcome.skipped`` and the recap say why); a hub's pairs with such a client are not
+   confirmed.
    ``--dry-run`` stops here and prints a unified diff (key files redacted). The probe also
-   reports the ssh user's uid (deploy needs root) and a *pending* marker (below): a host where
+   reports the ssh user's uid (deploy needs root: directly, or through ``become: sudo``, which
+   :mod:`vpnctl.ssh` applies to every remote command as ``sudo -n``), python3's real path, the
+   complete runtimes already on the host, and a *pending* marker (below): a host where
    an earlier deploy applied changes but never committed them has every link restarted and
    confirmed again, so an interrupted deploy is never taken as current.
-3. **Apply.** For each host with changes: install the runtime if its stamp differs (a new
-   venv next to the old one, then an atomic symlink switch), write the pending marker, back up
-   the committed copies of the changed files (an existing backup of an uncommitted deploy is
-   kept, never overwritten), unpack the new files from a tar stream on stdin (keys 0600, never
-   in argv), stop removed links, and (re)start changed links -- ``systemctl restart`` under
-   systemd, else SIGTERM by pidfile (only while a vpnd still holds the pidfile's flock, so a
-   reused PID is never signalled), wait, ``vpnd -f CONF --daemon``. Before the files, the
-   account the daemons run as (the inventory's ``daemon_user``) is created if missing; under
-   systemd it is handed its key files. Its time bound grows with
-   the number of links. If the apply fails or times out, that host is rolled back at once (best
-   effort) and every link it shares with another host in this deploy is failed there too.
+3. **Apply.** For each host with changes: install the runtime if its stamp differs (a new venv
+   next to the old one, the wheels unpacked into it without pip by ``tools/wheel_install.py`` --
+   every member checked against its RECORD hash, nothing outside the venv -- the daemon's modules
+   imported once, then an atomic symlink switch; a complete ``venv-<stamp>`` already on the host is
+   switched to without shipping anything), write the pending marker, back up the committed copies of
+   the changed files (an existing backup of an uncommitted deploy is kept, never overwritten),
+   unpack the new files from a tar stream on stdin (keys 0600, never in argv), stop removed links,
+   and (re)start changed links -- ``systemctl restart`` under systemd, else SIGTERM by pidfile (only
+   while a vpnd still holds the pidfile's flock, so a reused PID is never signalled), wait, ``vpnd
+   -f CONF --daemon`` (a host's links all at once). A client end whose server end this deploy
+   restarts on another host is started only after every apply, so its first connect finds the
+   listener (no reconnect back-off). Before the files, the account the daemons run as (the
+   inventory's ``daemon_user``) is created if missing; under systemd it is handed its key files. Its
+   time bound grows with the number of links. If the apply fails or times out, that host is rolled
+   back at once (best effort) and every link it shares with another host in this deploy is failed
+   there too.
 4. **Confirm.** For each changed link, poll the status records at *both* ends until both are
-   up with the same key fingerprint (the one in the manifest), within ``wait`` seconds. An end
+   up with the same key fingerprint (the one in the manifest), within ``wait`` seconds (each
+   poll lets the host wait up to 3 s for its links to come up before it answers). An end
    this deploy restarted that is not running fails the link. A link whose other end this deploy
    did not touch and which is not deployed/running cannot be confirmed: reported as waiting.
 5. **Roll back** (commit-confirm). A link that does not come up gets its previous files
    restored (or removed, if it is new) on every host where it changed, the previous runtime
    switched back, and the previous daemon restarted; the reason is reported.
 6. **Commit.** Every host whose steps all ran records what it now runs (the new manifest, with
-   rolled-back links at their previous entry) and only then drops its backups and the pending
-   marker. Ctrl-C during phases 3-6 rolls back the hosts already changed and not yet committed.
+   rolled-back and not-applied links at their previous entry) and only then drops its backups and
+   the pending marker. Ctrl-C during phases 3-6 rolls back the hosts already changed and not yet
+   committed.
 
 Apply, rollback and commit each hold ``flock`` on ``<state dir>/lock`` on the host, so two
 deploys to one host never interleave (daemons are started with that descriptor closed). A host

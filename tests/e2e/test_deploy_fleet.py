@@ -121,6 +121,8 @@ def test_a_sudo_user_deploys_everything_and_the_pip_less_runtime_works_on_the_ho
     site = next(venv.glob("lib/python3*/site-packages"))
     assert not (site / "pip").exists()
     assert (venv / ".vpnctl-complete").exists()
+    cached = (venv / ".vpnctl-target").read_text().splitlines()  # later probes run no python3
+    assert cached[1].startswith("cpython 3.") and "|/" in cached[1], cached
     # status reads through sudo too
     status = vpnctl(lab, "status", "--json")
     assert json.loads(status.stdout)["links"], status.stdout

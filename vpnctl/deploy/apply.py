@@ -68,8 +68,11 @@ def apply_hosts(
                     printer.line(name, f"reusing runtime {rt.stamp} (already on the host)")
                 else:
                     printer.line(name, f"installing runtime {rt.stamp}")
+                remote = states[name]
+                cached = (f"{remote.target_text}|{remote.python_exe}"
+                          if remote.target is not None and remote.python_exe else None)  # fmt: skip
                 script = install_runtime_script(manifest["prefix"], rt.stamp,
-                                                states[name].python_exe)  # fmt: skip
+                                                remote.python_exe, cached)  # fmt: skip
                 ssh[name].run(script,
                               stdin=tar, timeout=300, check=True)  # fmt: skip
                 outcome.runtime_switched = True

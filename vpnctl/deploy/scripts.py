@@ -74,7 +74,16 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
         'if [ -d /run/systemd/system ]; then echo "systemd yes"; else echo "systemd no"; fi'
     )
     lines.append('echo "python $(command -v python3 || echo -)"')
-    lines.append(f"t=$(python3 -S -c {quote(TARGET_PY)} 2>/dev/null) || t=-")
+    # the target: cached by the install in the current venv, keyed by the python3 on PATH (path,
+    # inode, size, mtime); asked of python3 when the key differs or the venv's interpreter is gone
+    cache = quote(_rt(prefix, "current", TARGET_CACHE))
+    lines.append(f"k=$({PY_KEY_SH}); t=")
+    lines.append(
+        f'if [ -n "$k" ] && [ -f {cache} ] && [ "$(head -n 1 {cache})" = "$k" ] && '
+        f'[ -e "$(readlink -f {quote(_rt(prefix, "current", "bin", "python"))})" ]; then '
+        f"t=$(sed -n 2p {cache}); fi"
+    )
+    lines.append(f'[ -n "$t" ] || t=$(python3 -S -c {quote(TARGET_PY)} 2>/dev/null) || t=-')
     lines.append('echo "target ${t%%|*}"; echo "pyexe ${t#*|}"')
     lines.append('echo "uid $(id -u)"')
     lines.append(  # the runtimes already complete on the host: one may be reused
@@ -174,11 +183,17 @@ def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
     )
 
 
+# The probe's target answer, cached by the install in the venv (line 1: PY_KEY_SH's key).
+TARGET_CACHE = ".vpnctl-target"
+# What identifies the python3 on PATH without running it: its path, inode, size and mtime.
+PY_KEY_SH = "p=$(command -v python3) && stat -L -c '%n %i %s %Y' \"$p\" 2>/dev/null"
 # Imported once by the install: what `vpnd -f CONF --daemon` imports before it detaches.
 WARM_PY = "import vpnd_runtime.cli, vpnd_runtime.process, vpnd_runtime.daemon"
 
 
-def install_runtime_script(prefix: str, stamp: str, python: str | None = None) -> str:
+def install_runtime_script(
+    prefix: str, stamp: str, python: str | None = None, target_line: str | None = None
+) -> str:
     """Unpack the wheelhouse (tar on stdin) into a new venv and switch `current` to it.
 
     The wheels are unpacked by ``tools/wheel_install.py`` (no pip, no resolver: the set is
@@ -188,9 +203,11 @@ def install_runtime_script(prefix: str, stamp: str, python: str | None = None) -
     would each compile them otherwise). A complete ``venv-<stamp>`` already on the host (same
     wheels, same target, same installer) is reused as it is: nothing unpacked, stdin ignored.
     `python` is the interpreter the probe found (its real path: no PATH lookup or version
-    manager shim per step); default ``python3``."""
+    manager shim per step); default ``python3``. `target_line` (the probe's ``target|pyexe``
+    answer) is cached in the venv for later probes, keyed by the python3 on PATH."""
     rt = quote(_rt(prefix))
     venv = f"venv-{stamp}"
+    cached, cache = quote(target_line or ""), f"{rt}/{venv}/{TARGET_CACHE}"
     return f"""set -e
 umask 022
 mkdir -p {rt} {quote(posixpath.dirname(_runtime_bin(prefix)))}
@@ -204,6 +221,9 @@ else
   {quote(python or "python3")} -m venv --without-pip {rt}/{venv}
   {rt}/{venv}/bin/python "$wh"/tools/wheel_install.py {rt}/{venv} "$wh"/*.whl
   PYTHONDONTWRITEBYTECODE= {rt}/{venv}/bin/python -c {quote(WARM_PY)}
+  if [ -n {cached} ]; then
+    k=$({PY_KEY_SH}) || k=; [ -z "$k" ] || printf '%s\\n%s\\n' "$k" {cached} > {cache}
+  fi
   : > {rt}/{venv}/{COMPLETE}
 fi
 old=$(readlink {rt}/current 2>/dev/null || true)

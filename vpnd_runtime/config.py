@@ -192,6 +192,7 @@ class PeerSpec:
     name: str
     remote: IPv4Address
     keyfile: str
+    nextkey: str | None = None
     client_host: str = _ANY
     client_port: int = 0
     routes: tuple[Route, ...] = ()
@@ -247,6 +248,8 @@ class Config:
     cipher: str = "chacha20-poly1305"
     interface: str = "vpnd0"
     statusfile: str = f"{STATUS_DIR}/vpnd.status.json"
+    #: A second key also accepted from the far end (hitless rotation: see docs/directives.md).
+    nextkey: str | None = None
     #: A hub: the directory of its clients' peer files (`peers`), and those clients.
     peers_dir: str | None = None
     peers: tuple[PeerSpec, ...] = ()
@@ -310,6 +313,7 @@ _TEXT_ORDER = (
     "interface",
     "mtu",
     "keyfile",
+    "nextkey",
     "randomdev",
     "pidfile",
     "statusfile",
@@ -561,6 +565,8 @@ _DIRECTIVES: dict[str, _Directive] = {
                    _value("mtu", lambda t: _int(t, "mtu", MTU_MIN, MTU_MAX))),
         _Directive("keyfile", "keyfile <path>", 1, 1,
                    _value("keyfile", lambda t: _path(t, "keyfile"))),
+        _Directive("nextkey", "nextkey <path>", 1, 1,
+                   _value("nextkey", lambda t: _path(t, "nextkey"))),
         _Directive("pidfile", "pidfile <path>|<dir>/", 1, 1,
                    _value("pidfile", lambda t: _path(t, "pidfile"))),
         _Directive("randomdev", "randomdev <path>", 1, 1,
@@ -613,6 +619,7 @@ _DIRECTIVES: dict[str, _Directive] = {
 #: Directives whose values are filesystem paths (resolved against the config's directory).
 _PATH_FIELDS = (
     "keyfile",
+    "nextkey",
     "pidfile",
     "randomdev",
     "statusfile",
@@ -861,11 +868,26 @@ def _file_checks(config: Config, text: str, path: str) -> list[ConfigError]:
 
 PEER_SUFFIX = ".peer"
 _PEER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_PEER_DIRECTIVES = ("remote", "keyfile", "client", *(f"route{i}" for i in range(1, 10)))
+_PEER_DIRECTIVES = (
+    "remote",
+    "keyfile",
+    "nextkey",
+    "client",
+    *(f"route{i}" for i in range(1, 10)),
+)
+
+
+_PEER_WORDS = ("remote", "keyfile", "nextkey", "client", "route1..9")
 
 
 def parse_peer(
-    text: str, path: str, name: str, *, default_keyfile: str, base_dir: str | None = None
+    text: str,
+    path: str,
+    name: str,
+    *,
+    default_keyfile: str,
+    default_nextkey: str | None = None,
+    base_dir: str | None = None,
 ) -> PeerSpec:
     """Parse one peer file (``remote``, ``keyfile``, ``client``, ``route1..9``) into a PeerSpec.
 
@@ -894,7 +916,11 @@ def parse_peer(
                 else "unknown peer file directive"
                 + (f"; did you mean {hints[0]!r}?" if hints else "")
             )
-            fail(number, keyword, message + " (peer files take remote, keyfile, client, route1..9)")
+            fail(
+                number,
+                keyword,
+                message + " (peer files take remote, keyfile, nextkey, client, route1..9)",
+            )
             continue
         if keyword in lines:
             fail(number, keyword, f"duplicate directive (first given on line {lines[keyword]})")
@@ -929,15 +955,19 @@ def parse_peer(
                 f"same destination {route.network} as route{seen[route.network]}",
             )
         seen.setdefault(route.network, route.index)
-    keyfile = values.get("keyfile")
-    if keyfile is not None and base_dir is not None:
-        keyfile = os.path.join(base_dir, keyfile)
+    keyfile, nextkey = values.get("keyfile"), values.get("nextkey")
+    if base_dir is not None:
+        keyfile = os.path.join(base_dir, keyfile) if keyfile is not None else None
+        nextkey = os.path.join(base_dir, nextkey) if nextkey is not None else None
+    if keyfile is None:  # the hub's key (shared, seed style), and its next key with it
+        keyfile, nextkey = default_keyfile, nextkey or default_nextkey
     if errors:
         raise ConfigError.combine(errors)
     return PeerSpec(
         name=name,
         remote=values["remote"],
-        keyfile=keyfile or default_keyfile,
+        keyfile=keyfile,
+        nextkey=nextkey,
         client_host=values.get("client_host", _ANY),
         client_port=values.get("client_port", 0),
         routes=tuple(route for _, route in sorted(routes, key=lambda nr: nr[1].index)),
@@ -976,6 +1006,7 @@ def load_peers(config: Config) -> tuple[PeerSpec, ...]:
                     path,
                     entry.removesuffix(PEER_SUFFIX),
                     default_keyfile=config.keyfile,
+                    default_nextkey=config.nextkey,
                     base_dir=directory,
                 )
             )

@@ -124,6 +124,8 @@ HUB_STATUS_MIN_INTERVAL = 0.2
 SHUTDOWN_HOOK_WAIT = 35.0
 #: A hub client whose carrier stays blocked this long stops pausing the TUN for everyone.
 STALL_AFTER = 1.0
+#: A session replaced by a newer one of the same peer is still read this long.
+DRAIN_SECONDS = 2.0
 
 
 def params_from_config(config: Config) -> Params:
@@ -150,8 +152,21 @@ def load_table(config: Config) -> PeerTable:
     A point-to-point link has one peer, the far end (named after the config); a hub has one per
     peer file, and a key file shared by several peer files is read once.
     """
+    keys: dict[str, bytes] = {}
+
+    def key_of(path: str) -> bytes:
+        if path not in keys:
+            keys[path] = load_key(path)
+        return keys[path]
+
+    def next_of(path: str | None) -> dict[str, Any]:
+        if path is None:
+            return {}
+        key = key_of(path)
+        return {"next_key": key, "next_fingerprint": fingerprint(key)}
+
     if not config.is_hub:
-        key = load_key(config.keyfile)
+        key = key_of(config.keyfile)
         name = os.path.basename(config.source).removesuffix(".conf") or "peer"
         peer = Peer(
             name=name,
@@ -161,20 +176,19 @@ def load_table(config: Config) -> PeerTable:
             routes=config.routes,
             client_host=config.client_host,
             client_port=config.client_port,
+            **next_of(config.nextkey),
         )
         return PeerTable([peer], hub=False)
-    keys: dict[str, bytes] = {}
     peers = []
     for spec in config.peers:
-        if spec.keyfile not in keys:
-            keys[spec.keyfile] = load_key(spec.keyfile)
-        key = keys[spec.keyfile]
+        key = key_of(spec.keyfile)
         peers.append(
             Peer(
                 name=spec.name,
                 address=spec.remote,
                 key=key,
                 fingerprint=fingerprint(key),
+                **next_of(spec.nextkey),
                 routes=spec.routes,
                 client_host=(
                     spec.client_host if spec.client_host != "0.0.0.0" else config.client_host
@@ -233,6 +247,8 @@ class Daemon:
             key_fingerprint=self._top_fingerprint(),
         )
         self.status.hub = self.hub
+        if not self.hub:
+            self.status.next_key_fingerprint = table.peers[0].next_fingerprint
         self.writer = StatusWriter(config.statusfile)
         self.rng = RandomDev(config.randomdev)
         self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
@@ -259,6 +275,8 @@ class Daemon:
         self.link_since = 0.0
         self.stopping = False
         self.reload_requested = False
+        self.redial = False  # a client opens a second session with a new key (rotation)
+        self._draining: list[tuple[float, Session]] = []  # replaced sessions, read until then
         self.exit_code = 0
         self._status_due = 0.0
         self._status_dirty = True
@@ -411,6 +429,8 @@ class Daemon:
         if self._blocked and self.hub:
             oldest = min(s.blocked_since or now for s in self._blocked)
             deadline = min(deadline, max(now, oldest + STALL_AFTER))
+        if self._draining:
+            deadline = min(deadline, max(now, min(until for until, _ in self._draining)))
         active = self.active
         if self.lineq and active is not None and not active.carrier.pending:
             deadline = min(deadline, max(now, active.carrier.pacer.ready_at()))  # type: ignore[attr-defined]
@@ -422,7 +442,8 @@ class Daemon:
         return deadline
 
     def _sessions(self) -> list[Session]:
-        return self.pending + [p.session for p in self.table if p.session is not None]
+        live = [p.session for p in self.table if p.session is not None]
+        return self.pending + live + [s for _, s in self._draining if not s.closed]
 
     def _timers(self, now: float) -> None:
         if self.relisten_at is not None and now >= self.relisten_at and not self.stopping:
@@ -447,6 +468,12 @@ class Daemon:
                 active.carrier.check_carrier()
             except OSError as exc:
                 self._end_session(active, str(exc))
+        if self._draining:
+            self._drained(now)
+        if self.redial and self.active is not None and self.connecting is None and not self.pending:
+            self.redial = False
+            log.info("opening a session with the new key beside the running one")
+            self._connect(now)
         if self._dials and self.active is None and not self.pending:
             if self.connecting is None and now >= self.next_attempt and not self.stopping:
                 if self.config.is_serial:
@@ -459,8 +486,9 @@ class Daemon:
     # ----------------------------------------------------------------- client side
     def _connect(self, now: float) -> None:
         cfg = self.config
-        self.status.set_state("connecting")
-        self._status_dirty = True
+        if self.active is None:  # (beside a running session: a rotation's new key)
+            self.status.set_state("connecting")
+            self._status_dirty = True
         try:
             sock = tcp.start_connect(
                 (cfg.server_host, cfg.server_port),
@@ -499,9 +527,10 @@ class Daemon:
         )
         session = self._add_pending(carrier, conn, now)
         session.peer = self.peer
-        self.status.set_state("handshake")
-        self.status.peer = carrier.peer
-        self._status_dirty = True
+        if self.active is None:
+            self.status.set_state("handshake")
+            self.status.peer = carrier.peer
+            self._status_dirty = True
         log.info("connected to %s, handshaking", carrier.peer)
         self._run_protocol(session, now, lambda: conn.start(now))
 
@@ -631,15 +660,16 @@ class Daemon:
                 sock.close()
                 continue
             carrier = tcp.TcpCarrier(sock, peer)
+            ring = self.hub or self.peer.next_key is not None  # many keys: pick by key id
             conn = Connection(
                 "responder",
-                None if self.hub else self.peer.key,
+                None if ring else self.peer.key,
                 params_from_config(cfg),
                 self.rng,
                 now,
                 replay_guard=self._guard(),
                 wall=time.time(),
-                keyring=self.ring if self.hub else None,
+                keyring=self.ring if ring else None,
             )
             session = self._add_pending(carrier, conn, now)
             session.source = addr[0]
@@ -940,6 +970,9 @@ class Daemon:
             return
         session.peer = peer
         session.up = True
+        peer.session_fingerprint = peer.fingerprint_of(session.conn.key_id)
+        if not self.hub:
+            self.status.session_key_fingerprint = peer.session_fingerprint
         previous = peer.session
         peer.session = session
         peer.endpoint = session.carrier.peer
@@ -961,7 +994,7 @@ class Daemon:
             )
             self.status.reconnects += 1
             peer.reconnects += 1
-            self._close_session(previous)
+            self._drain(previous, now)
             self._update_tun_watch(now)
             self._status_dirty = True
             return
@@ -975,6 +1008,24 @@ class Daemon:
         except OSError as exc:  # TunError included
             log.error("cannot bring the link up: %s", exc)
             self._end_session(session, f"local error: {exc}")
+
+    def _drain(self, session: Session, now: float) -> None:
+        """A replaced session is read for `DRAIN_SECONDS` more (what was in flight on it still
+        reaches the TUN: a rotation or a client's reconnect loses no packet), sends nothing new,
+        and is then closed."""
+        self._blocked.discard(session)
+        self._draining.append((now + DRAIN_SECONDS, session))
+
+    def _drained(self, now: float) -> None:
+        keep = []
+        for until, session in self._draining:
+            if session.closed:
+                continue
+            if now >= until:
+                self._close_session(session)
+            else:
+                keep.append((until, session))
+        self._draining = keep
 
     def _peer_of(self, session: Session) -> Peer | None:
         """The peer a server session authenticated as (still in the current table)."""
@@ -1162,6 +1213,8 @@ class Daemon:
             "last_rtt": peer.last_rtt,
             "missed_keepalives": session.conn.stats.missed_keepalives if session else 0,
             "key_fingerprint": peer.fingerprint,
+            "next_key_fingerprint": peer.next_fingerprint,
+            "session_key_fingerprint": peer.session_fingerprint if peer.state == UP else None,
             "routes": [str(r.network) for r in peer.routes],
             "drops": drops,
             "reconnects": peer.reconnects,
@@ -1205,6 +1258,9 @@ class Daemon:
         if same_hub:
             self._reload_peers(new, table)
             return
+        if not self.hub and not new.is_hub and _only_keys_differ(self.config, new):
+            self._reload_keys(new, table.peers[0])
+            return
         log.info("SIGHUP: configuration changed; restarting the link")
         self._stop_link("configuration reloaded")
         if new.randomdev != self.config.randomdev:
@@ -1244,10 +1300,15 @@ class Daemon:
         removed or changed ones are cut at once, so their old key opens nothing from now on."""
         current = self.table.by_name
         kept, added, gone = [], [], []
+        rekeyed = 0
         for fresh in table:
             old = current.get(fresh.name)
             if old is not None and old.identity() == fresh.identity():
                 kept.append(old)
+            elif old is not None and _same_but_keys(old, fresh) and _still_accepted(old, fresh):
+                _take_keys(old, fresh)  # a rotation step: the session stays up
+                kept.append(old)
+                rekeyed += 1
             else:
                 added.append(fresh)
         keep_ids = {id(p) for p in kept}
@@ -1255,6 +1316,9 @@ class Daemon:
         self.config = new
         self.link.config = new
         self.table = PeerTable(kept + added, hub=True)  # the ring sees it from now on
+        for _until, drained in list(self._draining):  # a revoked key opens nothing, at once
+            if drained.peer in gone:
+                self._close_session(drained)
         for peer in gone:
             why = "changed" if peer.name in table.by_name else "removed"
             reason = f"client {why} by a reload"
@@ -1272,11 +1336,41 @@ class Daemon:
         self.status.key_fingerprint = self._top_fingerprint()
         self._status_dirty = True
         log.info(
-            "SIGHUP: clients reloaded: %d kept, %d added or changed, %d removed or changed",
+            "SIGHUP: clients reloaded: %d kept (%d with new keys), %d added or changed, "
+            "%d removed or changed",
             len(kept),
+            rekeyed,
             len(added),
             len(gone),
         )
+
+    def _reload_keys(self, new: Config, fresh: Peer) -> None:
+        """A point-to-point link whose config changed only in `keyfile`/`nextkey` (a rotation
+        step): the running session stays up while its key is still accepted; a client whose
+        primary key changed opens a new session with it beside the running one, which then
+        replaces it (make before break: the TUN, routes and the ping running stay)."""
+        peer = self.peer
+        primary_changed = fresh.key != peer.key
+        keep = _still_accepted(peer, fresh)
+        _take_keys(peer, fresh)
+        self.table = PeerTable([peer], hub=False)  # index the new keys (the ring reads it)
+        self.config = new
+        self.link.config = new
+        self.status.key_fingerprint = peer.fingerprint
+        self.status.next_key_fingerprint = peer.next_fingerprint
+        self._status_dirty = True
+        session = peer.session
+        if session is not None and not keep:
+            log.info("SIGHUP: the running session's key is no longer accepted; reconnecting")
+            self._end_session(session, "key rotated out")
+            return
+        log.info(
+            "SIGHUP: keys reloaded (key %s%s); the link stays up",
+            peer.fingerprint,
+            f", also accepting {peer.next_fingerprint}" if peer.next_key is not None else "",
+        )
+        if primary_changed and session is not None and self._dials and not new.is_serial:
+            self.redial = True  # the new key proves itself on a second connection first
 
     def _relisten(self, now: float) -> None:
         """Listen again after a reload; the port can stay busy for a moment (a hook's fork
@@ -1304,8 +1398,9 @@ class Daemon:
             self.listener.close()
             self.listener = None
             self.listener_resume = None
-        for s in list(self.pending):
+        for s in [*self.pending, *(d for _, d in self._draining)]:
             self._close_session(s)
+        self._draining = []
         for peer in self.table:
             s = peer.session
             if s is None:
@@ -1345,3 +1440,32 @@ def _addr(session: Session) -> tuple[str, int]:
         return host, int(port)
     except ValueError:
         return host, 0
+
+
+_KEY_FIELDS = ("key", "fingerprint", "next_key", "next_fingerprint")
+
+
+def _only_keys_differ(old: Config, new: Config) -> bool:
+    """True when two configs differ in `keyfile`/`nextkey` at most."""
+    return dataclasses.replace(new, keyfile=old.keyfile, nextkey=old.nextkey) == old
+
+
+def _same_but_keys(old: Peer, new: Peer) -> bool:
+    """True when two peers differ in their keys at most (identity: name, address, key,
+    next key, then the rest)."""
+    a, b = old.identity(), new.identity()
+    return a[:2] + a[4:] == b[:2] + b[4:]
+
+
+def _still_accepted(old: Peer, new: Peer) -> bool:
+    """True when `old`'s running session (if any) was opened with a key `new` still accepts."""
+    if old.session is None:
+        return True
+    used = old.fingerprint_of(old.session.conn.key_id)
+    return used in (new.fingerprint, new.next_fingerprint)
+
+
+def _take_keys(peer: Peer, fresh: Peer) -> None:
+    """Give `peer` the keys of `fresh` (the rest of it, its session and counters, stay)."""
+    for name in _KEY_FIELDS:
+        setattr(peer, name, getattr(fresh, name))

@@ -39,6 +39,9 @@ class Peer:
     key: bytes = field(repr=False)
     fingerprint: str
     routes: tuple[Route, ...] = ()
+    #: A second key also accepted from this peer (`nextkey`: hitless rotation), and its print.
+    next_key: bytes | None = field(default=None, repr=False)
+    next_fingerprint: str | None = None
     client_host: str = "0.0.0.0"
     client_port: int = 0
     # --- live state, owned by the daemon
@@ -59,6 +62,18 @@ class Peer:
     drops: dict[str, int] = field(default_factory=dict)
     reconnects: int = 0
     links_up: int = 0
+    session_fingerprint: str | None = None  # the key the current session was opened with
+
+    @property
+    def keys(self) -> tuple[bytes, ...]:
+        """Every key this peer may prove: `key`, and `next_key` while a rotation is under way."""
+        return (self.key,) if self.next_key is None else (self.key, self.next_key)
+
+    def fingerprint_of(self, key_id_hex: str) -> str | None:
+        """The fingerprint of this peer's key whose key id is `key_id_hex`."""
+        if self.next_key is not None and derive_key_id(self.next_key).hex() == key_id_hex:
+            return self.next_fingerprint
+        return self.fingerprint
 
     @property
     def networks(self) -> tuple[IPv4Network, ...]:
@@ -72,6 +87,7 @@ class Peer:
             self.name,
             self.address,
             self.key,
+            self.next_key,
             self.routes,
             self.client_host,
             self.client_port,
@@ -130,12 +146,13 @@ class PeerTable:
         self._router = Router()
         self._only: Peer | None = self.peers[0] if len(self.peers) == 1 else None
         for peer in self.peers:
-            kid = derive_key_id(peer.key)
-            keys = self._keys.setdefault(kid, [])
-            if peer.key not in keys:
-                keys.append(peer.key)
-            self._by_key.setdefault(peer.key, []).append(peer)
-            self._by_key_address[(peer.key, peer.address)] = peer
+            for key in peer.keys:
+                kid = derive_key_id(key)
+                keys = self._keys.setdefault(kid, [])
+                if key not in keys:
+                    keys.append(key)
+                self._by_key.setdefault(key, []).append(peer)
+                self._by_key_address[(key, peer.address)] = peer
             for net in peer.networks:
                 self._router.add(net, peer)
 
@@ -153,7 +170,7 @@ class PeerTable:
     def admit(self, psk: bytes, address: IPv4Address | IPv6Address | None) -> Peer | None:
         """The peer holding `psk` that announced `address`; a client that announced no address
         (the protocol's first version) is admitted only when its key names one peer."""
-        if address is None:
+        if address is None or not self.hub:  # a point-to-point server: the key is enough
             holders = self._by_key.get(psk, ())
             return holders[0] if len(holders) == 1 else None
         if address.version != 4:

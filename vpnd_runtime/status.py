@@ -57,6 +57,10 @@ class StatusRecord:
     reconnects: int = 0
     links_up: int = 0
     updated: float = 0.0
+    #: The key the current session was opened with (differs from key_fingerprint while a
+    #: rotation is under way: the far end may use `nextkey`), and the second accepted key.
+    session_key_fingerprint: str | None = None
+    next_key_fingerprint: str | None = None
     #: A hub (many clients): its clients' entries, and how many there are / are up.
     hub: bool = False
     peers: list[dict[str, Any]] = field(default_factory=list)
@@ -208,6 +212,8 @@ def format_status(record: dict[str, Any]) -> str:
         ),
         ("peer", record.get("peer")),
         ("key", record.get("key_fingerprint")),
+        ("next key", record.get("next_key_fingerprint")),
+        ("session key", record.get("session_key_fingerprint") if state == "up" else None),
         (
             "session age",
             _fmt_age(record.get("session_age"))

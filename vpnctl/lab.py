@@ -718,6 +718,9 @@ def lab_down(directory: str | Path) -> list[str]:
             Path("/run/sshd").rmdir()
     if state.control_dir and state.control_dir != str(directory):
         shutil.rmtree(state.control_dir, ignore_errors=True)
+    for host in state.hosts:  # never delete through an overlay still mounted
+        if host.rootfs and os.path.ismount(host.rootfs):
+            subprocess.run(["umount", "-l", host.rootfs], capture_output=True, check=False)
     if state.created_directory:
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(f"directory {directory}")
@@ -739,9 +742,12 @@ def _stop_containers(state: LabState) -> list[str]:
 
     def stop(host: LabHost) -> list[str]:
         cgroups = [Path(c) for c in state.container_cgroups.get(host.name, [])]
-        return nspawn.stop_container(
-            state.container_supervisors.get(host.name, 0), cgroups, Path(host.rootfs)
-        )
+        try:
+            return nspawn.stop_container(
+                state.container_supervisors.get(host.name, 0), cgroups, Path(host.rootfs)
+            )
+        except (OSError, subprocess.SubprocessError) as exc:  # the rest of lab down goes on
+            return [f"container {host.name}: not fully removed: {exc}"]
 
     hosts = [h for h in state.hosts if h.name in state.container_cgroups]
     with ThreadPoolExecutor(max_workers=16) as pool:

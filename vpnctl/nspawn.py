@@ -254,12 +254,17 @@ def cgroup_pids(cgroups: list[Path]) -> list[int]:
     """Every PID in the cgroup trees (the supervisor, nspawn, the container's processes)."""
     pids: set[int] = set()
     for top in cgroups:
-        if not top.is_dir():
-            continue
-        for procs in top.rglob("cgroup.procs"):
+        for sub in _cgroup_tree(top):
             with contextlib.suppress(OSError, ValueError):
-                pids.update(int(p) for p in procs.read_text().split())
+                pids.update(int(p) for p in (sub / "cgroup.procs").read_text().split())
     return sorted(pids)
+
+
+def _cgroup_tree(top: Path) -> list[Path]:
+    """Every cgroup directory below and including `top`, deepest first. cgroups come and go
+    while a container runs or stops: one that vanished during the walk is skipped."""
+    found = [Path(root) for root, _dirs, _files in os.walk(top)]  # os.walk ignores errors
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
 def leader_pid(cgroups: list[Path]) -> int | None:
@@ -311,12 +316,9 @@ def stop_container(
         removed.append(f"overlay {merged}")
     for top in cgroups:
         if top.is_dir():
-            for sub in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                if sub.is_dir():
-                    with contextlib.suppress(OSError):
-                        sub.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
+            for sub in _cgroup_tree(top):  # deepest first: a cgroup is removed by rmdir, empty
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
             removed.append(f"cgroup {top}")
     return removed
 

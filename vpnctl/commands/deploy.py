@@ -199,12 +199,24 @@ def preflight(
             f"{ws.build_path}/ does not match {ws.inventory_path} and {store.root}/ "
             f"({len(stale)} file(s) differ: {shown}{more}); run `vpnctl render` first"
         )
-    links = sorted({link for manifest in manifests for link in manifest["links"]})
+    links = sorted({name for manifest in manifests for name in _key_names(manifest)})
     passphrase = None
     if any(store.is_encrypted(link) for link in links):
         passphrase = read_passphrase(passphrase_env, passphrase_file, prompt=True, confirm=False)
     keys = {link: store.load(link, passphrase=passphrase) for link in links}
     return _UnlockedKeystore(store.root, keys)
+
+
+def _key_names(manifest: dict) -> list[str]:
+    """The keystore keys a host's manifest needs: a link's own (``key``, else its name), and
+    for a hub one per client (``<hub>.<client>``)."""
+    names = []
+    for link, entry in manifest["links"].items():
+        if entry.get("role") == "hub":
+            names += [str(client["key"]) for client in entry.get("clients", {}).values()]
+        else:
+            names.append(str(entry.get("key", link)))
+    return names
 
 
 RESULTS = ("ok", "changed", "failed", "unreachable")

@@ -10,6 +10,7 @@ Theory of operation
   ``/var/cache/vpnctl/rootfs`` -- under an exclusive ``flock``, so two labs started at once build
   it once. The directory name carries a hash of the recipe (suite, packages, the tweaks below):
   a changed recipe builds afresh. It is only marked complete after it was built whole.
+  ``$VPNCTL_DEBIAN_MIRROR`` overrides debootstrap's mirror (default deb.debian.org).
 * **Each host boots from an overlay** of that rootfs (``mount -t overlay``, its upper layer in
   the host's lab directory): hosts never write to the cache or to each other, and a host keeps
   what deploy installed across a reboot of its container.

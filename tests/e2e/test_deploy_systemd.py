@@ -270,10 +270,10 @@ def test_a_reboot_of_the_host_brings_the_link_back(lab: LabState) -> None:
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="deploy bugs on hub hosts (see the report of branch nspawn): `vpnctl deploy` pre-flight "
-    "loads keystore/<hub>.key, which no hub has (vpnctl/commands/deploy.py preflight); and under "
-    "systemd the hub (User=vpnd from its first instruction) cannot read /etc/vpnd/<hub>.peers "
-    "(0700 root) nor its clients' keys: apply_script chowns only kind 'key', not 'peerkey'",
+    reason="deploy bug on systemd hub hosts (report of branch nspawn): the hub runs as vpnd from "
+    "its first instruction (User=) and cannot read /etc/vpnd/<hub>.peers (0700 root) nor its "
+    "clients' keys (0600 root): apply_script chowns kind 'key' only, not 'peerkey' and their "
+    "directory; the hub exits 2 (Permission denied), crash-loops and is rolled back",
 )
 def test_a_hub_on_a_systemd_host_takes_a_new_client_by_systemctl_reload(
     tmp_path: Path,
@@ -290,14 +290,14 @@ def test_a_hub_on_a_systemd_host_takes_a_new_client_by_systemctl_reload(
         inventory.write_text(text.replace("  - client2\n", ""))
         vpnctl(hub, "keygen")
         vpnctl(hub, "render")
-        first = vpnctl(hub, "deploy", "--all", "--wait", "30").stdout
+        first = vpnctl(hub, "deploy", "--all", "--wait", "15").stdout
         assert "confirmed up at both ends: hub/client1" in first, first
         before = _unit(hub, "server", "hub")
         assert before["ActiveState"] == "active"
         inventory.write_text(text)
         vpnctl(hub, "keygen")
         vpnctl(hub, "render")
-        proc = vpnctl(hub, "deploy", "--all", "--wait", "30")
+        proc = vpnctl(hub, "deploy", "--all", "--wait", "15")
         assert "hub: client client2 added, reload (no restart)" in proc.stdout, proc.stdout
         assert "reloaded: hub" in proc.stdout, proc.stdout
         assert "confirmed up at both ends: hub/client2" in proc.stdout, proc.stdout

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test demo lint fmt bench clean
+.PHONY: test demo lint fmt bench clean fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.run_all
+
+# Coverage-guided fuzzing (atheris): every target for FUZZ_SECONDS (default 60) seconds, the frame
+# decoder for FUZZ_FRAMES_SECONDS (default twice that); prints executions and exec/s per target.
+FUZZ_SECONDS ?= 60
+$(VENV)/.fuzz-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[test,fuzz]'
+	touch $@
+
+fuzz: $(VENV)/.fuzz-installed
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m fuzz.run_all
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -1264,6 +1264,26 @@ BAD_ANSWER = "bad answer"  # the state of an end whose host answered with a malf
 STALE_AFTER = 5.0  # a running daemon rewrites its record every second (docs/architecture.md)
 
 
+def finite_number(value: object) -> float | None:
+    """`value` as a finite float when it is a number or a number's text; None otherwise.
+
+    What a host prints is not trusted to be well formed: "nan", "inf", a bool or a stray line
+    becomes None (unknown) instead of an exception or a NaN that poisons every comparison.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        value = float(value) if abs(value) < 2**1000 else None
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
+
+
 def parse_status_output(text: str) -> dict[str, LinkRecord]:
     """The output of :func:`status_script` as link -> LinkRecord.
 
@@ -1291,7 +1311,7 @@ def parse_status_output(text: str) -> dict[str, LinkRecord]:
         if block[2] not in {"", "-"}:  # a host's answer is data: parsed, type-checked, cleaned
             try:
                 loaded = json.loads(block[2])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep for json
                 loaded, bad = None, "the status record is not JSON (cut short?)"
             bad = bad or check_record(loaded)
             record = clean_json(loaded) if bad is None else None
@@ -1325,15 +1345,15 @@ def _judge_freshness(record: dict[str, Any], pidfile_pid: str, now: float) -> No
     """Mark `record` (of a live pidfile process) not running/stale unless it is that process's
     and recent (see :func:`parse_status_output`)."""
     pid = record.get("pid")
-    updated = record.get("updated")
+    updated = finite_number(record.get("updated"))
     if str(pid) != pidfile_pid:
         record["reason"] = (
             f"status record is from pid {pid}, the pidfile names {pidfile_pid}; last state "
             f"{record.get('state')}"
         )
         record["state"] = "not running"
-    elif not isinstance(updated, int | float) or now - updated > STALE_AFTER:
-        age = f"{now - updated:.0f}s" if isinstance(updated, int | float) else "never"
+    elif updated is None or now - updated > STALE_AFTER:
+        age = f"{now - updated:.0f}s" if updated is not None else "never"
         record["reason"] = (
             f"status record not rewritten for {age} (daemon pid {pid} hung?); last state "
             f"{record.get('state')}"

@@ -27,6 +27,7 @@ failed``, ``not running``, ``unreachable``, ``not deployed``, or a fingerprint m
 
 from __future__ import annotations
 
+import math
 import textwrap
 import threading
 import time
@@ -39,6 +40,7 @@ from typing import Any
 from vpnctl.deploy import (
     BAD_ANSWER,
     _peer_record,
+    finite_number,
     load_manifest,
     parse_status_output,
     status_script,
@@ -223,22 +225,38 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
             if record is not None and record.get("session_age") is not None and read is not None:
                 record["since"] = read.now - float(record["session_age"])
         if record is not None:
+            # The record is the host's word: a field of the wrong type, or a number that is not
+            # finite, is shown as unknown rather than crash the table or the JSON.
             end.state = str(record.get("state", "unknown"))
-            end.reason = record.get("reason")
-            end.peer = record.get("peer")
-            end.last_rtt = record.get("last_rtt")
-            end.bytes_in = record.get("bytes_in")
-            end.bytes_out = record.get("bytes_out")
-            end.key_fingerprint = record.get("key_fingerprint")
-            end.pid = record.get("pid")
+            end.reason = _text(record.get("reason"))
+            end.peer = _text(record.get("peer"))
+            end.last_rtt = finite_number(record.get("last_rtt"))
+            end.bytes_in = _count(record.get("bytes_in"))
+            end.bytes_out = _count(record.get("bytes_out"))
+            end.key_fingerprint = _text(record.get("key_fingerprint"))
+            end.pid = _count(record.get("pid"))
             end.record = record
-            since = record.get("since")
-            if end.state == "up" and isinstance(since, int | float) and read is not None:
-                end.uptime = max(0.0, read.now - since)
+            since = finite_number(record.get("since"))
+            if end.state == "up" and since is not None and read is not None:
+                end.uptime = _age(read.now - since)
         if read is not None and read.key_mtime is not None:
-            end.key_age = max(0.0, read.now - read.key_mtime)
+            end.key_age = _age(read.now - read.key_mtime)
         ends.append(end)
     return ends
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _count(value: object) -> int | None:
+    """A non-negative integer of a record (bytes, pid); None when it is anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _age(seconds: float) -> float | None:
+    """A duration between two finite host times, clamped at 0; None when it overflows."""
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _judge(link: str, ends: list[EndStatus]) -> LinkStatus:

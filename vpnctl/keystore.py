@@ -19,13 +19,17 @@ listings or diffs (only fingerprints do).
 Encrypted key file format (text, so that it is recognisable with ``head``)::
 
     vpnctl-encrypted-key 1
-    kdf: scrypt n=32768 r=8 p=1 salt=<32 hex digits>
+    kdf: scrypt n=131072 r=8 p=1 salt=<32 hex digits>
     aead: chacha20-poly1305 nonce=<24 hex digits>
     link: <link name>
     data: <hex of the 32-byte key sealed with its 16-byte tag>
 
 The AEAD key is scrypt(passphrase, salt); every header line before ``data:`` is the associated
 data, so changing a parameter or renaming the file to another link makes decryption fail.
+New files use n=2^17 (OWASP's current minimum; ~128 MiB, a third of a second); files written with
+the earlier n=2^15 still open.  The header is read before any scrypt runs, and a header asking for
+more than 256 MiB of memory (128*n*r) or 8 times the default work (n*r*p) is refused, naming the
+file: a crafted file cannot make vpnctl allocate gigabytes or spin for minutes.
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ __all__ = [
 ]
 
 ENCRYPTED_MAGIC = "vpnctl-encrypted-key 1"
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+#: The most a file header may ask of scrypt: memory 128*n*r bytes, and work n*r*p.
+SCRYPT_MAX_MEMORY = 256 * 2**20
+SCRYPT_MAX_WORK = 8 * SCRYPT_N * SCRYPT_R * SCRYPT_P
 _SALT_BYTES, _NONCE_BYTES = 16, 12
 _HEADER_RE = re.compile(
     r"vpnctl-encrypted-key 1\n"
@@ -119,6 +126,20 @@ def _aead_key(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase)
 
 
+def _check_scrypt_cost(n: int, r: int, p: int, where: str) -> None:
+    """Refuse scrypt parameters that are malformed or cost more than the cap (before deriving)."""
+    if not (n >= 2**10 and n & (n - 1) == 0 and r >= 1 and p >= 1):
+        raise KeystoreError(f"{where}: unsupported scrypt parameters n={n} r={r} p={p}")
+    memory = 128 * n * r
+    if memory > SCRYPT_MAX_MEMORY or n * r * p > SCRYPT_MAX_WORK:
+        raise KeystoreError(
+            f"{where}: scrypt parameters n={n} r={r} p={p} ask for {memory // 2**20} MiB and "
+            f"{n * r * p // (SCRYPT_N * SCRYPT_R * SCRYPT_P)}x the default work; vpnctl allows at "
+            f"most {SCRYPT_MAX_MEMORY // 2**20} MiB and "
+            f"{SCRYPT_MAX_WORK // (SCRYPT_N * SCRYPT_R * SCRYPT_P)}x (not a file vpnctl wrote?)"
+        )
+
+
 def encrypt_key(key: bytes, link: str, passphrase: bytes) -> bytes:
     """The encrypted key file bytes for ``key`` of ``link`` (format in the module docstring)."""
     salt, nonce = os.urandom(_SALT_BYTES), os.urandom(_NONCE_BYTES)
@@ -147,8 +168,7 @@ def decrypt_key(data: bytes, link: str, passphrase: bytes, where: str) -> bytes:
     if head["link"] != link:
         raise KeystoreError(f"{where}: holds the key of link {head['link']!r}, not {link!r}")
     n, r, p = int(head["n"]), int(head["r"]), int(head["p"])
-    if not (2**10 <= n <= 2**22 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
-        raise KeystoreError(f"{where}: unsupported scrypt parameters n={n} r={r} p={p}")
+    _check_scrypt_cost(n, r, p, where)
     aead = ChaCha20Poly1305(_aead_key(passphrase, bytes.fromhex(head["salt"]), n, r, p))
     try:
         return aead.decrypt(

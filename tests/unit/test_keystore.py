@@ -65,7 +65,7 @@ def test_encrypted_key_round_trips_and_its_fingerprint_needs_no_passphrase(
     assert info.encrypted
     path = store.root / "office.key.enc"
     assert mode(path) == 0o600
-    assert path.read_text().startswith("vpnctl-encrypted-key 1\nkdf: scrypt n=32768 r=8 p=1 ")
+    assert path.read_text().startswith("vpnctl-encrypted-key 1\nkdf: scrypt n=131072 r=8 p=1 ")
     assert not (store.root / "office.key").exists()
     assert store.info("office").fingerprint == info.fingerprint  # from the metadata alone
     key = store.load("office", passphrase=b"correct horse")

@@ -254,7 +254,9 @@ def test_compression_round_trips_and_incompressible_data_is_sent_as_is() -> None
 
 def test_a_decompression_bomb_is_refused() -> None:
     pair = established(Params(compress=True))
-    pair.i._seal_inner(b"\x01\x01" + zlib.compress(bytes(MAX_BODY * 4), 9))
+    bomb = zlib.compressobj(9, zlib.DEFLATED, -15)  # one packet, deflated on its own
+    packed = bomb.compress(bytes(MAX_BODY * 4)) + bomb.flush()
+    pair.i._seal_inner(b"\x01\x02" + struct.pack(">I", 0x8000_0000 | len(packed)) + packed)
     with pytest.raises(RemoteProtocolError, match="expands beyond"):
         pair.r.receive_data(pair.i.data_to_send(), 0.0)
 

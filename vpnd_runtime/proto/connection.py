@@ -36,11 +36,12 @@ at a time, so frames that follow the handshake in the same read already get the 
 
 2. Data: ``0x03 | epoch u32 | counter u64 | AEAD(inner)``, header as associated data, nonce =
    counter (see `session.py`), one key per direction from Noise Split().  `send_packets` batches
-   packets into frames of at most `sendbuf` bytes (a bigger packet travels alone), optionally
-   zlib-compressed when that shrinks the batch.  Over TCP (`lossy=False`) any bad tag, gap,
-   reorder or replay is a RemoteProtocolError; with `lossy=True` (serial) a frame that fails
-   before authentication is dropped and counted in `stats.drops[reason]`, and counters only have
-   to increase.  A frame with a bad tag never produces a `Packets` event.  Once a frame has
+   packets into frames of at most `sendbuf` bytes (a bigger packet travels alone); with compress,
+   each packet is deflated on its own when that shrinks it (never the batch as a whole: that
+   let one flow's frame lengths reveal another flow's bytes).  Over TCP (`lossy=False`) any bad
+   tag, gap, reorder or replay is a RemoteProtocolError; with `lossy=True` (serial) a frame that
+   fails before authentication is dropped and counted in `stats.drops[reason]`, and counters only
+   have to increase.  A frame with a bad tag never produces a `Packets` event.  Once a frame has
    authenticated, a malformed inner message is the keyed peer's fault and a RemoteProtocolError
    in both modes; in particular a zero-length packet inside a PACKETS batch (`send_packets`
    refuses to send one).  A batch with no packet at all is valid (see rekey).
@@ -90,6 +91,7 @@ from .events import Closed, Event, KeepaliveRtt, LinkUp, Packets, PeerDead, Reke
 from .framing import HANDSHAKE_MAX_MESSAGE, Framer, LengthFramer
 from .handshake import (
     FLAG_COMPRESS,
+    FLAG_COMPRESS_BATCH,
     MSG1_BODY_LEN,
     MSG1_BODY_LEN_V0,
     MSG2_BODY_LEN,
@@ -162,8 +164,8 @@ class State(enum.Enum):
 class Params:
     """Tunables of one connection; both ends must agree on `cipher` and `compress`.
 
-    sendbuf: most bytes of packets gathered into one sealed frame (the compression unit); capped
-    at 262,144.  keyttl: session key lifetime in seconds.  maxdelay: drop the link when a
+    sendbuf: most bytes of packets gathered into one sealed frame (compressed packet by packet);
+    capped at 262,144.  keyttl: session key lifetime in seconds.  maxdelay: drop the link when a
     keepalive answer takes longer (None: never).  lossy: the transport may destroy frames
     (serial): damaged frames are dropped and counted instead of ending the connection.
     """
@@ -293,6 +295,8 @@ class Connection:
         self._guard = replay_guard if replay_guard is not None else ReplayGuard()
         self._created = now
         self._wall0 = wall
+        # The initiator's handshake between messages 1 and 2 only: dropped once the transport
+        # keys are installed (it holds the chaining key and the ephemeral private key).
         self._hs: NoiseHandshake | None = None
         self._hs_deadline = now + params.handshake_timeout
         self._started = False
@@ -618,7 +622,7 @@ class Connection:
             raise FrameRejected(f"unknown message type 0x{kind:02x}", "malformed")
 
     def _handle_init(self, msg: bytes, now: float) -> None:
-        if self._initiator or self._hs is not None:
+        if self._initiator or self._send is not None:
             raise FrameRejected("unexpected handshake message 1", "unexpected")
         if len(msg) not in (_MSG1_LEN, _MSG1_LEN_V0):
             raise FrameRejected(f"handshake message 1 of {len(msg)} bytes", "malformed")
@@ -653,6 +657,11 @@ class Connection:
             raise RemoteProtocolError(
                 f"cipher mismatch: peer uses {theirs}, we use {self.params.cipher}"
             )
+        if payload.flags & FLAG_COMPRESS_BATCH:
+            raise RemoteProtocolError(
+                "compression mismatch: the peer is an older vpnd that compresses whole batches "
+                "(a length oracle across flows); upgrade it"
+            )
         if payload.flags & ~FLAG_COMPRESS:
             raise RemoteProtocolError(f"unknown handshake flags 0x{payload.flags:02x}")
         if payload.flags != self._flags:
@@ -679,9 +688,8 @@ class Connection:
         self._psk = psk
         self._key_id = kid
         self.peer_address = address
-        self._hs = hs
         self._peer_key_id = kid
-        self._install_keys(hs.keys(), now)
+        self._install_keys(hs.keys(), now)  # `hs` (ck, ephemeral key) dies with this frame
         self._awaiting_confirm = True
         self._emit(bytes([MSG_RESP]) + body2)
 
@@ -708,6 +716,7 @@ class Connection:
             raise
         self._peer_key_id = self._key_id
         self._install_keys(hs.keys(), now)
+        self._hs = None  # forward secrecy: no chaining key or ephemeral key of the handshake kept
         self._seal_inner(_CONFIRM)
         self._link_up(now, events)
 

@@ -17,7 +17,7 @@ proves to the initiator that the responder holds the psk too.
 The Noise bodies are wrapped by `connection.py` as::
 
     message 1: 0x01 | key_id[4] | e[32] | AEAD(payload[26])        (79 bytes)
-               payload = timestamp u64 ns (wall clock) | cipher id u8 | flags u8 (bit 0: compress)
+               payload = timestamp u64 ns (wall clock) | cipher id u8 | flags u8 (bit 1: compress)
                          | address[16] (the initiator's tunnel address, IPv4 as ::ffff:a.b.c.d;
                            all zeros: not announced)
                (the first version's 10-byte payload, without the address, is still accepted)
@@ -64,7 +64,10 @@ MSG1_BODY_LEN_V0 = DHLEN + _PAYLOAD1_V0.size + TAGLEN
 _NO_ADDRESS = bytes(16)
 MSG2_BODY_LEN = DHLEN + TAGLEN
 
-FLAG_COMPRESS = 0x01
+#: Message 1 flag: compression on, each packet compressed on its own (session.py).
+FLAG_COMPRESS = 0x02
+#: Message 1 flag of vpnd before issue 14: compression of whole batches (refused, by name).
+FLAG_COMPRESS_BATCH = 0x01
 
 
 def generate_keypair(rng: Callable[[int], bytes]) -> tuple[X25519PrivateKey, bytes]:

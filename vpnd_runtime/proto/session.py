@@ -14,9 +14,12 @@ has to be greater.  The counter check happens after the tag check, so forged hea
 
 Inner messages (the plaintext) start with a type byte::
 
-    0x01 PACKETS     flags u8 (bit 0: zlib-compressed) | body; body = (u32 BE length | packet)*
+    0x01 PACKETS     flags u8 | body; body = (u32 BE length | packet)*
                      every packet is at least 1 byte; an empty body (no packet at all) is valid:
-                     the initiator sends one to open a new epoch after a rekey
+                     the initiator sends one to open a new epoch after a rekey.  Flags bit 1
+                     (PACKETS_PER_PACKET): a length with bit 31 set announces a packet that is
+                     raw-deflate compressed on its own (the low 31 bits are its compressed size).
+                     Bit 0 (a whole body compressed together, vpnd before issue 14) is refused.
     0x02 PING        id u64
     0x03 PONG        id u64
     0x04 REKEY_INIT  target epoch u32 | e[32]
@@ -24,9 +27,13 @@ Inner messages (the plaintext) start with a type byte::
     0x06 CONFIRM     (empty): the initiator's first message, it completes the handshake
     0x07 CLOSE       reason (UTF-8, at most 200 bytes)
 
-Compression (zlib, optional) is applied to the PACKETS body as a whole and only kept when it
-shrinks it.  Compressing before encrypting can leak plaintext patterns through lengths (CRIME-like);
-it is off by default.  Decompression is bounded by MAX_BODY: a bomb is a RemoteProtocolError.
+Compression (zlib's raw deflate, optional) is applied to each packet on its own and only kept for
+a packet when it shrinks it.  Compressing the whole batch together made one packet's compressed
+size depend on the other packets of the frame: an attacker who injects guesses into one flow could
+read a secret of another flow from frame lengths (CRIME across flows).  Per packet, what is still
+leaked is each packet's compressed size, i.e. how well that packet compresses on its own
+(docs/directives.md, `compress`).  Decompression is bounded: a packet to MAX_PACKET bytes, the
+whole batch to MAX_BODY; a bomb is a RemoteProtocolError.
 
 Rekey keys: new_ck, k_i2r, k_r2i = HKDF(chaining key, X25519(e_init, e_resp), 3).
 """
@@ -54,7 +61,11 @@ INNER_REKEY_RESP = 0x05
 INNER_CONFIRM = 0x06
 INNER_CLOSE = 0x07
 
+#: PACKETS flag of vpnd before per-packet compression: the whole body deflated together (refused).
 PACKETS_COMPRESSED = 0x01
+#: PACKETS flag: some packets are compressed on their own, marked by bit 31 of their length.
+PACKETS_PER_PACKET = 0x02
+PACKET_COMPRESSED_BIT = 0x8000_0000
 
 HEADER = struct.Struct(">BIQ")
 HEADER_LEN = HEADER.size  # 13
@@ -172,17 +183,30 @@ class RecvState:
 def packets_inner(parts: list[bytes], compress: bool, level: int) -> bytes:
     """Join a PACKETS inner message from `parts` = [b"\\x01\\x00", len, packet, len, packet, ...].
 
-    With `compress`, the body is zlib-compressed and sent so only when that makes it smaller.
+    With `compress`, each packet is raw-deflated on its own and sent so only when that makes it
+    smaller (its length then carries PACKET_COMPRESSED_BIT); the others travel as they are.
     """
-    if compress:
-        import zlib  # noqa: PLC0415 - lazy: only links with `compress` load it
+    if not compress:
+        return b"".join(parts)
+    import zlib  # noqa: PLC0415 - lazy: only links with `compress` load it
 
-        body = b"".join(parts[1:])
-        packed = zlib.compress(body, level)
-        if len(packed) < len(body):
-            return b"\x01\x01" + packed
-        return b"\x01\x00" + body
-    return b"".join(parts)
+    out = [b"\x01\x00"]
+    any_packed = False
+    pack = U32.pack
+    deflate = zlib.compress
+    for k in range(2, len(parts), 2):
+        p = parts[k]
+        packed = deflate(p, level, -15)
+        if len(packed) < len(p):
+            out.append(pack(PACKET_COMPRESSED_BIT | len(packed)))
+            out.append(packed)
+            any_packed = True
+        else:
+            out.append(parts[k - 1])
+            out.append(p)
+    if any_packed:
+        out[0] = bytes([INNER_PACKETS, PACKETS_PER_PACKET])
+    return b"".join(out)
 
 
 def decode_packets(inner: bytes) -> list[bytes]:
@@ -194,27 +218,19 @@ def decode_packets(inner: bytes) -> list[bytes]:
     if len(inner) < 2:
         raise RemoteProtocolError("truncated PACKETS message")
     flags = inner[1]
-    if flags & ~PACKETS_COMPRESSED:
-        raise RemoteProtocolError(f"unknown PACKETS flags 0x{flags:02x}")
     if flags & PACKETS_COMPRESSED:
-        import zlib  # noqa: PLC0415 - lazy: only links with `compress` load it
-
-        d = zlib.decompressobj()
-        try:
-            body = d.decompress(memoryview(inner)[2:], MAX_BODY + 1)
-        except zlib.error:
-            raise RemoteProtocolError("corrupt compressed PACKETS body") from None
-        if len(body) > MAX_BODY or d.unconsumed_tail:
-            raise RemoteProtocolError(f"compressed PACKETS body expands beyond {MAX_BODY} bytes")
-        if not d.eof or d.unused_data:
-            raise RemoteProtocolError("truncated or padded compressed PACKETS body")
-        start = 0
-    else:
-        body = inner
-        start = 2
+        raise RemoteProtocolError(
+            "whole-batch compressed PACKETS body (the format of an older vpnd); "
+            "upgrade both ends of the link"
+        )
+    if flags & ~PACKETS_PER_PACKET:
+        raise RemoteProtocolError(f"unknown PACKETS flags 0x{flags:02x}")
+    if flags:
+        return _decode_per_packet(inner)
+    body = inner
     out: list[bytes] = []
     end = len(body)
-    pos = start
+    pos = 2
     unpack_from = U32.unpack_from
     while pos < end:
         if end - pos < 4:
@@ -228,6 +244,59 @@ def decode_packets(inner: bytes) -> list[bytes]:
                 f"zero-length packet in a PACKETS body (packet {len(out) + 1} of the batch)"
             )
         out.append(body[pos : pos + n])
+        pos += n
+    return out
+
+
+def _nth(out: list[bytes]) -> str:
+    return f"packet {len(out) + 1} of the batch"
+
+
+def _decode_per_packet(inner: bytes) -> list[bytes]:
+    """The PACKETS_PER_PACKET body: some lengths carry PACKET_COMPRESSED_BIT."""
+    import zlib  # noqa: PLC0415 - lazy: only links with `compress` load it
+
+    out: list[bytes] = []
+    end = len(inner)
+    pos = 2
+    budget = MAX_BODY  # what the batch may expand to, counted as the sender counts it
+    view = memoryview(inner)
+    while pos < end:
+        if end - pos < 4:
+            raise RemoteProtocolError("truncated packet length in PACKETS body")
+        (n,) = U32.unpack_from(inner, pos)
+        pos += 4
+        packed = bool(n & PACKET_COMPRESSED_BIT)
+        n &= ~PACKET_COMPRESSED_BIT
+        if n > end - pos:
+            raise RemoteProtocolError(f"packet length {n} runs past the PACKETS body ({_nth(out)})")
+        if n == 0:
+            raise RemoteProtocolError(f"zero-length packet in a PACKETS body ({_nth(out)})")
+        cap = min(MAX_PACKET, budget - 4)
+        if packed:
+            d = zlib.decompressobj(-15)
+            try:
+                pkt = d.decompress(view[pos : pos + n], max(cap, 0) + 1)
+            except zlib.error:
+                raise RemoteProtocolError(f"corrupt compressed packet ({_nth(out)})") from None
+            if len(pkt) > cap or d.unconsumed_tail:
+                if cap < MAX_PACKET:
+                    raise RemoteProtocolError(
+                        f"compressed PACKETS body expands beyond {MAX_BODY} bytes ({_nth(out)})"
+                    )
+                raise RemoteProtocolError(
+                    f"compressed packet expands beyond {MAX_PACKET} bytes ({_nth(out)})"
+                )
+            if not d.eof or d.unused_data:
+                raise RemoteProtocolError(f"truncated or padded compressed packet ({_nth(out)})")
+            if not pkt:
+                raise RemoteProtocolError(f"zero-length packet in a PACKETS body ({_nth(out)})")
+        else:
+            if n > budget - 4:
+                raise RemoteProtocolError(f"PACKETS body holds more than {MAX_BODY} bytes")
+            pkt = inner[pos : pos + n]
+        budget -= len(pkt) + 4
+        out.append(pkt)
         pos += n
     return out
 

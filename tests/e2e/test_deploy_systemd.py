@@ -126,6 +126,8 @@ def test_first_deploy_installs_enables_and_starts_every_unit(lab: LabState) -> N
         record = _record(lab, host, link)
         assert record.get("state") == "up", (host, link, record)
     _ping_every_tunnel(lab)
+    status = vpnctl(lab, "status").stdout  # reads the same records over ssh
+    assert "2/2 link(s) up" in status, status
 
 
 def test_the_hardened_unit_runs_as_its_user_with_only_its_two_capabilities(

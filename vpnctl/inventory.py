@@ -638,7 +638,7 @@ def _read_speed(r: _Reader, node: yaml.Node, path: str) -> int | None:
 
 
 _TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
-    "transport": lambda r, n, p: r.choice(n, p, ("tcp", "serial")),
+    "transport": lambda r, n, p: r.choice(n, p, ("tcp", "udp", "serial")),
     "port": lambda r, n, p: r.integer(n, p, 1, 65535),
     "keepalive": lambda r, n, p: r.seconds(n, p),
     "noanswer": lambda r, n, p: r.integer(n, p, 1, 1_000_000),
@@ -1265,7 +1265,7 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
 
     link_names: dict[str, int] = {}
     tunnel_used: dict[IPv4Address, str] = {}
-    ports: dict[tuple[str, int], int] = {}
+    ports: dict[tuple[str, int] | tuple[str, int, str], int] = {}
     devices: dict[tuple[str, str], str] = {}
     interfaces: dict[tuple[str, str], int] = {}
     host_routes: dict[str, list[tuple[IPv4Network, str]]] = {}
@@ -1313,10 +1313,13 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
             else:
                 tunnel_used[address] = _owner(where)
 
-        # One listener per server port; one daemon per serial device.
-        if link.transport == "tcp":
+        # One listener per server port (TCP and UDP ports apart); one daemon per serial device.
+        if link.transport in ("tcp", "udp"):
             key = (link.server.host, link.tunables.port)
             ssh_port = hosts_by_name[link.server.host].ssh.port
+            if link.transport == "udp":
+                key = (link.server.host, link.tunables.port, "udp")
+                ssh_port = -1  # ssh is TCP: no clash
             if key in ports:
                 add(
                     inv.problem(

@@ -133,7 +133,8 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "keyttl": t.keyttl,
         "sendbuf": t.sendbuf,
         "compress": t.compress,
-        "ipopts": t.ipopts if link.transport == "tcp" else 0,
+        "ipopts": t.ipopts if link.transport != "serial" else 0,
+        "udp": link.transport == "udp",
         "speed": t.speed,
         "localline": t.localline,
         "nortscts": t.nortscts,
@@ -162,6 +163,7 @@ def _tunable_context(t: Tunables) -> dict[str, Any]:
         "sendbuf": t.sendbuf,
         "compress": t.compress,
         "ipopts": t.ipopts,
+        "udp": t.transport == "udp",
     }
 
 
@@ -601,6 +603,8 @@ def _mirror_problems(
         )
     if s.is_serial != c.is_serial:
         bad("one side is serial, the other tcp")
+    elif s.transport != c.transport:
+        bad(f"transports differ: server {s.transport}, client {c.transport}")
     elif not s.is_serial:
         if s.server_port != c.server_port:
             bad(f"server listens on port {s.server_port}, client dials {c.server_port}")
@@ -688,7 +692,7 @@ def check_build(
         found = _mirror_problems(inv, link, sides, fingerprints.get(link.name))
         problems.extend(f"link {link.name}: {what}" for what in found)
         if not found:
-            transport = "serial" if s.is_serial else f"tcp/{s.server_port}"
+            transport = "serial" if s.is_serial else f"{s.transport}/{s.server_port}"
             verified.append(
                 f"{link.name}: {link.server.host} {s.local} <-> {c.local} {link.client.host}  "
                 f"{transport}  key {s_entry['key_fingerprint']}"

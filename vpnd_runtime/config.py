@@ -255,6 +255,8 @@ class Config:
     peers: tuple[PeerSpec, ...] = ()
     #: A hub forwards packets from one client to another (via the host's IP forwarding).
     clienttoclient: bool = True
+    #: The carrier of a network link: "tcp" (the seed's, the default) or "udp" (datagrams).
+    transport: str = "tcp"
     #: Account to run as after start-up (see vpnd_runtime/privdrop.py); None: stay as started.
     user: str | None = None
     group: str | None = None
@@ -339,6 +341,7 @@ _TEXT_ORDER = (
     "nortscts",
     "xfilter",
     "modemchat",
+    "transport",
 )
 
 
@@ -490,6 +493,15 @@ def _compress(args: list[str]) -> dict[str, Any]:
     return {"compress": True, "compress_level": _int(word, "compress level", 1, 9)}
 
 
+TRANSPORTS = ("tcp", "udp")
+
+
+def _transport(args: list[str]) -> dict[str, Any]:
+    if args[0] not in TRANSPORTS:
+        raise _Bad(f"unknown transport {args[0]!r}; choose tcp or udp")
+    return {"transport": args[0]}
+
+
 def _cipher(args: list[str]) -> dict[str, Any]:
     name = args[0]
     if name not in CIPHERS and name != _CIPHER_FAMILY:
@@ -597,6 +609,7 @@ _DIRECTIVES: dict[str, _Directive] = {
         _Directive("user", "user <name>|<uid>", 1, 1, _account("user")),
         _Directive("group", "group <name>|<gid>", 1, 1, _account("group")),
         _Directive("autoroute", "autoroute", 0, 1, _flag_directive("autoroute")),
+        _Directive("transport", "transport tcp|udp", 1, 1, _transport),
         *[
             _Directive(hook, f"{hook} <script>", 1, 1,
                        _value(hook, lambda t, hook=hook: _path(t, hook)))
@@ -763,6 +776,19 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
             )
         if "ipopts" in lines:
             fail(lines["ipopts"], "ipopts", "applies only to TCP links (it sets the socket TOS)")
+        if "transport" in lines:
+            fail(
+                lines["transport"],
+                "transport",
+                "applies only to network links: a serial line is its own carrier",
+            )
+    if values.get("transport") == "udp" and "sendbuf" in lines:
+        fail(
+            lines["sendbuf"],
+            "sendbuf",
+            "applies to TCP and serial links: over UDP each datagram carries at most one "
+            "MTU's worth of packets (see mtu)",
+        )
 
     if "group" in lines and "user" not in lines:
         fail(lines["group"], "group", "needs a 'user' (the account vpnd switches to)")

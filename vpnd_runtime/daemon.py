@@ -12,6 +12,8 @@ reconnects and the status record. The house:
 * `peers.py` — the peer table: who may connect with which key, and where each packet goes;
 * `datapath.py` — the per-packet rules of a hub (route by destination, allowed sources);
 * `carriers.py` / `io/tcp.py` — the serial line and TCP carriers; `io/tun.py` — the TUN;
+* `io/udp.py` / `io/gso.py` — the UDP carrier (`transport udp`): one socket, GSO/GRO, and the
+  TCP segmentation/coalescing that turns TUN super-packets into MTU-sized datagrams and back;
 * this module — sessions and their life cycle, the TUN's life cycle, timers, reload, status;
 * `process.py` — logging, the pidfile, detaching.
 
@@ -53,6 +55,21 @@ Inbound pipeline (carrier -> TUN), run when the carrier is readable:
 
 Timers live in a heap keyed by each session's next protocol deadline, so a hub with a thousand
 idle clients wakes only when some client's keepalive is due.
+
+Over UDP (`transport udp`) the same pipelines run on datagrams. A server (hub or not) has one
+socket and no connections: a datagram's first 4 bytes are the receiver's session index (see
+proto/connection.py, section 6), 0 for a message 1. A message 1 passes a handshake budget first
+(`HANDSHAKE_RATE` per second in all and `HANDSHAKE_RATE_PER_SOURCE` per source address, token
+buckets; over budget it is dropped and counted "handshake_ratelimited" before any cryptography),
+then gets a fresh responder session with a new random index; if its psk tag does not verify the
+session is discarded at once (no answer, no state). A session follows its peer: the source address
+of the newest datagram that authenticated (and passed the replay window) becomes the address the
+session sends to (roaming, NAT rebinding); a replayed datagram from elsewhere moves nothing. No
+cookie reply (WireGuard's under-load mechanism) is implemented: the budget alone bounds the work a
+flood of message 1s causes. Outbound, TUN super-packets are cut into MSS-sized segments
+(`gso.split`) so each datagram holds at most one MTU's worth of packets, and the datagrams of one
+read leave in one GSO `sendmsg`; inbound, GRO super-datagrams are cut at the kernel's segment size
+and the decrypted segments coalesced (`gso.coalesce`) into super-packets for the TUN.
 """
 
 from __future__ import annotations
@@ -75,14 +92,15 @@ from typing import TYPE_CHECKING, Any
 from vpnd_runtime import datapath
 from vpnd_runtime.carriers import RandomDev, SerialCarrier, run_modemchat
 from vpnd_runtime.config import Config, ConfigError, load_config
-from vpnd_runtime.io import tcp
+from vpnd_runtime.io import gso, tcp
 from vpnd_runtime.io.hooks import HookRunner
-from vpnd_runtime.io.tun import READ_SIZE, TunError
+from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, TunError
+from vpnd_runtime.io.udp import UdpEndpoint, UdpLink
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
 from vpnd_runtime.linequeue import LineQueue
 from vpnd_runtime.link import Link
 from vpnd_runtime.peers import DOWN, UP, Peer, PeerTable
-from vpnd_runtime.proto.connection import Connection, Params
+from vpnd_runtime.proto.connection import INDEX_LEN, Connection, Params
 from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
 from vpnd_runtime.proto.events import Closed, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
 from vpnd_runtime.proto.handshake import ReplayGuard
@@ -124,12 +142,37 @@ HUB_STATUS_MIN_INTERVAL = 0.2
 SHUTDOWN_HOOK_WAIT = 35.0
 #: A hub client whose carrier stays blocked this long stops pausing the TUN for everyone.
 STALL_AFTER = 1.0
+#: UDP: message 1s a server examines per second, in all and per source address (token buckets
+#: holding one second's worth); the rest are dropped before any cryptography.
+HANDSHAKE_RATE = 200.0
+HANDSHAKE_RATE_PER_SOURCE = 10.0
+#: UDP: socket reads per readable event (each up to a 64 KiB GRO super-datagram).
+UDP_READS = 16
+#: UDP: bytes of a PACKETS message around each packet (u32 length) and the message's own 2.
+_PACKET_OVERHEAD = 4
 #: A session replaced by a newer one of the same peer is still read this long.
 DRAIN_SECONDS = 2.0
 
 
 def params_from_config(config: Config) -> Params:
-    """The protocol core's parameters for this config (the same on both ends of a link)."""
+    """The protocol core's parameters for this config (the same on both ends of a link).
+
+    Over UDP a datagram carries at most one MTU-sized packet (with its virtio header and length)
+    or a batch of small ones of no more bytes, so it fits the path MTU the `mtu` was chosen for.
+    """
+    if config.transport == "udp" and not config.is_serial:
+        return Params(
+            cipher=config.cipher,
+            compress=config.compress,
+            compress_level=config.compress_level,
+            keepalive=config.keepalive,
+            noanswer=config.noanswer,
+            keyttl=config.keyttl,
+            maxdelay=config.maxdelay,
+            sendbuf=config.mtu + VNET_HDR_LEN + _PACKET_OVERHEAD,
+            datagram=True,
+            handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
     return Params(
         cipher=config.cipher,
         compress=config.compress,
@@ -216,6 +259,25 @@ class Session:
     deadline: float | None = None  # the protocol deadline this session is filed under
 
 
+class _Bucket:
+    """A token bucket: `rate` tokens per second, holding at most one second's worth."""
+
+    __slots__ = ("at", "rate", "tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class _Ring:
     """The daemon's current peer table as a KeyRing: handshakes in flight see reloads."""
 
@@ -282,6 +344,11 @@ class Daemon:
         self._status_dirty = True
         self._last_publish = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
+        # UDP: the server's socket, sessions by index, and the handshake budget
+        self.udp: UdpEndpoint | None = None
+        self.udp_index: dict[int, Session] = {}
+        self._hs_bucket = _Bucket(HANDSHAKE_RATE, time.monotonic())
+        self._hs_sources: dict[str, _Bucket] = {}
 
     def _top_fingerprint(self) -> str:
         if self.hub:
@@ -357,9 +424,26 @@ class Daemon:
         """True when this end opens the carrier itself: a TCP client, or either end of a line."""
         return self.config.mode == "client" or self.config.is_serial
 
+    @property
+    def _udp(self) -> bool:
+        """True when the link's carrier is UDP."""
+        return self.config.transport == "udp" and not self.config.is_serial
+
     def _open_listener(self) -> None:
         cfg = self.config
         tos = tcp.ipopts_to_tos(cfg.ipopts)
+        if self._udp:
+            self.udp = UdpEndpoint((cfg.server_host, cfg.server_port), tos)
+            self.sel.register(self.udp.fileno(), selectors.EVENT_READ, self._on_udp_server)
+            self._set_top_state()
+            log.info(
+                "listening on udp %s:%d (gso %s, gro %s)",
+                cfg.server_host,
+                cfg.server_port,
+                "on" if self.udp.gso else "off",
+                "on" if self.udp.gro else "off",
+            )
+            return
         if self.hub:
             self.listener = tcp.listen(cfg.server_host, cfg.server_port, tos, HUB_BACKLOG)
         else:
@@ -489,6 +573,9 @@ class Daemon:
         if self.active is None:  # (beside a running session: a rotation's new key)
             self.status.set_state("connecting")
             self._status_dirty = True
+        if self._udp:
+            self._connect_udp(now)
+            return
         try:
             sock = tcp.start_connect(
                 (cfg.server_host, cfg.server_port),
@@ -533,6 +620,203 @@ class Daemon:
             self._status_dirty = True
         log.info("connected to %s, handshaking", carrier.peer)
         self._run_protocol(session, now, lambda: conn.start(now))
+
+    def _connect_udp(self, now: float) -> None:
+        """UDP client: a fresh socket (unconnected, so the kernel picks the source address per
+        datagram and a changed address roams) and a session that handshakes at once."""
+        cfg = self.config
+        try:
+            tos = tcp.ipopts_to_tos(cfg.ipopts)
+            endpoint = UdpEndpoint((cfg.client_host, cfg.client_port), tos)
+        except OSError as exc:
+            self._schedule_retry(now, f"cannot open a UDP socket: {exc.strerror or exc}")
+            return
+        carrier = UdpLink(endpoint, (cfg.server_host, cfg.server_port), owned=True)
+        conn = Connection(
+            "initiator",
+            self.peer.key,
+            params_from_config(cfg),
+            self.rng,
+            now,
+            wall=time.time(),
+            announce=cfg.local,
+            index=self._new_index(),
+        )
+        session = Session(carrier, conn, now)
+        self.pending.append(session)
+        self.sel.register(endpoint.fileno(), selectors.EVENT_READ, self._udp_client_reader(session))
+        session.peer = self.peer
+        if self.active is None:  # (beside a running session: a rotation's new key)
+            self.status.set_state("handshake")
+            self.status.peer = carrier.peer
+            self._status_dirty = True
+        log.info(
+            "udp to %s (gso %s, gro %s), handshaking",
+            carrier.peer,
+            "on" if endpoint.gso else "off",
+            "on" if endpoint.gro else "off",
+        )
+        self._run_protocol(session, now, lambda: conn.start(now))
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(os.urandom(4), "big")
+            if index and index not in self.udp_index:
+                return index
+
+    def _udp_client_reader(self, session: Session) -> Callable[[int, float], None]:
+        """Selector callback of a UDP client's socket: datagrams from the server to our index."""
+        carrier = session.carrier
+        assert isinstance(carrier, UdpLink)  # noqa: S101 — built by _connect_udp
+        endpoint = carrier.endpoint
+        server = carrier.addr
+
+        def on_event(mask: int, now: float) -> None:
+            if mask & selectors.EVENT_WRITE and endpoint.flush():
+                self._set_tx_wait(session, False, now)
+            if not mask & selectors.EVENT_READ:
+                return
+            try:
+                batches = endpoint.receive(UDP_READS)
+            except OSError as exc:
+                self._end_session(session, f"carrier error: {exc.strerror or exc}")
+                return
+            want = session.conn.index.to_bytes(INDEX_LEN, "big")
+            msgs = []
+            stray = 0
+            for source, datagrams in batches:
+                if source != server:
+                    stray += len(datagrams)
+                    continue
+                for d in datagrams:
+                    if d[:INDEX_LEN] == want:
+                        msgs.append(d[INDEX_LEN:])
+                    else:
+                        stray += 1
+            if stray:
+                drops = self.status.drops
+                drops["udp_stray"] = drops.get("udp_stray", 0) + stray
+            if msgs and not session.closed:
+                self._run_protocol(session, now, lambda: session.conn.receive_datagrams(msgs, now))
+
+        return on_event
+
+    def _on_udp_server(self, mask: int, now: float) -> None:
+        """Selector callback of the server's UDP socket: demultiplex by session index."""
+        udp = self.udp
+        if udp is None:
+            return
+        if mask & selectors.EVENT_WRITE and udp.flush():
+            for s in self._sessions():
+                if s.tx_registered:
+                    self._set_tx_wait(s, False, now)
+        if not mask & selectors.EVENT_READ:
+            return
+        batches = udp.receive(UDP_READS)
+        index = self.udp_index
+        unknown = 0
+        for source, datagrams in batches:
+            runs: dict[Session, list[memoryview]] = {}
+            last_key = b""
+            last_run: list[memoryview] = []
+            for d in datagrams:
+                key = d[:INDEX_LEN]
+                if key == last_key and len(d) > INDEX_LEN:  # a GRO batch: one session, mostly
+                    last_run.append(d[INDEX_LEN:])
+                    continue
+                if len(d) <= INDEX_LEN:
+                    unknown += 1
+                    continue
+                idx = int.from_bytes(key, "big")
+                if idx == 0:
+                    self._udp_handshake(source, d[INDEX_LEN:], now)
+                    continue
+                session = index.get(idx)
+                if session is None:
+                    unknown += 1
+                    continue
+                last_key = bytes(key)
+                last_run = runs.setdefault(session, [])
+                last_run.append(d[INDEX_LEN:])
+            for session, msgs in runs.items():
+                if session.closed:
+                    continue
+                conn = session.conn
+                before = conn.accepted
+                self._run_protocol(session, now, lambda c=conn, m=msgs: c.receive_datagrams(m, now))
+                carrier = session.carrier
+                if (
+                    conn.accepted > before
+                    and not session.closed
+                    and isinstance(carrier, UdpLink)
+                    and carrier.addr != source
+                ):
+                    self._roam(session, carrier, source)
+        if unknown:
+            drops = self.status.drops
+            drops["udp_unknown_index"] = drops.get("udp_unknown_index", 0) + unknown
+
+    def _roam(self, session: Session, carrier: UdpLink, source: tuple[str, int]) -> None:
+        """An authenticated datagram came from a new address: the peer moved (NAT rebinding,
+        a new network); answer there from now on."""
+        peer = session.peer
+        if peer is not None and not tcp.client_allowed(source, peer.client_host, peer.client_port):
+            self.status.drops["refused_client"] = self.status.drops.get("refused_client", 0) + 1
+            return
+        old = carrier.peer
+        carrier.move(source)
+        log.info(
+            "%speer moved from %s to %s",
+            f"{peer.name}: " if peer is not None and self.hub else "",
+            old,
+            carrier.peer,
+        )
+        if peer is not None and peer.session is session:
+            peer.endpoint = carrier.peer
+            if not self.hub:
+                self.status.peer = carrier.peer
+            self.status.roams += 1
+        self._status_dirty = True
+
+    def _udp_handshake(self, source: tuple[str, int], msg: memoryview, now: float) -> None:
+        """A message 1 on the server's socket: budget, then a responder session that survives
+        only if the psk tag verified (see the module docstring)."""
+        cfg = self.config
+        drops = self.status.drops
+        if not tcp.client_allowed(source, cfg.client_host, cfg.client_port):
+            drops["refused_client"] = drops.get("refused_client", 0) + 1
+            return
+        bucket = self._hs_sources.get(source[0])
+        if bucket is None:
+            if len(self._hs_sources) >= 4096:
+                self._hs_sources.clear()  # a spoofed flood of many sources: start over
+            bucket = self._hs_sources[source[0]] = _Bucket(HANDSHAKE_RATE_PER_SOURCE, now)
+        if not bucket.take(now) or not self._hs_bucket.take(now):
+            drops["handshake_ratelimited"] = drops.get("handshake_ratelimited", 0) + 1
+            return
+        if not self._make_room(source[0]):
+            drops["handshake_flood"] = drops.get("handshake_flood", 0) + 1
+            return
+        assert self.udp is not None  # noqa: S101 — a server with a UDP carrier
+        index = self._new_index()
+        conn = Connection(
+            "responder",
+            None if self.hub else self.peer.key,
+            params_from_config(cfg),
+            self.rng,
+            now,
+            replay_guard=self._guard(),
+            wall=time.time(),
+            keyring=self.ring if self.hub else None,
+            index=index,
+        )
+        session = Session(UdpLink(self.udp, source, owned=False), conn, now)
+        session.source = source[0]
+        self.pending.append(session)
+        self.udp_index[index] = session
+        self._run_protocol(session, now, lambda: conn.receive_datagrams([msg], now))
+        if not session.closed and not conn.authenticated:
+            self._close_session(session)  # no answer, no state: the tag did not verify
 
     def _open_line(self, now: float) -> None:
         """Serial: open the device, run the modem chat, and start a session on the line."""
@@ -812,6 +1096,8 @@ class Daemon:
                 return
         peer.packets_in += len(packets)
         peer.bytes_in += sum(map(len, packets)) - len(packets) * writer.hdr_len
+        if writer.hdr_len and isinstance(session.carrier, UdpLink):
+            packets = gso.coalesce(packets)  # segments back into super-packets: fewer writes
         writer.put(packets)
 
     def _on_tun(self, mask: int, now: float) -> None:
@@ -845,6 +1131,10 @@ class Daemon:
             self.lineq.push(batch)
             self._feed_line(now)
             return
+        if self._udp and hdr:
+            # One datagram per MTU: cut TCP super-packets into segments (see io/gso.py).
+            split = gso.split
+            batch = [seg for p in batch for seg in (split(p) if p[1] else (p,))]
         if not self.hub:
             session = self.active
             if session is not None:
@@ -886,11 +1176,27 @@ class Daemon:
             if peer.session is not None:
                 self._end_session(peer.session, reason)
 
+    def _flush_out(self, session: Session) -> None:
+        """Hand what the protocol queued to the carrier (datagrams or bytes)."""
+        carrier = session.carrier
+        if isinstance(carrier, UdpLink):
+            carrier.send(session.conn.datagrams_to_send())
+        else:
+            carrier.write(session.conn.data_to_send())
+
     def _send(self, session: Session, now: float) -> None:
         if session.closed:
             return
-        data = session.conn.data_to_send()
         carrier = session.carrier
+        if isinstance(carrier, UdpLink):
+            try:
+                carrier.send(session.conn.datagrams_to_send())
+            except OSError as exc:
+                self._end_session(session, f"carrier error: {exc.strerror or exc}")
+                return
+            self._set_tx_wait(session, carrier.pending, now)
+            return
+        data = session.conn.data_to_send()
         try:
             if data:
                 carrier.write(data)
@@ -1040,7 +1346,7 @@ class Daemon:
         log.warning("%s: %s", session.carrier.peer, reason)
         with contextlib.suppress(Exception):
             session.conn.close(reason)
-            session.carrier.write(session.conn.data_to_send())
+            self._flush_out(session)
         self._close_session(session)
 
     def _peer_up(self, peer: Peer, session: Session) -> None:
@@ -1120,9 +1426,21 @@ class Daemon:
         self._blocked.discard(session)
         if session in self.pending:
             self.pending.remove(session)
+        carrier = session.carrier
+        if isinstance(carrier, UdpLink) and not carrier.owned:
+            # A server's session on the shared socket: forget its index, keep the socket.
+            if self.udp_index.get(session.conn.index) is session:
+                del self.udp_index[session.conn.index]
+            if session.tx_registered and self.udp is not None:
+                session.tx_registered = False
+                if not any(s.tx_registered for s in self._sessions() if s is not session):
+                    fd = self.udp.fileno()
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.sel.modify(fd, selectors.EVENT_READ, self._on_udp_server)
+            return
         with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(session.carrier.fileno())
-        session.carrier.close()
+            self.sel.unregister(carrier.fileno())
+        carrier.close()
 
     # ----------------------------------------------------------------- status, signals, reload
     def _session_drops(self, session: Session) -> dict[str, int]:
@@ -1326,7 +1644,7 @@ class Daemon:
                 session = peer.session
                 with contextlib.suppress(Exception):
                     session.conn.close(reason)
-                    session.carrier.write(session.conn.data_to_send())
+                    self._flush_out(session)
                 self._end_session(session, reason)
         for s in list(self.pending):  # proven but unconfirmed handshakes of a revoked key
             if s.conn.peer is not None and self.table.by_name.get(s.conn.peer.name) is not (
@@ -1398,6 +1716,10 @@ class Daemon:
             self.listener.close()
             self.listener = None
             self.listener_resume = None
+        udp, self.udp = self.udp, None
+        if udp is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(udp.fileno())
         for s in [*self.pending, *(d for _, d in self._draining)]:
             self._close_session(s)
         self._draining = []
@@ -1407,7 +1729,7 @@ class Daemon:
                 continue
             with contextlib.suppress(Exception):
                 s.conn.close(reason)
-                s.carrier.write(s.conn.data_to_send())
+                self._flush_out(s)
             self._close_session(s)
             peer.session = None
             self._peer_down(peer, reason)
@@ -1417,6 +1739,8 @@ class Daemon:
                 self.sel.unregister(self.connecting)
             self.connecting.close()
             self.connecting = None
+        if udp is not None:
+            udp.close()  # after the goodbyes above went out on it
 
     def _teardown(self) -> None:
         log.info("shutting down")

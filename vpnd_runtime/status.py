@@ -66,6 +66,8 @@ class StatusRecord:
     peers: list[dict[str, Any]] = field(default_factory=list)
     peers_total: int = 0
     peers_up: int = 0
+    #: UDP: times the peer's address changed under an authenticated session (roaming).
+    roams: int = 0
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         """Move to `state` (recording since when) unless already there with the same reason."""

@@ -48,6 +48,8 @@ def inventories(draw: st.DrawFn) -> dict[str, Any]:
         else:
             link["port"] = 4000 + i
             if draw(st.booleans()):
+                link["transport"] = "udp"
+            if draw(st.booleans()):
                 link["ipopts"] = draw(st.integers(0, 15))
         if draw(st.booleans()):
             link["tunnel"] = {

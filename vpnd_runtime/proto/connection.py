@@ -74,16 +74,43 @@ at a time, so frames that follow the handshake in the same read already get the 
    PING unanswered for longer than `maxdelay` (or a PONG arriving later) is `PeerDead` too.
 
 5. Goodbye: `close(reason)` queues CLOSE(reason) when established; the peer gets `Closed`.
+
+6. Datagrams (UDP, `Params.datagram`): each message travels alone in one datagram, no framer, no
+   message ever spans two datagrams, and every datagram starts with the *receiver's* session index
+   (u32, WireGuard's receiver index) so one socket can serve many clients and a client may change
+   address (the server follows the newest source whose datagram authenticated)::
+
+       message 1:  0 u32 | message 1 | initiator index u32                (87 bytes)
+       message 2:  initiator index u32 | message 2 | responder index u32  (57 bytes: smaller than
+                   message 1, so a responder never amplifies, and it answers only after the psk
+                   tag of message 1 verified)
+       data:       receiver index u32 | 0x03 | epoch | counter | AEAD(inner)
+
+   The caller strips the leading index (it chose the session by it) and hands the rest to
+   `receive_datagrams`; `datagrams_to_send` returns whole datagrams, index included.  Loss and
+   reordering are normal: frames failing before authentication are dropped and counted (as on a
+   lossy line), and the counter check is a sliding window of 2,048 (`session.ReplayWindow`): a
+   replayed or too old frame is dropped and counted under "replay".  The initiator retransmits
+   message 1 (a fresh one: new ephemeral key and timestamp, so the replay guard accepts it) after
+   `HS_RETRY` seconds, doubling up to `HS_RETRY_MAX`, until message 2 authenticates or the
+   handshake deadline passes; a message 2 that fails (an answer to an older message 1) leaves the
+   handshake state untouched.  Until an authenticated frame from the responder arrives, the
+   initiator pings every `HS_RETRY` seconds, so a lost CONFIRM is made good at once.  REKEY_INIT
+   is retransmitted the same way (backoff from `HS_RETRY` up to `keepalive`), and a receiver keeps
+   the previous epoch's key after switching, so frames of epoch n that arrive after the first of
+   n+1 (reordering) still open: a rekey loses no packet.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Literal, Protocol
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -121,7 +148,9 @@ from .session import (
     MSG_DATA,
     MSG_INIT,
     MSG_RESP,
+    NONCE,
     REKEY,
+    RING_WORDS,
     TAG_LEN,
     U32,
     U64,
@@ -137,6 +166,13 @@ from .session import (
 )
 
 Role = Literal["initiator", "responder"]
+
+#: Datagram mode: first retransmission delay of handshake and rekey messages, and its cap.
+HS_RETRY = 1.0
+HS_RETRY_MAX = 8.0
+#: Size of the session index that starts every datagram.
+INDEX_LEN = 4
+_ZERO_INDEX = bytes(INDEX_LEN)
 
 
 class KeyRing(Protocol):
@@ -168,6 +204,9 @@ class Params:
     capped at 262,144.  keyttl: session key lifetime in seconds.  maxdelay: drop the link when a
     keepalive answer takes longer (None: never).  lossy: the transport may destroy frames
     (serial): damaged frames are dropped and counted instead of ending the connection.
+    datagram: each message is one datagram (UDP): lossy, reordered, with a replay window and
+    session indexes (see the module docstring, section 6); `sendbuf` is then the most bytes of
+    packets per datagram.
     """
 
     cipher: str = "chacha20-poly1305"
@@ -181,6 +220,7 @@ class Params:
     handshake_timeout: float = 10.0
     sendbuf: int = 65536
     lossy: bool = False
+    datagram: bool = False
 
     def __post_init__(self) -> None:
         if self.cipher not in CIPHERS:
@@ -236,6 +276,8 @@ _MIN_DATA = HEADER_LEN + TAG_LEN
 _CONFIRM = bytes([INNER_CONFIRM])
 #: A PACKETS message with no packet: the initiator's first frame of a new epoch (key confirmation).
 _EMPTY_PACKETS = bytes([INNER_PACKETS, 0])
+#: The head of an uncompressed PACKETS message.
+_PACKETS_PLAIN = b"\x01\x00"
 
 
 class Connection:
@@ -261,6 +303,7 @@ class Connection:
         wall: float | None = None,
         announce: IPv4Address | IPv6Address | None = None,
         keyring: KeyRing | None = None,
+        index: int = 0,
     ) -> None:
         if role not in ("initiator", "responder"):
             raise ValueError(f"role must be 'initiator' or 'responder', got {role!r}")
@@ -304,7 +347,18 @@ class Connection:
         self._last_drop: str | None = None
         self._session_id = ""
         self._out: list[bytes] = []
-        self._lossy = params.lossy
+        self._dgram = params.datagram
+        self._lossy = params.lossy or params.datagram
+        if self._dgram and not 0 < index < 2**32:
+            raise ValueError(f"a datagram connection needs a session index 1..2**32-1, got {index}")
+        #: Datagram mode: our session index (the peer puts it first in what it sends us).
+        self.index = index
+        self._index_b = U32.pack(index) if self._dgram else b""
+        self._peer_index_b = _ZERO_INDEX
+        self._hs_retry_at: float | None = None
+        self._hs_backoff = HS_RETRY
+        self._heard = False  # datagram initiator: an authenticated frame came from the responder
+        self._rekey_backoff = HS_RETRY
         self._cipher_id = CIPHERS[params.cipher][0]
         self._flags = FLAG_COMPRESS if params.compress else 0
         self._batch_limit = min(params.sendbuf, MAX_BODY)
@@ -368,12 +422,17 @@ class Connection:
                 "start() needs the wall-clock time (wall=time.time()) for the handshake timestamp"
             )
         self._started = True
+        self._send_message1(wall)
+        if self._dgram:
+            self._hs_retry_at = now + self._hs_backoff
+
+    def _send_message1(self, wall: float) -> None:
         hs = NoiseHandshake(True, self._psk)
         stamp = int(wall * 1e9)
         payload = InitPayload(stamp, self._cipher_id, self._flags, self._announce).encode()
         body = hs.write_message1(self._rng, payload)
         self._hs = hs
-        self._emit(bytes([MSG_INIT]) + self._key_id + body)
+        self._emit_handshake(bytes([MSG_INIT]) + self._key_id + body)
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Feed bytes read from the transport; return the events they complete, in order.
@@ -386,6 +445,8 @@ class Connection:
             raise LocalProtocolError("receive_data on a connection in ERROR state")
         if self.state is State.CLOSED:
             return []
+        if self._dgram:
+            return self.receive_datagrams([data], now)
         self.stats.wire_bytes_in += len(data)
         events: list[Event] = []
         msgs: Sequence[bytes | memoryview]
@@ -411,6 +472,136 @@ class Connection:
             exc.events = events  # type: ignore[attr-defined]
             raise
         return events
+
+    def receive_datagrams(self, msgs: Sequence[bytes | memoryview], now: float) -> list[Event]:
+        """Datagram mode: feed received datagrams, each without its leading session index.
+
+        Frames that fail before authentication are dropped and counted; RemoteProtocolError
+        only for what an authenticated peer did wrong (state becomes ERROR, as `receive_data`).
+        """
+        if self.state is State.ERROR:
+            raise LocalProtocolError("receive_datagrams on a connection in ERROR state")
+        if self.state is State.CLOSED:
+            return []
+        self.stats.wire_bytes_in += sum(map(len, msgs)) + INDEX_LEN * len(msgs)
+        events: list[Event] = []
+        try:
+            if self.state is State.ESTABLISHED and not self._awaiting_confirm:
+                self._fast_datagrams(msgs, now, events)
+            else:
+                self._process(msgs, now, events)
+        except RemoteProtocolError as exc:
+            self.state = State.ERROR
+            exc.events = events  # type: ignore[attr-defined]
+            raise
+        return events
+
+    def _fast_datagrams(
+        self, msgs: Sequence[bytes | memoryview], now: float, events: list[Event]
+    ) -> None:
+        """The established session's hot path: data frames of the current epoch whose inner
+        message is PACKETS are opened here and their packets gathered into one `Packets` event;
+        anything else goes through `_handle`, in order (pending packets are emitted first)."""
+        stats = self.stats
+        stats.frames_in += len(msgs)
+        rs = self._recv.get(self._recv_epoch)
+        epoch_now = self._recv_epoch
+        unpack = HEADER.unpack_from
+        nonce = NONCE.pack
+        u32 = U32.unpack_from
+        packets: list[bytes] = []
+        top = -1
+        ok = 0
+        for msg in msgs:
+            if len(msg) >= _MIN_DATA and msg[0] == MSG_DATA and rs is not None:
+                _, epoch, counter = unpack(msg)
+                if epoch == epoch_now:
+                    window = rs.window
+                    if window is not None and counter > window.top:
+                        # In order (the common case): ReplayWindow.mark and RecvState.open
+                        # inlined, the tag checked before the window moves.
+                        try:
+                            inner = rs.aead.decrypt(
+                                nonce(counter), msg[HEADER_LEN:], msg[:HEADER_LEN]
+                            )
+                        except InvalidTag:
+                            self._count_drop("bad_tag", "bad authentication tag on a data frame")
+                            continue
+                        wtop = window.top
+                        block = counter >> 6
+                        top_block = wtop >> 6 if wtop >= 0 else -1
+                        ring = window._ring  # the inlined ReplayWindow.mark
+                        if block != top_block:
+                            for k in range(1, min(block - top_block, RING_WORDS) + 1):
+                                ring[(top_block + k) % RING_WORDS] = 0
+                        window.top = counter
+                        ring[block % RING_WORDS] |= 1 << (counter & 63)
+                        rs.next_counter = counter + 1
+                    else:
+                        try:
+                            inner = rs.open(msg, counter, True)
+                        except FrameRejected as exc:
+                            self._count_drop(exc.drop, exc.reason)
+                            continue
+                    ok += 1
+                    top = max(top, counter)
+                    if len(inner) > 6 and inner[0] == INNER_PACKETS and inner[1] == 0:
+                        if u32(inner, 2)[0] == len(inner) - 6:
+                            packets.append(inner[6:])
+                        else:
+                            packets += decode_packets(inner)
+                        continue
+                    if packets:
+                        self._fast_packets(packets, events)
+                        packets = []
+                    self._after_open(inner, epoch, counter, now, events)
+                    if self.state is not State.ESTABLISHED:
+                        break
+                    continue
+            if packets:
+                self._fast_packets(packets, events)
+                packets = []
+            try:
+                self._handle(msg, now, events)  # type: ignore[arg-type]
+            except FrameRejected as exc:
+                self._count_drop(exc.drop, exc.reason)
+            if self.state is not State.ESTABLISHED:
+                break
+            rs = self._recv.get(self._recv_epoch)
+            epoch_now = self._recv_epoch
+        if packets:
+            self._fast_packets(packets, events)
+        if ok:
+            self.accepted += ok
+            self._heard = True
+            self._last_in = now
+            stats.missed_keepalives = 0
+            if (
+                self._initiator
+                and top >= self.params.rekey_after_messages
+                and self._rekey_priv is None
+                and self.state is State.ESTABLISHED
+            ):
+                self._maybe_rekey(now)
+
+    def _fast_packets(self, packets: list[bytes], events: list[Event]) -> None:
+        stats = self.stats
+        stats.packets_in += len(packets)
+        stats.bytes_in += sum(map(len, packets))
+        events.append(Packets(packets))
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """Datagram mode: drain the queued datagrams (each whole, index first)."""
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        self.stats.wire_bytes_out += sum(map(len, out))
+        return out
+
+    #: Authenticated frames accepted so far (the daemon's roaming rule: a source whose datagram
+    #: moved this counter is the peer's current address).
+    accepted = 0
 
     def _process(self, msgs: Sequence[bytes | memoryview], now: float, events: list[Event]) -> None:
         """Handle decoded messages in order; in lossy mode count and skip the rejected ones."""
@@ -445,7 +636,14 @@ class Connection:
         limit = self._batch_limit
         compress = self.params.compress
         level = self.params.compress_level
-        if self._length_framed:
+        if self._dgram:
+            prefix = self._peer_index_b
+            seal_prefixed = send.seal_prefixed
+
+            def seal(inner: bytes) -> bytes:
+                return seal_prefixed(prefix, inner)
+
+        elif self._length_framed:
             seal = send.seal_framed
         else:
             framer_encode = self._framer.encode
@@ -469,6 +667,32 @@ class Connection:
                 )
             if not min(map(len, packets)):
                 raise LocalProtocolError("zero-length packet (nothing sent)")
+        if self._dgram and not compress:
+            # Datagrams: each batch (one MTU's worth) sealed straight behind the peer's index.
+            prefix = self._peer_index_b
+            seal_p = send.seal_prefixed
+            join = b"".join
+            batch = [_PACKETS_PLAIN]
+            for p in packets:
+                n = len(p)
+                if size and size + n + 4 > limit:
+                    out.append(seal_p(prefix, join(batch)))
+                    nbatch += 1
+                    batch = [_PACKETS_PLAIN]
+                    size = 0
+                batch.append(pack(n))
+                batch.append(p)
+                size += n + 4
+                total += n
+            if size:
+                out.append(seal_p(prefix, join(batch)))
+                nbatch += 1
+            stats.packets_out += len(packets)
+            stats.bytes_out += total
+            stats.frames_out += nbatch
+            if self._initiator:
+                self._maybe_rekey(now)
+            return
         for p in packets:
             n = len(p)
             if count and size + n + 4 > limit:
@@ -503,6 +727,18 @@ class Connection:
                 if self._last_drop:
                     why += f" (last frame dropped: {self._last_drop})"
                 self._dead(why, events)
+            elif (
+                self._hs_retry_at is not None
+                and now >= self._hs_retry_at
+                and self._send is None
+                and (wall := self._wall_at(now)) is not None
+            ):
+                # Datagram initiator: message 1 or 2 was lost; a fresh message 1 (new ephemeral
+                # key, newer timestamp) rather than a copy, which the replay guard would refuse.
+                self._send_message1(wall)
+                self.stats.drops["handshake_retry"] = self.stats.drops.get("handshake_retry", 0) + 1
+                self._hs_backoff = min(self._hs_backoff * 2, HS_RETRY_MAX)
+                self._hs_retry_at = now + self._hs_backoff
             return events
         if (
             p.maxdelay is not None
@@ -532,6 +768,8 @@ class Connection:
             self._ping_outstanding = self._ping_id
             self._ping_sent_at = now
             self._next_ping = now + p.keepalive
+            if self._dgram and self._initiator and not self._heard:
+                self._next_ping = now + min(p.keepalive, HS_RETRY)  # see section 6
             self._seal_inner(bytes([INNER_PING]) + U64.pack(self._ping_id))
         if self._initiator:
             self._maybe_rekey(now)
@@ -550,6 +788,8 @@ class Connection:
     def next_deadline(self) -> float | None:
         """The time at which `tick` must next be called (None: no timer is running)."""
         if self.state is State.HANDSHAKE:
+            if self._hs_retry_at is not None and self._send is None:
+                return min(self._hs_deadline, self._hs_retry_at)
             return self._hs_deadline
         if self.state is not State.ESTABLISHED:
             return None
@@ -590,11 +830,23 @@ class Connection:
         self._out.append(self._framer.encode(msg))
         self.stats.frames_out += 1
 
+    def _emit_handshake(self, msg: bytes) -> None:
+        """A handshake message: framed, or (datagram) between the receiver's index and ours."""
+        if self._dgram:
+            self._out.append(self._peer_index_b + msg + self._index_b)
+            self.stats.frames_out += 1
+        else:
+            self._emit(msg)
+
     def _seal_inner(self, inner: bytes) -> None:
         send = self._send
         if send is None:  # pragma: no cover - callers check
             raise LocalProtocolError("no send key")
-        self._emit(send.seal(inner))
+        if self._dgram:
+            self._out.append(send.seal_prefixed(self._peer_index_b, inner))
+            self.stats.frames_out += 1
+        else:
+            self._emit(send.seal(inner))
 
     def _count_drop(self, kind: str, reason: str) -> None:
         self.stats.drops[kind] = self.stats.drops.get(kind, 0) + 1
@@ -624,8 +876,14 @@ class Connection:
     def _handle_init(self, msg: bytes, now: float) -> None:
         if self._initiator or self._send is not None:
             raise FrameRejected("unexpected handshake message 1", "unexpected")
-        if len(msg) not in (_MSG1_LEN, _MSG1_LEN_V0):
+        trailer = INDEX_LEN if self._dgram else 0
+        if len(msg) - trailer not in (_MSG1_LEN, _MSG1_LEN_V0):
             raise FrameRejected(f"handshake message 1 of {len(msg)} bytes", "malformed")
+        if trailer:
+            peer_index = bytes(msg[-INDEX_LEN:])
+            if peer_index == _ZERO_INDEX:
+                raise FrameRejected("handshake message 1 with session index 0", "malformed")
+            msg = msg[:-INDEX_LEN]
         kid = bytes(msg[1:5])
         if self._keyring is not None:
             # A hub: the key id selects the candidate keys in O(1) (ids of distinct keys
@@ -691,7 +949,9 @@ class Connection:
         self._peer_key_id = kid
         self._install_keys(hs.keys(), now)  # `hs` (ck, ephemeral key) dies with this frame
         self._awaiting_confirm = True
-        self._emit(bytes([MSG_RESP]) + body2)
+        if trailer:
+            self._peer_index_b = peer_index
+        self._emit_handshake(bytes([MSG_RESP]) + body2)
 
     @property
     def authenticated(self) -> bool:
@@ -705,15 +965,30 @@ class Connection:
         hs = self._hs
         if not self._initiator or hs is None or self._send is not None:
             raise FrameRejected("unexpected handshake message 2", "unexpected")
-        if len(msg) != _MSG2_LEN:
+        trailer = INDEX_LEN if self._dgram else 0
+        if len(msg) != _MSG2_LEN + trailer:
             raise FrameRejected(f"handshake message 2 of {len(msg)} bytes", "malformed")
+        if trailer:
+            peer_index = bytes(msg[-INDEX_LEN:])
+            if peer_index == _ZERO_INDEX:
+                raise FrameRejected("handshake message 2 with session index 0", "malformed")
+            msg = msg[:-INDEX_LEN]
+            # Try on a copy: an answer to an older message 1 must not spoil the current state.
+            hs = copy.copy(hs)
+            hs._ss = copy.copy(hs._ss)  # its fields are immutable values: a shallow copy is enough
         try:
             hs.read_message2(msg[1:])
         except RemoteProtocolError as exc:
+            if self._dgram:
+                raise FrameRejected(exc.reason, "bad_handshake") from None
             self._hs = None if self._lossy else hs  # a lossy retry cannot reuse the state
             if exc.reason.startswith("handshake authentication failed"):
                 raise FrameRejected(exc.reason, "bad_handshake") from None
             raise
+        if trailer:
+            self._peer_index_b = peer_index
+            self._hs = hs
+            self._hs_retry_at = None
         self._peer_key_id = self._key_id
         self._install_keys(hs.keys(), now)
         self._hs = None  # forward secrecy: no chaining key or ephemeral key of the handshake kept
@@ -723,7 +998,7 @@ class Connection:
     def _install_keys(self, keys: SessionKeys, now: float) -> None:
         cipher = self.params.cipher
         self._send = SendState(make_aead(cipher, keys.send_key), 0, now)
-        self._recv = {0: RecvState(make_aead(cipher, keys.recv_key), 0, now)}
+        self._recv = {0: RecvState(make_aead(cipher, keys.recv_key), 0, now, self._dgram)}
         self._recv_epoch = 0
         self._ck = keys.chaining_key
         self._session_id = keys.handshake_hash[:8].hex()
@@ -736,6 +1011,8 @@ class Connection:
         self.stats.established_at = now
         self._last_in = now
         self._next_ping = now + self.params.keepalive
+        if self._dgram and self._initiator:
+            self._next_ping = now + min(self.params.keepalive, HS_RETRY)  # see section 6
         events.append(LinkUp(self.key_id, self._session_id))
 
     def _handle_data(self, msg: bytes, now: float, events: list[Event]) -> None:
@@ -747,6 +1024,8 @@ class Connection:
             raise FrameRejected(f"data frame for unknown key epoch {epoch}", "unknown_epoch")
         inner = rs.open(msg, counter, self._lossy)
         # Authenticated from here on: a violation is the (keyed) peer's fault, never a drop.
+        self.accepted += 1
+        self._heard = True
         self._last_in = now
         self.stats.missed_keepalives = 0
         if (
@@ -756,11 +1035,19 @@ class Connection:
             and self.state is State.ESTABLISHED
         ):
             self._maybe_rekey(now)  # the peer is the busy sender: renew by its count too
-        if epoch != self._recv_epoch:
-            # The peer's first frame of a new epoch: drop the old key; a responder now knows
-            # the initiator has the new keys and switches its sending too.
+        self._after_open(inner, epoch, counter, now, events)
+
+    def _after_open(
+        self, inner: bytes, epoch: int, counter: int, now: float, events: list[Event]
+    ) -> None:
+        """What an authenticated frame's inner message does (epoch switch, then by type)."""
+        if epoch > self._recv_epoch:
+            # The peer's first frame of a new epoch: drop the old key (datagrams: keep the one
+            # before, for frames still in flight); a responder now knows the initiator has the
+            # new keys and switches its sending too.
             self._recv_epoch = epoch
-            for old in [e for e in self._recv if e != epoch]:
+            keep = epoch - 1 if self._dgram else epoch
+            for old in [e for e in self._recv if e < keep]:
                 del self._recv[old]
             self._rekey_answer = None
             nxt = self._next_send
@@ -812,7 +1099,9 @@ class Connection:
             self.state = State.CLOSED
             events.append(Closed(decode_close(inner)))
         elif kind == INNER_CONFIRM:
-            raise RemoteProtocolError("CONFIRM after the session was confirmed")
+            if not self._dgram:
+                raise RemoteProtocolError("CONFIRM after the session was confirmed")
+            # Datagrams: the CONFIRM arrived after a later frame had confirmed the session.
         else:
             raise RemoteProtocolError(f"unknown inner message type 0x{kind:02x}")
 
@@ -825,7 +1114,11 @@ class Connection:
         if self._rekey_priv is not None:
             if self._rekey_retry_at is not None and now >= self._rekey_retry_at and self._rekey_msg:
                 self._seal_inner(self._rekey_msg)
-                self._rekey_retry_at = now + p.keepalive
+                if self._dgram:
+                    self._rekey_backoff = min(self._rekey_backoff * 2, p.keepalive)
+                    self._rekey_retry_at = now + self._rekey_backoff
+                else:
+                    self._rekey_retry_at = now + p.keepalive
             return
         # The peer's count only once it sends in our epoch: until the responder has switched
         # after the last rekey, its count is that of the old epoch.
@@ -842,6 +1135,9 @@ class Connection:
         self._rekey_target = send.epoch + 1
         self._rekey_msg = bytes([INNER_REKEY_INIT]) + REKEY.pack(self._rekey_target, pub)
         self._rekey_retry_at = now + p.keepalive if self._lossy else None
+        if self._dgram:
+            self._rekey_backoff = min(HS_RETRY, p.keepalive)
+            self._rekey_retry_at = now + self._rekey_backoff
         self._seal_inner(self._rekey_msg)
 
     def _on_rekey_init(self, inner: bytes, now: float, events: list[Event]) -> None:
@@ -871,7 +1167,7 @@ class Connection:
         resp = bytes([INNER_REKEY_RESP]) + REKEY.pack(target, pub)
         self._seal_inner(resp)
         self._ck = ck
-        self._recv[target] = RecvState(make_aead(cipher, k_i2r), target, now)
+        self._recv[target] = RecvState(make_aead(cipher, k_i2r), target, now, self._dgram)
         # Keep sending in epoch n until the initiator's first frame of n+1 (see _handle_data).
         self._next_send = SendState(make_aead(cipher, k_r2i), target, now)
         self._rekey_answer = (bytes(inner), resp)
@@ -893,7 +1189,7 @@ class Connection:
         ck, k_i2r, k_r2i = rekey_keys(self._ck, dh(priv, peer_pub))
         cipher = self.params.cipher
         self._ck = ck
-        self._recv[target] = RecvState(make_aead(cipher, k_r2i), target, now)
+        self._recv[target] = RecvState(make_aead(cipher, k_r2i), target, now, self._dgram)
         self._send = SendState(make_aead(cipher, k_i2r), target, now)
         self._rekey_priv = None
         self._rekey_msg = None

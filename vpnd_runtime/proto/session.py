@@ -10,7 +10,10 @@ with nonce = 4 zero bytes + counter as u64 little-endian (as WireGuard).  Counte
 each epoch and strictly increase.  A receiver keeps at most two epochs: the current one and, during
 a rekey, the next one (or the previous one, until the peer's first frame of the new epoch arrives).
 Over a reliable stream the next counter must be exactly last + 1; on a lossy link (serial) it only
-has to be greater.  The counter check happens after the tag check, so forged headers cannot move it.
+has to be greater; over datagrams (UDP), where packets are lost and reordered, a sliding window of
+`REPLAY_WINDOW` (2,048) counters (`ReplayWindow`, RFC 6479's ring of bitmap words, WireGuard's size)
+accepts each counter at most once, in any order, as long as it is not older than the window.
+The counter check happens after the tag check, so forged headers cannot move it.
 
 Inner messages (the plaintext) start with a type byte::
 
@@ -70,6 +73,7 @@ PACKET_COMPRESSED_BIT = 0x8000_0000
 HEADER = struct.Struct(">BIQ")
 HEADER_LEN = HEADER.size  # 13
 FRAMED_HEADER = struct.Struct(">IBIQ")  # u32 frame length + HEADER
+_PREFIXED_HEADER = struct.Struct(">4sBIQ")  # datagram: receiver index + HEADER
 TAG_LEN = 16
 NONCE = struct.Struct("<4xQ")
 U32 = struct.Struct(">I")
@@ -137,6 +141,16 @@ class SendState:
         hdr = HEADER.pack(MSG_DATA, self.epoch, c)
         return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr)
 
+    def seal_prefixed(self, prefix: bytes, inner: bytes) -> bytes:
+        """`prefix + self.seal(inner)` (the UDP hot path: the prefix is the receiver's 4-byte
+        session index), header and prefix packed in one call."""
+        c = self.counter
+        if c >= COUNTER_LIMIT:
+            raise LocalProtocolError("send counter exhausted: the session must be rekeyed")
+        self.counter = c + 1
+        hdr = _PREFIXED_HEADER.pack(prefix, MSG_DATA, self.epoch, c)
+        return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr[4:])
+
     def seal_framed(self, inner: bytes) -> bytes:
         """`LengthFramer.encode(self.seal(inner))` with one copy fewer (the TCP hot path)."""
         c = self.counter
@@ -147,19 +161,86 @@ class SendState:
         return prefix + self.aead.encrypt(NONCE.pack(c), inner, prefix[4:])
 
 
+#: Counters a datagram receiver still accepts behind the highest one seen (WireGuard's 2,048).
+REPLAY_WINDOW = 2048
+_WORD = 64
+RING_WORDS = REPLAY_WINDOW // _WORD + 1  # one spare word, as RFC 6479: the window slides by words
+_FULL = (1 << _WORD) - 1
+
+
+class ReplayWindow:
+    """RFC 6479 anti-replay window: a ring of 64-bit words over the newest `REPLAY_WINDOW` counters.
+
+    `check(c)` says whether `c` may be accepted (new and not too old) without changing anything;
+    `mark(c)` records it (call it only after the frame authenticated, so a forged counter cannot
+    slide the window).  Sliding forward clears whole words, so any jump costs at most
+    `RING_WORDS` word writes.
+    """
+
+    __slots__ = ("_ring", "top")
+
+    def __init__(self) -> None:
+        self._ring = [0] * RING_WORDS
+        #: The highest counter marked so far (-1: none).
+        self.top = -1
+
+    def check(self, counter: int) -> str | None:
+        """None when `counter` is acceptable, else the reason ("replay" or "too_old")."""
+        top = self.top
+        if counter > top:
+            return None
+        if top - counter >= REPLAY_WINDOW:
+            return "too_old"
+        if (self._ring[(counter // _WORD) % RING_WORDS] >> (counter % _WORD)) & 1:
+            return "replay"
+        return None
+
+    def mark(self, counter: int) -> None:
+        """Record `counter` as received (after `check` accepted it and the tag verified)."""
+        ring = self._ring
+        top = self.top
+        block = counter >> 6
+        if counter > top:
+            top_block = top >> 6 if top >= 0 else -1
+            if block != top_block:
+                for i in range(1, min(block - top_block, RING_WORDS) + 1):
+                    ring[(top_block + i) % RING_WORDS] = 0
+            self.top = counter
+        ring[block % RING_WORDS] |= 1 << (counter & 63)
+
+
 class RecvState:
-    """The receiving half of one epoch: AEAD and the lowest counter still acceptable."""
+    """The receiving half of one epoch: AEAD and the lowest counter still acceptable (streams),
+    or the replay window (datagrams)."""
 
-    __slots__ = ("aead", "epoch", "next_counter", "started")
+    __slots__ = ("aead", "epoch", "next_counter", "started", "window")
 
-    def __init__(self, aead: Any, epoch: int, started: float) -> None:
+    def __init__(self, aead: Any, epoch: int, started: float, datagram: bool = False) -> None:
         self.aead = aead
         self.epoch = epoch
         self.next_counter = 0
         self.started = started
+        self.window = ReplayWindow() if datagram else None
 
     def open(self, msg: bytes, counter: int, lossy: bool) -> bytes:
         """Authenticate and decrypt; then enforce the counter rule.  Raises RemoteProtocolError."""
+        window = self.window
+        if window is not None:
+            # Datagrams: refuse a replay before spending the decryption on it; mark the counter
+            # only once the tag verified (a forged header must not move the window).
+            why = window.check(counter)
+            if why is not None:
+                raise FrameRejected(f"{why} data frame (counter {counter})", "replay")
+            try:
+                pt = self.aead.decrypt(
+                    NONCE.pack(counter), memoryview(msg)[HEADER_LEN:], msg[:HEADER_LEN]
+                )
+            except InvalidTag:
+                raise FrameRejected("bad authentication tag on a data frame", "bad_tag") from None
+            window.mark(counter)
+            if counter >= self.next_counter:
+                self.next_counter = counter + 1
+            return pt
         try:
             pt = self.aead.decrypt(
                 NONCE.pack(counter), memoryview(msg)[HEADER_LEN:], msg[:HEADER_LEN]

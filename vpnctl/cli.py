@@ -9,15 +9,15 @@ Exit codes: 0 success; 1 the command ran and found a problem (``render --check``
 ``render --diff`` with changes); 2 a user error (bad inventory, missing key, bad option).
 
 Adding a command: write ``vpnctl/commands/<name>.py`` with ``main(ctx: typer.Context, ...)``
-(docstring = its help; ``workspace(ctx)`` gives the paths and the inventory), or with a typer
-``app`` for a command group. ``deploy``, ``status`` and ``lab`` are picked up when present.
+(docstring = its help; ``workspace(ctx)`` from :mod:`vpnctl.workspace` gives the paths and the
+inventory), or with a typer ``app`` for a command group. ``deploy``, ``status`` and ``lab`` are
+picked up when present.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -25,15 +25,18 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from vpnctl.inventory import (
-    Inventory,
-    UserError,
-    allocate_hubs,
-    allocate_tunnels,
-    hub_networks,
-    load_inventory,
+from vpnctl.inventory import UserError
+from vpnctl.workspace import (  # the commands import these from vpnctl.workspace, not from here
+    DEFAULT_BUILD,
+    DEFAULT_INVENTORY,
+    DEFAULT_KEYSTORE,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Workspace,
+    beside,
+    workspace,
 )
-from vpnctl.keystore import Keystore
 
 __all__ = [
     "EXIT_FAILED",
@@ -45,14 +48,6 @@ __all__ = [
     "register",
     "workspace",
 ]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-DEFAULT_INVENTORY = "inventory.yaml"
-DEFAULT_KEYSTORE = "keystore"
-DEFAULT_BUILD = "build"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,48 +113,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     cls=_Group,  # global options may also follow the command
 )
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """The paths every command works with, from the global options."""
-
-    inventory_path: Path
-    keystore_path: Path
-    build_path: Path
-
-    def load_inventory(self) -> Inventory:
-        """The validated inventory; tunnel addresses may still be unallocated."""
-        return load_inventory(self.inventory_path)
-
-    def keystore(self) -> Keystore:
-        """The keystore (it may not exist yet)."""
-        return Keystore(self.keystore_path)
-
-    def allocated(self, inventory: Inventory, *, persist: bool) -> Inventory:
-        """``inventory`` with every tunnel address set from the pool and the keystore's record.
-
-        With ``persist``, new allocations are recorded in ``keystore/allocations.json`` so
-        later runs keep them (commands that only look, like ``render --check``, pass False).
-        """
-        keystore = self.keystore()
-        record = keystore.load_allocations()
-        hub_record = keystore.load_hub_allocations()
-        resolved, new_record = allocate_tunnels(
-            inventory, record, str(keystore.allocations_path), hub_networks(inventory, hub_record)
-        )
-        resolved, new_hubs = allocate_hubs(resolved, hub_record)
-        if persist and (new_record != record or new_hubs != hub_record):
-            keystore.save_allocations(new_record, new_hubs)
-        return resolved
-
-
-def workspace(ctx: typer.Context) -> Workspace:
-    """The :class:`Workspace` of the running command."""
-    obj = ctx.find_root().obj
-    if not isinstance(obj, Workspace):  # a command invoked without the app callback
-        return Workspace(Path(DEFAULT_INVENTORY), Path(DEFAULT_KEYSTORE), Path(DEFAULT_BUILD))
-    return obj
 
 
 def _user_errors(function: F) -> F:
@@ -235,14 +188,8 @@ def _global_options(
     )
 
 
-def beside(inventory: Path, name: str) -> Path:
-    """``name`` in the inventory's directory: keystore/ and build/ follow the inventory, so
-    `vpnctl -i ../site/inventory.yaml keygen` never makes a new keystore where it is run."""
-    return inventory.parent / name
-
-
 def _commands() -> None:
-    from vpnctl.commands import keygen, keys, render  # noqa: PLC0415 - commands import us
+    from vpnctl.commands import keygen, keys, render  # noqa: PLC0415 - registered at import
 
     register("keygen", keygen.main)
     register("keys", keys.main)

@@ -151,6 +151,9 @@ class Ssh:
     identity: str | None = None
     options: tuple[str, ...] = ()
     proxyjump: str | None = None
+    # "sudo": every remote command runs through ``sudo -n`` (the host's ``become:``), so the
+    # ssh user need not be root; None: commands run as the ssh user (root)
+    become: str | None = None
 
 
 @dataclass(frozen=True)
@@ -654,7 +657,7 @@ _TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
     "nortscts": lambda r, n, p: r.boolean(n, p),
     "xfilter": lambda r, n, p: r.boolean(n, p),
 }
-_HOST_SETTINGS = ("ssh", "prefix", "systemd", "daemon_user", "daemon_group")
+_HOST_SETTINGS = ("ssh", "prefix", "systemd", "daemon_user", "daemon_group", "become")
 _DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", *_TUNABLE_READERS)
 _SSH_KEYS = ("host", "port", "user", "identity", "options", "proxyjump")
 _HOST_KEYS = ("name", "address", *_HOST_SETTINGS)
@@ -761,6 +764,15 @@ def _read_host_settings(r: _Reader, fields: Mapping[str, yaml.Node], path: str) 
                 r.fail(fields[key], f"{path}.{key}", "root's group: name an unprivileged one")
             elif value is not None:
                 out[key] = value
+    if "become" in fields:  # Ansible's word: how a non-root ssh user gets root
+        value = r.scalar(fields["become"], f"{path}.become")
+        if value == "sudo" or value is True:
+            out["become"] = "sudo"
+        elif value == "none" or value is False:
+            out["become"] = None
+        elif value is not _MISSING:
+            r.fail(fields["become"], f"{path}.become",
+                   f"expected sudo or none, got {_show(value)}")  # fmt: skip
     if "systemd" in fields:
         value = r.scalar(fields["systemd"], f"{path}.systemd")
         if value == "auto":
@@ -902,6 +914,8 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             continue
         ssh_values = {**default_host.get("ssh", {}), **own.get("ssh", {})}
         ssh_values.setdefault("host", str(address))
+        if "become" in own or "become" in default_host:
+            ssh_values["become"] = own.get("become", default_host.get("become"))
         hosts.append(
             Host(
                 name=name,

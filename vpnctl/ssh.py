@@ -20,6 +20,11 @@ Every call has a wall-clock timeout enforced here (the ssh child is killed when 
 host that stops answering mid-session cannot hold up the caller. Secrets (key files) are only
 ever passed on stdin -- never in argv, which any local user can read from /proc.
 
+Become: a host whose inventory says ``become: sudo`` (an ssh user that is not root) has every
+command run as ``sudo -n -- sh -c COMMAND``: ``-n`` never prompts, so a sudo that wants a
+password fails at once, and :class:`SshBecomeError` names the host and the user instead of a
+deploy hanging or failing later with a permission error. stdin passes through sudo unchanged.
+
 Exit status: ssh returns 255 for its own failures (connection, authentication, host key), else
 the remote command's status. :class:`SshError` (a UserError) is raised for the former and for
 timeouts; the latter is returned to the caller in :class:`RemoteResult`.
@@ -38,7 +43,15 @@ from typing import Protocol
 
 from vpnctl.inventory import UserError
 
-__all__ = ["RemoteResult", "SshError", "SshHost", "SshTimeout", "SshUnreachable", "quote"]
+__all__ = [
+    "RemoteResult",
+    "SshBecomeError",
+    "SshError",
+    "SshHost",
+    "SshTimeout",
+    "SshUnreachable",
+    "quote",
+]
 
 SSH_FAILURE = 255
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -59,6 +72,20 @@ class SshUnreachable(SshError):
 
 class SshTimeout(SshError):
     """The remote command did not finish within its time bound."""
+
+
+class SshBecomeError(SshError):
+    """``become: sudo`` did not give root: sudo wants a password, refuses the user, or is
+    missing on the host (the remote command never ran)."""
+
+
+# What sudo -n (or the shell, for a missing sudo) prints when the command never ran.
+_SUDO_FAILURE = re.compile(
+    r"^(?:sudo: (?:a password is required|a terminal is required|.*is not in the sudoers"
+    r"|.*not allowed to execute|.*may not run sudo|sorry, you must have a tty)"
+    r"|.*\bsudo: (?:command )?not found)",
+    re.MULTILINE,
+)
 
 
 @dataclass(frozen=True)
@@ -165,6 +192,9 @@ class SshHost:
         SshTimeout when the whole call exceeds `timeout` seconds, and SshError for a non-zero
         remote status when `check` is set.
         """
+        become = getattr(self.settings, "become", None)
+        if become == "sudo":
+            command = f"sudo -n -- sh -c {shlex.quote(command)}"
         argv = [*self.base_argv(), command]
         try:
             proc = subprocess.run(
@@ -183,6 +213,15 @@ class SshHost:
         result = RemoteResult(proc.returncode, proc.stdout, proc.stderr)
         if proc.returncode == SSH_FAILURE and _is_ssh_failure(result.error_text):
             raise SshUnreachable(self.name, f"unreachable: {_last_line(result.error_text)}")
+        if become == "sudo" and proc.returncode != 0 and not proc.stdout:
+            failure = _SUDO_FAILURE.search(result.error_text)
+            if failure:
+                raise SshBecomeError(
+                    self.name,
+                    f"become: sudo failed for ssh user {self.settings.user!r} "
+                    f"({failure.group(0).strip()}); give that user passwordless sudo "
+                    "(NOPASSWD in sudoers) or connect as root",
+                )
         if check and proc.returncode != 0:
             raise SshError(
                 self.name,

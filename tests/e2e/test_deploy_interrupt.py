@@ -47,9 +47,9 @@ def test_ctrl_c_during_apply_rolls_back_every_host_already_changed(
     for step in ("keygen", "render"):
         result = CliRunner().invoke(app, [*base, step])
         assert result.exit_code == 0, result.output
-    monkeypatch.setattr(deploymod, "SshHost", ScriptedHost)
+    monkeypatch.setattr("vpnctl.deploy.run.SshHost", ScriptedHost)
     stub = deploymod.Runtime(stamp="s1", wheels=(), pip=tmp_path / "pip.whl")
-    monkeypatch.setattr(deploymod, "build_runtime", lambda *_a, **_k: stub)
+    monkeypatch.setattr("vpnctl.deploy.runtime.build_runtime", lambda *_a, **_k: stub)
     monkeypatch.setattr(deploymod.Runtime, "tarball", lambda _self: b"")
     lines: list[str] = []
     RAN.clear()

@@ -445,8 +445,8 @@ def test_each_target_gets_its_own_runtime_and_a_target_without_wheels_fails_only
     for step in ("keygen", "render"):
         result = CliRunner().invoke(app, [*base, step])
         assert result.exit_code == 0, result.output
-    monkeypatch.setattr(deploymod, "SshHost", ProbedHost)
-    monkeypatch.setattr(deploymod, "build_runtime", build)
+    monkeypatch.setattr("vpnctl.deploy.run.SshHost", ProbedHost)
+    monkeypatch.setattr("vpnctl.deploy.runtime.build_runtime", build)
     lines: list[str] = []
     report = deploymod.deploy(load_inventory(tmp_path / "inventory.yaml"),
                               ["alpha", "beta", "gamma"], tmp_path / "build",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -15,11 +16,14 @@ from pathlib import Path
 import pytest
 
 from vpnctl.deploy import (
+    TARGET_PY,
     DeployError,
+    RemoteState,
     Target,
     build_runtime,
     check_remote,
     dependency_closure,
+    install_runtime_script,
     local_target,
     parse_probe,
     parse_target,
@@ -46,10 +50,19 @@ def test_a_host_without_glibc_parses_with_no_glibc_and_garbage_does_not_parse() 
 
 def test_the_probe_asks_python3_for_the_target_and_parse_probe_keeps_it() -> None:
     manifest = {"prefix": "/", "links": {}}
-    assert 'echo "target $(python3 -c ' in probe_script(manifest, [])
+    assert "t=$(python3 -S -c " in probe_script(manifest, [])
     state = parse_probe("uid 0\npython /usr/bin/python3\ntarget cpython 3.13 x86_64 glibc 2.39\n",
                         [])  # fmt: skip
     assert state.target == Target((3, 13), "x86_64", (2, 39))
+
+
+def test_the_probes_target_line_run_here_is_the_local_target() -> None:
+    """The probe's own snippet (os.confstr, no platform module) agrees with local_target()."""
+    out = subprocess.run([sys.executable, "-S", "-c", TARGET_PY], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    target, _, exe = out.strip().partition("|")
+    assert parse_target(target) == local_target()
+    assert exe == sys.executable
 
 
 def test_the_local_target_is_this_interpreter() -> None:
@@ -173,3 +186,43 @@ def test_a_target_no_wheel_exists_for_fails_with_a_deploy_error_naming_the_targe
     with pytest.raises(DeployError, match=r"no binary wheel set for target cp399-x86_64-glibc2.36"):
         build_runtime(tmp_path / "rt", None, tmp_path / "wheels", target=future)
     assert not list(tmp_path.glob("wheels-*")), "a failed fetch leaves no cache behind"
+
+
+def test_the_probe_reads_the_target_cached_by_the_install_while_python3_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    """No python3 run per probe once the install cached its answer; a changed python3 (another
+    file on PATH) or a venv whose interpreter is gone asks python3 again."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bindir / "python3"
+    fake.write_text(
+        f"#!/bin/sh\necho run >> {calls}\necho 'cpython 3.11 x86_64 glibc 2.36|/x/py'\n"
+    )
+    fake.chmod(0o755)
+    prefix = tmp_path / "host"
+    venv = prefix / "opt" / "vpnd" / "venv-s1"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (prefix / "opt" / "vpnd" / "current").symlink_to("venv-s1")
+    install = install_runtime_script(
+        str(prefix), "s1", "/x/py", "cpython 3.12 x86_64 glibc 2.39|/x/py"
+    )
+    cache_lines = [line for line in install.splitlines() if "k=$(" in line]
+    env = {"PATH": f"{bindir}:/usr/bin:/bin"}
+    # the install's cache-writing lines, run here as on the host
+    subprocess.run(["sh", "-c", "\n".join(cache_lines)], env=env, check=True)
+
+    def probe() -> RemoteState:
+        script = probe_script({"prefix": str(prefix), "links": {}}, [])
+        out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True,
+                             check=False).stdout  # fmt: skip
+        return parse_probe(out, [])
+
+    state = probe()
+    assert state.target == Target((3, 12), "x86_64", (2, 39)), "from the cache"
+    assert state.python_exe == "/x/py" and not calls.exists()
+    fake.write_text(fake.read_text() + "\n")  # python3 changed (size, mtime): ask it again
+    assert probe().target == Target((3, 11), "x86_64", (2, 36))
+    assert calls.read_text() == "run\n"

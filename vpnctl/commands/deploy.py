@@ -20,9 +20,10 @@ from vpnctl.hostdata import clean_text
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import Keystore
 from vpnctl.rendering import changed_paths
+from vpnctl.workspace import EXIT_FAILED, workspace
 
 if TYPE_CHECKING:
-    from vpnctl.cli import Workspace
+    from vpnctl.workspace import Workspace
 
 __all__ = ["deploy_json", "format_recap", "main", "preflight", "recap"]
 
@@ -70,8 +71,6 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     fingerprint within --wait seconds, else its previous files and daemon are restored.
     Exit 1 when a host failed or a link was rolled back.
     """
-    from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
-
     ws = workspace(ctx)
     inventory = ws.load_inventory()
     if all_hosts and hosts:
@@ -138,6 +137,7 @@ def deploy_json(report: DeployReport, *, dry_run: bool) -> dict[str, Any]:
                 "confirmed": sorted(outcome.confirmed),
                 "waiting": {k: clean_text(v) for k, v in sorted(outcome.waiting.items())},
                 "rolled_back": {k: clean_text(v) for k, v in sorted(outcome.rolled_back.items())},
+                "skipped": {k: clean_text(v) for k, v in sorted(outcome.skipped.items())},
             }
         )
     return {
@@ -251,6 +251,8 @@ def recap(report: DeployReport, *, dry_run: bool) -> list[dict[str, Any]]:
                 detail += [f"{link} rolled back" for link in sorted(outcome.rolled_back)]
                 detail += [f"{link} confirmed" for link in sorted(outcome.confirmed)]
                 detail += [f"{link} not confirmed" for link in sorted(outcome.waiting)]
+        if plan is not None and outcome.skipped:  # also when nothing else was left to do
+            detail += [f"{link} {why}" for link, why in sorted(outcome.skipped.items())]
             if plan.removed:
                 detail.append(f"{'would stop' if dry_run else 'stopped'} {', '.join(plan.removed)}")
         rows.append({"host": name, "result": result, "detail": clean_text("; ".join(detail))})

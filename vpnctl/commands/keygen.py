@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from vpnctl.keystore import KeyInfo, KeystoreError
+from vpnctl.workspace import workspace
 
 __all__ = ["can_prompt", "main", "read_passphrase"]
 
@@ -107,8 +108,6 @@ def main(
     one until `--promote LINK`. With --encrypt (or a passphrase option) new keys are stored
     encrypted (scrypt + ChaCha20-Poly1305); `keys` and `render` never need the passphrase.
     """
-    from vpnctl.cli import workspace  # noqa: PLC0415 - vpnctl.cli imports this module
-
     ws = workspace(ctx)
     inventory = ws.load_inventory()
     store = ws.keystore()

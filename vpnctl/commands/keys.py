@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from vpnctl.keystore import format_age
+from vpnctl.workspace import EXIT_FAILED, workspace
 
 __all__ = ["main"]
 
@@ -26,8 +27,6 @@ def main(
     link can be compared. A STAGED column shows a key waiting for `keygen --promote`.
     Exit code 1 when a link has no key yet.
     """
-    from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
-
     ws = workspace(ctx)
     inventory = ws.load_inventory()
     store = ws.keystore()

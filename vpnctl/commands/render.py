@@ -18,11 +18,12 @@ from vpnctl.rendering import (
     render,
     write_build,
 )
+from vpnctl.workspace import EXIT_FAILED, workspace
 from vpnd_runtime.cli import check_config
 from vpnd_runtime.config import ConfigError
 
 if TYPE_CHECKING:
-    from vpnctl.cli import Workspace
+    from vpnctl.workspace import Workspace
 
 __all__ = ["main", "rendered", "vpnd_check"]
 
@@ -92,8 +93,6 @@ def main(
     `deploy` copies them from the keystore). Tunnel addresses left out of the inventory are
     allocated from the pool and recorded in the keystore.
     """
-    from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
-
     if check and diff:
         raise UserError("give either --check or --diff, not both")
     ws = workspace(ctx)

@@ -19,6 +19,7 @@ from vpnctl.fleetstatus import (
     format_table,
 )
 from vpnctl.inventory import UserError
+from vpnctl.workspace import EXIT_FAILED, workspace
 
 __all__ = ["main", "table_width", "use_color"]
 
@@ -98,7 +99,6 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     The table fits the terminal (least telling columns dropped first; --wide shows all),
     colours UP/DOWN on a terminal unless NO_COLOR is set; on a terminal the table is drawn as
     hosts answer. Exit 1 when any link is not up at both ends."""
-    from vpnctl.cli import EXIT_FAILED, workspace  # noqa: PLC0415 - vpnctl.cli imports us
 
     if as_json and prometheus:
         raise UserError("give either --json or --prometheus, not both")

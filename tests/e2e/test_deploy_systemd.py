@@ -274,14 +274,6 @@ def test_a_reboot_of_the_host_brings_the_link_back(lab: LabState) -> None:
     assert "no changes" in vpnctl(lab, "deploy", "--all").stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="deploy bug on systemd hub hosts (report of branch nspawn): the hub runs as vpnd from "
-    "its first instruction (User=) and cannot read /etc/vpnd/<hub>.peers (0700 root) nor its "
-    "clients' keys (0600 root): apply_script chowns kind 'key' only, not 'peerkey' and their "
-    "directory; the hub exits 2 (Permission denied), crash-loops and is rolled back",
-)
 def test_a_hub_on_a_systemd_host_takes_a_new_client_by_systemctl_reload(
     tmp_path: Path,
 ) -> None:
@@ -311,6 +303,14 @@ def test_a_hub_on_a_systemd_host_takes_a_new_client_by_systemctl_reload(
         after = _unit(hub, "server", "hub")
         assert after["MainPID"] == before["MainPID"], "the hub was restarted, not reloaded"
         assert after["NRestarts"] == "0"
+        # what lets the hub, vpnd from its first instruction, read its clients
+        keys = [f"/etc/vpnd/hub.peers/client{i}.key" for i in (1, 2)]
+        peers = _sh(hub, "server", "stat", "-c", "%n %U:%G %a", "/etc/vpnd/hub.peers", *keys)
+        assert peers.split("\n")[:3] == [
+            "/etc/vpnd/hub.peers root:vpnd 750",
+            "/etc/vpnd/hub.peers/client1.key vpnd:vpnd 600",
+            "/etc/vpnd/hub.peers/client2.key vpnd:vpnd 600",
+        ], peers
         journal = _sh(hub, "server", "journalctl", "-u", "vpnd-hub", "--no-pager", "-o", "cat")
         assert "Reloaded vpnd-hub.service" in journal, journal
     finally:

@@ -28,6 +28,10 @@ Theory of operation
   ``D/ssh_config`` the ssh connection details (known_hosts pinned, multiplexing in ``D``).
 * ``--wan SPEC`` puts the WAN emulator (``vpnctl/wan.py``) on the server's switch port in
   ``T-wan``, so every client <-> server packet crosses it (``_start_wan``); ``lab down`` stops it.
+* ``--systemd`` boots every host as a systemd container instead (``vpnctl/nspawn.py``:
+  ``systemd-nspawn -b`` in the host's namespace on an overlay of a cached Debian rootfs, built
+  once per machine): its own sshd runs under systemd, the inventory says ``systemd: true``,
+  prefix ``/`` and the default daemon user, so deploy installs units as on a real host.
 * Everything is recorded in ``D/lab.json`` *before* it is created, so ``lab_down`` removes every
   trace -- processes running inside the lab's namespaces, ssh control masters, namespaces, root
   links, files -- even after ``lab_up`` crashed halfway.
@@ -53,6 +57,7 @@ from pathlib import Path
 
 import yaml
 
+from vpnctl import nspawn
 from vpnctl.wan import WanError, WanSpecError, parse_spec, start_wan
 
 STATE_FILE = "lab.json"
@@ -63,6 +68,7 @@ STACKS = ("ipv4", "dual", "ipv6")
 LAB_SPACE = ipaddress.IPv4Network("198.18.0.0/15")
 MAX_CLIENTS = 100
 SSHD_READY_TIMEOUT = 10.0
+CONTAINER_READY_TIMEOUT = 90.0  # a systemd boot to sshd: < 1 s idle, far more on a busy CI box
 # Fast liveness for lab links so tests and the demo see a cut link within seconds.
 LAB_KEEPALIVE = 1
 LAB_NOANSWER = 3
@@ -87,6 +93,8 @@ class LabHost:
     stack: str = "ipv4"
     mgmt_ip6: str = ""
     wan_ip6: str = ""
+    rootfs: str = ""  # systemd hosts: the container's root as seen from here (its overlay)
+    machine: str = ""  # systemd hosts: the container's machine name (= its namespace)
 
     @property
     def ssh_ip(self) -> str:
@@ -110,6 +118,9 @@ class LabState:
     control_dir: str = ""
     wan_spec: str = ""  # `lab up --wan`: the emulator on the server's WAN leg (see _start_wan)
     wan_pid: int = 0
+    systemd: bool = False  # `lab up --systemd`: hosts are systemd containers (vpnctl.nspawn)
+    container_cgroups: dict[str, list[str]] = field(default_factory=dict)  # host -> cgroup dirs
+    container_supervisors: dict[str, int] = field(default_factory=dict)  # host -> supervisor PID
 
     def save(self) -> None:
         """Write the state atomically so a crash never leaves a half-written record."""
@@ -316,10 +327,16 @@ HUB_PORT = 4000
 
 
 def lab_inventory(
-    hosts: list[LabHost], directory: Path, control_dir: Path, *, hub: bool = False
+    hosts: list[LabHost],
+    directory: Path,
+    control_dir: Path,
+    *,
+    hub: bool = False,
+    systemd: bool = False,
 ) -> dict[str, object]:
     """The inventory (vpnctl.inventory format) for a lab: its hosts, one link per client -- or,
-    with ``hub``, one hub on the server (``hubs:``, port 4000) with every client."""
+    with ``hub``, one hub on the server (``hubs:``, port 4000) with every client. With
+    ``systemd`` the hosts are containers: units, prefix ``/`` and the default daemon user."""
     server = hosts[0]
     inventory = {
         "version": 1,
@@ -329,7 +346,7 @@ def lab_inventory(
                 "identity": str(directory / "operator_key"),
                 "options": lab_ssh_options(directory, control_dir),
             },
-            "systemd": False,
+            "systemd": systemd,
             # Lab hosts share this machine's accounts and live below a private temp directory
             # an unprivileged account cannot reach: their daemons stay root (no `user`).
             "daemon_user": "root",
@@ -351,6 +368,8 @@ def lab_inventory(
             for idx, client in enumerate(hosts[1:], start=1)
         ],
     }
+    if systemd:  # a container is a host of its own: the real paths and the real daemon user
+        del inventory["defaults"]["daemon_user"]  # type: ignore[attr-defined]
     if hub:
         del inventory["links"]
         inventory["hubs"] = [
@@ -379,9 +398,13 @@ def lab_up(
     hub: bool = False,
     wan: str | None = None,
     stack: str = "ipv4",
+    systemd: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> LabState:
     """Build a lab of one server and `clients` clients; return its recorded state. Its
     inventory joins them by one link per client, or with ``hub`` by one hub for all clients.
+    With ``systemd`` every host is a booted systemd container (the rootfs is built first if
+    this machine has none cached: ``say`` hears about that minute).
 
     `stack` is ``ipv4``, ``dual`` or ``ipv6`` for every host, or one per host, server first
     (``dual,ipv6,ipv4``).
@@ -413,6 +436,15 @@ def lab_up(
         raise LabError(f"{directory / STATE_FILE}: a lab already exists here; `vpnctl lab down` it")
     if directory.exists() and any(directory.iterdir()):
         raise LabError(f"{directory}: exists and is not empty; give the lab a fresh directory")
+    rootfs = None
+    if systemd:
+        missing = nspawn.tools_missing()
+        if missing:
+            raise LabError(f"--systemd needs {', '.join(missing)}")
+        try:
+            rootfs = nspawn.ensure_rootfs(say)
+        except (nspawn.NspawnError, OSError) as exc:
+            raise LabError(f"--systemd: rootfs: {exc}") from exc
     existing = set(_run(["ip", "netns", "list"]).split())
     if any(name.startswith(f"{tag}-") for name in existing):
         raise LabError(f"namespaces tagged {tag}- already exist: another lab runs under this tag")
@@ -425,9 +457,10 @@ def lab_up(
         tag=tag, directory=str(directory), mgmt_net=str(mgmt), created_directory=created_directory
     )
     state.wan_spec = wan or ""
+    state.systemd = systemd
     state.save()
     try:
-        _build(state, directory, mgmt, clients, hub=hub, stacks=stacks)
+        _build(state, directory, mgmt, clients, hub=hub, rootfs=rootfs, stacks=stacks)
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(directory)
@@ -442,12 +475,18 @@ def _build(
     clients: int,
     *,
     hub: bool,
+    rootfs: Path | None = None,
     stacks: list[str] | None = None,
 ) -> None:
     tag = state.tag
     hosts = _host_plan(tag, directory, mgmt, clients, stacks)
     mgmt6 = mgmt_net6(mgmt)
     any6 = any(h.mgmt_ip6 for h in hosts)
+    if rootfs is not None:
+        for host in hosts:
+            host.prefix = "/"  # deploy's paths are the container's own
+            host.rootfs = str(directory / "hosts" / host.name / "rootfs")
+            host.machine = host.namespace
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
 
     if not Path("/run/sshd").exists():
@@ -514,12 +553,17 @@ def _build(
             _run(_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"))
 
         hostdir = directory / "hosts" / host.name
-        Path(host.prefix).mkdir(parents=True, exist_ok=True)
+        hostdir.mkdir(parents=True, exist_ok=True)
+        if rootfs is None:
+            Path(host.prefix).mkdir(parents=True, exist_ok=True)
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{tag}-{host.name}",
               "-f", str(hostdir / "ssh_host_ed25519_key")])  # fmt: skip
         pub = (hostdir / "ssh_host_ed25519_key.pub").read_text().split()
         names = ",".join(a for a in (host.mgmt_ip, host.mgmt_ip6) if a)
         known_hosts.append(f"{names} {pub[0]} {pub[1]}")
+        if rootfs is not None:
+            _boot_container(state, host, rootfs, hostdir, directory)
+            continue
         (hostdir / "sshd_config").write_text(_sshd_config(host, hostdir, directory))
         state.sshd_pidfiles.append(str(hostdir / "sshd.pid"))
         state.save()
@@ -533,10 +577,34 @@ def _build(
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
     _write_inventory(
-        directory / "inventory.yaml", lab_inventory(hosts, directory, control_dir, hub=hub)
+        directory / "inventory.yaml",
+        lab_inventory(hosts, directory, control_dir, hub=hub, systemd=rootfs is not None),
     )
+    timeout = CONTAINER_READY_TIMEOUT if rootfs is not None else SSHD_READY_TIMEOUT
     for host in hosts:
-        _wait_tcp(host.ssh_ip, 22, SSHD_READY_TIMEOUT)
+        _wait_tcp(host.ssh_ip, 22, timeout)
+
+
+def _boot_container(
+    state: LabState, host: LabHost, rootfs: Path, hostdir: Path, directory: Path
+) -> None:
+    """Boot `host` as a systemd container in its namespace (vpnctl.nspawn); every container
+    boots in the background, so a lab's hosts come up in parallel."""
+    cgroups = nspawn.cgroup_dirs(f"vpnlab-{host.machine}")
+    state.container_cgroups[host.name] = [str(c) for c in cgroups]
+    state.save()  # recorded before the mount and the boot: lab down undoes a half-made host
+    try:
+        merged = nspawn.prepare_root(
+            rootfs, hostdir, hostname=host.name,
+            host_key=hostdir / "ssh_host_ed25519_key",
+            authorized_key=directory / "operator_key.pub",
+        )  # fmt: skip
+        pid = nspawn.start_container(merged, host.machine, host.namespace, hostdir / "tun",
+                                     cgroups, hostdir / "console.log")  # fmt: skip
+    except (nspawn.NspawnError, OSError) as exc:
+        raise LabError(f"{host.name}: container: {exc}") from exc
+    state.container_supervisors[host.name] = pid
+    state.save()
 
 
 def _start_wan(state: LabState, directory: Path, wan_ns: str) -> None:
@@ -700,6 +768,7 @@ def lab_down(directory: str | Path) -> list[str]:
         return _netns_id(pid) in lab_ns
 
     removed += _stop_wan(state, ours)
+    removed += _stop_containers(state)
 
     for pidfile in state.sshd_pidfiles:
         with contextlib.suppress(OSError, ValueError):
@@ -719,6 +788,9 @@ def lab_down(directory: str | Path) -> list[str]:
             Path("/run/sshd").rmdir()
     if state.control_dir and state.control_dir != str(directory):
         shutil.rmtree(state.control_dir, ignore_errors=True)
+    for host in state.hosts:  # never delete through an overlay still mounted
+        if host.rootfs and os.path.ismount(host.rootfs):
+            subprocess.run(["umount", "-l", host.rootfs], capture_output=True, check=False)
     if state.created_directory:
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(f"directory {directory}")
@@ -730,6 +802,53 @@ def lab_down(directory: str | Path) -> list[str]:
                 child.unlink(missing_ok=True)
         removed.append(f"contents of {directory}")
     return removed
+
+
+def _stop_containers(state: LabState) -> list[str]:
+    """Power every container off at once (in parallel: each may take seconds), then remove
+    their overlays and cgroups."""
+    if not state.container_cgroups:
+        return []
+
+    def stop(host: LabHost) -> list[str]:
+        cgroups = [Path(c) for c in state.container_cgroups.get(host.name, [])]
+        try:
+            return nspawn.stop_container(
+                state.container_supervisors.get(host.name, 0), cgroups, Path(host.rootfs)
+            )
+        except (OSError, subprocess.SubprocessError) as exc:  # the rest of lab down goes on
+            return [f"container {host.name}: not fully removed: {exc}"]
+
+    hosts = [h for h in state.hosts if h.name in state.container_cgroups]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [item for items in pool.map(stop, hosts) for item in items]
+
+
+def container_leader(state: LabState, host: str) -> int | None:
+    """PID (as seen here) of a systemd lab host's init, None while its container is down."""
+    cgroups = [Path(c) for c in state.container_cgroups.get(host, [])]
+    if not cgroups:
+        raise LabError(f"lab host {host!r} is not a systemd container (lab up --systemd)")
+    return nspawn.leader_pid(cgroups)
+
+
+def container_exec(
+    state: LabState, host: str, *argv: str, timeout: float = 30.0, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a command inside a systemd lab host's container (its mounts, PIDs, systemd)."""
+    leader = container_leader(state, host)
+    if leader is None:
+        raise LabError(f"lab host {host!r}: its container is not running")
+    proc = subprocess.run(
+        nspawn.exec_argv(leader, *argv),
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise LabError(
+            f"{host}: `{' '.join(argv)}` failed ({proc.returncode}): "
+            f"{(proc.stdout + proc.stderr).strip()}"
+        )
+    return proc
 
 
 def lab_exec(state: LabState, host: str, *argv: str, timeout: float = 20.0) -> str:

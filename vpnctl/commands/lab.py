@@ -45,15 +45,23 @@ def up(  # noqa: PLR0917 - typer passes every option by name
             "(dual,ipv6,ipv4): dual-stack and IPv6-only hosts"
         ),
     ] = "ipv4",
+    systemd: Annotated[
+        bool,
+        typer.Option(
+            "--systemd",
+            help="boot every host as a systemd container (systemd-nspawn on a Debian rootfs "
+            "built once per machine into /var/cache/vpnctl/rootfs): deploy installs units",
+        ),
+    ] = False,
 ) -> None:
     """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir.
 
     The inventory joins them by one link per client (l1..lN), or with --hub by one hub
     `hub` on the server that serves all N clients."""
     try:
-        state = lab_up(
-            directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub, wan=wan, stack=stack
-        )
+        state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub, wan=wan,
+                       systemd=systemd, say=lambda line: typer.echo(line, err=True),
+                       stack=stack)  # fmt: skip
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -67,6 +75,8 @@ def up(  # noqa: PLR0917 - typer passes every option by name
         wan_stats = Path(state.directory) / "wan.json"
         how = f"pid {state.wan_pid}, counters {wan_stats}" if state.wan_pid else "netem qdiscs"
         typer.echo(f"wan:       {state.wan_spec} ({how})")
+    if state.systemd:
+        typer.echo("hosts:     systemd containers (systemd-nspawn -b); each runs its own sshd")
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
 

@@ -280,6 +280,10 @@ def apply_script(
                 out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
             elif item.kind == "key" and plan.use_systemd:
                 out.append(f"chown {owner} {quote(item.path)}")
+            elif item.kind == "peerkey" and plan.use_systemd:  # a hub is its user from the start
+                peers = quote(posixpath.dirname(item.path))
+                out.append(f"chown {owner} {quote(item.path)} && chown root:{quote(run_as[1])} "
+                           f"{peers} && chmod 0750 {peers}")  # fmt: skip
     for path in pruned:  # peer files and keys of clients removed from a hub
         out.append(f"rm -f {quote(path)}")
     for link in plan.removed:
@@ -368,11 +372,18 @@ def rollback_script(
         out.append(_stop_sh(link, manifest["links"][link], plan.use_systemd))
     paths = {path for link in links for path in plan.paths.get(link, [])}
     paths |= {item.path for item in plan.files if item.link in links}
+    units = sorted(path for path in paths if path.startswith(UNIT_DIR + "/"))
+    for unit_path in units if plan.use_systemd else []:  # a new unit goes: not enabled either
+        _saved, absent = _backup_paths(prefix, unit_path)
+        out.append(f"if [ -e {absent} ]; then systemctl disable --quiet "
+                   f"{quote(posixpath.basename(unit_path))} 2>/dev/null || true; fi")  # fmt: skip
     for path in sorted(paths):
         saved, absent = _backup_paths(prefix, path)
         dst = quote(path)
         out.append(f"if [ -e {absent} ]; then rm -f {dst}; elif [ -f {saved} ]; then "
                    f"cp -p {saved} {dst}; fi")  # fmt: skip
+    if plan.use_systemd and units:
+        out.append("systemctl daemon-reload")
     for link in restart:
         entry = manifest["links"][link]
         conf = quote(entry["config"])

@@ -800,6 +800,36 @@ def _default_statusfile(path: str) -> str:
     return f"{STATUS_DIR}/{stem or 'vpnd'}.status.json"
 
 
+def _apply(
+    spec: _Directive,
+    number: int,
+    args: list[str],
+    *,
+    lines: dict[str, int],
+    values: dict[str, Any],
+    routes: list[tuple[int, Route]],
+    fail: Callable[[int | None, str | None, str], None],
+) -> None:
+    """One directive line of a config or peer file: refused once given already, with the wrong
+    arity or a bad value (via `fail`); else its values go into `values`, a route into `routes`."""
+    keyword = spec.name
+    if keyword in lines:
+        fail(number, keyword, f"duplicate directive (first given on line {lines[keyword]})")
+        return
+    lines[keyword] = number
+    if not spec.min_args <= len(args) <= spec.max_args:
+        fail(number, keyword, f"wrong number of arguments ({len(args)}); usage: {spec.usage}")
+        return
+    try:
+        parsed = spec.parse(args)
+    except _Bad as bad:
+        fail(number, keyword, str(bad))
+        return
+    if "route" in parsed:
+        routes.append((number, parsed.pop("route")))
+    values.update(parsed)
+
+
 def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = None) -> Config:
     """Parse vpnd directive ``text`` (read from ``path``, used in messages) into a Config.
 
@@ -820,21 +850,7 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
         if spec is None:
             fail(number, keyword, _unknown_message(keyword))
             continue
-        if keyword in lines:
-            fail(number, keyword, f"duplicate directive (first given on line {lines[keyword]})")
-            continue
-        lines[keyword] = number
-        if not spec.min_args <= len(args) <= spec.max_args:
-            fail(number, keyword, f"wrong number of arguments ({len(args)}); usage: {spec.usage}")
-            continue
-        try:
-            parsed = spec.parse(args)
-        except _Bad as bad:
-            fail(number, keyword, str(bad))
-            continue
-        if "route" in parsed:
-            routes.append((number, parsed.pop("route")))
-        values.update(parsed)
+        _apply(spec, number, args, lines=lines, values=values, routes=routes, fail=fail)
 
     # ---- cross checks -------------------------------------------------------------------
     mode = values.get("mode")
@@ -1129,22 +1145,9 @@ def parse_peer(
                 message + " (peer files take remote, remote6, keyfile, nextkey, client, route1..9)",
             )
             continue
-        if keyword in lines:
-            fail(number, keyword, f"duplicate directive (first given on line {lines[keyword]})")
-            continue
-        lines[keyword] = number
-        spec = _DIRECTIVES[keyword]
-        if not spec.min_args <= len(args) <= spec.max_args:
-            fail(number, keyword, f"wrong number of arguments ({len(args)}); usage: {spec.usage}")
-            continue
-        try:
-            parsed = spec.parse(args)
-        except _Bad as bad:
-            fail(number, keyword, str(bad))
-            continue
-        if "route" in parsed:
-            routes.append((number, parsed.pop("route")))
-        values.update(parsed)
+        _apply(
+            _DIRECTIVES[keyword], number, args, lines=lines, values=values, routes=routes, fail=fail
+        )
     if "remote" not in lines:
         fail(None, "remote", "missing required directive: remote <the client's tunnel address>")
     remote = values.get("remote")

@@ -160,27 +160,24 @@ def params_from_config(config: Config) -> Params:
     Over UDP a datagram carries at most one MTU-sized packet (with its virtio header and length)
     or a batch of small ones of no more bytes, so it fits the path MTU the `mtu` was chosen for.
     """
+    common = {
+        "cipher": config.cipher,
+        "compress": config.compress,
+        "compress_level": config.compress_level,
+        "keepalive": config.keepalive,
+        "noanswer": config.noanswer,
+        "keyttl": config.keyttl,
+        "maxdelay": config.maxdelay,
+    }
     if config.transport == "udp" and not config.is_serial:
         return Params(
-            cipher=config.cipher,
-            compress=config.compress,
-            compress_level=config.compress_level,
-            keepalive=config.keepalive,
-            noanswer=config.noanswer,
-            keyttl=config.keyttl,
-            maxdelay=config.maxdelay,
+            **common,
             sendbuf=config.mtu + VNET_HDR_LEN + _PACKET_OVERHEAD,
             datagram=True,
             handshake_timeout=HANDSHAKE_TIMEOUT,
         )
     return Params(
-        cipher=config.cipher,
-        compress=config.compress,
-        compress_level=config.compress_level,
-        keepalive=config.keepalive,
-        noanswer=config.noanswer,
-        keyttl=config.keyttl,
-        maxdelay=config.maxdelay,
+        **common,
         sendbuf=config.sendbuf,
         lossy=config.is_serial,
         # A handshake message lost on a noisy line is only retried by starting over: keep that

@@ -12,7 +12,6 @@ import logging
 import os
 import stat
 import struct
-import termios
 import time
 from typing import TYPE_CHECKING
 
@@ -83,6 +82,8 @@ class SerialCarrier:
         return self.transport.pending() > 0 or self._device_backlog() > self.pacer.lead_bytes
 
     def _device_backlog(self) -> int:
+        import termios  # noqa: PLC0415 - lazy: serial links only (io/serial.py has it loaded)
+
         try:
             raw = fcntl.ioctl(self.transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         except OSError:

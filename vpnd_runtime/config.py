@@ -515,6 +515,8 @@ def _flag(args: list[str], what: str) -> bool:
 
 @dataclass(frozen=True)
 class _Directive:
+    """One directive's name, usage line, arity and value parser."""
+
     name: str
     usage: str
     min_args: int

@@ -24,6 +24,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpnd")
 
 
+class Jitter:
+    """Uniform floats from os.urandom, for backoff and handshake-timeout jitter: `random` would
+    cost the daemon ~0.3 MiB of RSS (with math, bisect, _sha512) for these two calls."""
+
+    @staticmethod
+    def uniform(low: float, high: float) -> float:
+        """A float in [low, high)."""
+        return low + (high - low) * (int.from_bytes(os.urandom(7), "big") / (1 << 56))
+
+
 class RandomDev:
     """Key material from `randomdev` (vpnd's directive); short reads are completed."""
 

@@ -80,7 +80,6 @@ import heapq
 import itertools
 import logging
 import os
-import random
 import selectors
 import signal
 import socket
@@ -90,7 +89,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vpnd_runtime import datapath
-from vpnd_runtime.carriers import RandomDev, SerialCarrier, run_modemchat
+from vpnd_runtime.carriers import Jitter, RandomDev, SerialCarrier, run_modemchat
 from vpnd_runtime.config import Config, ConfigError, load_config
 from vpnd_runtime.io import gso, tcp
 from vpnd_runtime.io.hooks import HookRunner
@@ -314,7 +313,7 @@ class Daemon:
             self.status.next_key_fingerprint = table.peers[0].next_fingerprint
         self.writer = StatusWriter(config.statusfile)
         self.rng = RandomDev(config.randomdev)
-        self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
+        self.jitter = Jitter()  # backoff jitter, not crypto
         self.replay_guard: Any = None
         self.ring = _Ring(self)
         self.listener: socket.socket | None = None

@@ -1,8 +1,9 @@
 """Standard modules a daemon imports but never uses, loaded on first use instead (issue 15).
 
-``dataclasses`` imports ``inspect`` (and with it ``ast``, ``dis``, ``opcode``, ``tokenize``:
-~1 MiB of a running daemon's RSS) for one call, ``inspect.signature``, made only for a dataclass
-without a docstring. :func:`defer` puts a stand-in module in ``sys.modules``: ``import inspect``
+``dataclasses`` imports ``inspect`` (and with it ``ast``, ``dis``, ``opcode``: ~0.5 MiB of a
+running daemon's RSS) for one call, ``inspect.signature``, made only for a dataclass without a
+docstring; ``logging`` imports ``traceback`` (with ``linecache``, ``tokenize``) to format
+exceptions. :func:`defer` puts a stand-in module in ``sys.modules``: ``import inspect``
 binds the stand-in, and the first attribute read from it imports the real module (unchanged,
 from then on in ``sys.modules``) and answers from it. A module already imported is left alone.
 
@@ -12,14 +13,19 @@ module's ``__spec__``, which makes a LazyLoader module load at once.
 
 from __future__ import annotations
 
+import _thread
 import importlib
 import importlib.util
 import sys
 import types
 from typing import Any
 
-#: Deferred when vpnd_runtime is imported.
-DEFERRED = ("inspect",)
+#: Deferred when vpnd_runtime is imported: ``inspect`` (dataclasses), ``traceback`` (logging:
+#: formatting an exception), ``array`` (socket: passing file descriptors).
+DEFERRED = ("inspect", "traceback", "array")
+
+#: One first load at a time (a thread may log an exception while another does).
+_LOCK = _thread.allocate_lock()
 
 
 class _Deferred(types.ModuleType):
@@ -28,16 +34,17 @@ class _Deferred(types.ModuleType):
 
     def __getattr__(self, attr: str) -> Any:
         name = self.__name__
-        if sys.modules.get(name) is self:
-            del sys.modules[name]
-            try:
+        with _LOCK:
+            if sys.modules.get(name) is self:
+                del sys.modules[name]
+                try:
+                    real = importlib.import_module(name)
+                except BaseException:
+                    sys.modules[name] = self
+                    raise
+            else:  # loaded meanwhile (by another thread, or imported by other means)
                 real = importlib.import_module(name)
-            except BaseException:
-                sys.modules[name] = self
-                raise
-        else:  # imported meanwhile by other means
-            real = importlib.import_module(name)
-        self.__dict__.update(real.__dict__)
+            self.__dict__.update(real.__dict__)
         return getattr(real, attr)
 
 

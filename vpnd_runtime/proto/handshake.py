@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .kdf import hash_, hkdf
+from .session import ChaCha20Poly1305
 
 try:
     # The Rust binding's own constructors (what X25519PrivateKey.from_private_bytes returns):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import gc
 import logging
 import os
 import sys
@@ -164,7 +163,6 @@ def release_startup_memory() -> None:
     only ever returns the top of its heap to the kernel; ``malloc_trim(0)`` also releases the
     free pages inside it (~1.4 MiB of RSS here). The pages stay free (nothing is moved or
     paged out): a daemon that allocates again gets fresh zero pages. No-op without glibc."""
-    gc.collect()
     try:
         import ctypes  # noqa: PLC0415 - lazy: privdrop may have loaded it already; once only
 

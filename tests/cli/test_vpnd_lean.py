@@ -1,10 +1,13 @@
 """The daemon's memory diet (issue 15) must not change behaviour: `vpnd -f CONF` is parsed
-without argparse exactly as argparse parses it, and X25519 through the Rust binding is the
-same function as cryptography's public API."""
+without argparse exactly as argparse parses it, X25519 through the Rust binding is the same
+function as cryptography's public API, and a deferred standard module (vpnd_runtime.lazyimport)
+works as the real one from its first use, in any thread."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -75,3 +78,63 @@ def test_a_low_order_peer_key_is_still_the_peers_fault():
     mine, _ = handshake.generate_keypair(os.urandom)
     with pytest.raises(RemoteProtocolError):
         handshake.dh(mine, bytes(32))
+
+
+DEFERRED_USE = r"""
+import sys, threading
+import vpnd_runtime
+assert type(sys.modules["inspect"]).__name__ == "_Deferred", sys.modules["inspect"]
+import dataclasses, logging
+from dataclasses import dataclass
+
+@dataclass
+class NoDoc:
+    a: int
+
+assert NoDoc.__doc__ == "NoDoc(a: int)", NoDoc.__doc__
+import inspect
+from inspect import signature
+assert str(signature(NoDoc)) == "(a: int) -> None"
+assert inspect.isclass(NoDoc) and sys.modules["inspect"].signature is signature
+
+# traceback: first used by two threads at once, both get the real module
+import traceback
+out = []
+def fmt():
+    try:
+        raise ValueError("x")
+    except ValueError:
+        out.append(traceback.format_exc())
+threads = [threading.Thread(target=fmt) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert len(out) == 4 and all("ValueError: x" in o for o in out), out
+logging.basicConfig()
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("t").exception("boom")
+import array, socket
+assert array.array("i", [1, 2]).tolist() == [1, 2]
+print("ok")
+"""
+
+
+def test_deferred_modules_work_as_the_real_ones_on_first_use():
+    proc = subprocess.run(
+        [sys.executable, "-c", DEFERRED_USE],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert "ZeroDivisionError: division by zero" in proc.stderr  # logging printed the traceback
+
+
+def test_release_startup_memory_is_safe_to_call():
+    from vpnd_runtime.process import release_startup_memory
+
+    release_startup_memory()
+    release_startup_memory()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from vpnd_runtime.config import Config
 from vpnd_runtime.io import tcp
 from vpnd_runtime.io.tun import VNET_HDR_LEN
-from vpnd_runtime.keyfile import fingerprint, load_key
+from vpnd_runtime.keyfile import fingerprint, load_key, user_uid
 from vpnd_runtime.peers import Peer, PeerTable
 from vpnd_runtime.proto.connection import Connection, Params
 
@@ -70,10 +70,11 @@ def load_table(config: Config) -> PeerTable:
     peer file, and a key file shared by several peer files is read once.
     """
     keys: dict[str, bytes] = {}
+    owner = user_uid(config.user)
 
     def key_of(path: str) -> bytes:
         if path not in keys:
-            keys[path] = load_key(path)
+            keys[path] = load_key(path, owner)
         return keys[path]
 
     def next_of(path: str | None) -> dict[str, Any]:

@@ -273,14 +273,15 @@ def apply_script(
     if run_as:
         out.append(_account_sh(run_as))
     out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
-    if run_as:  # the user reads its configs (SIGHUP; systemd's User=) and, under systemd, its key
+    if run_as:  # the user reads its configs and keys (at start under systemd's User=, and again
+        # on every SIGHUP: a key rotation's next key is read after the drop)
         owner = f"{quote(run_as[0])}:{quote(run_as[1])}"
         for item in plan.files:
             if item.kind == "config":
                 out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
-            elif item.kind == "key" and plan.use_systemd:
+            elif item.kind == "key":
                 out.append(f"chown {owner} {quote(item.path)}")
-            elif item.kind == "peerkey" and plan.use_systemd:  # a hub is its user from the start
+            elif item.kind == "peerkey":  # a hub reads its peers directory on SIGHUP too
                 peers = quote(posixpath.dirname(item.path))
                 out.append(f"chown {owner} {quote(item.path)} && chown root:{quote(run_as[1])} "
                            f"{peers} && chmod 0750 {peers}")  # fmt: skip

@@ -139,15 +139,7 @@ class Dialer:
             return
         cfg = self.d.config
         carrier = tcp.TcpCarrier(sock, tcp.endpoint_text(cfg.server_host, cfg.server_port))
-        conn = Connection(
-            "initiator",
-            self.d.peer.key,
-            params_from_config(cfg),
-            self.d.rng,
-            now,
-            wall=time.time(),
-            announce=cfg.local,
-        )
+        conn = self._initiator(now)
         session = self.d.add_pending(carrier, conn, now)
         session.peer = self.d.peer
         if self.d.active is None:
@@ -156,6 +148,20 @@ class Dialer:
             self.d.status_dirty = True
         log.info("connected to %s, handshaking", carrier.peer)
         self.d.run_protocol(session, now, lambda: conn.start(now))
+
+    def _initiator(self, now: float, index: int = 0) -> Connection:
+        """The protocol session of a carrier this end opened (it speaks first)."""
+        cfg = self.d.config
+        return Connection(
+            "initiator",
+            self.d.peer.key,
+            params_from_config(cfg),
+            self.d.rng,
+            now,
+            wall=time.time(),
+            announce=cfg.local,
+            index=index,
+        )
 
     def connect_udp(self, now: float) -> None:
         """UDP client: a fresh socket (unconnected, so the kernel picks the source address per
@@ -170,16 +176,7 @@ class Dialer:
             self.schedule_retry(now, f"cannot open a UDP socket: {exc.strerror or exc}")
             return
         carrier = UdpLink(endpoint, (cfg.server_host, cfg.server_port), owned=True)
-        conn = Connection(
-            "initiator",
-            self.d.peer.key,
-            params_from_config(cfg),
-            self.d.rng,
-            now,
-            wall=time.time(),
-            announce=cfg.local,
-            index=new_index(()),
-        )
+        conn = self._initiator(now, index=new_index(()))
         session = Session(carrier, conn, now)
         self.d.pending.append(session)
         self.d.sel.register(

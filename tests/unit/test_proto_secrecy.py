@@ -60,7 +60,7 @@ def reachable(root: object) -> Iterator[object]:
             continue
         seen.add(id(obj))
         yield obj
-        if isinstance(obj, type | types.ModuleType):
+        if isinstance(obj, (type, types.ModuleType)):
             continue
         if isinstance(obj, types.FunctionType):
             for cell in obj.__closure__ or ():

@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 ``vpnctl lab up --systemd`` (:mod:`vpnctl.lab`) turns every lab host into a container:
 
-* **One rootfs per machine, built once.** :func:`ensure_rootfs` runs ``debootstrap
-  --variant=minbase`` (Debian bookworm with systemd, dbus, openssh-server, iproute2, python3:
-  about a minute and 300 MB) into :func:`rootfs_cache` -- ``$VPNCTL_ROOTFS_CACHE`` or
+* **One rootfs per machine and release, built once.** :func:`ensure_rootfs` runs ``debootstrap
+  --variant=minbase`` (Debian bookworm by default, or bullseye/trixie for ``lab up --release``,
+  with systemd, dbus, openssh-server, iproute2, python3: about a minute and 250-300 MB each)
+  into :func:`rootfs_cache` -- ``$VPNCTL_ROOTFS_CACHE`` or
   ``/var/cache/vpnctl/rootfs`` -- under an exclusive ``flock``, so two labs started at once build
   it once. The directory name carries a hash of the recipe (suite, packages, the tweaks below):
   a changed recipe builds afresh. It is only marked complete after it was built whole.

@@ -9,8 +9,10 @@ itself needs 3.11: checked here twice.
 * For real, under a Python 3.9: deploy's own wheelhouse for that interpreter's target (cp39
   wheels fetched for it, no cp311-only wheel) is unpacked into a fresh ``venv --without-pip`` by
   the no-pip installer ``tools/wheel_install.py`` exactly as on a host; then every runtime module
-  is imported, a protocol session runs (tests/helpers/runtime_smoke.py) and ``vpnd --check``
-  reads the example configs. The interpreter is ``$VPNCTL_PYTHON39``, a ``python3.9`` on PATH
+  is imported, a protocol session runs (tests/helpers/runtime_smoke.py), ``vpnd --check``
+  reads the example configs, and the runtime's own unit tests (the tests/unit files that import
+  nothing of vpnctl: :func:`runtime_unit_tests`) pass with pytest and hypothesis fetched for that
+  interpreter the same way. The interpreter is ``$VPNCTL_PYTHON39``, a ``python3.9`` on PATH
   or under ~/.pyenv, or else Debian bullseye's own ``/usr/bin/python3`` in the lab's cached
   bullseye rootfs (vpnctl/nspawn.py; built once per machine), run by ``chroot`` in a private
   mount namespace. ``VPNCTL_PYTHON39=bullseye`` picks the rootfs even when a local one exists.
@@ -36,7 +38,13 @@ import pytest
 import vpnd_runtime
 from tests.conftest import require
 from vpnctl import nspawn
-from vpnctl.deploy.runtime import TARGET_PY, Target, build_runtime, parse_target
+from vpnctl.deploy.runtime import (
+    TARGET_PY,
+    Target,
+    build_runtime,
+    download_wheels,
+    parse_target,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME = Path(vpnd_runtime.__file__).parent
@@ -165,8 +173,8 @@ def _local_python39() -> str | None:
 
 def _bullseye_runner() -> Callable[[Path, str], subprocess.CompletedProcess[str]]:
     """A runner of shell scripts under bullseye's python3, with `scratch` seen as ``/mnt``:
-    chroot into the cached rootfs in a private mount namespace (the bind mount ends with it;
-    nothing is written into the cached tree)."""
+    chroot into the cached rootfs in a private mount namespace, with this machine's /dev and a
+    /proc (the mounts end with it; nothing is written into the cached tree)."""
     require(os.geteuid() == 0, "needs root for the bullseye rootfs (no local python3.9)")
     for tool in ("unshare", "chroot", "mount"):
         require(shutil.which(tool) is not None, f"needs {tool} (util-linux, coreutils)")
@@ -175,7 +183,8 @@ def _bullseye_runner() -> Callable[[Path, str], subprocess.CompletedProcess[str]
     rootfs = nspawn.ensure_rootfs(print, "bullseye")
 
     def run(scratch: Path, script: str) -> subprocess.CompletedProcess[str]:
-        inner = 'mount --bind "$1" "$2/mnt" && exec chroot "$2" /bin/sh -c "$3"'
+        inner = ('mount --bind "$1" "$2/mnt" && mount --rbind /dev "$2/dev" && '
+                 'mount -t proc proc "$2/proc" && exec chroot "$2" /bin/sh -c "$3"')  # fmt: skip
         argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", inner, "sh",
                 str(scratch), str(rootfs), script]  # fmt: skip
         return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
@@ -198,6 +207,27 @@ def _local_runner(python: str) -> Callable[[Path, str], subprocess.CompletedProc
                               timeout=300, check=False)  # fmt: skip
 
     return run
+
+
+# What the runtime's unit tests need on the 3.9 interpreter (fetched for it, as its wheelhouse).
+TEST_TOOLS = ("pytest", "pytest-timeout", "hypothesis")
+NOT_RUNTIME = ("vpnctl", "tests.helpers", "bench", "fuzz")
+
+
+def runtime_unit_tests() -> list[str]:
+    """tests/unit files that test only the runtime (they import nothing of vpnctl, the test
+    helpers, bench or fuzz): what must pass under Python 3.9, as paths from the repository."""
+    found = []
+    for path in sorted((REPO / "tests/unit").glob("test_*.py")):
+        modules = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module)
+        if not any(m == n or m.startswith(f"{n}.") for m in modules for n in NOT_RUNTIME):
+            found.append(str(path.relative_to(REPO)))
+    return found
 
 
 def _pypi_reachable() -> bool:
@@ -245,3 +275,31 @@ def test_deploys_runtime_for_python_3_9_installs_without_pip_and_runs(tmp_path: 
     assert "runtime-smoke ok 3.9." in proc.stdout, proc.stdout
     for name in EXAMPLES:
         assert f"{name}: OK (mode" in proc.stdout, proc.stdout
+
+    # the runtime's own unit tests, with pytest and hypothesis for 3.9 in the same venv
+    testwh = scratch / "testwh"
+    testwh.mkdir()
+    for wheel in runtime.wheels:  # installed already: the closure needs them, not again
+        shutil.copy(wheel, testwh)
+    error = download_wheels(testwh, [*TEST_TOOLS], target, closure=True)
+    assert error is None, error
+    for wheel in runtime.wheels:
+        (testwh / wheel.name).unlink()
+    files = runtime_unit_tests()
+    assert len(files) >= 15, files
+    repo = scratch / "repo"
+    for rel in ["pyproject.toml", "tests/__init__.py", "tests/conftest.py", *files]:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, repo / rel)
+    shutil.copytree(REPO / "examples", repo / "examples")  # test_config reads them
+    script = (
+        'M=${M:-/mnt}; set -e; export TMPDIR="$M"/tmp\n'
+        '"$M"/venv/bin/python "$M"/wh/tools/wheel_install.py "$M"/venv "$M"/testwh/*.whl\n'
+        'cd "$M"/repo && "$M"/venv/bin/python -B -m pytest -q -p no:cacheprovider --durations=8 '
+        + " ".join(files)
+        + "\n"
+    )
+    proc = run(scratch, script)
+    summary = proc.stdout.strip().splitlines()[-1:] or [proc.stderr]
+    assert proc.returncode == 0, f"under 3.9: {summary}\n{proc.stdout[-3000:]}\n{proc.stderr}"
+    assert " passed" in summary[0] and "failed" not in summary[0], proc.stdout[-3000:]

@@ -389,6 +389,35 @@ def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1].strip() if lines else f"pip exited {proc.returncode}"
 
 
+def download_wheels(
+    dest: Path, wanted: list[str], target: Target, *, closure: bool = False
+) -> str | None:
+    """``pip download`` binary wheels of `wanted` (no dependencies) for `target` into `dest`;
+    an error text naming the target, or None. With `closure`, what the downloaded wheels
+    require on `target` (their ``Requires-Dist``, markers evaluated for the target, which pip
+    would evaluate for this interpreter instead) is downloaded too, until nothing is missing:
+    a dependency pip picked for an older Python may require what nothing here does."""
+    platform_args = [arg for tag in target.platform_tags() for arg in ("--platform", tag)]
+    for _round in range(10):
+        proc = _pip(["download", "--quiet", "--only-binary=:all:", "--no-deps",
+                     "--implementation", "cp", "--python-version", target.full_version,
+                     *platform_args, "--dest", str(dest), *wanted])  # fmt: skip
+        if proc.returncode != 0:
+            return (f"no binary wheel set for target {target.key} (CPython "
+                    f"{target.full_version}, {target.machine}, manylinux up to glibc "
+                    f"{target.glibc[0]}.{target.glibc[1]}) among "  # type: ignore[index]
+                    f"{' '.join(wanted)}: {_last_line(proc)}")  # fmt: skip
+        if not closure:
+            return None
+        have = {_wheel_name(w) for w in dest.glob("*.whl")}
+        wanted = sorted({f"{req.name}{req.specifier}" for w in dest.glob("*.whl")
+                         for req in wheel_requirements(w, target)
+                         if _normal(req.name) not in have})  # fmt: skip
+        if not wanted:
+            return None
+    return f"target {target.key}: the dependencies do not close after 10 rounds"
+
+
 def build_runtime(
     cache: Path,
     echo: Echo | None = None,
@@ -422,41 +451,18 @@ def build_runtime(
 
         _fill_cache(deps, [*pins, pip_pin], fetch_local)
     else:
-        tags = target.platform_tags()
+        target.platform_tags()  # refuses a target no manylinux wheel can fit, first
         pins = dependency_closure(target)
         if not _python_admits(metadata.metadata("pip").get("Requires-Python"), target):
             pip_pin = "pip"  # the newest pip for the host's older Python
         deps = target_cache(deps, target, [*pins, pip_pin])
-        platform_args = [arg for tag in tags for arg in ("--platform", tag)]
-
-        def download(dest: Path, wanted: list[str]) -> str | None:
-            proc = _pip(["download", "--quiet", "--only-binary=:all:", "--no-deps",
-                         "--implementation", "cp", "--python-version", target.full_version,
-                         *platform_args, "--dest", str(dest), *wanted])  # fmt: skip
-            if proc.returncode == 0:
-                return None
-            return (f"no binary wheel set for target {target.key} (CPython "
-                    f"{target.full_version}, {target.machine}, manylinux up to glibc "
-                    f"{target.glibc[0]}.{target.glibc[1]}) among "  # type: ignore[index]
-                    f"{' '.join(wanted)}: {_last_line(proc)}")  # fmt: skip
 
         def fetch_foreign(tmp: Path) -> str | None:
             if echo:
                 echo(f"runtime: fetching {target.key} wheels for {' '.join(pins)}")
-            error = download(tmp / "tools", [pip_pin]) or download(tmp, pins)
-            # A dependency pip picked for this Python (not pinned: the version here has
-            # dropped it) may require what nothing here does: close over the wheels' metadata.
-            for _round in range(10):
-                if error is not None:
-                    return error
-                have = {_wheel_name(w) for w in tmp.glob("*.whl")}
-                missing = sorted({f"{req.name}{req.specifier}" for w in tmp.glob("*.whl")
-                                  for req in wheel_requirements(w, target)
-                                  if _normal(req.name) not in have})  # fmt: skip
-                if not missing:
-                    return None
-                error = download(tmp, missing)
-            return f"target {target.key}: the dependencies of {' '.join(pins)} do not close"
+            return download_wheels(tmp / "tools", [pip_pin], target) or download_wheels(
+                tmp, pins, target, closure=True
+            )
 
         _fill_cache(deps, [*pins, pip_pin], fetch_foreign)
     wheels = [*sorted(deps.glob("*.whl")), _runtime_wheel(cache)]

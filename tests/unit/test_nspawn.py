@@ -106,3 +106,13 @@ def test_lab_releases_are_one_for_every_host_or_one_per_host_server_first() -> N
         parse_releases("bullseye,bookworm", 3)
     with pytest.raises(LabError, match=r"'jessie' is not one of bullseye, bookworm, trixie"):
         parse_releases("jessie", 2)
+
+
+def test_a_release_without_systemd_hosts_is_refused_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    from vpnctl.lab import LabError, lab_up
+
+    with pytest.raises(LabError, match=r"--release picks the Debian release of systemd hosts"):
+        lab_up(tmp_path / "lab", clients=1, release="bullseye")
+    assert not (tmp_path / "lab").exists()

@@ -169,7 +169,7 @@ def fingerprint(key: bytes) -> str:
     The first 8 bytes of BLAKE2s(key, person=b"vpndfp"), as four groups of four hex digits.
     Both ends of a link show the same fingerprint when they hold the same key.
     """
-    if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
         raise ValueError(f"a key is {KEY_BYTES} bytes")
     digest = blake2s(bytes(key), person=b"vpndfp").hexdigest()[:16]
     return ":".join(digest[i : i + 4] for i in range(0, 16, 4))

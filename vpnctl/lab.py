@@ -43,6 +43,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -272,6 +273,42 @@ def _sshd_config(host: LabHost, hostdir: Path, directory: Path) -> str:
             "",
         ]
     )
+
+
+# What a fresh Debian root account has in its home (base-files); empty files elsewhere.
+_DEFAULT_DOTFILES = {".bashrc": "/usr/share/base-files/dot.bashrc",
+                     ".profile": "/usr/share/base-files/dot.profile"}  # fmt: skip
+
+
+def _private_home(hostdir: Path) -> Path:
+    """The login home of a namespaced lab host: ``<hostdir>/home``, holding only the dotfiles a
+    freshly installed root account has.
+
+    Namespaced hosts share this machine's filesystem, so their root logins would otherwise
+    run this machine's ``/root/.bashrc`` -- on a developer box a version manager's init
+    (``pyenv init`` costs ~0.1 CPU-s per ssh command, and puts its shims first on PATH), which
+    no real fleet host runs. Every host's sshd gets this directory over root's home instead
+    (:func:`_sshd_argv`)."""
+    home = hostdir / "home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    for name, source in _DEFAULT_DOTFILES.items():
+        try:
+            text = Path(source).read_text()
+        except OSError:
+            text = ""
+        (home / name).write_text(text)
+    return home
+
+
+def _sshd_argv(namespace: str, sshd: str, hostdir: Path) -> list[str]:
+    """Start a namespaced host's sshd with root's home replaced by :func:`_private_home`.
+
+    ``ip netns exec`` runs its command in a mount namespace of its own (slave to this one), so
+    the bind mount is seen by that sshd and its sessions only -- never by this machine."""
+    home = _private_home(hostdir)
+    root_home = pwd.getpwuid(0).pw_dir or "/root"
+    return _ns(namespace, "sh", "-c", 'mount --bind "$1" "$2" && exec "$3" -f "$4"', "sh",
+               str(home), root_home, sshd, str(hostdir / "sshd_config"))  # fmt: skip
 
 
 def _control_dir(directory: Path, tag: str) -> Path:
@@ -567,7 +604,7 @@ def _build(
         (hostdir / "sshd_config").write_text(_sshd_config(host, hostdir, directory))
         state.sshd_pidfiles.append(str(hostdir / "sshd.pid"))
         state.save()
-        _run(_ns(ns, sshd, "-f", str(hostdir / "sshd_config")))
+        _run(_sshd_argv(ns, sshd, hostdir))
 
     if state.wan_spec:
         _start_wan(state, directory, wan_ns)

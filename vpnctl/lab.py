@@ -311,12 +311,14 @@ def _sshd_argv(namespace: str, sshd: str, hostdir: Path) -> list[str]:
                str(home), root_home, sshd, str(hostdir / "sshd_config"))  # fmt: skip
 
 
-def _control_dir(directory: Path, tag: str) -> Path:
+def _control_dir(directory: Path, tag: str, longest_address: int = 15) -> Path:
     """Where ssh multiplexing sockets live: the lab dir, or a short dir when its path is too long.
 
-    A unix socket path is limited to 108 bytes; ssh appends the host alias to the directory.
+    A unix socket path is limited to 108 bytes; ssh appends ``/cm-<user>@<address>`` and, while
+    it sets a master up, a 17-byte suffix (``<user>`` is ``root`` for lab logins; room is kept
+    for a tagged test account).
     """
-    if len(str(directory)) <= 80:
+    if len(str(directory)) + len("/cm-") + 16 + 1 + longest_address + 17 < 108:
         return directory
     return Path(tempfile.mkdtemp(prefix=f"{tag}-cm-"))
 
@@ -338,7 +340,7 @@ def _ssh_config(hosts: list[LabHost], directory: Path, control_dir: Path) -> str
             "    ServerAliveInterval 5",
             "    ServerAliveCountMax 2",
             "    ControlMaster auto",
-            f"    ControlPath {control_dir}/cm-%h",
+            f"    ControlPath {control_dir}/cm-%r@%h",  # one master per user and host
             "    ControlPersist 60",
             "",
         ]
@@ -352,7 +354,7 @@ def lab_ssh_options(directory: Path, control_dir: Path) -> list[str]:
         f"UserKnownHostsFile={directory / 'known_hosts'}",
         "StrictHostKeyChecking=yes",
         "ControlMaster=auto",
-        f"ControlPath={control_dir}/cm-%h",
+        f"ControlPath={control_dir}/cm-%r@%h",
         "ControlPersist=60",
         "ServerAliveInterval=5",
         "ServerAliveCountMax=2",
@@ -609,7 +611,7 @@ def _build(
     if state.wan_spec:
         _start_wan(state, directory, wan_ns)
     (directory / "known_hosts").write_text("\n".join(known_hosts) + "\n")
-    control_dir = _control_dir(directory, tag)
+    control_dir = _control_dir(directory, tag, max(len(h.ssh_ip) for h in hosts))
     state.control_dir = str(control_dir)
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))

@@ -822,7 +822,9 @@ def lab_down(directory: str | Path) -> list[str]:
     _ip_batch([f"netns del {ns}" for ns in gone_ns] + [f"link del {ln}" for ln in gone_links])
     removed += [f"namespace {ns}" for ns in gone_ns] + [f"link {ln}" for ln in gone_links]
     # 4. files
-    if state.created_run_sshd:
+    if state.created_run_sshd and not _sshd_running():
+        # sshd's privilege separation directory is shared by every sshd on the machine: another
+        # lab's (or the system's) sshd would reset every new connection without it
         with contextlib.suppress(OSError):
             Path("/run/sshd").rmdir()
     if state.control_dir and state.control_dir != str(directory):
@@ -841,6 +843,16 @@ def lab_down(directory: str | Path) -> list[str]:
                 child.unlink(missing_ok=True)
         removed.append(f"contents of {directory}")
     return removed
+
+
+def _sshd_running() -> bool:
+    """True while any sshd runs on this machine (in any namespace): it needs ``/run/sshd``."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "sshd":
+                    return True
+    return False
 
 
 def _stop_containers(state: LabState) -> list[str]:

@@ -13,7 +13,9 @@ Theory of operation
 
 * Every host namespace runs its own ``sshd`` (own ed25519 host key, the lab operator key
   authorised, pidfile in ``D/hosts/<host>/``) on the management link, so ``vpnctl deploy`` reaches
-  it through the system OpenSSH client exactly as it would reach a real machine.
+  it through the system OpenSSH client exactly as it would reach a real machine. Its logins get
+  a fresh root home (``D/hosts/<host>/home`` bound over ``/root`` in that sshd's own mount
+  namespace), not this machine's dotfiles: a real host does not run a developer's shell init.
 * Every host gets its own deploy prefix ``D/hosts/<host>/root``: configs, keys, the runtime venv,
   pidfiles and status records of one host never collide with another's on the shared filesystem.
   The hosts do not run systemd, so deploy uses the runtime's daemon mode and pidfile.

@@ -13,7 +13,9 @@ Theory of operation
 
 * Every host namespace runs its own ``sshd`` (own ed25519 host key, the lab operator key
   authorised, pidfile in ``D/hosts/<host>/``) on the management link, so ``vpnctl deploy`` reaches
-  it through the system OpenSSH client exactly as it would reach a real machine.
+  it through the system OpenSSH client exactly as it would reach a real machine. Its logins get
+  a fresh root home (``D/hosts/<host>/home`` bound over ``/root`` in that sshd's own mount
+  namespace), not this machine's dotfiles: a real host does not run a developer's shell init.
 * Every host gets its own deploy prefix ``D/hosts/<host>/root``: configs, keys, the runtime venv,
   pidfiles and status records of one host never collide with another's on the shared filesystem.
   The hosts do not run systemd, so deploy uses the runtime's daemon mode and pidfile.
@@ -43,6 +45,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -95,6 +98,7 @@ class LabHost:
     wan_ip6: str = ""
     rootfs: str = ""  # systemd hosts: the container's root as seen from here (its overlay)
     machine: str = ""  # systemd hosts: the container's machine name (= its namespace)
+    release: str = ""  # systemd hosts: the Debian release it boots (``lab up --release``)
 
     @property
     def ssh_ip(self) -> str:
@@ -215,6 +219,22 @@ def parse_stacks(stack: str, hosts: int) -> list[str]:
     return words
 
 
+def parse_releases(release: str, hosts: int) -> list[str]:
+    """``bullseye`` (every host) or ``bullseye,bookworm`` (server, client1, ...) -> one
+    Debian release per systemd host (see :data:`vpnctl.nspawn.SUITES`)."""
+    words = [w.strip() for w in release.split(",")]
+    bad = [w for w in words if w not in nspawn.SUITES]
+    if bad:
+        raise LabError(f"--release {release}: {bad[0]!r} is not one of {', '.join(nspawn.SUITES)}")
+    if len(words) == 1:
+        return words * hosts
+    if len(words) != hosts:
+        raise LabError(
+            f"--release {release}: give one release, or one per host ({hosts}: server first)"
+        )
+    return words
+
+
 def _host_plan(
     tag: str,
     directory: Path,
@@ -274,12 +294,50 @@ def _sshd_config(host: LabHost, hostdir: Path, directory: Path) -> str:
     )
 
 
-def _control_dir(directory: Path, tag: str) -> Path:
+# What a fresh Debian root account has in its home (base-files); empty files elsewhere.
+_DEFAULT_DOTFILES = {".bashrc": "/usr/share/base-files/dot.bashrc",
+                     ".profile": "/usr/share/base-files/dot.profile"}  # fmt: skip
+
+
+def _private_home(hostdir: Path) -> Path:
+    """The login home of a namespaced lab host: ``<hostdir>/home``, holding only the dotfiles a
+    freshly installed root account has.
+
+    Namespaced hosts share this machine's filesystem, so their root logins would otherwise
+    run this machine's ``/root/.bashrc`` -- on a developer box a version manager's init
+    (``pyenv init`` costs ~0.1 CPU-s per ssh command, and puts its shims first on PATH), which
+    no real fleet host runs. Every host's sshd gets this directory over root's home instead
+    (:func:`_sshd_argv`)."""
+    home = hostdir / "home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    for name, source in _DEFAULT_DOTFILES.items():
+        try:
+            text = Path(source).read_text()
+        except OSError:
+            text = ""
+        (home / name).write_text(text)
+    return home
+
+
+def _sshd_argv(namespace: str, sshd: str, hostdir: Path) -> list[str]:
+    """Start a namespaced host's sshd with root's home replaced by :func:`_private_home`.
+
+    ``ip netns exec`` runs its command in a mount namespace of its own (slave to this one), so
+    the bind mount is seen by that sshd and its sessions only -- never by this machine."""
+    home = _private_home(hostdir)
+    root_home = pwd.getpwuid(0).pw_dir or "/root"
+    return _ns(namespace, "sh", "-c", 'mount --bind "$1" "$2" && exec "$3" -f "$4"', "sh",
+               str(home), root_home, sshd, str(hostdir / "sshd_config"))  # fmt: skip
+
+
+def _control_dir(directory: Path, tag: str, longest_address: int = 15) -> Path:
     """Where ssh multiplexing sockets live: the lab dir, or a short dir when its path is too long.
 
-    A unix socket path is limited to 108 bytes; ssh appends the host alias to the directory.
+    A unix socket path is limited to 108 bytes; ssh appends ``/cm-<user>@<address>`` and, while
+    it sets a master up, a 17-byte suffix (``<user>`` is ``root`` for lab logins; room is kept
+    for a tagged test account).
     """
-    if len(str(directory)) <= 80:
+    if len(str(directory)) + len("/cm-") + 16 + 1 + longest_address + 17 < 108:
         return directory
     return Path(tempfile.mkdtemp(prefix=f"{tag}-cm-"))
 
@@ -301,7 +359,7 @@ def _ssh_config(hosts: list[LabHost], directory: Path, control_dir: Path) -> str
             "    ServerAliveInterval 5",
             "    ServerAliveCountMax 2",
             "    ControlMaster auto",
-            f"    ControlPath {control_dir}/cm-%h",
+            f"    ControlPath {control_dir}/cm-%r@%h",  # one master per user and host
             "    ControlPersist 60",
             "",
         ]
@@ -315,7 +373,7 @@ def lab_ssh_options(directory: Path, control_dir: Path) -> list[str]:
         f"UserKnownHostsFile={directory / 'known_hosts'}",
         "StrictHostKeyChecking=yes",
         "ControlMaster=auto",
-        f"ControlPath={control_dir}/cm-%h",
+        f"ControlPath={control_dir}/cm-%r@%h",
         "ControlPersist=60",
         "ServerAliveInterval=5",
         "ServerAliveCountMax=2",
@@ -400,11 +458,14 @@ def lab_up(
     stack: str = "ipv4",
     systemd: bool = False,
     say: Callable[[str], None] | None = None,
+    release: str | None = None,
 ) -> LabState:
     """Build a lab of one server and `clients` clients; return its recorded state. Its
     inventory joins them by one link per client, or with ``hub`` by one hub for all clients.
     With ``systemd`` every host is a booted systemd container (the rootfs is built first if
-    this machine has none cached: ``say`` hears about that minute).
+    this machine has none cached: ``say`` hears about that minute). `release` picks the Debian
+    release the containers boot (default bookworm): one for every host, or one per host, server
+    first (``bullseye,bookworm``); each release has its own cached rootfs.
 
     `stack` is ``ipv4``, ``dual`` or ``ipv6`` for every host, or one per host, server first
     (``dual,ipv6,ipv4``).
@@ -416,6 +477,9 @@ def lab_up(
     if not 1 <= clients <= MAX_CLIENTS:
         raise LabError(f"--clients {clients}: must be between 1 and {MAX_CLIENTS}")
     stacks = parse_stacks(stack, clients + 1)
+    if release and not systemd:
+        raise LabError("--release picks the Debian release of systemd hosts: add --systemd")
+    releases = parse_releases(release or nspawn.SUITE, clients + 1)
     if wan:
         try:
             parse_spec(wan)
@@ -437,14 +501,17 @@ def lab_up(
     if directory.exists() and any(directory.iterdir()):
         raise LabError(f"{directory}: exists and is not empty; give the lab a fresh directory")
     rootfs = None
+    rootfs_by_release: dict[str, Path] = {}
     if systemd:
         missing = nspawn.tools_missing()
         if missing:
             raise LabError(f"--systemd needs {', '.join(missing)}")
         try:
-            rootfs = nspawn.ensure_rootfs(say)
+            for suite in dict.fromkeys(releases):  # each distinct release once, in host order
+                rootfs_by_release[suite] = nspawn.ensure_rootfs(say, suite)
         except (nspawn.NspawnError, OSError) as exc:
             raise LabError(f"--systemd: rootfs: {exc}") from exc
+        rootfs = rootfs_by_release[releases[0]]
     existing = set(_run(["ip", "netns", "list"]).split())
     if any(name.startswith(f"{tag}-") for name in existing):
         raise LabError(f"namespaces tagged {tag}- already exist: another lab runs under this tag")
@@ -460,7 +527,8 @@ def lab_up(
     state.systemd = systemd
     state.save()
     try:
-        _build(state, directory, mgmt, clients, hub=hub, rootfs=rootfs, stacks=stacks)
+        _build(state, directory, mgmt, clients, hub=hub, rootfs=rootfs, stacks=stacks,
+               releases=releases, rootfs_by_release=rootfs_by_release)  # fmt: skip
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(directory)
@@ -477,6 +545,8 @@ def _build(
     hub: bool,
     rootfs: Path | None = None,
     stacks: list[str] | None = None,
+    releases: list[str] | None = None,
+    rootfs_by_release: dict[str, Path] | None = None,
 ) -> None:
     tag = state.tag
     hosts = _host_plan(tag, directory, mgmt, clients, stacks)
@@ -487,6 +557,7 @@ def _build(
             host.prefix = "/"  # deploy's paths are the container's own
             host.rootfs = str(directory / "hosts" / host.name / "rootfs")
             host.machine = host.namespace
+            host.release = releases[hosts.index(host)] if releases else nspawn.SUITE
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
 
     if not Path("/run/sshd").exists():
@@ -562,17 +633,18 @@ def _build(
         names = ",".join(a for a in (host.mgmt_ip, host.mgmt_ip6) if a)
         known_hosts.append(f"{names} {pub[0]} {pub[1]}")
         if rootfs is not None:
-            _boot_container(state, host, rootfs, hostdir, directory)
+            own = (rootfs_by_release or {}).get(host.release, rootfs)
+            _boot_container(state, host, own, hostdir, directory)
             continue
         (hostdir / "sshd_config").write_text(_sshd_config(host, hostdir, directory))
         state.sshd_pidfiles.append(str(hostdir / "sshd.pid"))
         state.save()
-        _run(_ns(ns, sshd, "-f", str(hostdir / "sshd_config")))
+        _run(_sshd_argv(ns, sshd, hostdir))
 
     if state.wan_spec:
         _start_wan(state, directory, wan_ns)
     (directory / "known_hosts").write_text("\n".join(known_hosts) + "\n")
-    control_dir = _control_dir(directory, tag)
+    control_dir = _control_dir(directory, tag, max(len(h.ssh_ip) for h in hosts))
     state.control_dir = str(control_dir)
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
@@ -783,7 +855,9 @@ def lab_down(directory: str | Path) -> list[str]:
     _ip_batch([f"netns del {ns}" for ns in gone_ns] + [f"link del {ln}" for ln in gone_links])
     removed += [f"namespace {ns}" for ns in gone_ns] + [f"link {ln}" for ln in gone_links]
     # 4. files
-    if state.created_run_sshd:
+    if state.created_run_sshd and not _sshd_running():
+        # sshd's privilege separation directory is shared by every sshd on the machine: another
+        # lab's (or the system's) sshd would reset every new connection without it
         with contextlib.suppress(OSError):
             Path("/run/sshd").rmdir()
     if state.control_dir and state.control_dir != str(directory):
@@ -802,6 +876,16 @@ def lab_down(directory: str | Path) -> list[str]:
                 child.unlink(missing_ok=True)
         removed.append(f"contents of {directory}")
     return removed
+
+
+def _sshd_running() -> bool:
+    """True while any sshd runs on this machine (in any namespace): it needs ``/run/sshd``."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "sshd":
+                    return True
+    return False
 
 
 def _stop_containers(state: LabState) -> list[str]:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from ..compat import SLOTS
 from .errors import LocalProtocolError, RemoteProtocolError
 from .kdf import hash_, hkdf
 from .session import ChaCha20Poly1305
@@ -152,7 +153,7 @@ class _SymmetricState:
         return k1, k2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class SessionKeys:
     """Result of a completed handshake.
 
@@ -166,7 +167,7 @@ class SessionKeys:
     handshake_hash: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class InitPayload:
     """What the initiator states in message 1."""
 

@@ -493,8 +493,8 @@ class Daemon:
                 return
             batch.append(packet)
             total += len(packet)
-            if total >= TUN_BATCH_BYTES:
-                break
+            if total >= TUN_BATCH_BYTES or (len(batch) == 1 and not tun.readable()):
+                break  # (a lone packet: no failing read, see Tun.readable)
         if not batch:
             return
         hdr = tun.hdr_len

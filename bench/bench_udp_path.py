@@ -11,9 +11,9 @@ default `mtu 1400`) goes through the same steps as in the daemon:
 * receive: the datagrams (index stripped, as `_on_udp_server` does) -> `receive_datagrams` ->
   `gso.coalesce`.
 
-It prints microseconds per segment for each step and the total (median of `rounds`), and checks
-that what comes out of coalesce is the super-packet that went in. Figures move with the load of
-the machine (printed); compare runs made one after the other.
+It prints microseconds per segment for each step and the total (20th percentile of `rounds`),
+and checks that what comes out of coalesce is the super-packet that went in. Figures move with
+the load of the machine (printed); compare runs made one after the other.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import cProfile
 import os
 import pstats
 import socket
-import statistics
 import struct
 import sys
 import time
@@ -66,8 +65,10 @@ def established(cipher: str) -> tuple[Connection, Connection]:
     return i, r
 
 
-def _median_us(samples: list[int], n: int) -> float:
-    return statistics.median(samples) / n / 1000
+def _low_us(samples: list[int], n: int) -> float:
+    """The 20th percentile in µs per segment: on a shared machine the low end of the
+    distribution is the code's cost, the rest is other jobs taking the CPU."""
+    return sorted(samples)[len(samples) // 5] / n / 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             col.append(v)
         for col, v in zip(recvs, r, strict=True):
             col.append(v)
-    tot_s = statistics.median(map(sum, zip(*sends, strict=True))) / n / 1000
-    tot_r = statistics.median(map(sum, zip(*recvs, strict=True))) / n / 1000
+    tot_s = _low_us(list(map(sum, zip(*sends, strict=True))), n)
+    tot_r = _low_us(list(map(sum, zip(*recvs, strict=True))), n)
 
     def row(name: str, col: list[int]) -> str:
-        return f"  {name:<34} {_median_us(col, n):6.2f}"
+        return f"  {name:<34} {_low_us(col, n):6.2f}"
 
     print(f"{args.cipher}, {n} segments of {MSS} B per 64 KiB super-packet, load {_load()}")
     print("send (µs per segment)")

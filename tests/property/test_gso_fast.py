@@ -14,7 +14,7 @@ from vpnd_runtime.io import gso
 
 
 def super_packet(
-    version: int, size: int, mss: int, opts: bytes, flags: int, seq: int, ident: int, port: int
+    *, version: int, size: int, mss: int, opts: bytes, flags: int, seq: int, ident: int, port: int
 ) -> bytes:
     """A TSO super-packet as the TUN gives it (fields chosen by the test)."""
     payload = bytes((i * 13 + port) & 0xFF for i in range(size))
@@ -22,8 +22,9 @@ def super_packet(
     tcp = struct.pack("!HHIIBBHHH", port, 5201, seq, 987654321, (thl // 4) << 4, flags, 512,
                       0x1234, 0) + opts  # fmt: skip
     if version == 4:
+        src, dst = bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])
         ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + thl + size, ident, 0x4000, 64,
-                                   6, 0, bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])))  # fmt: skip
+                                   6, 0, src, dst))  # fmt: skip
         gso._ip4_csum(ip, 20)
         ihl, kind = 20, gso.GSO_TCPV4
     else:

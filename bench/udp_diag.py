@@ -7,7 +7,7 @@ Builds the bench's two namespaces and a vpnd link, runs a single-stream iperf3 (
 server) and prints, as deltas over the run: Mbit/s and the inner TCP's retransmits; each
 namespace's UDP counters (/proc/net/snmp: InErrors, RcvbufErrors, SndbufErrors); each daemon's
 status drops and datagram counters; each daemon's CPU seconds. With `--profile DIR` it samples
-both daemons with py-spy (flamegraph SVGs in DIR). Needs root, iproute2, iperf3.
+both daemons with py-spy (collapsed stacks, DIR/server.txt and client.txt). Needs root, iproute2, iperf3.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 for role, pid in zip(("server", "client"), pids, strict=True):
                     spies.append(subprocess.Popen(
                         ["py-spy", "record", "-p", str(pid), "-d", str(args.seconds), "-r", "200",
-                         "-o", str(args.profile / f"{role}.svg"), "--nonblocking"],
+                         "-o", str(args.profile / f"{role}.txt"), "--format", "raw", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
             tun = f"{pair.tag}t"
             before = [counters(pair.server, tun, pair.server_if),

@@ -7,7 +7,8 @@ Builds the bench's two namespaces and a vpnd link, runs a single-stream iperf3 (
 server) and prints, as deltas over the run: Mbit/s and the inner TCP's retransmits; each
 namespace's UDP counters (/proc/net/snmp: InErrors, RcvbufErrors, SndbufErrors); each daemon's
 status drops and datagram counters; each daemon's CPU seconds. With `--profile DIR` it samples
-both daemons with py-spy (collapsed stacks, DIR/server.txt and client.txt). Needs root, iproute2, iperf3.
+both daemons with py-spy (collapsed stacks, DIR/server.txt and client.txt); with `--wan SPEC`
+the link runs through the lab WAN emulator. Needs root, iproute2, iperf3.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.bench_tunnel import cpu_seconds
 from bench.bench_udp import SERVER_TUN, vpnd_link
-from tests.helpers.netns import Netns, namespace_pair, new_tag, poll_until
+from tests.helpers.netns import Netns, Pair, namespace_pair, new_tag, poll_until
 
 
 def snmp(ns: Netns) -> dict[str, int]:
@@ -70,12 +73,30 @@ def _delta(a: dict[str, int], b: dict[str, int], keys: list[str]) -> str:
     return ", ".join(f"{short(k)} {b.get(k, 0) - a.get(k, 0)}" for k in keys)
 
 
+@contextmanager
+def _underlay(spec: str | None) -> Iterator[Pair]:
+    """The bench's veth pair, or the two hosts of the lab WAN (tests/helpers/wan.py)."""
+    if not spec:
+        with namespace_pair(new_tag("vbd")) as pair:
+            yield pair
+        return
+    from tests.helpers.wan import wan_pair  # noqa: PLC0415 — the emulator only when asked
+
+    with wan_pair(spec, new_tag("vbd")) as wp:
+        pair = Pair(wp.tag, wp.b, wp.a, "wan0", "wan0")
+        yield pair
+        stats = wp.stats()
+        legs = {d: st for d, st in stats.items() if isinstance(st, dict)}
+        print(f"emulator: { {d: {k: v for k, v in st.items() if v} for d, st in legs.items()} }")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.udp_diag")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--cipher", default="chacha20-poly1305")
     ap.add_argument("--transport", default="udp", choices=("udp", "tcp"))
-    ap.add_argument("--profile", type=Path, help="py-spy flamegraphs of both daemons into DIR")
+    ap.add_argument("--profile", type=Path, help="py-spy stacks of both daemons into DIR")
+    ap.add_argument("--wan", help="through the lab WAN emulator with this spec (delay=10ms,...)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("skipped: needs root (network namespaces)")
@@ -84,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{args.transport}-{args.cipher}"
     with (
         tempfile.TemporaryDirectory(prefix="vb-diag-") as tmp,
-        namespace_pair(new_tag("vbd")) as pair,
+        _underlay(args.wan) as pair,
     ):
         work = Path(tmp)
         with vpnd_link(pair, work, args.cipher, args.transport) as pids:
@@ -97,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 for role, pid in zip(("server", "client"), pids, strict=True):
+                    out_file = str(args.profile / f"{role}.txt")
                     spies.append(subprocess.Popen(
                         ["py-spy", "record", "-p", str(pid), "-d", str(args.seconds), "-r", "200",
-                         "-o", str(args.profile / f"{role}.txt"), "--format", "raw", "--nonblocking"],
+                         "-o", out_file, "--format", "raw", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
             tun = f"{pair.tag}t"
             before = [counters(pair.server, tun, pair.server_if),

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cipher", default="chacha20-poly1305")
     ap.add_argument("--transport", default="udp", choices=("udp", "tcp"))
     ap.add_argument("--profile", type=Path, help="py-spy stacks of both daemons into DIR")
+    ap.add_argument("--txqueuelen", type=int, help="set both TUNs' txqueuelen first")
     ap.add_argument("--wan", help="through the lab WAN emulator with this spec (delay=10ms,...)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                          "-o", out_file, "--format", "raw", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
             tun = f"{pair.tag}t"
+            if args.txqueuelen is not None:
+                for ns in (pair.server, pair.client):
+                    ns.run("ip", "link", "set", tun, "txqueuelen", str(args.txqueuelen))
             before = [counters(pair.server, tun, pair.server_if),
                       counters(pair.client, tun, pair.client_if)]  # fmt: skip
             st0 = [status(work, r, name) for r in ("server", "client")]

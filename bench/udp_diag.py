@@ -39,6 +39,14 @@ def snmp(ns: Netns) -> dict[str, int]:
     return out
 
 
+def user_sys(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process `pid`, all threads."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
 def link_stats(ns: Netns, ifname: str, short: str) -> dict[str, int]:
     """rx/tx packets, errors and drops of `ifname` in `ns` (ip -s -j link)."""
     data = json.loads(ns.run("ip", "-s", "-j", "link", "show", ifname).stdout)[0]["stats64"]
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", default="udp", choices=("udp", "tcp"))
     ap.add_argument("--profile", type=Path, help="py-spy stacks of both daemons into DIR")
     ap.add_argument("--txqueuelen", type=int, help="set both TUNs' txqueuelen first")
+    ap.add_argument("--gso-max", type=int, help="set both TUNs' gso_max_size first")
     ap.add_argument("--wan", help="through the lab WAN emulator with this spec (delay=10ms,...)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -125,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                          "-o", out_file, "--format", "raw", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
             tun = f"{pair.tag}t"
+            if args.gso_max is not None:
+                for ns in (pair.server, pair.client):
+                    ns.run("ip", "link", "set", tun, "gso_max_size", str(args.gso_max))
             if args.txqueuelen is not None:
                 for ns in (pair.server, pair.client):
                     ns.run("ip", "link", "set", tun, "txqueuelen", str(args.txqueuelen))
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                       counters(pair.client, tun, pair.client_if)]  # fmt: skip
             st0 = [status(work, r, name) for r in ("server", "client")]
             cpu0 = [cpu_seconds(p) for p in pids]
+            us0 = [user_sys(p) for p in pids]
             try:
 
                 def attempt() -> dict | None:
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 srv.kill()
                 srv.wait()
             cpu1 = [cpu_seconds(p) for p in pids]
+            us1 = [user_sys(p) for p in pids]
             after = [counters(pair.server, tun, pair.server_if),
                      counters(pair.client, tun, pair.client_if)]  # fmt: skip
             poll_until(lambda: status(work, "server", name) != st0[0], 5, what="status rewrite")
@@ -159,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     retr = end["sum_sent"].get("retransmits")
     print(f"{name}: {mbps:,.0f} Mbit/s, retransmits {retr}, load {os.getloadavg()[0]:.1f}")
     for i, role in enumerate(("server", "client")):
-        print(f"{role}: cpu {cpu1[i] - cpu0[i]:.2f} s; {_delta(before[i], after[i], keys)}")
+        user, system = (us1[i][k] - us0[i][k] for k in (0, 1))
+        print(f"{role}: cpu {cpu1[i] - cpu0[i]:.2f} s (user {user:.2f}, system {system:.2f}); "
+              f"{_delta(before[i], after[i], keys)}")  # fmt: skip
         moved = [
             k for k in after[i] if any(w in k for w in ODD) and after[i][k] != before[i].get(k)
         ]

@@ -12,7 +12,11 @@ Single TCP stream (iperf3, client -> server) through each tunnel, every row in o
 2. **WAN**: the same two hosts through the lab's WAN emulator (tests/helpers/wan.py) with
    `delay` each way (default 10 ms: 20 ms RTT) and each loss rate (per packet, both directions):
    raw path, vpnd UDP, vpnd TCP (ChaCha20-Poly1305), wireguard-go; Mbit/s and the inner TCP's
-   retransmits, with the ratios the issue sets targets for (UDP/wireguard-go, UDP/TCP).
+   retransmits, with the ratios the issue sets targets for (UDP/wireguard-go, UDP/TCP). vpnd
+   TCP runs twice when the host's default congestion control is not CUBIC: with the default
+   (its carrier socket's, e.g. BBR, which ignores random loss) and with CUBIC set per carrier
+   socket (TCP_CONGESTION through a sitecustomize: the sysctl is refused in the namespaces
+   here), the default of most Linux hosts and so the realistic TCP-over-TCP case.
 
 The machine is shared with other jobs: absolute figures move with its load (printed before and
 after), ratios within one table are what count. Needs root, iproute2, iperf3, ping (and `wg` for
@@ -79,6 +83,49 @@ def vpnd_link(pair: Pair, work: Path, cipher: str, transport: str) -> Iterator[t
         yield s.pid, c.pid
 
 
+_SITECUSTOMIZE = """\
+# bench_udp: give every TCP socket of this Python process the congestion control named in
+# $VPND_BENCH_CARRIER_CC (per socket, TCP_CONGESTION: allowed to root in a namespace where the
+# net.ipv4.tcp_congestion_control sysctl is refused).
+import os as _os, socket as _socket
+_CC = _os.environ.get("VPND_BENCH_CARRIER_CC", "").encode()
+if _CC:
+    _init = _socket.socket.__init__
+    def _with_cc(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        if self.type == _socket.SOCK_STREAM and self.family in (_socket.AF_INET, _socket.AF_INET6):
+            try:
+                self.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_CONGESTION, _CC)
+            except OSError:
+                pass
+    _socket.socket.__init__ = _with_cc
+"""
+
+
+@contextmanager
+def carrier_cc(cc: str | None, work: Path) -> Iterator[None]:
+    """vpnd processes started inside use congestion control `cc` on their TCP carrier sockets
+    (a sitecustomize on PYTHONPATH sets TCP_CONGESTION per socket; the daemon is unchanged);
+    None: the host's default."""
+    if cc is None:
+        yield
+        return
+    site = work / "carrier-cc"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "VPND_BENCH_CARRIER_CC")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), saved["PYTHONPATH"]) if p)
+    os.environ["VPND_BENCH_CARRIER_CC"] = cc
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _load() -> str:
     return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
 
@@ -133,10 +180,18 @@ def wan_table(args: argparse.Namespace, work: Path) -> None:
 
     host = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     cc = args.cc or host
+    # vpnd's TCP carrier twice: with the host's default congestion control and, when that is
+    # not it, with CUBIC (the default of most Linux hosts; BBR ignores random loss and so hides
+    # what loss does to TCP over TCP).
+    carriers = [host] + (["cubic"] if host != "cubic" else [])
+    tcp_cols = [f"TCP/{c}" for c in carriers]
     print(f"\nWAN: delay {args.delay} each way, loss per packet both ways; inner TCP: {cc}; "
-          f"vpnd's TCP carrier: {host} (the host's default); iperf3 -t {args.seconds}")  # fmt: skip
-    print(f"{'loss':>5}  {'raw':>7} {'vpnd UDP':>9} {'vpnd TCP':>9} {'wg-go':>7}  "
-          f"{'UDP÷wg':>7} {'UDP÷TCP':>8}  retransmits raw/UDP/TCP/wg")  # fmt: skip
+          f"vpnd's TCP carrier: {' and '.join(carriers)} (host default: {host}); "
+          f"iperf3 -t {args.seconds}")  # fmt: skip
+    head = "".join(f" {c:>10}" for c in tcp_cols)
+    ratios = "".join(f" {'UDP÷' + c:>11}" for c in tcp_cols)
+    print(f"{'loss':>5}  {'raw':>7} {'vpnd UDP':>9}{head} {'wg-go':>7}  {'UDP÷wg':>7}{ratios}"
+          f"  retransmits raw/UDP/{'/'.join(tcp_cols)}/wg")  # fmt: skip
     for loss in args.losses:
         spec = f"delay={args.delay}" + (f",loss={loss}%" if loss else "") + ",seed=3"
         figures: dict[str, tuple[float, int] | None] = {}
@@ -147,9 +202,14 @@ def wan_table(args: argparse.Namespace, work: Path) -> None:
                 return iperf_retr(wp.a, wp.b, target, args.seconds, args.cc)
 
             figures["raw"] = run(wp.b_ip)
-            for transport in ("udp", "tcp"):
-                with vpnd_link(pair, work, "chacha20-poly1305", transport):
-                    figures[transport] = run(SERVER_TUN)
+            with vpnd_link(pair, work, "chacha20-poly1305", "udp"):
+                figures["udp"] = run(SERVER_TUN)
+            for carrier, col in zip(carriers, tcp_cols, strict=True):
+                with (
+                    carrier_cc(None if carrier == host else carrier, work),
+                    vpnd_link(pair, work, "chacha20-poly1305", "tcp"),
+                ):
+                    figures[col] = run(SERVER_TUN)
             _, mbps, note = _wg_row(pair, lambda p, pids: run(WG_TARGET))
             figures["wg"] = None if mbps is None else (mbps, int(note.split()[1].rstrip(",")))
 
@@ -161,11 +221,12 @@ def wan_table(args: argparse.Namespace, work: Path) -> None:
             x, y = figures.get(a), figures.get(b)
             return f"{x[0] / y[0]:.2f}" if x and y and y[0] else "-"
 
-        retr = "/".join(
-            str(figures[k][1]) if figures.get(k) else "-" for k in ("raw", "udp", "tcp", "wg")
-        )
-        print(f"{loss:>4g}%  {cell('raw', 7)} {cell('udp', 9)} {cell('tcp', 9)} {cell('wg', 7)}  "
-              f"{ratio('udp', 'wg'):>7} {ratio('udp', 'tcp'):>8}  {retr}", flush=True)  # fmt: skip
+        keys = ("raw", "udp", *tcp_cols, "wg")
+        retr = "/".join(str(figures[k][1]) if figures.get(k) else "-" for k in keys)
+        tcp_cells = "".join(f" {cell(c, 10)}" for c in tcp_cols)
+        tcp_ratios = "".join(f" {ratio('udp', c):>11}" for c in tcp_cols)
+        print(f"{loss:>4g}%  {cell('raw', 7)} {cell('udp', 9)}{tcp_cells} {cell('wg', 7)}  "
+              f"{ratio('udp', 'wg'):>7}{tcp_ratios}  {retr}", flush=True)  # fmt: skip
     print("issue targets at 1 % loss: UDP ÷ wireguard-go >= 0.8, UDP ÷ TCP >= 3")
 
 

@@ -471,8 +471,11 @@ class Daemon:
                 return
         peer.packets_in += len(packets)
         peer.bytes_in += sum(map(len, packets)) - len(packets) * writer.hdr_len
-        if writer.hdr_len and isinstance(session.carrier, UdpLink):
-            packets = gso.coalesce(packets)  # segments back into super-packets: fewer writes
+        if isinstance(session.carrier, UdpLink):
+            if writer.hdr_len:
+                packets = gso.coalesce(packets)  # segments back into super-packets: fewer writes
+            writer.put(packets, inline=True)  # see TunWriter.put: the thread starves under UDP
+            return
         writer.put(packets)
 
     def _on_tun(self, mask: int, now: float) -> None:

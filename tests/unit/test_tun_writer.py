@@ -22,22 +22,25 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.lists(st.integers(20, 9000), min_size=1, max_size=6), min_size=1, max_size=25))
+@given(
+    st.lists(st.lists(st.integers(20, 9000), min_size=1, max_size=6), min_size=1, max_size=25),
+    st.lists(st.booleans(), min_size=25, max_size=25),
+)
 def test_order_and_counters_survive_any_mix_of_inline_and_threaded_writes(
-    sizes: list[list[int]],
+    sizes: list[list[int]], inline: list[bool]
 ) -> None:
     tx, rx = _pair()
     writer = TunWriter(tx.fileno(), HDR)
     sent: list[bytes] = []
     seq = 0
-    for batch_sizes in sizes:
+    for batch_sizes, force in zip(sizes, inline, strict=False):
         batch = []
         for size in batch_sizes:
             pkt = bytes(HDR) + seq.to_bytes(4, "big") + bytes(size - 4)
             seq += 1
             batch.append(pkt)
         sent += batch
-        writer.put(batch)
+        writer.put(batch, inline=force)  # inline=True: at once unless the thread has a backlog
     rx.settimeout(5)
     got = [rx.recv(65536) for _ in sent]
     writer.close()
@@ -61,6 +64,22 @@ def test_a_small_batch_on_an_idle_writer_is_written_before_put_returns() -> None
         writer.put(big)  # too big for inline: the thread writes it
         rx.settimeout(5)
         assert len(rx.recv(65536)) == HDR + INLINE_MAX + 1
+    finally:
+        writer.close()
+        tx.close()
+        rx.close()
+
+
+def test_inline_puts_any_batch_on_an_idle_writer_before_returning() -> None:
+    """The UDP receive path (`put(..., inline=True)`): a big batch never waits for the thread."""
+    tx, rx = _pair()
+    writer = TunWriter(tx.fileno(), HDR)
+    try:
+        big = [bytes(HDR + 60000), bytes(HDR + INLINE_MAX + 1)]
+        writer.put(big, inline=True)
+        rx.setblocking(False)
+        assert [len(rx.recv(65536)) for _ in big] == [len(p) for p in big]
+        assert writer.packets == 2 and writer.backlog == 0
     finally:
         writer.close()
         tx.close()

@@ -162,14 +162,29 @@ class UdpEndpoint:
             addr = (f"::ffff:{addr[0]}", addr[1])  # an IPv4 peer of a dual-stack socket
         i = 0
         n = len(datagrams)
+        lens = list(map(len, datagrams))
         while i < n:
             first = datagrams[i]
-            size = len(first)
+            size = lens[i]
             j = i + 1
-            if self.gso:
+            if self.gso and size:
+                # The usual run (the segments of one super-packet): as many equal-sized datagrams
+                # as one call may carry, then at most one shorter; recognised by one C-level
+                # count. Anything else takes the loop below, which gives the same runs.
+                k = min(n - i, GSO_MAX_SEGMENTS, self.gso_max // size)
+                if k > 1 and lens[i : i + k].count(size) == k:
+                    j = i + k
+                    if (
+                        j < n
+                        and k < GSO_MAX_SEGMENTS
+                        and lens[j] < size
+                        and k * size + lens[j] <= self.gso_max
+                    ):
+                        j += 1
+            if self.gso and j == i + 1:
                 total = size
                 while j < n and j - i < GSO_MAX_SEGMENTS:
-                    m = len(datagrams[j])
+                    m = lens[j]
                     if m > size or total + m > self.gso_max:
                         break
                     total += m

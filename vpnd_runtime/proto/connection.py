@@ -501,52 +501,59 @@ class Connection:
     ) -> None:
         """The established session's hot path: data frames of the current epoch whose inner
         message is PACKETS are opened here and their packets gathered into one `Packets` event;
-        anything else goes through `_handle`, in order (pending packets are emitted first)."""
+        anything else goes through `_handle`, in order (pending packets are emitted first).
+
+        An in-order frame (counter above the window's top, the common case) is checked and
+        marked here with the window's state in locals (`ReplayWindow.mark` and `RecvState.open`
+        inlined, the tag checked before the window moves); the state is written back before
+        anything else (`RecvState.open` for an older counter, `_after_open`, `_handle`) runs
+        and read again after it, so the window means exactly what it means there."""
         stats = self.stats
         stats.frames_in += len(msgs)
-        rs = self._recv.get(self._recv_epoch)
         epoch_now = self._recv_epoch
+        rs = self._recv.get(epoch_now)
         unpack = HEADER.unpack_from
         nonce = NONCE.pack
         u32 = U32.unpack_from
+        # rs.window is never None in datagram mode; wtop is its top while `rs` is bound here.
+        window = rs.window if rs is not None else None
+        ring = window._ring if window is not None else []
+        wtop = window.top if window is not None else -1
+        wblock = wtop >> 6 if wtop >= 0 else -1
+        decrypt = rs.aead.decrypt if rs is not None else None
         packets: list[bytes] = []
         top = -1
         ok = 0
         for msg in msgs:
-            if len(msg) >= _MIN_DATA and msg[0] == MSG_DATA and rs is not None:
+            if len(msg) >= _MIN_DATA and msg[0] == MSG_DATA and window is not None:
                 _, epoch, counter = unpack(msg)
                 if epoch == epoch_now:
-                    window = rs.window
-                    if window is not None and counter > window.top:
-                        # In order (the common case): ReplayWindow.mark and RecvState.open
-                        # inlined, the tag checked before the window moves.
+                    if counter > wtop:
                         try:
-                            inner = rs.aead.decrypt(
-                                nonce(counter), msg[HEADER_LEN:], msg[:HEADER_LEN]
-                            )
+                            inner = decrypt(nonce(counter), msg[HEADER_LEN:], msg[:HEADER_LEN])
                         except InvalidTag:
                             self._count_drop("bad_tag", "bad authentication tag on a data frame")
                             continue
-                        wtop = window.top
                         block = counter >> 6
-                        top_block = wtop >> 6 if wtop >= 0 else -1
-                        ring = window._ring  # the inlined ReplayWindow.mark
-                        if block != top_block:
-                            for k in range(1, min(block - top_block, RING_WORDS) + 1):
-                                ring[(top_block + k) % RING_WORDS] = 0
-                        window.top = counter
+                        if block != wblock:
+                            for k in range(1, min(block - wblock, RING_WORDS) + 1):
+                                ring[(wblock + k) % RING_WORDS] = 0
+                            wblock = block
                         ring[block % RING_WORDS] |= 1 << (counter & 63)
-                        rs.next_counter = counter + 1
+                        wtop = top = counter
                     else:
+                        window.top = wtop
+                        rs.next_counter = wtop + 1
                         try:
                             inner = rs.open(msg, counter, True)
                         except FrameRejected as exc:
                             self._count_drop(exc.drop, exc.reason)
                             continue
+                        top = max(top, counter)
                     ok += 1
-                    top = max(top, counter)
-                    if len(inner) > 6 and inner[0] == INNER_PACKETS and inner[1] == 0:
-                        if u32(inner, 2)[0] == len(inner) - 6:
+                    n = len(inner)
+                    if n > 6 and inner[0] == INNER_PACKETS and inner[1] == 0:
+                        if u32(inner, 2)[0] == n - 6:
                             packets.append(inner[6:])
                         else:
                             packets += decode_packets(inner)
@@ -554,21 +561,31 @@ class Connection:
                     if packets:
                         self._fast_packets(packets, events)
                         packets = []
+                    window.top = wtop
+                    rs.next_counter = wtop + 1
                     self._after_open(inner, epoch, counter, now, events)
                     if self.state is not State.ESTABLISHED:
+                        window = None  # written back above; nothing more to write
                         break
+                    epoch_now, rs, window, ring, wtop, wblock, decrypt = self._fast_state()
                     continue
             if packets:
                 self._fast_packets(packets, events)
                 packets = []
+            if window is not None:
+                window.top = wtop
+                rs.next_counter = wtop + 1
             try:
                 self._handle(msg, now, events)  # type: ignore[arg-type]
             except FrameRejected as exc:
                 self._count_drop(exc.drop, exc.reason)
             if self.state is not State.ESTABLISHED:
+                window = None
                 break
-            rs = self._recv.get(self._recv_epoch)
-            epoch_now = self._recv_epoch
+            epoch_now, rs, window, ring, wtop, wblock, decrypt = self._fast_state()
+        if window is not None:
+            window.top = wtop
+            rs.next_counter = wtop + 1
         if packets:
             self._fast_packets(packets, events)
         if ok:
@@ -583,6 +600,25 @@ class Connection:
                 and self.state is State.ESTABLISHED
             ):
                 self._maybe_rekey(now)
+
+    def _fast_state(self) -> tuple[int, Any, Any, list[int], int, int, Any]:
+        """`_fast_datagrams`' locals for the current receive epoch (after a message that may
+        have changed it): epoch, RecvState, window, its ring, top, top's word, decrypt."""
+        epoch = self._recv_epoch
+        rs = self._recv.get(epoch)
+        if rs is None or rs.window is None:
+            return epoch, rs, None, [], -1, -1, None
+        window = rs.window
+        wtop = window.top
+        return (
+            epoch,
+            rs,
+            window,
+            window._ring,
+            wtop,
+            wtop >> 6 if wtop >= 0 else -1,
+            rs.aead.decrypt,
+        )
 
     def _fast_packets(self, packets: list[bytes], events: list[Event]) -> None:
         stats = self.stats
@@ -669,26 +705,9 @@ class Connection:
                 raise LocalProtocolError("zero-length packet (nothing sent)")
         if self._dgram and not compress:
             # Datagrams: each batch (one MTU's worth) sealed straight behind the peer's index.
-            prefix = self._peer_index_b
-            seal_p = send.seal_prefixed
-            join = b"".join
-            batch = [_PACKETS_PLAIN]
-            for p in packets:
-                n = len(p)
-                if size and size + n + 4 > limit:
-                    out.append(seal_p(prefix, join(batch)))
-                    nbatch += 1
-                    batch = [_PACKETS_PLAIN]
-                    size = 0
-                batch.append(pack(n))
-                batch.append(p)
-                size += n + 4
-                total += n
-            if size:
-                out.append(seal_p(prefix, join(batch)))
-                nbatch += 1
+            nbatch = send.seal_datagrams(self._peer_index_b, packets, limit, out)
             stats.packets_out += len(packets)
-            stats.bytes_out += total
+            stats.bytes_out += sum(map(len, packets))
             stats.frames_out += nbatch
             if self._initiator:
                 self._maybe_rekey(now)

@@ -44,6 +44,7 @@ Rekey keys: new_ck, k_i2r, k_r2i = HKDF(chaining key, X25519(e_init, e_resp), 3)
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -84,6 +85,8 @@ HEADER = struct.Struct(">BIQ")
 HEADER_LEN = HEADER.size  # 13
 FRAMED_HEADER = struct.Struct(">IBIQ")  # u32 frame length + HEADER
 _PREFIXED_HEADER = struct.Struct(">4sBIQ")  # datagram: receiver index + HEADER
+#: The head of an uncompressed PACKETS message (type, flags).
+_PACKETS_PLAIN = b"\x01\x00"
 TAG_LEN = 16
 NONCE = struct.Struct("<4xQ")
 U32 = struct.Struct(">I")
@@ -160,6 +163,86 @@ class SendState:
         self.counter = c + 1
         hdr = _PREFIXED_HEADER.pack(prefix, MSG_DATA, self.epoch, c)
         return hdr + self.aead.encrypt(NONCE.pack(c), inner, hdr[4:])
+
+    def seal_datagrams(
+        self, prefix: bytes, packets: Sequence[bytes], limit: int, out: list[bytes]
+    ) -> int:
+        """Datagram mode, uncompressed: seal `packets` as PACKETS messages, each holding at most
+        `limit` bytes of packets (4-byte length each; a bigger packet alone), one datagram each
+        with `prefix` (the receiver's session index) first; append them to `out` and return
+        how many.  The grouping is `Connection.send_packets`' (a batch is sealed when the next
+        packet would overflow it); a packet too big for any other to join it (the segments of a
+        TCP super-packet, io/gso.py) is sealed straight away, its PACKETS head cached by length,
+        in one loop with the counter, header and AEAD bound to locals: the UDP hot path, one
+        AEAD call per segment."""
+        c = self.counter
+        if c + len(packets) >= COUNTER_LIMIT:  # never in practice: the checked slow way
+            return self._seal_datagrams_slow(prefix, packets, limit, out)
+        first = c
+        epoch = self.epoch
+        enc = self.aead.encrypt
+        hpack = _PREFIXED_HEADER.pack
+        nonce = NONCE.pack
+        u32 = U32.pack
+        join = b"".join
+        alone = limit - 9  # longer than this: not even a 1-byte packet fits beside it
+        head_n = -1
+        head = b""
+        batch: list[bytes] = [_PACKETS_PLAIN]
+        size = 0
+        for p in packets:
+            n = len(p)
+            if n > alone:
+                if size:
+                    hdr = hpack(prefix, MSG_DATA, epoch, c)
+                    out.append(hdr + enc(nonce(c), join(batch), hdr[4:]))
+                    c += 1
+                    batch = [_PACKETS_PLAIN]
+                    size = 0
+                if n != head_n:
+                    head = _PACKETS_PLAIN + u32(n)
+                    head_n = n
+                hdr = hpack(prefix, MSG_DATA, epoch, c)
+                out.append(hdr + enc(nonce(c), head + p, hdr[4:]))
+                c += 1
+                continue
+            if size and size + n + 4 > limit:
+                hdr = hpack(prefix, MSG_DATA, epoch, c)
+                out.append(hdr + enc(nonce(c), join(batch), hdr[4:]))
+                c += 1
+                batch = [_PACKETS_PLAIN]
+                size = 0
+            batch.append(u32(n))
+            batch.append(p)
+            size += n + 4
+        if size:
+            hdr = hpack(prefix, MSG_DATA, epoch, c)
+            out.append(hdr + enc(nonce(c), join(batch), hdr[4:]))
+            c += 1
+        self.counter = c
+        return c - first
+
+    def _seal_datagrams_slow(
+        self, prefix: bytes, packets: Sequence[bytes], limit: int, out: list[bytes]
+    ) -> int:
+        """`seal_datagrams` through `seal_prefixed`, which refuses an exhausted counter."""
+        nbatch = 0
+        batch = [_PACKETS_PLAIN]
+        size = 0
+        for p in packets:
+            n = len(p)
+            if size and size + n + 4 > limit:
+                out.append(self.seal_prefixed(prefix, b"".join(batch)))
+                nbatch += 1
+                batch = [_PACKETS_PLAIN]
+                size = 0
+            batch.append(U32.pack(n))
+            batch.append(p)
+            size += n + 4
+        if size:
+            out.append(self.seal_prefixed(prefix, b"".join(batch)))
+            nbatch += 1
+        return nbatch
 
     def seal_framed(self, inner: bytes) -> bytes:
         """`LengthFramer.encode(self.seal(inner))` with one copy fewer (the TCP hot path)."""

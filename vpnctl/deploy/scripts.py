@@ -171,7 +171,8 @@ def _start_sh(
 
 def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
     """SIGHUP a hub so it re-reads its peers directory (HUB-SPEC.md: unchanged clients keep
-    their sessions); a failure prints `start-failed <link>: ...` like a failed start."""
+    their sessions), or a link whose keys alone changed (a rotation step: its session stays);
+    a failure prints `start-failed <link>: ...` like a failed start."""
     if use_systemd:
         unit = quote(f"vpnd-{link}")
         return (f"systemctl reload {unit} || "
@@ -278,13 +279,15 @@ def apply_script(
         for item in plan.files:
             if item.kind == "config":
                 out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
-            elif item.kind == "key" and plan.use_systemd:
+            elif item.kind in ("key", "nextkey") and (plan.use_systemd or item.link in plan.reload):
+                # under systemd the daemon is its user from the start; a reload (SIGHUP) re-reads
+                # the keys as the user the daemon dropped to
                 out.append(f"chown {owner} {quote(item.path)}")
-            elif item.kind == "peerkey" and plan.use_systemd:  # a hub is its user from the start
+            elif item.kind in ("peerkey", "peernextkey") and plan.use_systemd:  # a hub: the user
                 peers = quote(posixpath.dirname(item.path))
                 out.append(f"chown {owner} {quote(item.path)} && chown root:{quote(run_as[1])} "
                            f"{peers} && chmod 0750 {peers}")  # fmt: skip
-    for path in pruned:  # peer files and keys of clients removed from a hub
+    for path in pruned:  # peer files and keys of clients removed from a hub, old nextkey files
         out.append(f"rm -f {quote(path)}")
     for link in plan.removed:
         entry = deployed.get("links", {}).get(link, {})

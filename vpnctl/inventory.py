@@ -359,6 +359,8 @@ class Inventory:
     hubs: tuple[Hub, ...] = ()
     #: ``defaults.tunnel_pool6`` (a /64 or wider); None = a ULA /64 derived for this inventory.
     pool6: IPv6Network | None = None
+    #: ``defaults.key_max_age`` in seconds: `vpnctl keys` warns about older keys (None: never).
+    key_max_age: float | None = None
 
     def hub(self, name: str) -> Hub:
         """The hub called ``name`` (KeyError when there is none)."""
@@ -406,6 +408,20 @@ class Inventory:
 # Stage 1: the shape reader
 
 _MISSING = object()
+
+
+def _read_age(r: _Reader, node: yaml.Node, path: str) -> float | None:
+    """An age like ``90d`` (vpnctl/rotation.py's parse_age), its problem at the node's line."""
+    from vpnctl.rotation import parse_age  # noqa: PLC0415 - vpnctl.rotation imports this module
+
+    value = r.scalar(node, path)
+    if value is _MISSING:
+        return None
+    try:
+        return parse_age(str(value), path)
+    except UserError as exc:
+        r.fail(node, path, str(exc).removeprefix(f"{path}: "))
+        return None
 
 
 class _Reader:
@@ -732,7 +748,13 @@ _TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
     "ipv6": lambda r, n, p: r.boolean(n, p),
 }
 _HOST_SETTINGS = ("ssh", "prefix", "systemd", "daemon_user", "daemon_group", "become")
-_DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", "tunnel_pool6", *_TUNABLE_READERS)
+_DEFAULTS_KEYS = (
+    *_HOST_SETTINGS,
+    "tunnel_pool",
+    "tunnel_pool6",
+    "key_max_age",
+    *_TUNABLE_READERS,
+)
 _SSH_KEYS = ("host", "port", "user", "identity", "options", "proxyjump")
 _HOST_KEYS = ("name", "address", "address6", *_HOST_SETTINGS)
 _LINK_KEYS = (
@@ -976,6 +998,9 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             )
         elif got6 is not None:
             pool6 = got6
+    key_max_age = None
+    if "key_max_age" in defaults_fields:
+        key_max_age = _read_age(r, defaults_fields["key_max_age"], "defaults.key_max_age")
     if "ssh" in default_host and "host" in default_host["ssh"]:
         r.fail(
             r.lines["defaults.ssh.host"],
@@ -1177,8 +1202,9 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
         raise InventoryError(r.problems)
 
     inventory = Inventory(
-        file, tuple(hosts), tuple(links), pool, dict(r.lines), tuple(hubs), pool6=pool6
-    )
+        file, tuple(hosts), tuple(links), pool, dict(r.lines), tuple(hubs), pool6=pool6,
+        key_max_age=key_max_age,
+    )  # fmt: skip
     problems = _cross_check(
         inventory,
         explicit_interface={

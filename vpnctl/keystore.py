@@ -97,6 +97,9 @@ class KeyInfo:
     created: float  # Unix time
     encrypted: bool
     path: Path
+    #: Where ``created`` comes from: "metadata" (recorded when vpnctl made the key) or "mtime"
+    #: (a key without metadata, e.g. copied in by hand: its file's modification time).
+    created_from: str = "metadata"
 
 
 def format_age(seconds: float) -> str:
@@ -304,9 +307,11 @@ class Keystore:
                 recorded = str(meta["fingerprint"])
             except KeyError as exc:
                 raise KeystoreError(f"{meta_path}: unreadable key metadata: {exc}") from None
-            return KeyInfo(link, recorded, created or path.stat().st_mtime, True, path)
+            return KeyInfo(link, recorded, created or path.stat().st_mtime, True, path,
+                           "metadata" if created else "mtime")  # fmt: skip
         key = self._load_plain(path)
-        return KeyInfo(link, fingerprint(key), created or path.stat().st_mtime, False, path)
+        return KeyInfo(link, fingerprint(key), created or path.stat().st_mtime, False, path,
+                       "metadata" if created else "mtime")  # fmt: skip
 
     def check_encrypted_file(self, path: Path, link: str) -> None:
         """Refuse an encrypted key file others can read, or one not in the encrypted format

@@ -30,8 +30,9 @@ upwards: from switch the client returns to OLD first, then both drop NEW.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from vpnctl.inventory import UserError
 
@@ -42,11 +43,13 @@ __all__ = [
     "STEPS",
     "SWITCH",
     "EndKeys",
+    "EndView",
     "end_keys",
     "keys_due",
     "parse_age",
     "remaining_steps",
     "shared_key",
+    "step_verdict",
     "steps_back",
 ]
 
@@ -145,3 +148,41 @@ def shared_key(ends: Iterable[EndKeys]) -> set[str]:
     """The keys every end accepts (primary or next): never empty along a rotation."""
     sets = [{e.primary} | ({e.next} if e.next else set()) for e in ends]
     return set.intersection(*sets) if sets else set()
+
+
+class EndView(Protocol):
+    """What a step's confirmation reads of one end (:class:`vpnctl.fleetstatus.EndStatus`)."""
+
+    host: str
+    state: str
+    key_fingerprint: str | None
+    session_key_fingerprint: str | None
+    next_key_fingerprint: str | None
+
+
+def step_verdict(step: str | None, ends: Sequence[EndView], old: str, new: str) -> str | None:
+    """None when both ``ends`` show that ``step`` took effect, else what is missing (naming the
+    host). ``step`` None is the end of an abort: both ends back on ``old`` alone.
+
+    accept: both up, both also accept ``new``, the session still on ``old``;
+    switch: both up with the session on ``new``; retire: both up on ``new`` alone."""
+    if len(ends) != 2:
+        return f"{len(ends)} end(s) reported, expected 2"
+    for end in ends:
+        used = end.session_key_fingerprint or end.key_fingerprint
+        if end.state != "up":
+            return f"{end.host}: {end.state}"
+        if step == ACCEPT and end.next_key_fingerprint != new:
+            nxt = end.next_key_fingerprint or "none"
+            return f"{end.host}: does not accept the new key {new} (next key: {nxt})"
+        if step == ACCEPT and used != old:
+            return f"{end.host}: session on {used}, expected the old key {old} until the switch"
+        if step == SWITCH and used != new:
+            return f"{end.host}: session still on {used}, not the new key {new}"
+        if step in (RETIRE, None):
+            keep = new if step == RETIRE else old
+            if end.key_fingerprint != keep or used != keep:
+                return f"{end.host}: key {end.key_fingerprint}, session {used}; expected {keep}"
+            if end.next_key_fingerprint is not None:
+                return f"{end.host}: still also accepts {end.next_key_fingerprint}"
+    return None

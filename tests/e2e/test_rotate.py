@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -24,6 +25,7 @@ from tests.helpers.lab import daemon_pids, lab_exec, rendered_lab, tunnel_ends, 
 from vpnctl.lab import LabState, _ns
 
 pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,7 @@ def test_an_unreachable_server_stops_the_rotation_at_step_1_and_the_link_stays_u
     proc = vpnctl(lab, "rotate", "l1", "--wait", "30", "--json", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)
+    jsonschema.validate(result, json.loads((REPO / "docs/json/rotate.schema.json").read_text()))
     assert result["ok"] is True
     (entry,) = result["links"]
     assert entry["result"] == "rotated"

@@ -264,3 +264,28 @@ def test_rotate_all_with_max_age_skips_young_keys_without_contacting_a_host(
     assert doc["ok"] is True
     assert [(e["link"], e["unit"], e["result"]) for e in doc["links"]] == [
         ("web", "web", "skipped"), ("hq.gamma", "hq/gamma", "skipped")]  # fmt: skip
+
+
+def test_an_encrypted_keys_rotation_ships_both_keys_with_one_passphrase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vpnctl.commands.deploy import preflight
+    from vpnctl.workspace import Workspace
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROT_PASS", "correct horse")
+    (tmp_path / "inventory.yaml").write_text(INVENTORY)
+    assert run("keygen", "--passphrase-env", "ROT_PASS").exit_code == 0
+    store = Keystore(tmp_path / "keystore")
+    new = store.generate("web", staged=True, passphrase=b"correct horse")
+    store.set_rotation_phase("web", "switch")
+    assert run("render").exit_code == 0
+    ws = Workspace(tmp_path / "inventory.yaml", tmp_path / "keystore", tmp_path / "build")
+    unlocked = preflight(ws, ws.load_inventory(), ["beta"], "ROT_PASS", None)
+    manifest = load_manifest(tmp_path / "build", "beta")
+    files = {f.kind: f for f in desired_files(tmp_path / "build", manifest, unlocked,
+                                              use_systemd=False)}  # fmt: skip
+    staged_key = store.load("web", passphrase=b"correct horse", staged=True)
+    assert files["key"].data == (staged_key.hex() + "\n").encode()  # the client's primary
+    assert files["nextkey"].data == store.key_file_bytes("web", passphrase=b"correct horse")
+    assert manifest["links"]["web"]["key_fingerprint"] == new.fingerprint

@@ -132,3 +132,23 @@ def test_each_step_is_confirmed_only_by_what_it_changes() -> None:
     down = [End("s", state="not running"), End("c")]
     assert step_verdict(ACCEPT, down, "OLD", "NEW") == "s: not running"
     assert step_verdict(ACCEPT, [End("s")], "OLD", "NEW") == "1 end(s) reported, expected 2"
+
+
+def test_a_hub_peer_whose_keys_alone_changed_is_kept_by_a_reload() -> None:
+    """The hub side of a rotation step: a peer file that gained (or lost) a ``nextkey``, or
+    whose keys swapped, keeps the client's session; any other change does not."""
+    from ipaddress import IPv4Address, IPv6Address
+
+    from vpnd_runtime.daemon import _same_but_keys
+    from vpnd_runtime.peers import Peer
+
+    def peer(key: bytes, next_key: bytes | None = None, address6: str | None = "fd00::2") -> Peer:
+        return Peer("c1", IPv4Address("198.19.0.2"), key, "fp", (),
+                    IPv6Address(address6) if address6 else None, next_key)  # fmt: skip
+
+    old, new = b"o" * 32, b"n" * 32
+    assert _same_but_keys(peer(old), peer(old, new))  # step 1: also accept the new key
+    assert _same_but_keys(peer(old, new), peer(new, old))  # the keys swap
+    assert _same_but_keys(peer(old, new), peer(new))  # step 3: the old key retired
+    assert not _same_but_keys(peer(old), peer(old, address6="fd00::3"))
+    assert not _same_but_keys(peer(old), peer(new, address6=None))

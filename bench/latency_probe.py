@@ -44,7 +44,7 @@ from pathlib import Path
 
 from bench.bench_tunnel import CLIENT_TUN, SERVER_TUN, pin
 from tests.helpers.netns import VpndProcess, namespace_pair, new_tag, poll_until
-from vpnd_runtime import daemon
+from vpnd_runtime import link
 from vpnd_runtime.cli import main as vpnd_main
 from vpnd_runtime.io import tcp, tun
 from vpnd_runtime.keyfile import generate_key
@@ -159,7 +159,7 @@ def _instrument(trace: Path) -> None:
                     self.packets += 1
                     self.bytes += len(pkt) - self.hdr_len
 
-    daemon.TunWriter = ProbedTunWriter  # type: ignore[misc]
+    link.TunWriter = ProbedTunWriter  # type: ignore[misc]
 
     # The probe's own cost: 10,000 records, timed.
     t0 = clock()

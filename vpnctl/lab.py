@@ -95,6 +95,7 @@ class LabHost:
     wan_ip6: str = ""
     rootfs: str = ""  # systemd hosts: the container's root as seen from here (its overlay)
     machine: str = ""  # systemd hosts: the container's machine name (= its namespace)
+    release: str = ""  # systemd hosts: the Debian release it boots (``lab up --release``)
 
     @property
     def ssh_ip(self) -> str:
@@ -212,6 +213,22 @@ def parse_stacks(stack: str, hosts: int) -> list[str]:
         return words * hosts
     if len(words) != hosts:
         raise LabError(f"--stack {stack}: give one stack, or one per host ({hosts}: server first)")
+    return words
+
+
+def parse_releases(release: str, hosts: int) -> list[str]:
+    """``bullseye`` (every host) or ``bullseye,bookworm`` (server, client1, ...) -> one
+    Debian release per systemd host (see :data:`vpnctl.nspawn.SUITES`)."""
+    words = [w.strip() for w in release.split(",")]
+    bad = [w for w in words if w not in nspawn.SUITES]
+    if bad:
+        raise LabError(f"--release {release}: {bad[0]!r} is not one of {', '.join(nspawn.SUITES)}")
+    if len(words) == 1:
+        return words * hosts
+    if len(words) != hosts:
+        raise LabError(
+            f"--release {release}: give one release, or one per host ({hosts}: server first)"
+        )
     return words
 
 
@@ -400,11 +417,14 @@ def lab_up(
     stack: str = "ipv4",
     systemd: bool = False,
     say: Callable[[str], None] | None = None,
+    release: str | None = None,
 ) -> LabState:
     """Build a lab of one server and `clients` clients; return its recorded state. Its
     inventory joins them by one link per client, or with ``hub`` by one hub for all clients.
     With ``systemd`` every host is a booted systemd container (the rootfs is built first if
-    this machine has none cached: ``say`` hears about that minute).
+    this machine has none cached: ``say`` hears about that minute). `release` picks the Debian
+    release the containers boot (default bookworm): one for every host, or one per host, server
+    first (``bullseye,bookworm``); each release has its own cached rootfs.
 
     `stack` is ``ipv4``, ``dual`` or ``ipv6`` for every host, or one per host, server first
     (``dual,ipv6,ipv4``).
@@ -416,6 +436,9 @@ def lab_up(
     if not 1 <= clients <= MAX_CLIENTS:
         raise LabError(f"--clients {clients}: must be between 1 and {MAX_CLIENTS}")
     stacks = parse_stacks(stack, clients + 1)
+    if release and not systemd:
+        raise LabError("--release picks the Debian release of systemd hosts: add --systemd")
+    releases = parse_releases(release or nspawn.SUITE, clients + 1)
     if wan:
         try:
             parse_spec(wan)
@@ -437,14 +460,17 @@ def lab_up(
     if directory.exists() and any(directory.iterdir()):
         raise LabError(f"{directory}: exists and is not empty; give the lab a fresh directory")
     rootfs = None
+    rootfs_by_release: dict[str, Path] = {}
     if systemd:
         missing = nspawn.tools_missing()
         if missing:
             raise LabError(f"--systemd needs {', '.join(missing)}")
         try:
-            rootfs = nspawn.ensure_rootfs(say)
+            for suite in dict.fromkeys(releases):  # each distinct release once, in host order
+                rootfs_by_release[suite] = nspawn.ensure_rootfs(say, suite)
         except (nspawn.NspawnError, OSError) as exc:
             raise LabError(f"--systemd: rootfs: {exc}") from exc
+        rootfs = rootfs_by_release[releases[0]]
     existing = set(_run(["ip", "netns", "list"]).split())
     if any(name.startswith(f"{tag}-") for name in existing):
         raise LabError(f"namespaces tagged {tag}- already exist: another lab runs under this tag")
@@ -460,7 +486,8 @@ def lab_up(
     state.systemd = systemd
     state.save()
     try:
-        _build(state, directory, mgmt, clients, hub=hub, rootfs=rootfs, stacks=stacks)
+        _build(state, directory, mgmt, clients, hub=hub, rootfs=rootfs, stacks=stacks,
+               releases=releases, rootfs_by_release=rootfs_by_release)  # fmt: skip
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(directory)
@@ -477,6 +504,8 @@ def _build(
     hub: bool,
     rootfs: Path | None = None,
     stacks: list[str] | None = None,
+    releases: list[str] | None = None,
+    rootfs_by_release: dict[str, Path] | None = None,
 ) -> None:
     tag = state.tag
     hosts = _host_plan(tag, directory, mgmt, clients, stacks)
@@ -487,6 +516,7 @@ def _build(
             host.prefix = "/"  # deploy's paths are the container's own
             host.rootfs = str(directory / "hosts" / host.name / "rootfs")
             host.machine = host.namespace
+            host.release = releases[hosts.index(host)] if releases else nspawn.SUITE
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
 
     if not Path("/run/sshd").exists():
@@ -562,7 +592,8 @@ def _build(
         names = ",".join(a for a in (host.mgmt_ip, host.mgmt_ip6) if a)
         known_hosts.append(f"{names} {pub[0]} {pub[1]}")
         if rootfs is not None:
-            _boot_container(state, host, rootfs, hostdir, directory)
+            own = (rootfs_by_release or {}).get(host.release, rootfs)
+            _boot_container(state, host, own, hostdir, directory)
             continue
         (hostdir / "sshd_config").write_text(_sshd_config(host, hostdir, directory))
         state.sshd_pidfiles.append(str(hostdir / "sshd.pid"))

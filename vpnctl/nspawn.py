@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 ``vpnctl lab up --systemd`` (:mod:`vpnctl.lab`) turns every lab host into a container:
 
-* **One rootfs per machine, built once.** :func:`ensure_rootfs` runs ``debootstrap
-  --variant=minbase`` (Debian bookworm with systemd, dbus, openssh-server, iproute2, python3:
-  about a minute and 300 MB) into :func:`rootfs_cache` -- ``$VPNCTL_ROOTFS_CACHE`` or
+* **One rootfs per machine and release, built once.** :func:`ensure_rootfs` runs ``debootstrap
+  --variant=minbase`` (Debian bookworm by default, or bullseye/trixie for ``lab up --release``,
+  with systemd, dbus, openssh-server, iproute2, python3: about a minute and 250-300 MB each)
+  into :func:`rootfs_cache` -- ``$VPNCTL_ROOTFS_CACHE`` or
   ``/var/cache/vpnctl/rootfs`` -- under an exclusive ``flock``, so two labs started at once build
   it once. The directory name carries a hash of the recipe (suite, packages, the tweaks below):
   a changed recipe builds afresh. It is only marked complete after it was built whole.
@@ -46,7 +47,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-SUITE = "bookworm"
+SUITE = "bookworm"  # the default release of a lab host
+# Releases a lab host may boot (``lab up --release``), with the python3 each ships: the runtime
+# is proven on the oldest Python it supports (bullseye's 3.9) beside the newer ones.
+SUITES = {"bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "iproute2", "python3")
 # sshd for the lab: root by key only, one host key (written per host), enough sessions for
 # vpnctl's multiplexed parallel steps.
@@ -88,37 +92,41 @@ def rootfs_cache() -> Path:
     return Path(os.environ.get("VPNCTL_ROOTFS_CACHE") or "/var/cache/vpnctl/rootfs")
 
 
-def recipe_id() -> str:
+def recipe_id(suite: str = SUITE) -> str:
     """Suite plus a short hash of the whole recipe: the cached tree's directory name."""
-    recipe = "\n".join([SUITE, *PACKAGES, SSHD_DROPIN, RECIPE_VERSION])
-    return f"{SUITE}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    recipe = "\n".join([suite, *PACKAGES, SSHD_DROPIN, RECIPE_VERSION])
+    return f"{suite}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 
 
-def ensure_rootfs(say: Callable[[str], None] | None = None) -> Path:
-    """The cached rootfs, built first if missing (``say`` hears that a build starts and ends).
+def ensure_rootfs(say: Callable[[str], None] | None = None, suite: str = SUITE) -> Path:
+    """The cached rootfs of Debian `suite` (one of :data:`SUITES`), built first if missing
+    (``say`` hears that a build starts and ends). Each suite is a tree of its own beside the
+    others in the cache, with a lock of its own.
 
     Holds an exclusive flock on ``<cache>/<id>.lock`` while checking and building, so a second
     caller waits for the first build instead of racing it. A half-built tree (crash, Ctrl-C) is
     never marked complete and is rebuilt from scratch next time.
     """
+    if suite not in SUITES:
+        raise NspawnError(f"Debian release {suite!r}: the lab knows {', '.join(SUITES)}")
     cache = rootfs_cache()
     cache.mkdir(parents=True, exist_ok=True)
-    final = cache / recipe_id()
-    with open(cache / f"{recipe_id()}.lock", "w") as lock:
+    final = cache / recipe_id(suite)
+    with open(cache / f"{recipe_id(suite)}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / COMPLETE).exists():
             return final
         if say:
             say(
-                f"building the Debian {SUITE} rootfs for systemd lab hosts in {final} "
+                f"building the Debian {suite} rootfs for systemd lab hosts in {final} "
                 "(debootstrap: once per machine, about a minute)..."
             )
         started = time.monotonic()
-        partial = cache / f"{recipe_id()}.partial"
+        partial = cache / f"{recipe_id(suite)}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
         argv = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                SUITE, str(partial)]  # fmt: skip
+                suite, str(partial)]  # fmt: skip
         mirror = os.environ.get("VPNCTL_DEBIAN_MIRROR")
         if mirror:
             argv.append(mirror)
@@ -148,6 +156,7 @@ def _finish_rootfs(root: Path) -> None:
     (root / "etc/machine-id").write_text("")
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
+    (root / "etc/ssh/sshd_config.d").mkdir(exist_ok=True)
     (root / "etc/ssh/sshd_config.d/vpnlab.conf").write_text(SSHD_DROPIN)
     for deb in (root / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()

@@ -35,7 +35,7 @@ from vpnd_runtime.config import (
     ConfigError,
     load_config,
 )
-from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key
+from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key, user_uid
 
 __all__ = ["check_config", "main"]
 
@@ -190,7 +190,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _load_keys(config: Config) -> dict[str, bytes]:
     """Every key file the config uses (a hub's: one per peer file, shared ones once)."""
     paths = [p.keyfile for p in config.peers] if config.is_hub else [config.keyfile]
-    return {path: load_key(path) for path in dict.fromkeys(paths)}
+    owner = user_uid(config.user)
+    return {path: load_key(path, owner) for path in dict.fromkeys(paths)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:

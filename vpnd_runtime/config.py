@@ -31,8 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
+from vpnd_runtime.compat import KW_ONLY
 from vpnd_runtime.trusted import untrusted_reason
 
 __all__ = [
@@ -172,8 +173,8 @@ class _Bad(Exception):
 # The configuration
 
 
-Address = IPv4Address | IPv6Address
-Network = IPv4Network | IPv6Network
+Address = Union[IPv4Address, IPv6Address]
+Network = Union[IPv4Network, IPv6Network]
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ class Route:
         return f"route{self.index} {self.network}{gateway}"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, **KW_ONLY)
 class PeerSpec:
     """One client of a hub, from its peer file ``<peers dir>/<name>.peer``."""
 
@@ -235,7 +236,7 @@ class PeerSpec:
         return (*own, *(r.network for r in self.routes))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, **KW_ONLY)
 class Config:
     """A validated vpnd configuration. Build it with :func:`parse_config` / :func:`load_config`.
 

@@ -9,13 +9,19 @@ a wake-up pipe for signals. Time is read once per loop turn and handed to the pr
 owns every rule (handshake, counters, keepalive, rekey); the daemon owns I/O, hooks, routes,
 reconnects and the status record. The house:
 
+* `session.py` — a session (a carrier and the protocol on it), and what a config gives it;
+* `dialer.py` — the end that opens the carrier (client, serial line): connect, backoff, redial;
+* `acceptor.py` — the end that waits (server): the TCP listener or the one UDP socket, caps and
+  handshake budgets for unauthenticated peers, UDP demultiplexing and roaming;
 * `peers.py` — the peer table: who may connect with which key, and where each packet goes;
 * `datapath.py` — the per-packet rules of a hub (route by destination, allowed sources);
-* `carriers.py` / `io/tcp.py` — the serial line and TCP carriers; `io/tun.py` — the TUN;
-* `io/udp.py` / `io/gso.py` — the UDP carrier (`transport udp`): one socket, GSO/GRO, and the
-  TCP segmentation/coalescing that turns TUN super-packets into MTU-sized datagrams and back;
-* this module — sessions and their life cycle, the TUN's life cycle, timers, reload, status;
-* `process.py` — logging, the pidfile, detaching.
+* `link.py` — the TUN's life cycle, routes and hooks; `linequeue.py` — a slow line's scheduler;
+* `carriers.py` / `io/tcp.py` / `io/udp.py` / `io/serial.py` — the carriers; `io/tun.py` — the
+  TUN; `io/gso.py` — the TCP segmentation/coalescing that turns TUN super-packets into
+  MTU-sized datagrams and back;
+* `reload.py` — SIGHUP: change no more than what changed;
+* this module — the loop, timers, sessions' life cycle, the data path, status;
+* `process.py` — logging, the pidfile, detaching, dropping privileges.
 
 Link life cycle (per peer)::
 
@@ -56,26 +62,16 @@ Inbound pipeline (carrier -> TUN), run when the carrier is readable:
 Timers live in a heap keyed by each session's next protocol deadline, so a hub with a thousand
 idle clients wakes only when some client's keepalive is due.
 
-Over UDP (`transport udp`) the same pipelines run on datagrams. A server (hub or not) has one
-socket and no connections: a datagram's first 4 bytes are the receiver's session index (see
-proto/connection.py, section 6), 0 for a message 1. A message 1 passes a handshake budget first
-(`HANDSHAKE_RATE` per second in all and `HANDSHAKE_RATE_PER_SOURCE` per source address, token
-buckets; over budget it is dropped and counted "handshake_ratelimited" before any cryptography),
-then gets a fresh responder session with a new random index; if its psk tag does not verify the
-session is discarded at once (no answer, no state). A session follows its peer: the source address
-of the newest datagram that authenticated (and passed the replay window) becomes the address the
-session sends to (roaming, NAT rebinding); a replayed datagram from elsewhere moves nothing. No
-cookie reply (WireGuard's under-load mechanism) is implemented: the budget alone bounds the work a
-flood of message 1s causes. Outbound, TUN super-packets are cut into MSS-sized segments
-(`gso.split`) so each datagram holds at most one MTU's worth of packets, and the datagrams of one
-read leave in one GSO `sendmsg`; inbound, GRO super-datagrams are cut at the kernel's segment size
-and the decrypted segments coalesced (`gso.coalesce`) into super-packets for the TUN.
+Over UDP (`transport udp`) the same pipelines run on datagrams (acceptor.py says how a server
+tells sessions apart). Outbound, TUN super-packets are cut into MSS-sized segments (`gso.split`)
+so each datagram holds at most one MTU's worth of packets, and the datagrams of one read leave in
+one GSO `sendmsg`; inbound, GRO super-datagrams are cut at the kernel's segment size and the
+decrypted segments coalesced (`gso.coalesce`) into super-packets for the TUN.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import heapq
 import itertools
 import logging
@@ -86,24 +82,25 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vpnd_runtime import datapath
-from vpnd_runtime.carriers import RandomDev, SerialCarrier, run_modemchat
-from vpnd_runtime.config import Config, ConfigError, load_config
+from vpnd_runtime import datapath, reload
+from vpnd_runtime.acceptor import Acceptor
+from vpnd_runtime.carriers import RandomDev, SerialCarrier
+from vpnd_runtime.config import Config
+from vpnd_runtime.dialer import Dialer
 from vpnd_runtime.io import gso, tcp
 from vpnd_runtime.io.hooks import HookRunner
-from vpnd_runtime.io.tun import READ_SIZE, VNET_HDR_LEN, TunError
-from vpnd_runtime.io.udp import UdpEndpoint, UdpLink
-from vpnd_runtime.keyfile import KeyFileError, fingerprint, load_key
+from vpnd_runtime.io.tun import READ_SIZE, TunError
+from vpnd_runtime.io.udp import UdpLink
 from vpnd_runtime.linequeue import LineQueue
 from vpnd_runtime.link import Link
 from vpnd_runtime.peers import DOWN, UP, Peer, PeerTable
-from vpnd_runtime.proto.connection import INDEX_LEN, Connection, Params
+from vpnd_runtime.proto.connection import Connection
 from vpnd_runtime.proto.errors import ProtocolError, RemoteProtocolError
 from vpnd_runtime.proto.events import Closed, KeepaliveRtt, LinkUp, Packets, PeerDead, Rekeyed
 from vpnd_runtime.proto.handshake import ReplayGuard
+from vpnd_runtime.session import Session
 from vpnd_runtime.status import StatusRecord, StatusWriter
 
 if TYPE_CHECKING:  # the serial pieces are imported only by links that use them
@@ -115,25 +112,6 @@ log = logging.getLogger("vpnd")
 #: (4 GSO super-packets): enough to amortise a turn, little enough to keep a busy daemon small.
 TUN_BATCH = 32
 TUN_BATCH_BYTES = 256 * 1024
-#: Unauthenticated connections a point-to-point server lets wait at once (oldest evicted).
-MAX_PENDING = 8
-#: The same for a hub, in all and per source address.
-MAX_PENDING_HUB = 256
-MAX_PENDING_PER_SOURCE = 16
-#: A hub's listen backlog (a thousand clients may arrive at once after the hub restarts).
-HUB_BACKLOG = 1024
-#: How long a server stops accepting after accept() fails (e.g. out of file descriptors).
-ACCEPT_PAUSE = 1.0
-#: Reconnect backoff: first delay, cap, and jitter (the delay is scaled by uniform(1-J, 1)).
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
-BACKOFF_JITTER = 0.5
-#: A link that stayed up this long resets the backoff to its first step.
-BACKOFF_RESET_AFTER = 30.0
-#: Deadline for a TCP connect, and then for the handshake on it.
-HANDSHAKE_TIMEOUT = 10.0
-#: Handshake deadline on serial lines, where a lost handshake message is retried by starting over.
-SERIAL_HANDSHAKE_TIMEOUT = 4.0
 #: How often the status file is refreshed while nothing changes.
 STATUS_INTERVAL = 1.0
 #: A hub publishes changes at most this often (a thousand clients arriving = one write per turn).
@@ -142,139 +120,8 @@ HUB_STATUS_MIN_INTERVAL = 0.2
 SHUTDOWN_HOOK_WAIT = 35.0
 #: A hub client whose carrier stays blocked this long stops pausing the TUN for everyone.
 STALL_AFTER = 1.0
-#: UDP: message 1s a server examines per second, in all and per source address (token buckets
-#: holding one second's worth); the rest are dropped before any cryptography.
-HANDSHAKE_RATE = 200.0
-HANDSHAKE_RATE_PER_SOURCE = 10.0
-#: UDP: socket reads per readable event (each up to a 64 KiB GRO super-datagram).
-UDP_READS = 16
-#: UDP: bytes of a PACKETS message around each packet (u32 length) and the message's own 2.
-_PACKET_OVERHEAD = 4
 #: A session replaced by a newer one of the same peer is still read this long.
 DRAIN_SECONDS = 2.0
-
-
-def params_from_config(config: Config) -> Params:
-    """The protocol core's parameters for this config (the same on both ends of a link).
-
-    Over UDP a datagram carries at most one MTU-sized packet (with its virtio header and length)
-    or a batch of small ones of no more bytes, so it fits the path MTU the `mtu` was chosen for.
-    """
-    common = {
-        "cipher": config.cipher,
-        "compress": config.compress,
-        "compress_level": config.compress_level,
-        "keepalive": config.keepalive,
-        "noanswer": config.noanswer,
-        "keyttl": config.keyttl,
-        "maxdelay": config.maxdelay,
-    }
-    if config.transport == "udp" and not config.is_serial:
-        return Params(
-            **common,
-            sendbuf=config.mtu + VNET_HDR_LEN + _PACKET_OVERHEAD,
-            datagram=True,
-            handshake_timeout=HANDSHAKE_TIMEOUT,
-        )
-    return Params(
-        **common,
-        sendbuf=config.sendbuf,
-        lossy=config.is_serial,
-        # A handshake message lost on a noisy line is only retried by starting over: keep that
-        # wait short on serial links (a handshake is ~200 bytes: 20 ms at 115200 bit/s).
-        handshake_timeout=SERIAL_HANDSHAKE_TIMEOUT if config.is_serial else HANDSHAKE_TIMEOUT,
-    )
-
-
-def load_table(config: Config) -> PeerTable:
-    """The peers of `config` with their keys loaded (KeyFileError names a bad key file).
-
-    A point-to-point link has one peer, the far end (named after the config); a hub has one per
-    peer file, and a key file shared by several peer files is read once.
-    """
-    keys: dict[str, bytes] = {}
-
-    def key_of(path: str) -> bytes:
-        if path not in keys:
-            keys[path] = load_key(path)
-        return keys[path]
-
-    def next_of(path: str | None) -> dict[str, Any]:
-        if path is None:
-            return {}
-        key = key_of(path)
-        return {"next_key": key, "next_fingerprint": fingerprint(key)}
-
-    if not config.is_hub:
-        key = key_of(config.keyfile)
-        name = os.path.basename(config.source).removesuffix(".conf") or "peer"
-        peer = Peer(
-            name=name,
-            address=config.remote,
-            address6=config.remote6,
-            key=key,
-            fingerprint=fingerprint(key),
-            routes=config.routes,
-            client_host=config.client_host,
-            client_port=config.client_port,
-            **next_of(config.nextkey),
-        )
-        return PeerTable([peer], hub=False)
-    peers = []
-    for spec in config.peers:
-        key = key_of(spec.keyfile)
-        peers.append(
-            Peer(
-                name=spec.name,
-                address=spec.remote,
-                address6=spec.remote6,
-                key=key,
-                fingerprint=fingerprint(key),
-                **next_of(spec.nextkey),
-                routes=spec.routes,
-                client_host=(
-                    spec.client_host if spec.client_host != "0.0.0.0" else config.client_host
-                ),
-                client_port=spec.client_port or config.client_port,
-            )
-        )
-    return PeerTable(peers, hub=True)
-
-
-@dataclass(eq=False)
-class Session:
-    """One carrier connection and the protocol state riding on it."""
-
-    carrier: tcp.Carrier
-    conn: Connection
-    created: float
-    peer: Peer | None = None  # known from the start when dialing; from the handshake on a server
-    source: str = ""  # the carrier's source address (per-source caps)
-    up: bool = False
-    closed: bool = False
-    framer: SlipFramer | None = None
-    tx_registered: bool = field(default=False)
-    blocked_since: float | None = None
-    deadline: float | None = None  # the protocol deadline this session is filed under
-
-
-class _Bucket:
-    """A token bucket: `rate` tokens per second, holding at most one second's worth."""
-
-    __slots__ = ("at", "rate", "tokens")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.at = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class _Ring:
@@ -305,7 +152,7 @@ class Daemon:
             interface=config.interface,
             local=str(config.local),
             remote=str(config.remote) if config.remote is not None else "",
-            key_fingerprint=self._top_fingerprint(),
+            key_fingerprint=self.top_fingerprint(),
         )
         self.status.hub = self.hub
         self.status.local6 = str(config.local6) if config.local6 is not None else None
@@ -317,11 +164,8 @@ class Daemon:
         self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
         self.replay_guard: Any = None
         self.ring = _Ring(self)
-        self.listener: socket.socket | None = None
-        self.listener_resume: float | None = None
-        self.relisten_at: float | None = None
-        self.connecting: socket.socket | None = None
-        self.connect_started = 0.0
+        self.acceptor = Acceptor(self)
+        self.dialer = Dialer(self)
         self.pending: list[Session] = []
         self.link = Link(config, self.hooks, self.status, lambda: self._watch_tun(False))
         self.tun_batch = TUN_BATCH
@@ -333,25 +177,16 @@ class Daemon:
         self._heap: list[tuple[float, int, Session]] = []
         self._seq = itertools.count()
         self.tun_registered = False
-        self.attempt = 0
-        self.next_attempt = 0.0
-        self.link_since = 0.0
         self.stopping = False
         self.reload_requested = False
-        self.redial = False  # a client opens a second session with a new key (rotation)
-        self._draining: list[tuple[float, Session]] = []  # replaced sessions, read until then
+        self.draining: list[tuple[float, Session]] = []  # replaced sessions, read until then
         self.exit_code = 0
         self._status_due = 0.0
-        self._status_dirty = True
+        self.status_dirty = True
         self._last_publish = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
-        # UDP: the server's socket, sessions by index, and the handshake budget
-        self.udp: UdpEndpoint | None = None
-        self.udp_index: dict[int, Session] = {}
-        self._hs_bucket = _Bucket(HANDSHAKE_RATE, time.monotonic())
-        self._hs_sources: dict[str, _Bucket] = {}
 
-    def _top_fingerprint(self) -> str:
+    def top_fingerprint(self) -> str:
         if self.hub:
             return f"{len({p.key for p in self.table})} keys" if len(self.table) else "-"
         return self.table.peers[0].fingerprint
@@ -386,7 +221,7 @@ class Daemon:
                 self._turn()
                 if self.reload_requested:
                     self.reload_requested = False
-                    self._reload()
+                    reload.reload(self)
         finally:
             self._teardown()
         return self.exit_code
@@ -415,48 +250,25 @@ class Daemon:
                 self.peer.fingerprint,
             )
         if cfg.mode == "server" and not cfg.is_serial:
-            self._open_listener()
+            self.acceptor.open_listener()
         else:
             self.status.set_state("connecting")
         self._publish(force=True)
 
     @property
-    def _dials(self) -> bool:
+    def dials(self) -> bool:
         """True when this end opens the carrier itself: a TCP client, or either end of a line."""
         return self.config.mode == "client" or self.config.is_serial
 
     @property
-    def _udp(self) -> bool:
+    def is_udp(self) -> bool:
         """True when the link's carrier is UDP."""
         return self.config.transport == "udp" and not self.config.is_serial
 
-    def _open_listener(self) -> None:
-        cfg = self.config
-        tos = tcp.ipopts_to_tos(cfg.ipopts)
-        if self._udp:
-            self.udp = UdpEndpoint((cfg.server_host, cfg.server_port), tos)
-            self.sel.register(self.udp.fileno(), selectors.EVENT_READ, self._on_udp_server)
-            self._set_top_state()
-            log.info(
-                "listening on udp %s:%d (gso %s, gro %s)",
-                cfg.server_host,
-                cfg.server_port,
-                "on" if self.udp.gso else "off",
-                "on" if self.udp.gro else "off",
-            )
-            return
-        if self.hub:
-            self.listener = tcp.listen(cfg.server_host, cfg.server_port, tos, HUB_BACKLOG)
-        else:
-            self.listener = tcp.listen(cfg.server_host, cfg.server_port, tos)
-        self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
-        self._set_top_state()
-        log.info("listening on %s", tcp.endpoint_text(cfg.server_host, cfg.server_port))
-
-    def _set_top_state(self, reason: str | None = None) -> None:
+    def set_top_state(self, reason: str | None = None) -> None:
         """A server's top-level state: up while a peer is up, else listening."""
         self.status.set_state("up" if self.link.up_count else "listening", reason)
-        self._status_dirty = True
+        self.status_dirty = True
 
     def _turn(self) -> None:
         now = time.monotonic()
@@ -479,17 +291,17 @@ class Daemon:
         let the normal reconnect logic bring the link back."""
         log.exception("internal error, restarting the link: %s", exc)
         for s in list(self.pending):
-            self._close_session(s)
+            self.close_session(s)
         ended = False
         for peer in self.table:
             if peer.session is not None:
-                self._end_session(peer.session, f"internal error: {exc}")
+                self.end_session(peer.session, f"internal error: {exc}")
                 ended = True
-        if not ended and self._dials and self.connecting is None and not self.stopping:
-            self._schedule_retry(time.monotonic(), f"internal error: {exc}")
+        if not ended and self.dials and self.dialer.connecting is None and not self.stopping:
+            self.dialer.schedule_retry(time.monotonic(), f"internal error: {exc}")
 
     # ----------------------------------------------------------------- timers
-    def _file(self, session: Session) -> None:
+    def file_session(self, session: Session) -> None:
         """File the session under its protocol deadline (after every protocol step)."""
         d = session.conn.next_deadline()
         if d is not None and d != session.deadline:
@@ -514,35 +326,28 @@ class Daemon:
         if self._blocked and self.hub:
             oldest = min(s.blocked_since or now for s in self._blocked)
             deadline = min(deadline, max(now, oldest + STALL_AFTER))
-        if self._draining:
-            deadline = min(deadline, max(now, min(until for until, _ in self._draining)))
+        if self.draining:
+            deadline = min(deadline, max(now, min(until for until, _ in self.draining)))
         active = self.active
         if self.lineq and active is not None and not active.carrier.pending:
             deadline = min(deadline, max(now, active.carrier.pacer.ready_at()))  # type: ignore[attr-defined]
-        if self._dials and self.active is None:
-            if self.connecting is None and not self.pending:
-                deadline = min(deadline, self.next_attempt)
-            elif self.connecting is not None:
-                deadline = min(deadline, self.connect_started + HANDSHAKE_TIMEOUT)
+        if self.dials:
+            deadline = self.dialer.deadline(now, deadline)
         return deadline
 
-    def _sessions(self) -> list[Session]:
+    def sessions(self) -> list[Session]:
         live = [p.session for p in self.table if p.session is not None]
-        return self.pending + live + [s for _, s in self._draining if not s.closed]
+        return self.pending + live + [s for _, s in self.draining if not s.closed]
 
     def _timers(self, now: float) -> None:
-        if self.relisten_at is not None and now >= self.relisten_at and not self.stopping:
-            self._relisten(now)
-        if self.listener_resume is not None and now >= self.listener_resume and self.listener:
-            self.listener_resume = None
-            self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        self.acceptor.tick(now)
         heap = self._heap
         while heap and heap[0][0] <= now:
             d, _, s = heapq.heappop(heap)
             if s.closed or s.deadline != d:
                 continue
             s.deadline = None
-            self._run_protocol(s, now, lambda s=s: s.conn.tick(now))
+            self.run_protocol(s, now, lambda s=s: s.conn.tick(now))
         if self._blocked and self.hub:
             self._update_tun_watch(now)
         if self.lineq:
@@ -552,446 +357,13 @@ class Daemon:
             try:
                 active.carrier.check_carrier()
             except OSError as exc:
-                self._end_session(active, str(exc))
-        if self._draining:
+                self.end_session(active, str(exc))
+        if self.draining:
             self._drained(now)
-        if self.redial and self.active is not None and self.connecting is None and not self.pending:
-            self.redial = False
-            log.info("opening a session with the new key beside the running one")
-            self._connect(now)
-        if self._dials and self.active is None and not self.pending:
-            if self.connecting is None and now >= self.next_attempt and not self.stopping:
-                if self.config.is_serial:
-                    self._open_line(now)
-                else:
-                    self._connect(now)
-            elif self.connecting is not None and now - self.connect_started > HANDSHAKE_TIMEOUT:
-                self._connect_failed(now, "connect timed out")
+        if self.dials:
+            self.dialer.tick(now)
 
-    # ----------------------------------------------------------------- client side
-    def _connect(self, now: float) -> None:
-        cfg = self.config
-        if self.active is None:  # (beside a running session: a rotation's new key)
-            self.status.set_state("connecting")
-            self._status_dirty = True
-        if self._udp:
-            self._connect_udp(now)
-            return
-        try:
-            sock = tcp.start_connect(
-                (cfg.server_host, cfg.server_port),
-                (cfg.client_host, cfg.client_port),
-                tcp.ipopts_to_tos(cfg.ipopts),
-            )
-        except OSError as exc:
-            self._connect_failed(now, str(exc.strerror or exc))
-            return
-        self.connecting = sock
-        self.connect_started = now
-        self.sel.register(sock, selectors.EVENT_WRITE, self._on_connected)
-
-    def _on_connected(self, mask: int, now: float) -> None:
-        sock = self.connecting
-        if sock is None:
-            return
-        self.sel.unregister(sock)
-        self.connecting = None
-        try:
-            tcp.finish_connect(sock)
-        except OSError as exc:
-            sock.close()
-            self._connect_failed(now, exc.strerror or str(exc))
-            return
-        cfg = self.config
-        carrier = tcp.TcpCarrier(sock, tcp.endpoint_text(cfg.server_host, cfg.server_port))
-        conn = Connection(
-            "initiator",
-            self.peer.key,
-            params_from_config(cfg),
-            self.rng,
-            now,
-            wall=time.time(),
-            announce=cfg.local,
-        )
-        session = self._add_pending(carrier, conn, now)
-        session.peer = self.peer
-        if self.active is None:
-            self.status.set_state("handshake")
-            self.status.peer = carrier.peer
-            self._status_dirty = True
-        log.info("connected to %s, handshaking", carrier.peer)
-        self._run_protocol(session, now, lambda: conn.start(now))
-
-    def _connect_udp(self, now: float) -> None:
-        """UDP client: a fresh socket (unconnected, so the kernel picks the source address per
-        datagram and a changed address roams) and a session that handshakes at once."""
-        cfg = self.config
-        try:
-            tos = tcp.ipopts_to_tos(cfg.ipopts)
-            endpoint = UdpEndpoint(
-                (cfg.client_host, cfg.client_port), tos, peer=(cfg.server_host, cfg.server_port)
-            )
-        except OSError as exc:
-            self._schedule_retry(now, f"cannot open a UDP socket: {exc.strerror or exc}")
-            return
-        carrier = UdpLink(endpoint, (cfg.server_host, cfg.server_port), owned=True)
-        conn = Connection(
-            "initiator",
-            self.peer.key,
-            params_from_config(cfg),
-            self.rng,
-            now,
-            wall=time.time(),
-            announce=cfg.local,
-            index=self._new_index(),
-        )
-        session = Session(carrier, conn, now)
-        self.pending.append(session)
-        self.sel.register(endpoint.fileno(), selectors.EVENT_READ, self._udp_client_reader(session))
-        session.peer = self.peer
-        if self.active is None:  # (beside a running session: a rotation's new key)
-            self.status.set_state("handshake")
-            self.status.peer = carrier.peer
-            self._status_dirty = True
-        log.info(
-            "udp to %s (gso %s, gro %s), handshaking",
-            carrier.peer,
-            "on" if endpoint.gso else "off",
-            "on" if endpoint.gro else "off",
-        )
-        self._run_protocol(session, now, lambda: conn.start(now))
-
-    def _new_index(self) -> int:
-        while True:
-            index = int.from_bytes(os.urandom(4), "big")
-            if index and index not in self.udp_index:
-                return index
-
-    def _udp_client_reader(self, session: Session) -> Callable[[int, float], None]:
-        """Selector callback of a UDP client's socket: datagrams from the server to our index."""
-        carrier = session.carrier
-        assert isinstance(carrier, UdpLink)  # noqa: S101 — built by _connect_udp
-        endpoint = carrier.endpoint
-        server = carrier.addr
-
-        def on_event(mask: int, now: float) -> None:
-            if mask & selectors.EVENT_WRITE and endpoint.flush():
-                self._set_tx_wait(session, False, now)
-            if not mask & selectors.EVENT_READ:
-                return
-            try:
-                batches = endpoint.receive(UDP_READS)
-            except OSError as exc:
-                self._end_session(session, f"carrier error: {exc.strerror or exc}")
-                return
-            want = session.conn.index.to_bytes(INDEX_LEN, "big")
-            msgs = []
-            stray = 0
-            for source, datagrams in batches:
-                if source != server:
-                    stray += len(datagrams)
-                    continue
-                for d in datagrams:
-                    if d[:INDEX_LEN] == want:
-                        msgs.append(d[INDEX_LEN:])
-                    else:
-                        stray += 1
-            if stray:
-                drops = self.status.drops
-                drops["udp_stray"] = drops.get("udp_stray", 0) + stray
-            if msgs and not session.closed:
-                self._run_protocol(session, now, lambda: session.conn.receive_datagrams(msgs, now))
-
-        return on_event
-
-    def _on_udp_server(self, mask: int, now: float) -> None:
-        """Selector callback of the server's UDP socket: demultiplex by session index."""
-        udp = self.udp
-        if udp is None:
-            return
-        if mask & selectors.EVENT_WRITE and udp.flush():
-            for s in self._sessions():
-                if s.tx_registered:
-                    self._set_tx_wait(s, False, now)
-        if not mask & selectors.EVENT_READ:
-            return
-        batches = udp.receive(UDP_READS)
-        index = self.udp_index
-        unknown = 0
-        for source, datagrams in batches:
-            runs: dict[Session, list[memoryview]] = {}
-            last_key = b""
-            last_run: list[memoryview] = []
-            for d in datagrams:
-                key = d[:INDEX_LEN]
-                if key == last_key and len(d) > INDEX_LEN:  # a GRO batch: one session, mostly
-                    last_run.append(d[INDEX_LEN:])
-                    continue
-                if len(d) <= INDEX_LEN:
-                    unknown += 1
-                    continue
-                idx = int.from_bytes(key, "big")
-                if idx == 0:
-                    self._udp_handshake(source, d[INDEX_LEN:], now)
-                    continue
-                session = index.get(idx)
-                if session is None:
-                    unknown += 1
-                    continue
-                last_key = bytes(key)
-                last_run = runs.setdefault(session, [])
-                last_run.append(d[INDEX_LEN:])
-            for session, msgs in runs.items():
-                if session.closed:
-                    continue
-                conn = session.conn
-                before = conn.accepted
-                self._run_protocol(session, now, lambda c=conn, m=msgs: c.receive_datagrams(m, now))
-                carrier = session.carrier
-                if (
-                    conn.accepted > before
-                    and not session.closed
-                    and isinstance(carrier, UdpLink)
-                    and carrier.addr != source
-                ):
-                    self._roam(session, carrier, source)
-        if unknown:
-            drops = self.status.drops
-            drops["udp_unknown_index"] = drops.get("udp_unknown_index", 0) + unknown
-
-    def _roam(self, session: Session, carrier: UdpLink, source: tuple[str, int]) -> None:
-        """An authenticated datagram came from a new address: the peer moved (NAT rebinding,
-        a new network); answer there from now on."""
-        peer = session.peer
-        if peer is not None and not tcp.client_allowed(source, peer.client_host, peer.client_port):
-            self.status.drops["refused_client"] = self.status.drops.get("refused_client", 0) + 1
-            return
-        old = carrier.peer
-        carrier.move(source)
-        log.info(
-            "%speer moved from %s to %s",
-            f"{peer.name}: " if peer is not None and self.hub else "",
-            old,
-            carrier.peer,
-        )
-        if peer is not None and peer.session is session:
-            peer.endpoint = carrier.peer
-            if not self.hub:
-                self.status.peer = carrier.peer
-            self.status.roams += 1
-        self._status_dirty = True
-
-    def _udp_handshake(self, source: tuple[str, int], msg: memoryview, now: float) -> None:
-        """A message 1 on the server's socket: budget, then a responder session that survives
-        only if the psk tag verified (see the module docstring)."""
-        cfg = self.config
-        drops = self.status.drops
-        if not tcp.client_allowed(source, cfg.client_host, cfg.client_port):
-            drops["refused_client"] = drops.get("refused_client", 0) + 1
-            return
-        bucket = self._hs_sources.get(source[0])
-        if bucket is None:
-            if len(self._hs_sources) >= 4096:
-                self._hs_sources.clear()  # a spoofed flood of many sources: start over
-            bucket = self._hs_sources[source[0]] = _Bucket(HANDSHAKE_RATE_PER_SOURCE, now)
-        if not bucket.take(now) or not self._hs_bucket.take(now):
-            drops["handshake_ratelimited"] = drops.get("handshake_ratelimited", 0) + 1
-            return
-        if not self._make_room(source[0]):
-            drops["handshake_flood"] = drops.get("handshake_flood", 0) + 1
-            return
-        assert self.udp is not None  # noqa: S101 — a server with a UDP carrier
-        index = self._new_index()
-        conn = Connection(
-            "responder",
-            None if self.hub else self.peer.key,
-            params_from_config(cfg),
-            self.rng,
-            now,
-            replay_guard=self._guard(),
-            wall=time.time(),
-            keyring=self.ring if self.hub else None,
-            index=index,
-        )
-        session = Session(UdpLink(self.udp, source, owned=False), conn, now)
-        session.source = source[0]
-        self.pending.append(session)
-        self.udp_index[index] = session
-        self._run_protocol(session, now, lambda: conn.receive_datagrams([msg], now))
-        if not session.closed and not conn.authenticated:
-            self._close_session(session)  # no answer, no state: the tag did not verify
-
-    def _open_line(self, now: float) -> None:
-        """Serial: open the device, run the modem chat, and start a session on the line."""
-        from vpnd_runtime.io.serial import SerialTransport  # noqa: PLC0415 — serial links only
-
-        cfg = self.config
-        self.status.set_state("connecting")
-        self._status_dirty = True
-        try:
-            transport = SerialTransport.open(
-                cfg.server_host, cfg.speed, rtscts=not cfg.nortscts, localline=cfg.localline
-            )
-        except OSError as exc:
-            self._schedule_retry(now, f"cannot open {cfg.server_host}: {exc.strerror or exc}")
-            return
-        if cfg.modemchat:
-            result = run_modemchat(cfg, transport)
-            if not result[0]:
-                transport.close()
-                self._schedule_retry(time.monotonic(), f"modem chat failed: {result[1]}")
-                return
-            now = time.monotonic()
-        carrier = SerialCarrier(transport, cfg.server_host, cfg.speed)
-        conn, framer = self._line_connection(now)
-        session = self._add_pending(carrier, conn, now, framer)
-        session.peer = self.peer
-        self.status.set_state("handshake")
-        self.status.peer = carrier.peer
-        log.info("line %s open at %d bit/s, handshaking", cfg.server_host, cfg.speed)
-        self._start_line_handshake(session, now)
-
-    def _line_connection(self, now: float) -> tuple[Connection, SlipFramer]:
-        """A fresh protocol session for the line, with its SLIP framer (kept for drop counts)."""
-        from vpnd_runtime.proto.slip import SlipFramer  # noqa: PLC0415 — serial links only
-
-        cfg = self.config
-        role = "initiator" if cfg.mode == "client" else "responder"
-        params = params_from_config(cfg)
-        if role == "initiator":
-            # Desynchronise from the far end's own handshake deadline.
-            timeout = params.handshake_timeout * self.jitter.uniform(1.0, 1.5)
-            params = dataclasses.replace(params, handshake_timeout=timeout)
-        framer = SlipFramer(xfilter=cfg.xfilter)
-        conn = Connection(
-            role,
-            self.peer.key,
-            params,
-            self.rng,
-            now,
-            framer=framer,
-            replay_guard=self._guard() if role == "responder" else None,
-            wall=time.time(),
-            announce=cfg.local if role == "initiator" else None,
-        )
-        return conn, framer
-
-    def _start_line_handshake(self, session: Session, now: float) -> None:
-        if session.conn.role == "initiator":
-            self._run_protocol(session, now, lambda: session.conn.start(now))
-        else:
-            self._file(session)
-
-    def _restart_line_handshake(self, session: Session, now: float, reason: str) -> None:
-        log.info("%s: %s; handshaking again", session.carrier.peer, reason)
-        self.status.set_state("handshake", reason)
-        self._status_dirty = True
-        self._retire_counters(session)
-        session.conn, session.framer = self._line_connection(now)
-        session.deadline = None
-        self._start_line_handshake(session, now)
-
-    def _connect_failed(self, now: float, reason: str) -> None:
-        if self.connecting is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(self.connecting)
-            self.connecting.close()
-            self.connecting = None
-        self._schedule_retry(now, reason)
-
-    def _schedule_retry(self, now: float, reason: str) -> None:
-        delay = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(self.attempt, 16)))
-        delay *= self.jitter.uniform(1 - BACKOFF_JITTER, 1.0)
-        self.attempt += 1
-        self.next_attempt = now + delay
-        self.status.set_state("connecting", reason)
-        self._status_dirty = True
-        log.warning(
-            "link to %s:%d not up (%s); retrying in %.1f s",
-            self.config.server_host,
-            self.config.server_port,
-            reason,
-            delay,
-        )
-
-    # ----------------------------------------------------------------- server side
-    def _on_accept(self, mask: int, now: float) -> None:
-        if self.listener is None:
-            return
-        cfg = self.config
-        while True:
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # Out of fds (EMFILE/ENFILE) leaves the listener readable: pause it, don't spin.
-                log.warning("accept failed: %s; not accepting for %.0f s", exc, ACCEPT_PAUSE)
-                self.sel.unregister(self.listener)
-                self.listener_resume = now + ACCEPT_PAUSE
-                return
-            addr = tcp.peer_address(addr)
-            peer = tcp.endpoint_text(*addr)
-            if not tcp.client_allowed(addr, cfg.client_host, cfg.client_port):
-                log.warning(
-                    "refused connection from %s: not the configured client %s:%s",
-                    peer,
-                    cfg.client_host,
-                    cfg.client_port or "any",
-                )
-                self.status.drops["refused_client"] = self.status.drops.get("refused_client", 0) + 1
-                sock.close()
-                continue
-            if not self._make_room(addr[0]):
-                drops = self.status.drops
-                drops["handshake_flood"] = drops.get("handshake_flood", 0) + 1
-                sock.close()
-                continue
-            carrier = tcp.TcpCarrier(sock, peer)
-            ring = self.hub or self.peer.next_key is not None  # many keys: pick by key id
-            conn = Connection(
-                "responder",
-                None if ring else self.peer.key,
-                params_from_config(cfg),
-                self.rng,
-                now,
-                replay_guard=self._guard(),
-                wall=time.time(),
-                keyring=self.ring if ring else None,
-            )
-            session = self._add_pending(carrier, conn, now)
-            session.source = addr[0]
-            self._file(session)
-            if not self.hub:
-                log.info("connection from %s, waiting for its handshake", peer)
-
-    def _make_room(self, source: str) -> bool:
-        """Room for one more unauthenticated connection from `source`? Evicts the oldest
-        unauthenticated one (from that source first) when a cap is reached; a connection that
-        has proven its key is never evicted. False when no room can be made."""
-        cap = MAX_PENDING_HUB if self.hub else MAX_PENDING
-        waiting = [s for s in self.pending if not s.conn.authenticated]
-        if self.hub:
-            same = [s for s in waiting if s.source == source]
-            if len(same) >= MAX_PENDING_PER_SOURCE:
-                self._evict(same[0], MAX_PENDING_PER_SOURCE, f"from {source}")
-                waiting.remove(same[0])
-        if len(self.pending) < cap:
-            return True
-        if not waiting:
-            return False
-        self._evict(waiting[0], cap, "")
-        return True
-
-    def _evict(self, session: Session, cap: int, what: str) -> None:
-        if not self.hub:
-            log.warning(
-                "%d handshakes waiting: dropping the oldest, from %s", cap, session.carrier.peer
-            )
-        self.status.drops["handshake_evicted"] = self.status.drops.get("handshake_evicted", 0) + 1
-        self._close_session(session)
-
-    def _guard(self) -> Any:
+    def guard(self) -> Any:
         if self.replay_guard is None:
             self.replay_guard = ReplayGuard()
         return self.replay_guard
@@ -1004,14 +376,14 @@ class Daemon:
         def on_event(mask: int, now: float) -> None:
             try:
                 if mask & selectors.EVENT_WRITE and carrier.flush():
-                    self._set_tx_wait(session, False, now)
+                    self.set_tx_wait(session, False, now)
                 if not mask & selectors.EVENT_READ or session.closed:
                     return
                 data = carrier.read()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._end_session(session, f"carrier error: {exc.strerror or exc}")
+                self.end_session(session, f"carrier error: {exc.strerror or exc}")
                 return
             if not data:
                 reason = (
@@ -1020,18 +392,18 @@ class Daemon:
                     else "peer closed the connection during the handshake "
                     "(wrong key, or not an allowed client?)"
                 )
-                self._end_session(session, reason)
+                self.end_session(session, reason)
                 return
-            self._run_protocol(session, now, lambda: session.conn.receive_data(data, now))
+            self.run_protocol(session, now, lambda: session.conn.receive_data(data, now))
 
         return on_event
 
-    def _run_protocol(self, session: Session, now: float, step: Callable[[], Any]) -> None:
+    def run_protocol(self, session: Session, now: float, step: Callable[[], Any]) -> None:
         """Run one protocol step, act on its events, and send what it queued."""
         try:
             events = step() or ()
         except RemoteProtocolError as exc:
-            self._end_session(
+            self.end_session(
                 session,
                 f"{'peer error' if session.up else 'handshake failed'}: "
                 f"{exc.reason if hasattr(exc, 'reason') else exc}",
@@ -1039,10 +411,10 @@ class Daemon:
             return
         except ProtocolError as exc:
             log.error("internal protocol misuse: %s", exc)
-            self._end_session(session, f"internal error: {exc}")
+            self.end_session(session, f"internal error: {exc}")
             return
         except OSError as exc:  # randomdev failing during a rekey or handshake
-            self._end_session(session, f"local error: {exc.strerror or exc}")
+            self.end_session(session, f"local error: {exc.strerror or exc}")
             return
         inbound: list[bytes] = []
         for ev in events:
@@ -1068,19 +440,19 @@ class Daemon:
             elif type(ev) is PeerDead and not session.up and session.framer is not None:
                 # Serial: a handshake message was lost. Start over on the line, which stays open
                 # (closing a line loses whatever the far end is sending meanwhile).
-                self._restart_line_handshake(session, now, ev.reason)
+                self.dialer.restart_line_handshake(session, now, ev.reason)
                 return
             elif type(ev) in (PeerDead, Closed):
                 if inbound:
                     self._to_tun(session, inbound)
                     inbound = []
                 why = ev.reason if type(ev) is PeerDead else f"peer closed the link: {ev.reason}"
-                self._end_session(session, why)
+                self.end_session(session, why)
                 return
         if inbound:  # one hand-over per carrier read, not per frame: fewer thread wake-ups
             self._to_tun(session, inbound)
         self._send(session, now)
-        self._file(session)
+        self.file_session(session)
 
     def _to_tun(self, session: Session, packets: list[bytes]) -> None:
         """Hand decrypted packets to the TUN writer (counted as dropped while the link is down).
@@ -1135,7 +507,7 @@ class Daemon:
             self.lineq.push(batch)
             self._feed_line(now)
             return
-        if self._udp and hdr:
+        if self.is_udp and hdr:
             # One datagram per MTU: cut TCP super-packets into segments (see io/gso.py).
             split = gso.split
             batch = [seg for p in batch for seg in (split(p) if p[1] else (p,))]
@@ -1144,7 +516,7 @@ class Daemon:
             if session is not None:
                 self.peer.packets_out += len(batch)
                 self.peer.bytes_out += sum(map(len, batch)) - len(batch) * hdr
-                self._run_protocol(session, now, lambda: session.conn.send_packets(batch, now))
+                self.run_protocol(session, now, lambda: session.conn.send_packets(batch, now))
             return
         for peer, packets in datapath.route_outbound(batch, hdr, self.table, self.status.drops):
             session = peer.session
@@ -1156,7 +528,7 @@ class Daemon:
                 continue
             peer.packets_out += len(packets)
             peer.bytes_out += sum(map(len, packets)) - len(packets) * hdr
-            self._run_protocol(
+            self.run_protocol(
                 session, now, lambda s=session, p=packets: s.conn.send_packets(p, now)
             )
 
@@ -1172,15 +544,15 @@ class Daemon:
             batch = lineq.take()
             self.peer.packets_out += len(batch)
             self.peer.bytes_out += sum(map(len, batch)) - len(batch) * lineq.hdr
-            self._run_protocol(session, now, lambda b=batch: session.conn.send_packets(b, now))
+            self.run_protocol(session, now, lambda b=batch: session.conn.send_packets(b, now))
 
     def _tun_lost(self, reason: str) -> None:
         """The TUN failed under us: every peer's link goes down (and comes back)."""
         for peer in self.table:
             if peer.session is not None:
-                self._end_session(peer.session, reason)
+                self.end_session(peer.session, reason)
 
-    def _flush_out(self, session: Session) -> None:
+    def flush_out(self, session: Session) -> None:
         """Hand what the protocol queued to the carrier (datagrams or bytes)."""
         carrier = session.carrier
         if isinstance(carrier, UdpLink):
@@ -1196,9 +568,9 @@ class Daemon:
             try:
                 carrier.send(session.conn.datagrams_to_send())
             except OSError as exc:
-                self._end_session(session, f"carrier error: {exc.strerror or exc}")
+                self.end_session(session, f"carrier error: {exc.strerror or exc}")
                 return
-            self._set_tx_wait(session, carrier.pending, now)
+            self.set_tx_wait(session, carrier.pending, now)
             return
         data = session.conn.data_to_send()
         try:
@@ -1207,11 +579,11 @@ class Daemon:
             elif carrier.pending:
                 carrier.flush()
         except OSError as exc:
-            self._end_session(session, f"carrier error: {exc.strerror or exc}")
+            self.end_session(session, f"carrier error: {exc.strerror or exc}")
             return
-        self._set_tx_wait(session, carrier.pending, now)
+        self.set_tx_wait(session, carrier.pending, now)
 
-    def _add_pending(
+    def add_pending(
         self, carrier: tcp.Carrier, conn: Connection, now: float, framer: SlipFramer | None = None
     ) -> Session:
         """A new carrier connection, watched for input, waiting for its handshake."""
@@ -1220,7 +592,7 @@ class Daemon:
         self.sel.register(carrier.fileno(), selectors.EVENT_READ, self._reader(session))
         return session
 
-    def _set_tx_wait(self, session: Session, waiting: bool, now: float) -> None:
+    def set_tx_wait(self, session: Session, waiting: bool, now: float) -> None:
         """Watch the carrier for writability, and pause the TUN, exactly while output is queued."""
         if waiting == session.tx_registered or session.closed:
             return
@@ -1268,7 +640,7 @@ class Daemon:
         if peer is None:
             self._drop_session(session, "no such client (removed by a reload?)")
             return
-        if not self._dials and not tcp.client_allowed(
+        if not self.dials and not tcp.client_allowed(
             _addr(session), peer.client_host, peer.client_port
         ):
             self._drop_session(
@@ -1306,36 +678,36 @@ class Daemon:
             peer.reconnects += 1
             self._drain(previous, now)
             self._update_tun_watch(now)
-            self._status_dirty = True
+            self.status_dirty = True
             return
-        if self._dials:
+        if self.dials:
             # Other half-open attempts are moot once one session is up.
             for other in list(self.pending):
-                self._close_session(other)
-        self.link_since = now
+                self.close_session(other)
+        self.dialer.link_since = now
         try:
             self._peer_up(peer, session)
         except OSError as exc:  # TunError included
             log.error("cannot bring the link up: %s", exc)
-            self._end_session(session, f"local error: {exc}")
+            self.end_session(session, f"local error: {exc}")
 
     def _drain(self, session: Session, now: float) -> None:
         """A replaced session is read for `DRAIN_SECONDS` more (what was in flight on it still
         reaches the TUN: a rotation or a client's reconnect loses no packet), sends nothing new,
         and is then closed."""
         self._blocked.discard(session)
-        self._draining.append((now + DRAIN_SECONDS, session))
+        self.draining.append((now + DRAIN_SECONDS, session))
 
     def _drained(self, now: float) -> None:
         keep = []
-        for until, session in self._draining:
+        for until, session in self.draining:
             if session.closed:
                 continue
             if now >= until:
-                self._close_session(session)
+                self.close_session(session)
             else:
                 keep.append((until, session))
-        self._draining = keep
+        self.draining = keep
 
     def _peer_of(self, session: Session) -> Peer | None:
         """The peer a server session authenticated as (still in the current table)."""
@@ -1350,8 +722,8 @@ class Daemon:
         log.warning("%s: %s", session.carrier.peer, reason)
         with contextlib.suppress(Exception):
             session.conn.close(reason)
-            self._flush_out(session)
-        self._close_session(session)
+            self.flush_out(session)
+        self.close_session(session)
 
     def _peer_up(self, peer: Peer, session: Session) -> None:
         """A peer's link is up: the TUN (for the first peer), its routes, its linkup hook."""
@@ -1364,10 +736,10 @@ class Daemon:
         self.link.peer_up(peer)
         peer.set_state(UP)
         if self.hub:
-            self._set_top_state()
+            self.set_top_state()
         else:
             self.status.set_state("up")
-        self._status_dirty = True
+        self.status_dirty = True
         self._update_tun_watch(time.monotonic())
         log.info(
             "link up: %s %s <-> %s%s via %s, key %s",
@@ -1391,60 +763,54 @@ class Daemon:
             self.status.session_started = None
         log.warning("link down%s: %s", f" ({peer.name})" if self.hub else "", reason)
 
-    def _end_session(self, session: Session, reason: str) -> None:
+    def end_session(self, session: Session, reason: str) -> None:
         """A session ended (error, EOF, dead peer): log once, tear down, and plan what follows."""
         if session.closed:
             return
         peer = session.peer
         was_active = peer is not None and peer.session is session
-        self._close_session(session)
+        self.close_session(session)
         now = time.monotonic()
         if was_active and peer is not None:
             peer.session = None
             self._peer_down(peer, reason)
             peer.set_state(DOWN, reason)
             if self.hub:
-                self._set_top_state()
+                self.set_top_state()
             else:
                 self.status.set_state("down", reason)
                 self._publish(force=True)
-            if now - self.link_since > BACKOFF_RESET_AFTER:
-                self.attempt = 0
         elif not self.hub or session.conn.authenticated:
             log.warning("%s: %s", session.carrier.peer, reason)
-        if self._dials:
-            if self.active is None and not self.pending and not self.stopping:
-                if self.config.is_serial and not was_active:
-                    # The line opened but a handshake message was lost (noise, the far end
-                    # reopening its device): try again at once rather than backing off.
-                    self.attempt = 0
-                self._schedule_retry(now, reason)
+        if self.dials:
+            self.dialer.session_ended(now, was_active, reason)
         elif self.active is None and not self.hub:
             self.status.set_state("listening", reason)
-        self._status_dirty = True
+        self.status_dirty = True
 
-    def _close_session(self, session: Session) -> None:
+    def close_session(self, session: Session) -> None:
         if not session.closed:
-            self._retire_counters(session)
+            self.retire_counters(session)
         session.closed = True
         self._blocked.discard(session)
         if session in self.pending:
             self.pending.remove(session)
         carrier = session.carrier
         if isinstance(carrier, UdpLink) and not carrier.owned:
-            # A server's session on the shared socket: forget its index, keep the socket.
-            if self.udp_index.get(session.conn.index) is session:
-                del self.udp_index[session.conn.index]
-            if session.tx_registered and self.udp is not None:
-                session.tx_registered = False
-                if not any(s.tx_registered for s in self._sessions() if s is not session):
-                    fd = self.udp.fileno()
-                    with contextlib.suppress(KeyError, ValueError):
-                        self.sel.modify(fd, selectors.EVENT_READ, self._on_udp_server)
+            self.acceptor.forget(session)  # a server's session on the shared socket
             return
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(carrier.fileno())
+        self.unwatch(carrier.fileno())
         carrier.close()
+
+    def unwatch(self, fileobj: Any) -> None:
+        """Stop watching `fileobj` (not an error if it was not watched)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(fileobj)
+
+    def rewatch(self, fileobj: Any, events: int, callback: Callable[[int, float], None]) -> None:
+        """Watch a registered `fileobj` for other events (not an error if it was not)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(fileobj, events, callback)
 
     # ----------------------------------------------------------------- status, signals, reload
     def _session_drops(self, session: Session) -> dict[str, int]:
@@ -1453,7 +819,7 @@ class Daemon:
             drops.update({f"line_{k}": v for k, v in session.framer.errors.items() if v})
         return drops
 
-    def _retire_counters(self, session: Session) -> None:
+    def retire_counters(self, session: Session) -> None:
         """Fold a finished session's counters into the daemon's totals (they never go back)."""
         st = session.conn.stats
         self._wire_base = (
@@ -1467,7 +833,7 @@ class Daemon:
 
     def _publish(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not (force or self._status_dirty or now >= self._status_due):
+        if not (force or self.status_dirty or now >= self._status_due):
             return
         if (
             self.hub
@@ -1478,7 +844,7 @@ class Daemon:
             return  # a burst of clients: at most a few writes per second
         self.status.packets_in, self.status.bytes_in = self.link.packets_bytes_in
         wire_in, wire_out = self._wire_base
-        sessions = self._sessions()
+        sessions = self.sessions()
         for s in sessions:
             wire_in += s.conn.stats.wire_bytes_in
             wire_out += s.conn.stats.wire_bytes_out
@@ -1502,7 +868,7 @@ class Daemon:
             self.writer.write(self.status)
         except OSError as exc:
             log.warning("cannot write status file %s: %s", self.writer.path, exc)
-        self._status_dirty = False
+        self.status_dirty = False
         self._status_due = now + STATUS_INTERVAL
         self._last_publish = now
 
@@ -1559,199 +925,30 @@ class Daemon:
             while self._wake_r.recv(4096):
                 pass
 
-    def _reload(self) -> None:
-        """SIGHUP: re-read the config and keys; restart the link only if something changed
-        (a hub whose only change is its peer set keeps its unchanged clients' sessions)."""
-        try:
-            new = load_config(self.config.source)
-            table = load_table(new)
-        except (ConfigError, KeyFileError, OSError) as exc:
-            log.error("SIGHUP: configuration not reloaded, keeping the running one:\n%s", exc)
-            return
-        old_ids = [p.identity() for p in self.table]
-        new_ids = [p.identity() for p in table]
-        if new == self.config and old_ids == new_ids:
-            log.info("SIGHUP: configuration unchanged")
-            return
-        same_hub = (
-            self.hub
-            and new.is_hub
-            and dataclasses.replace(new, peers=()) == dataclasses.replace(self.config, peers=())
-        )
-        if same_hub:
-            self._reload_peers(new, table)
-            return
-        if not self.hub and not new.is_hub and _only_keys_differ(self.config, new):
-            self._reload_keys(new, table.peers[0])
-            return
-        log.info("SIGHUP: configuration changed; restarting the link")
-        self._stop_link("configuration reloaded")
-        if new.randomdev != self.config.randomdev:
-            try:
-                rng = RandomDev(new.randomdev)
-            except OSError as exc:
-                log.error(
-                    "SIGHUP: randomdev %s: %s; keeping %s",
-                    new.randomdev,
-                    exc,
-                    self.config.randomdev,
-                )
-            else:
-                self.rng.close()
-                self.rng = rng
-        self.config = new
-        self.hub = new.is_hub
-        self.table = table
-        self.link.config = new
-        self.status.hub = self.hub
-        self.status.key_fingerprint = self._top_fingerprint()
-        self.status.local = str(new.local)
-        self.status.remote = str(new.remote) if new.remote is not None else ""
-        self.status.local6 = str(new.local6) if new.local6 is not None else None
-        self.status.remote6 = str(new.remote6) if new.remote6 is not None else None
-        self.status.interface = new.interface
-        self.attempt = 0
-        self.next_attempt = 0.0
-        if new.statusfile != self.writer.path:
-            self.writer.remove()
-            self.writer = StatusWriter(new.statusfile)
-        if new.mode == "server" and not new.is_serial:
-            self._relisten(time.monotonic())
-        else:
-            self.status.set_state("connecting")
-
-    def _reload_peers(self, new: Config, table: PeerTable) -> None:
-        """Apply a hub's new peer set: unchanged clients keep their Peer (session, counters);
-        removed or changed ones are cut at once, so their old key opens nothing from now on."""
-        current = self.table.by_name
-        kept, added, gone = [], [], []
-        rekeyed = 0
-        for fresh in table:
-            old = current.get(fresh.name)
-            if old is not None and old.identity() == fresh.identity():
-                kept.append(old)
-            elif old is not None and _same_but_keys(old, fresh) and _still_accepted(old, fresh):
-                _take_keys(old, fresh)  # a rotation step: the session stays up
-                kept.append(old)
-                rekeyed += 1
-            else:
-                added.append(fresh)
-        keep_ids = {id(p) for p in kept}
-        gone = [p for p in self.table if id(p) not in keep_ids]
-        self.config = new
-        self.link.config = new
-        self.table = PeerTable(kept + added, hub=True)  # the ring sees it from now on
-        for _until, drained in list(self._draining):  # a revoked key opens nothing, at once
-            if drained.peer in gone:
-                self._close_session(drained)
-        for peer in gone:
-            why = "changed" if peer.name in table.by_name else "removed"
-            reason = f"client {why} by a reload"
-            if peer.session is not None:
-                session = peer.session
-                with contextlib.suppress(Exception):
-                    session.conn.close(reason)
-                    self._flush_out(session)
-                self._end_session(session, reason)
-        for s in list(self.pending):  # proven but unconfirmed handshakes of a revoked key
-            if s.conn.peer is not None and self.table.by_name.get(s.conn.peer.name) is not (
-                s.conn.peer
-            ):
-                self._close_session(s)
-        self.status.key_fingerprint = self._top_fingerprint()
-        self._status_dirty = True
-        log.info(
-            "SIGHUP: clients reloaded: %d kept (%d with new keys), %d added or changed, "
-            "%d removed or changed",
-            len(kept),
-            rekeyed,
-            len(added),
-            len(gone),
-        )
-
-    def _reload_keys(self, new: Config, fresh: Peer) -> None:
-        """A point-to-point link whose config changed only in `keyfile`/`nextkey` (a rotation
-        step): the running session stays up while its key is still accepted; a client whose
-        primary key changed opens a new session with it beside the running one, which then
-        replaces it (make before break: the TUN, routes and the ping running stay)."""
-        peer = self.peer
-        primary_changed = fresh.key != peer.key
-        keep = _still_accepted(peer, fresh)
-        _take_keys(peer, fresh)
-        self.table = PeerTable([peer], hub=False)  # index the new keys (the ring reads it)
-        self.config = new
-        self.link.config = new
-        self.status.key_fingerprint = peer.fingerprint
-        self.status.next_key_fingerprint = peer.next_fingerprint
-        self._status_dirty = True
-        session = peer.session
-        if session is not None and not keep:
-            log.info("SIGHUP: the running session's key is no longer accepted; reconnecting")
-            self._end_session(session, "key rotated out")
-            return
-        log.info(
-            "SIGHUP: keys reloaded (key %s%s); the link stays up",
-            peer.fingerprint,
-            f", also accepting {peer.next_fingerprint}" if peer.next_key is not None else "",
-        )
-        if primary_changed and session is not None and self._dials and not new.is_serial:
-            self.redial = True  # the new key proves itself on a second connection first
-
-    def _relisten(self, now: float) -> None:
-        """Listen again after a reload; the port can stay busy for a moment (a hook's fork
-        holding the old socket until it execs), so retry rather than give up."""
-        try:
-            self._open_listener()
-            self.relisten_at = None
-        except OSError as exc:
-            self.relisten_at = now + ACCEPT_PAUSE
-            self.status.set_state("down", f"cannot listen: {exc.strerror or exc}")
-            self._status_dirty = True
-            log.error(
-                "cannot listen on %s:%d: %s; retrying",
-                self.config.server_host,
-                self.config.server_port,
-                exc.strerror or exc,
-            )
-
-    def _stop_link(self, reason: str) -> None:
+    def stop_link(self, reason: str) -> None:
         # The listener first: hooks about to be forked must not inherit it.
-        self.relisten_at = None
-        if self.listener is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
-            self.listener_resume = None
-        udp, self.udp = self.udp, None
-        if udp is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(udp.fileno())
-        for s in [*self.pending, *(d for _, d in self._draining)]:
-            self._close_session(s)
-        self._draining = []
+        udp = self.acceptor.close()
+        for s in [*self.pending, *(d for _, d in self.draining)]:
+            self.close_session(s)
+        self.draining = []
         for peer in self.table:
             s = peer.session
             if s is None:
                 continue
             with contextlib.suppress(Exception):
                 s.conn.close(reason)
-                self._flush_out(s)
-            self._close_session(s)
+                self.flush_out(s)
+            self.close_session(s)
             peer.session = None
             self._peer_down(peer, reason)
             peer.set_state(DOWN, reason)
-        if self.connecting is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(self.connecting)
-            self.connecting.close()
-            self.connecting = None
+        self.dialer.cancel()
         if udp is not None:
             udp.close()  # after the goodbyes above went out on it
 
     def _teardown(self) -> None:
         log.info("shutting down")
-        self._stop_link("shutting down")
+        self.stop_link("shutting down")
         self.hooks.drain(SHUTDOWN_HOOK_WAIT)
         self.hooks.close(1.0)
         self.status.set_state("stopped")
@@ -1772,32 +969,3 @@ def _addr(session: Session) -> tuple[str, int]:
         return host, int(port)
     except ValueError:
         return host, 0
-
-
-_KEY_FIELDS = ("key", "fingerprint", "next_key", "next_fingerprint")
-
-
-def _only_keys_differ(old: Config, new: Config) -> bool:
-    """True when two configs differ in `keyfile`/`nextkey` at most."""
-    return dataclasses.replace(new, keyfile=old.keyfile, nextkey=old.nextkey) == old
-
-
-def _same_but_keys(old: Peer, new: Peer) -> bool:
-    """True when two peers differ in their keys at most (`key`, `next_key`: a rotation step)."""
-    return dataclasses.replace(new, key=old.key, next_key=old.next_key).identity() == (
-        old.identity()
-    )
-
-
-def _still_accepted(old: Peer, new: Peer) -> bool:
-    """True when `old`'s running session (if any) was opened with a key `new` still accepts."""
-    if old.session is None:
-        return True
-    used = old.fingerprint_of(old.session.conn.key_id)
-    return used in (new.fingerprint, new.next_fingerprint)
-
-
-def _take_keys(peer: Peer, fresh: Peer) -> None:
-    """Give `peer` the keys of `fresh` (the rest of it, its session and counters, stay)."""
-    for name in _KEY_FIELDS:
-        setattr(peer, name, getattr(fresh, name))

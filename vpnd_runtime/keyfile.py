@@ -12,6 +12,7 @@ key material: only paths, modes and lengths.
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 
 try:  # hashlib's own blake2s, without importing hashlib, whose _hashlib maps the system
@@ -20,7 +21,7 @@ try:  # hashlib's own blake2s, without importing hashlib, whose _hashlib maps th
 except ImportError:  # pragma: no cover - a Python built without _blake2
     from hashlib import blake2s
 
-__all__ = ["KEY_BYTES", "KeyFileError", "fingerprint", "generate_key", "load_key"]
+__all__ = ["KEY_BYTES", "KeyFileError", "fingerprint", "generate_key", "load_key", "user_uid"]
 
 KEY_BYTES = 32
 _HEX_CHARS = 2 * KEY_BYTES
@@ -104,11 +105,13 @@ def generate_key(path: str | os.PathLike[str], randomdev: str = "/dev/random") -
     return key
 
 
-def load_key(path: str | os.PathLike[str]) -> bytes:
+def load_key(path: str | os.PathLike[str], owner: int | None = None) -> bytes:
     """Return the 32-byte key stored at ``path``.
 
     Refused: not a regular file, any group/other permission bit set, owned by someone other
-    than the current user or root, or content that is not exactly one 64-hex-digit line.
+    than the current user, root or ``owner`` (the account a daemon started as root drops to:
+    it must read its keys again on SIGHUP, after the drop), or content that is not exactly one
+    64-hex-digit line.
     """
     name = os.fspath(path)
     try:
@@ -125,9 +128,12 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
                 name,
                 f"key file mode {mode:04o} lets others read it; run chmod 600 {name}",
             )
-        if info.st_uid not in (os.geteuid(), 0):
+        if info.st_uid not in (os.geteuid(), 0, owner):
             raise KeyFileError(
-                name, f"key file is owned by uid {info.st_uid}, not by this user or root"
+                name,
+                f"key file is owned by uid {info.st_uid}, not by this user"
+                + (f", the daemon's user (uid {owner})" if owner is not None else "")
+                + " or root",
             )
         data = os.read(fd, _MAX_FILE + 1)
     except OSError as exc:
@@ -163,7 +169,20 @@ def fingerprint(key: bytes) -> str:
     The first 8 bytes of BLAKE2s(key, person=b"vpndfp"), as four groups of four hex digits.
     Both ends of a link show the same fingerprint when they hold the same key.
     """
-    if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
         raise ValueError(f"a key is {KEY_BYTES} bytes")
     digest = blake2s(bytes(key), person=b"vpndfp").hexdigest()[:16]
     return ":".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+def user_uid(user: str | None) -> int | None:
+    """The uid of a config's `user` account, whose key files `load_key` accepts (a daemon that
+    dropped to it reads its keys again on SIGHUP), or None; privdrop.py names an unknown user."""
+    if user is None:
+        return None
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None

@@ -116,7 +116,8 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
 
     The keys are loaded before detaching, so a bad key file fails `vpnd --daemon` at once.
     """
-    from vpnd_runtime.daemon import Daemon, load_table  # noqa: PLC0415 — the heavy part
+    from vpnd_runtime.daemon import Daemon  # noqa: PLC0415 — the heavy part
+    from vpnd_runtime.session import load_table  # noqa: PLC0415
 
     table = load_table(config)
     ready_fd = _daemonize() if daemonize else -1

@@ -306,7 +306,7 @@ def format_peers(peers: list[dict[str, Any]]) -> list[str]:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
             for row in rows]  # fmt: skip
 
 
@@ -368,7 +368,7 @@ def _labels(labels: dict[str, str]) -> str:
 
 def _number(value: object) -> str | None:
     """A sample value, or None for anything that is not a finite number (never invented)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float) and not math.isfinite(value):  # NaN, inf: leave out
         return None

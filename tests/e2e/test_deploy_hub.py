@@ -65,9 +65,13 @@ def _sessions(lab: LabState) -> dict[str, tuple[str, float | None, float | None]
     }
 
 
-def _address(lab: LabState, client: str) -> str:
+def _manifest_client(lab: LabState, client: str) -> dict[str, Any]:
     manifest = json.loads((Path(lab.directory) / "build/server/manifest.json").read_text())
-    return manifest["links"]["hub"]["clients"][client]["address"]
+    return manifest["links"]["hub"]["clients"][client]
+
+
+def _address(lab: LabState, client: str) -> str:
+    return _manifest_client(lab, client)["address"]
 
 
 def _hub_address(lab: LabState) -> str:
@@ -92,6 +96,16 @@ def test_hub_with_three_clients_deploys_and_every_client_reaches_hub_and_each_ot
         _ping(lab, "server", _address(lab, client))
     _ping(lab, "client1", _address(lab, "client2"))  # client to client, through the hub
     _ping(lab, "client3", _address(lab, "client1"))
+    # And over IPv6 too (every link is dual-stack by default): client to client through the hub
+    address6 = _manifest_client(lab, "client2")["address6"]
+    poll_until(
+        lambda: (
+            " 0% packet loss"
+            in lab_exec(lab, "client1", "sh", "-c", f"ping -6 -c 2 -i 0.2 -W 2 {address6}; true")
+        ),
+        15,
+        what=f"client1 pings client2 at {address6} through the hub",
+    )
     status = vpnctl(lab, "status")
     assert "hub        3/3 UP   server" in status.stdout, status.stdout
     assert "3/3 link(s) up" in status.stdout

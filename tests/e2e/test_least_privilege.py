@@ -17,6 +17,7 @@ from __future__ import annotations
 import grp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from tests.helpers.netns import Netns, VpndProcess, namespace_pair, new_tag, pol
 from tests.helpers.tundev import with_tun_mode
 from vpnctl.inventory import allocate_tunnels, parse_inventory
 from vpnctl.rendering import render
-from vpnd_runtime.keyfile import generate_key
+from vpnd_runtime.keyfile import fingerprint, generate_key, load_key
 
 pytestmark = pytest.mark.root
 
@@ -248,3 +249,47 @@ def test_started_as_the_user_like_the_systemd_unit_does_the_link_still_comes_up(
         # And it ran on a read-only root file system (MDWE: MDWE_RUN exits when refused)
         root = next(line.split() for line in _mountinfo(server.pid) if line.split()[4] == "/")
         assert "ro" in root[5].split(","), root
+
+
+def test_a_daemon_that_dropped_to_its_user_reads_a_rotated_key_on_sighup(site: Path) -> None:
+    # Given both ends started as root with `user nobody`, their keys owned by nobody (as deploy
+    # hands them over), the link up
+    tag = new_tag("lp")
+    old, new = site / "shared.key", site / "next.key"
+    for key in (old, new):
+        generate_key(key, randomdev="/dev/urandom")
+        os.chown(key, NOBODY, NOBODY)
+    fp_old, fp_new = fingerprint(load_key(old, NOBODY)), fingerprint(load_key(new, NOBODY))
+    (site / "hook.sh").write_text("#!/bin/sh\n")
+    (site / "hook.sh").chmod(0o755)
+    with namespace_pair(tag) as pair:
+        s_conf = _conf(site, tag, "server", pair.server_ip)
+        c_conf = _conf(site, tag, "client", pair.server_ip)
+        with ExitStack() as running:
+            server = running.enter_context(_vpnd_as_user(pair.server, s_conf, site, "server"))
+            poll_until(lambda: server.state() == "listening", 20, what="server listening")
+            client = running.enter_context(_vpnd_as_user(pair.client, c_conf, site, "client"))
+            poll_until(lambda: client.state() == "up", 20, what="link up")
+            assert _proc_status(server.pid)["Uid"].split()[0] == str(NOBODY)
+            # When the server, now running as nobody, is told by SIGHUP to also accept a next key
+            s_conf.write_text(s_conf.read_text() + f"nextkey {new}\n")
+            os.kill(server.pid, signal.SIGHUP)
+            # Then it reads the key as its user, and the link stays up
+            poll_until(
+                lambda: server.status().get("next_key_fingerprint") == fp_new,
+                20,
+                what="server accepts the next key",
+            )
+            # And when the client switches to the new key, its new session uses it
+            text = c_conf.read_text().replace(f"keyfile {old}", f"keyfile {new}")
+            c_conf.write_text(text + f"nextkey {old}\n")
+            os.kill(client.pid, signal.SIGHUP)
+            poll_until(
+                lambda: client.status().get("session_key_fingerprint") == fp_new,
+                20,
+                what="client session on the new key",
+            )
+            assert client.status()["links_up"] == 1  # make before break: never down
+            assert fp_old != fp_new
+            assert "not reloaded" not in server.log() + client.log()
+            assert pair.client.ping(SERVER_TUN, count=2)

@@ -64,9 +64,11 @@ def test_apply_creates_the_account_before_unpacking_and_hands_it_the_key_under_s
     assert f"chmod 0755 {PREFIX}/etc/vpnd" in script  # it reads its config there
 
 
-def test_without_systemd_the_key_stays_roots_and_the_run_directories_become_the_users():
+def test_without_systemd_the_user_gets_the_key_too_and_the_run_directories():
     script = apply_script(_plan(use_systemd=False), _manifest(["vpnd", "vpnd"]), {})
-    assert f"chown vpnd:vpnd {ENTRY['keyfile']}" not in script  # root reads it before the drop
+    # vpnd starts as root and accepts a key of its `user`; after the drop, SIGHUP (a key
+    # rotation's next key) reads the keys again as that user
+    assert f"chown vpnd:vpnd {ENTRY['keyfile']}" in script
     assert f"chown vpnd:vpnd {PREFIX}/run/vpnd {PREFIX}/run/vpnd;" in script
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key
+from tests.conftest import require
+from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key, user_uid
 
 KEY = bytes(range(32))
 
@@ -185,3 +186,18 @@ def test_fingerprint_rejects_a_wrong_length_key_without_echoing_it():
     with pytest.raises(ValueError) as info:
         fingerprint(KEY[:31])
     assert KEY[:31].hex() not in str(info.value)
+
+
+def test_a_key_of_the_daemons_user_is_accepted_and_of_anyone_else_refused(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "chown to another uid needs root")
+    key = tmp_path / "k.key"
+    generate_key(key, randomdev="/dev/urandom")
+    os.chown(key, 65534, 65534)
+    # The daemon starts as root and drops to `user`: that account's key is its own
+    assert len(load_key(key, owner=65534)) == 32
+    assert user_uid("65534") == 65534 and user_uid(None) is None
+    # Anyone else's is refused, and the message names the uids
+    with pytest.raises(KeyFileError, match=r"owned by uid 65534.*daemon's user \(uid 1234\)"):
+        load_key(key, owner=1234)
+    with pytest.raises(KeyFileError, match="owned by uid 65534, not by this user or root"):
+        load_key(key)

@@ -74,3 +74,45 @@ def test_a_lab_record_from_before_systemd_labs_still_loads(tmp_path: Path) -> No
     state = LabState.load(tmp_path)
     assert state.systemd is False and state.container_cgroups == {}
     assert state.hosts[0].rootfs == ""
+
+
+def test_each_debian_release_has_its_own_cached_tree_and_the_bookworm_name_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bullseye (Python 3.9) beside bookworm: two trees, two locks; an unknown release is
+    refused before anything is built."""
+    monkeypatch.setenv("VPNCTL_ROOTFS_CACHE", str(tmp_path))
+    assert nspawn.recipe_id("bookworm") == nspawn.recipe_id()
+    old, new = nspawn.recipe_id("bullseye"), nspawn.recipe_id("bookworm")
+    assert old.startswith("bullseye-") and old.split("-")[1] != new.split("-")[1]
+    for name in (old, new):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / nspawn.COMPLETE).write_text("debootstrap ...\n")
+    assert nspawn.ensure_rootfs(None, "bullseye") == tmp_path / old
+    assert nspawn.ensure_rootfs(None) == tmp_path / new
+    assert sorted(p.name for p in tmp_path.glob("*.lock")) == sorted([f"{old}.lock", f"{new}.lock"])
+    with pytest.raises(
+        nspawn.NspawnError, match=r"Debian release 'buster': the lab knows bullseye"
+    ):
+        nspawn.ensure_rootfs(None, "buster")
+
+
+def test_lab_releases_are_one_for_every_host_or_one_per_host_server_first() -> None:
+    from vpnctl.lab import LabError, parse_releases
+
+    assert parse_releases("bullseye", 3) == ["bullseye"] * 3
+    assert parse_releases("bullseye,bookworm", 2) == ["bullseye", "bookworm"]
+    with pytest.raises(LabError, match=r"--release bullseye,bookworm: give one release, or one"):
+        parse_releases("bullseye,bookworm", 3)
+    with pytest.raises(LabError, match=r"'jessie' is not one of bullseye, bookworm, trixie"):
+        parse_releases("jessie", 2)
+
+
+def test_a_release_without_systemd_hosts_is_refused_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    from vpnctl.lab import LabError, lab_up
+
+    with pytest.raises(LabError, match=r"--release picks the Debian release of systemd hosts"):
+        lab_up(tmp_path / "lab", clients=1, release="bullseye")
+    assert not (tmp_path / "lab").exists()

@@ -60,7 +60,7 @@ def reachable(root: object) -> Iterator[object]:
             continue
         seen.add(id(obj))
         yield obj
-        if isinstance(obj, type | types.ModuleType):
+        if isinstance(obj, (type, types.ModuleType)):
             continue
         if isinstance(obj, types.FunctionType):
             for cell in obj.__closure__ or ():
@@ -140,10 +140,10 @@ def test_after_a_rekey_nothing_reachable_from_a_connection_leads_back_to_epoch_0
             assert not isinstance(obj, X25519PrivateKey), (
                 f"{conn.role}: an ephemeral private key is still reachable"
             )
-            if isinstance(obj, bytes | bytearray) and len(obj) >= 32:
+            if isinstance(obj, (bytes, bytearray)) and len(obj) >= 32:
                 for s in secrets:
                     assert s not in obj, f"{conn.role}: epoch-0 secret bytes still reachable"
-            if isinstance(obj, ChaCha20Poly1305 | AESGCM):
+            if isinstance(obj, (ChaCha20Poly1305, AESGCM)):
                 for frame in epoch0:
                     assert not _opens(obj, frame), (
                         f"{conn.role}: an AEAD that opens an epoch-0 frame is still reachable"

@@ -139,8 +139,8 @@ def test_a_hub_peer_whose_keys_alone_changed_is_kept_by_a_reload() -> None:
     whose keys swapped, keeps the client's session; any other change does not."""
     from ipaddress import IPv4Address, IPv6Address
 
-    from vpnd_runtime.daemon import _same_but_keys
     from vpnd_runtime.peers import Peer
+    from vpnd_runtime.reload import _same_but_keys
 
     def peer(key: bytes, next_key: bytes | None = None, address6: str | None = "fd00::2") -> Peer:
         return Peer("c1", IPv4Address("198.19.0.2"), key, "fp", (),

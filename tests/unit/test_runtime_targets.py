@@ -41,6 +41,13 @@ def test_a_glibc_hosts_target_line_parses_to_python_machine_and_glibc() -> None:
     assert target is not None and target.key == "cp312-aarch64-glibc2.31"
 
 
+def test_the_probes_patch_level_is_kept_but_is_not_part_of_the_target() -> None:
+    target = parse_target("cpython 3.9.2 x86_64 glibc 2.31")
+    assert target == Target((3, 9), "x86_64", (2, 31)) and target.key == "cp39-x86_64-glibc2.31"
+    assert (target.micro, target.full_version) == (2, "3.9.2")
+    assert parse_target("cpython 3.9.x x86_64 glibc 2.31") is None
+
+
 def test_a_host_without_glibc_parses_with_no_glibc_and_garbage_does_not_parse() -> None:
     assert parse_target("cpython 3.13 x86_64") == Target((3, 13), "x86_64", None)
     assert parse_target("cpython 3.13 x86_64  ") == Target((3, 13), "x86_64", None)
@@ -94,10 +101,34 @@ def test_a_target_no_manylinux_wheel_can_fit_is_refused_naming_the_target() -> N
 
 
 def test_a_host_whose_python3_is_too_old_is_refused_at_the_probe_naming_host_and_target() -> None:
-    remote = parse_probe("uid 0\npython /usr/bin/python3\ntarget cpython 3.9 x86_64 glibc 2.31\n",
-                         [])  # fmt: skip
-    with pytest.raises(DeployError, match=r"^h1: python3 on the host is 3.9 \(target cp39-"):
+    probe = "uid 0\npython /usr/bin/python3\ntarget cpython 3.8.10 x86_64 glibc 2.31\n"
+    remote = parse_probe(probe, [])
+    with pytest.raises(DeployError, match=r"^h1: python3 on the host is 3.8 \(target cp38-.*3.9\+"):
         check_remote("h1", "root", remote)
+
+
+def test_a_python_3_9_host_debian_11_or_rhel_9_passes_the_probe_with_its_patch_level() -> None:
+    remote = parse_probe("uid 0\npython /usr/bin/python3\ntarget cpython 3.9.2 x86_64 glibc 2.31\n",
+                         [])  # fmt: skip
+    check_remote("h1", "root", remote)
+    assert remote.target == Target((3, 9), "x86_64", (2, 31))
+    assert remote.target is not None and remote.target.full_version == "3.9.2"
+
+
+def test_an_older_hosts_dependencies_not_supporting_its_python_are_left_to_pip() -> None:
+    """cffi and pycparser installed here may have dropped 3.9: a 3.9 host gets what its
+    dependents ask for (pip picks the newest release for 3.9); the runtime's own dependencies
+    stay pinned, and markers for old Pythons (typing-extensions below 3.11) count."""
+    from importlib import metadata
+
+    pins = dependency_closure(Target((3, 9), "x86_64", (2, 31), micro=2))
+    assert f"cryptography=={metadata.version('cryptography')}" in pins
+    assert "pyserial==3.5" in pins
+    for pin in pins:
+        name = pin.split("=")[0].split(">")[0].split("<")[0]
+        requires_python = metadata.metadata(name).get("Requires-Python") or ""
+        if "==" in pin:
+            assert ">=3.1" not in requires_python.replace(" ", ""), pin
 
 
 def test_a_host_whose_target_cannot_be_read_is_refused_at_the_probe() -> None:
@@ -153,7 +184,9 @@ def pypi() -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
-    "target", [CP312, Target((3, 13), "aarch64", (2, 28))], ids=lambda t: t.key
+    "target",
+    [CP312, Target((3, 13), "aarch64", (2, 28)), Target((3, 9), "x86_64", (2, 31), micro=2)],
+    ids=lambda t: t.key,
 )
 def test_a_foreign_wheelhouse_holds_only_wheels_a_host_of_that_target_can_install(
     tmp_path: Path, pypi: None, target: Target
@@ -165,6 +198,8 @@ def test_a_foreign_wheelhouse_holds_only_wheels_a_host_of_that_target_can_instal
         python_tag, abi_tag, platform_tag = name[:-4].split("-")[-3:]
         assert python_tag in {"py3", "py2.py3"} or python_tag.startswith("cp3"), name
         assert abi_tag in {"none", "abi3", cp}, name
+        if abi_tag == "abi3":  # cp311-abi3 needs 3.11+: never for an older host
+            assert int(python_tag[3:]) <= target.python[1], name
         for tag in platform_tag.split("."):
             assert tag == "any" or tag in target.platform_tags(), name
     assert any(f"-{cp}-{cp}-" in n for n in names), "cffi is built per Python version"

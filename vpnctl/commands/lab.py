@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from vpnctl import nspawn
 from vpnctl.lab import LabError, lab_down, lab_up
 
 app = typer.Typer(help="Namespaced test hosts with sshd (needs root).", no_args_is_help=True)
@@ -53,6 +54,15 @@ def up(  # noqa: PLR0917 - typer passes every option by name
             "built once per machine into /var/cache/vpnctl/rootfs): deploy installs units",
         ),
     ] = False,
+    release: Annotated[
+        str | None,
+        typer.Option(
+            "--release",
+            help="with --systemd: the Debian release the hosts boot, for every host or one per "
+            "host, server first (bullseye,bookworm): bullseye (Python 3.9), bookworm (3.11, "
+            "the default), trixie (3.13); each release's rootfs is built once",
+        ),
+    ] = None,
 ) -> None:
     """Build a server and N clients; write inventory.yaml and ssh_config into the lab dir.
 
@@ -61,7 +71,7 @@ def up(  # noqa: PLR0917 - typer passes every option by name
     try:
         state = lab_up(directory, clients=clients, tag=tag, mgmt_net=mgmt_net, hub=hub, wan=wan,
                        systemd=systemd, say=lambda line: typer.echo(line, err=True),
-                       stack=stack)  # fmt: skip
+                       stack=stack, release=release)  # fmt: skip
     except LabError as exc:
         typer.echo(f"lab up: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -77,6 +87,9 @@ def up(  # noqa: PLR0917 - typer passes every option by name
         typer.echo(f"wan:       {state.wan_spec} ({how})")
     if state.systemd:
         typer.echo("hosts:     systemd containers (systemd-nspawn -b); each runs its own sshd")
+        releases = sorted({h.release for h in state.hosts if h.release})
+        if releases != [nspawn.SUITE]:
+            typer.echo("releases:  " + ", ".join(f"{h.name} {h.release}" for h in state.hosts))
     typer.echo(f"inventory: {Path(state.directory) / 'inventory.yaml'}")
     typer.echo(f"ssh:       ssh -F {Path(state.directory) / 'ssh_config'} {state.hosts[0].name}")
 

@@ -16,7 +16,7 @@ import tarfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -24,8 +24,13 @@ import vpnd_runtime
 
 try:
     from packaging.requirements import Requirement
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
 except ImportError:  # pip (which deploy runs anyway) vendors the same library
     from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+    from pip._vendor.packaging.specifiers import (  # type: ignore[no-redef]
+        InvalidSpecifier,
+        SpecifierSet,
+    )
 
 from vpnctl.deploy.common import RUNTIME_DEPS, STAMP_LEN, DeployError, Echo
 
@@ -102,7 +107,7 @@ def _runtime_wheel(out_dir: Path) -> Path:
     return path
 
 
-MIN_PYTHON = (3, 11)
+MIN_PYTHON = (3, 9)  # the runtime (vpnd_runtime, see its compat.py); vpnctl needs 3.11
 
 
 MIN_GLIBC = (2, 17)  # manylinux2014: the oldest baseline the runtime's binary wheels ship for
@@ -124,6 +129,15 @@ class Target:
     machine: str
     glibc: tuple[int, int] | None
     implementation: str = "cpython"
+    #: The patch level (``3.9.2``: 2), None when the probe did not say. Not part of the target
+    #: (hosts of one minor version share a wheelhouse) but given to pip, whose Requires-Python
+    #: checks may need it (cryptography excludes 3.9.0 and 3.9.1).
+    micro: int | None = field(default=None, compare=False)
+
+    @property
+    def full_version(self) -> str:
+        """``major.minor.micro`` for Requires-Python checks (micro 0 when not known)."""
+        return f"{self.python[0]}.{self.python[1]}.{self.micro or 0}"
 
     @property
     def key(self) -> str:
@@ -160,13 +174,14 @@ class Target:
 
 
 def parse_target(text: str) -> Target | None:
-    """The probe's ``target`` line (``cpython 3.12 aarch64 glibc 2.31``; no libc words on a
-    host without glibc) as a Target; None when it is not in that form."""
+    """The probe's ``target`` line (``cpython 3.12.1 aarch64 glibc 2.31``, or ``3.12`` from an
+    older probe's cached answer; no libc words on a host without glibc) as a Target; None when
+    it is not in that form."""
     words = text.split()
     if len(words) not in (3, 5):
         return None
     impl, version, machine = words[:3]
-    match = re.fullmatch(r"(\d+)\.(\d+)", version)
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
     if not match or not re.fullmatch(r"[A-Za-z0-9_]+", machine) or not impl.isalnum():
         return None
     glibc: tuple[int, int] | None = None
@@ -176,7 +191,8 @@ def parse_target(text: str) -> Target | None:
             glibc = (int(libc[1]), int(libc[2]))
         elif words[3] == "glibc":
             return None
-    return Target((int(match[1]), int(match[2])), machine, glibc, impl)
+    micro = int(match[3]) if match[3] is not None else None
+    return Target((int(match[1]), int(match[2])), machine, glibc, impl, micro)
 
 
 def local_target() -> Target:
@@ -190,15 +206,16 @@ def local_target() -> Target:
         platform.machine(),
         glibc,
         sys.implementation.name,
+        sys.version_info.micro,
     )
 
 
-# Printed by the probe: `target <implementation> <major.minor> <machine> [glibc <version>]`.
+# Printed by the probe: `target <implementation> <major.minor.micro> <machine> [glibc <version>]`.
 TARGET_PY = (  # run with -S; the libc from confstr, not platform.libc_ver() (that reads the binary)
     "import os, sys\n"
     "try: libc = os.confstr('CS_GNU_LIBC_VERSION') or ''\n"
     "except (ValueError, OSError): libc = ''\n"
-    "print(sys.implementation.name, '%d.%d' % sys.version_info[:2], os.uname().machine, "
+    "print(sys.implementation.name, '%d.%d.%d' % sys.version_info[:3], os.uname().machine, "
     "*libc.split(), end='|')\n"
     "print(sys.executable)"  # the interpreter itself: the install runs it without PATH lookups
 )
@@ -227,8 +244,8 @@ def _marker_env(target: Target) -> dict[str, str]:
             target.implementation, target.implementation
         ),
         "python_version": f"{major}.{minor}",
-        "python_full_version": f"{major}.{minor}.0",
-        "implementation_version": f"{major}.{minor}.0",
+        "python_full_version": target.full_version,
+        "implementation_version": target.full_version,
         "platform_machine": target.machine,
         "platform_system": "Linux",
         "sys_platform": "linux",
@@ -237,28 +254,81 @@ def _marker_env(target: Target) -> dict[str, str]:
     }
 
 
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _python_admits(requires_python: str | None, target: Target) -> bool:
+    """Whether a distribution's ``Requires-Python`` admits the target's interpreter."""
+    if not requires_python:
+        return True
+    try:
+        return SpecifierSet(requires_python).contains(target.full_version, prereleases=True)
+    except InvalidSpecifier:
+        return True  # as pip does: an unreadable Requires-Python does not exclude
+
+
 def dependency_closure(target: Target) -> list[str]:
-    """``name==version`` of every distribution the runtime needs on `target`, at the versions
-    installed here: the runtime dependencies and what they require (markers evaluated for
-    the target, extras skipped), sorted. The foreign-target wheelhouse downloads exactly these."""
+    """A requirement for every distribution the runtime needs on `target`: the runtime
+    dependencies and what they require (markers evaluated for the target, extras skipped),
+    sorted. Each is pinned ``name==version`` to the version installed here (what the tests ran
+    on) when that version supports the target's Python; an older host (3.9, 3.10) whose
+    Python a dependency installed here has dropped gets ``name<specifier>`` instead (what its
+    dependents ask for), so pip picks the newest release for that Python. A runtime dependency
+    itself is always pinned: DeployError when the version here does not support the target."""
     env = _marker_env(target)
     seen: dict[str, str] = {}
-    todo = list(RUNTIME_DEPS)
+    todo: list[tuple[str, str]] = [(dep, "") for dep in RUNTIME_DEPS]
     while todo:
-        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        raw, spec = todo.pop()
+        name = _normal(raw)
         if name in seen:
             continue
         try:
-            seen[name] = metadata.version(name)
+            version = metadata.version(name)
             requires = metadata.requires(name) or []
+            requires_python = metadata.metadata(name).get("Requires-Python")
         except metadata.PackageNotFoundError as exc:
-            raise DeployError(f"runtime dependency {name} (needed on {target.key}) is not "
-                              "installed here, so its version is unknown") from exc  # fmt: skip
+            if name in RUNTIME_DEPS:
+                raise DeployError(f"runtime dependency {name} (needed on {target.key}) is not "
+                                  "installed here, so its version is unknown") from exc  # fmt: skip
+            seen[name] = f"{name}{spec}"  # needed only on older Pythons: pip picks it
+            continue
+        if not _python_admits(requires_python, target):
+            if name in RUNTIME_DEPS:
+                raise DeployError(
+                    f"runtime dependency {name} {version} (installed here) does not support "
+                    f"Python {target.full_version} on {target.key} (Requires-Python "
+                    f"{requires_python}): install a {name} release that does here"
+                )
+            seen[name] = f"{name}{spec}"  # the host's Python is older than this release's
+            continue
+        seen[name] = f"{name}=={version}"
         for line in requires:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate(env):
-                todo.append(req.name)
-    return sorted(f"{name}=={version}" for name, version in seen.items())
+                todo.append((req.name, str(req.specifier)))
+    return sorted(seen.values())
+
+
+def wheel_requirements(wheel: Path, target: Target) -> list[Requirement]:
+    """The ``Requires-Dist`` of a wheel whose markers hold on `target` (extras skipped)."""
+    env = _marker_env(target)
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next((n for n in zf.namelist() if n.count("/") == 1
+                     and n.endswith(".dist-info/METADATA")), None)  # fmt: skip
+        text = zf.read(meta).decode("utf-8", "replace") if meta else ""
+    found = []
+    for line in text.split("\n\n", 1)[0].splitlines():
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.partition(":")[2].strip())
+            if req.marker is None or req.marker.evaluate(env):
+                found.append(req)
+    return found
+
+
+def _wheel_name(wheel: Path) -> str:
+    return _normal(wheel.name.split("-")[0])
 
 
 def wheel_cache() -> Path:
@@ -319,6 +389,35 @@ def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[-1].strip() if lines else f"pip exited {proc.returncode}"
 
 
+def download_wheels(
+    dest: Path, wanted: list[str], target: Target, *, closure: bool = False
+) -> str | None:
+    """``pip download`` binary wheels of `wanted` (no dependencies) for `target` into `dest`;
+    an error text naming the target, or None. With `closure`, what the downloaded wheels
+    require on `target` (their ``Requires-Dist``, markers evaluated for the target, which pip
+    would evaluate for this interpreter instead) is downloaded too, until nothing is missing:
+    a dependency pip picked for an older Python may require what nothing here does."""
+    platform_args = [arg for tag in target.platform_tags() for arg in ("--platform", tag)]
+    for _round in range(10):
+        proc = _pip(["download", "--quiet", "--only-binary=:all:", "--no-deps",
+                     "--implementation", "cp", "--python-version", target.full_version,
+                     *platform_args, "--dest", str(dest), *wanted])  # fmt: skip
+        if proc.returncode != 0:
+            return (f"no binary wheel set for target {target.key} (CPython "
+                    f"{target.full_version}, {target.machine}, manylinux up to glibc "
+                    f"{target.glibc[0]}.{target.glibc[1]}) among "  # type: ignore[index]
+                    f"{' '.join(wanted)}: {_last_line(proc)}")  # fmt: skip
+        if not closure:
+            return None
+        have = {_wheel_name(w) for w in dest.glob("*.whl")}
+        wanted = sorted({f"{req.name}{req.specifier}" for w in dest.glob("*.whl")
+                         for req in wheel_requirements(w, target)
+                         if _normal(req.name) not in have})  # fmt: skip
+        if not wanted:
+            return None
+    return f"target {target.key}: the dependencies do not close after 10 rounds"
+
+
 def build_runtime(
     cache: Path,
     echo: Echo | None = None,
@@ -352,25 +451,18 @@ def build_runtime(
 
         _fill_cache(deps, [*pins, pip_pin], fetch_local)
     else:
-        tags = target.platform_tags()
+        target.platform_tags()  # refuses a target no manylinux wheel can fit, first
         pins = dependency_closure(target)
+        if not _python_admits(metadata.metadata("pip").get("Requires-Python"), target):
+            pip_pin = "pip"  # the newest pip for the host's older Python
         deps = target_cache(deps, target, [*pins, pip_pin])
-        platform_args = [arg for tag in tags for arg in ("--platform", tag)]
-        major, minor = target.python
 
         def fetch_foreign(tmp: Path) -> str | None:
             if echo:
                 echo(f"runtime: fetching {target.key} wheels for {' '.join(pins)}")
-            for dest, wanted in ((tmp, pins), (tmp / "tools", [pip_pin])):
-                proc = _pip(["download", "--quiet", "--only-binary=:all:", "--no-deps",
-                             "--implementation", "cp", "--python-version", f"{major}.{minor}",
-                             *platform_args, "--dest", str(dest), *wanted])  # fmt: skip
-                if proc.returncode != 0:
-                    return (f"no binary wheel set for target {target.key} (CPython "
-                            f"{major}.{minor}, {target.machine}, manylinux up to glibc "
-                            f"{target.glibc[0]}.{target.glibc[1]}) among "  # type: ignore[index]
-                            f"{' '.join(wanted)}: {_last_line(proc)}")  # fmt: skip
-            return None
+            return download_wheels(tmp / "tools", [pip_pin], target) or download_wheels(
+                tmp, pins, target, closure=True
+            )
 
         _fill_cache(deps, [*pins, pip_pin], fetch_foreign)
     wheels = [*sorted(deps.glob("*.whl")), _runtime_wheel(cache)]

@@ -274,16 +274,15 @@ def apply_script(
     if run_as:
         out.append(_account_sh(run_as))
     out.append("tar -x -p --no-same-owner -f - -C / || { echo 'apply-failed: tar'; exit 3; }")
-    if run_as:  # the user reads its configs (SIGHUP; systemd's User=) and, under systemd, its key
+    if run_as:  # the user reads its configs and keys (at start under systemd's User=, and again
+        # on every SIGHUP: a key rotation's next key is read after the drop)
         owner = f"{quote(run_as[0])}:{quote(run_as[1])}"
         for item in plan.files:
             if item.kind == "config":
                 out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
-            elif item.kind in ("key", "nextkey") and (plan.use_systemd or item.link in plan.reload):
-                # under systemd the daemon is its user from the start; a reload (SIGHUP) re-reads
-                # the keys as the user the daemon dropped to
+            elif item.kind in ("key", "nextkey"):
                 out.append(f"chown {owner} {quote(item.path)}")
-            elif item.kind in ("peerkey", "peernextkey") and plan.use_systemd:  # a hub: the user
+            elif item.kind in ("peerkey", "peernextkey"):  # a hub reads its peers dir on SIGHUP
                 peers = quote(posixpath.dirname(item.path))
                 out.append(f"chown {owner} {quote(item.path)} && chown root:{quote(run_as[1])} "
                            f"{peers} && chmod 0750 {peers}")  # fmt: skip

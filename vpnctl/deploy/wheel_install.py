@@ -34,7 +34,7 @@ import sys
 import sysconfig
 import zipfile
 
-MIN_PYTHON = (3, 11)  # deploy.runtime.MIN_PYTHON
+MIN_PYTHON = (3, 9)  # deploy.runtime.MIN_PYTHON
 SCRIPT_KEYS = ("scripts",)
 LIB_KEYS = ("purelib", "platlib")
 SIGNATURES = (".jws", ".p7s")

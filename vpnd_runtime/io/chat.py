@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Protocol, Union
 
 from vpnd_runtime.trusted import untrusted_reason
 
@@ -83,7 +83,7 @@ class Delay:
     seconds: float
 
 
-SendPart = bytes | Delay
+SendPart = Union[bytes, Delay]
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Expect:
     fallbacks: tuple[tuple[Send, bytes], ...] = ()
 
 
-Step = Abort | SetTimeout | Say | Send | Expect
+Step = Union[Abort, SetTimeout, Say, Send, Expect]
 
 
 @dataclass(frozen=True)
@@ -380,7 +380,7 @@ def parse_chat_script(text: str, path: str = "<string>") -> ChatScript:
             steps.append(_make_send(tok.raw, path, tok.line))
         expecting = not expecting
         i += 1
-    if not any(isinstance(s, Expect | Send) for s in steps):
+    if not any(isinstance(s, (Expect, Send)) for s in steps):
         raise ChatScriptError(path, None, "the chat script has no expect/send strings")
     return ChatScript(path, tuple(steps))
 

@@ -28,6 +28,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Union
 
 from vpnd_runtime.io import netlink
 
@@ -47,8 +48,8 @@ INLINE_MAX = 4096
 #: One read can return a 64 KiB GSO super-packet plus its virtio header.
 READ_SIZE = 65535 + VNET_HDR_LEN
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 class TunError(OSError):

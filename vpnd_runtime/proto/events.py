@@ -6,9 +6,12 @@ They are small frozen dataclasses, as in h11: the caller dispatches on their typ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
+
+from vpnd_runtime.compat import SLOTS
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class LinkUp:
     """Both sides proved knowledge of the key and confirmed the session: traffic may flow.
 
@@ -26,39 +29,44 @@ class LinkUp:
         return self.key_id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Packets:
     """Packets received from the peer, in order, exactly as the peer passed them to send_packets."""
 
+    __slots__ = ("packets",)  # slotted on every Python (slots=True needs 3.10)
     packets: list[bytes]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class KeepaliveRtt:
     """Our keepalive PING was answered after `rtt` seconds (caller's clock)."""
 
+    __slots__ = ("rtt",)  # slotted on every Python (slots=True needs 3.10)
     rtt: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Rekeyed:
     """This side now sends with the keys of `epoch` (fresh X25519 exchange, forward secrecy)."""
 
+    __slots__ = ("epoch",)  # slotted on every Python (slots=True needs 3.10)
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PeerDead:
     """A timer says the peer is gone: no answer, an answer too late, or no handshake in time."""
 
+    __slots__ = ("reason",)  # slotted on every Python (slots=True needs 3.10)
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Closed:
     """The peer said goodbye with `reason`."""
 
+    __slots__ = ("reason",)  # slotted on every Python (slots=True needs 3.10)
     reason: str
 
 
-Event = LinkUp | Packets | KeepaliveRtt | Rekeyed | PeerDead | Closed
+Event = Union[LinkUp, Packets, KeepaliveRtt, Rekeyed, PeerDead, Closed]

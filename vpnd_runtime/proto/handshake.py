@@ -45,6 +45,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from ..compat import SLOTS
 from .errors import LocalProtocolError, RemoteProtocolError
 from .kdf import hash_, hkdf
 
@@ -140,7 +141,7 @@ class _SymmetricState:
         return k1, k2
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class SessionKeys:
     """Result of a completed handshake.
 
@@ -154,7 +155,7 @@ class SessionKeys:
     handshake_hash: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class InitPayload:
     """What the initiator states in message 1."""
 

@@ -269,12 +269,12 @@ def packets_inner(parts: list[bytes], compress: bool, level: int) -> bytes:
     """
     if not compress:
         return b"".join(parts)
-    import zlib  # noqa: PLC0415 - lazy: only links with `compress` load it
+    from vpnd_runtime.compat import zlib_compress  # noqa: PLC0415 - lazy, as zlib
 
     out = [b"\x01\x00"]
     any_packed = False
     pack = U32.pack
-    deflate = zlib.compress
+    deflate = zlib_compress()  # zlib.compress, whose wbits argument needs 3.11
     for k in range(2, len(parts), 2):
         p = parts[k]
         packed = deflate(p, level, -15)

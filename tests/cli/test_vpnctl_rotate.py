@@ -289,3 +289,7 @@ def test_an_encrypted_keys_rotation_ships_both_keys_with_one_passphrase(
     assert files["key"].data == (staged_key.hex() + "\n").encode()  # the client's primary
     assert files["nextkey"].data == store.key_file_bytes("web", passphrase=b"correct horse")
     assert manifest["links"]["web"]["key_fingerprint"] == new.fingerprint
+    # `vpnctl rotate` reads the passphrase once and hands it to each step's pre-flight
+    monkeypatch.delenv("ROT_PASS")
+    again = preflight(ws, ws.load_inventory(), ["beta"], None, None, passphrase=b"correct horse")
+    assert again.load("web", staged=True) == staged_key

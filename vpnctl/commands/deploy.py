@@ -175,11 +175,14 @@ def preflight(
     names: list[str],
     passphrase_env: str | None,
     passphrase_file: Path | None,
+    *,
+    passphrase: bytes | None = None,
 ) -> Keystore:
     """Everything deploy can check locally, once, before it contacts any host (a UserError,
     exit 2, with one message): host names, the keystore, build/ matching the inventory and the
     keystore (else "run vpnctl render"), the passphrase (never prompted for without a terminal)
-    and every key file of the links deployed."""
+    and every key file of the links deployed. A ``passphrase`` already read (`vpnctl rotate`
+    deploys several times) is used instead of reading one again."""
     from vpnctl.commands.keygen import read_passphrase  # noqa: PLC0415
     from vpnctl.commands.render import rendered  # noqa: PLC0415
 
@@ -207,10 +210,9 @@ def preflight(
     links = sorted({name for manifest in manifests for name in _key_names(manifest)})
     rotating = [link for link in links if store.rotation_phase(link) is not None
                 and store.has_key(link, staged=True)]  # fmt: skip
-    passphrase = None
-    if any(store.is_encrypted(link) for link in links) or any(
+    if passphrase is None and (any(store.is_encrypted(link) for link in links) or any(
         store.key_path(link, staged=True).suffix == ".enc" for link in rotating
-    ):
+    )):  # fmt: skip
         passphrase = read_passphrase(passphrase_env, passphrase_file, prompt=True, confirm=False)
     keys = {link: store.load(link, passphrase=passphrase) for link in links}
     staged = {link: store.load(link, passphrase=passphrase, staged=True) for link in rotating}

@@ -113,14 +113,29 @@ class _Rotator:
         self.wait = wait
         self.passphrase_env, self.passphrase_file = passphrase_env, passphrase_file
         self.say, self.progress = say, progress
+        self._secret: bytes | None = None  # the keystore passphrase, read once (encrypted keys)
+
+    def _unlock(self) -> bytes | None:
+        """The keystore passphrase, read (or asked) once for the whole run when any key of the
+        inventory is stored encrypted; None when none is."""
+        names = self.inventory.key_names()
+        encrypted = any(self.store.is_encrypted(n) for n in names) or any(
+            self.store.key_path(n, staged=True).suffix == ".enc" for n in names
+        )
+        if encrypted and self._secret is None:
+            self._secret = read_passphrase(
+                self.passphrase_env, self.passphrase_file, prompt=True, confirm=False
+            )
+        return self._secret if encrypted else None
 
     def _deploy(self, hosts: list[str]) -> DeployReport:
         """Render the keystore's present phase into build/ and deploy it to ``hosts``."""
         _, _, files = rendered(self.ws, persist=True)
         write_build(files, self.ws.build_path)
         unlocked = preflight(
-            self.ws, self.inventory, hosts, self.passphrase_env, self.passphrase_file
-        )
+            self.ws, self.inventory, hosts, self.passphrase_env, self.passphrase_file,
+            passphrase=self._unlock(),
+        )  # fmt: skip
         return deploy(
             self.inventory,
             hosts,
@@ -175,9 +190,7 @@ class _Rotator:
         the new key is encrypted like the old one; None for a plain key."""
         if not self.store.is_encrypted(key):
             return None
-        passphrase = read_passphrase(
-            self.passphrase_env, self.passphrase_file, prompt=True, confirm=False
-        )
+        passphrase = self._unlock()
         self.store.load(key, passphrase=passphrase)  # a wrong passphrase stops here
         return passphrase
 

@@ -173,6 +173,10 @@ def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
     """SIGHUP a hub so it re-reads its peers directory (HUB-SPEC.md: unchanged clients keep
     their sessions), or a link whose keys alone changed (a rotation step: its session stays);
     a failure prints `start-failed <link>: ...` like a failed start."""
+    if use_systemd and entry.get("role") != "hub":  # a link's unit has no ExecReload: SIGHUP it
+        unit = quote(f"vpnd-{link}")
+        return (f"systemctl kill --kill-who=main --signal=HUP {unit} || "
+                f"echo {quote(f'start-failed {link}: systemctl kill failed')}\n")  # fmt: skip
     if use_systemd:
         unit = quote(f"vpnd-{link}")
         return (f"systemctl reload {unit} || "

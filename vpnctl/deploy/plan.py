@@ -282,9 +282,9 @@ def _plan_key_reloads(
     files: list[DesiredFile],
 ) -> None:
     """A running point-to-point link (or hub client) whose change is only in its keys -- its
-    key files, and its config by a ``nextkey`` line at most -- is *reloaded* (SIGHUP or
-    ``systemctl reload``), not restarted: a `vpnctl rotate` step. The daemon keeps the
-    session while its key is still accepted (docs/directives.md, Key rotation)."""
+    key files, and its config by a ``nextkey`` line at most -- is *reloaded* (SIGHUP; under
+    systemd ``systemctl kill --signal=HUP``), not restarted: a `vpnctl rotate` step. The
+    daemon keeps the session while its key is still accepted (docs/directives.md)."""
     deployed = (remote.deployed or {}).get("links", {})
     written = {item.path for item in files}
     for link, entry in sorted(manifest["links"].items()):

@@ -13,7 +13,9 @@ Theory of operation
 
 * Every host namespace runs its own ``sshd`` (own ed25519 host key, the lab operator key
   authorised, pidfile in ``D/hosts/<host>/``) on the management link, so ``vpnctl deploy`` reaches
-  it through the system OpenSSH client exactly as it would reach a real machine.
+  it through the system OpenSSH client exactly as it would reach a real machine. Its logins get
+  a fresh root home (``D/hosts/<host>/home`` bound over ``/root`` in that sshd's own mount
+  namespace), not this machine's dotfiles: a real host does not run a developer's shell init.
 * Every host gets its own deploy prefix ``D/hosts/<host>/root``: configs, keys, the runtime venv,
   pidfiles and status records of one host never collide with another's on the shared filesystem.
   The hosts do not run systemd, so deploy uses the runtime's daemon mode and pidfile.
@@ -43,6 +45,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -291,12 +294,50 @@ def _sshd_config(host: LabHost, hostdir: Path, directory: Path) -> str:
     )
 
 
-def _control_dir(directory: Path, tag: str) -> Path:
+# What a fresh Debian root account has in its home (base-files); empty files elsewhere.
+_DEFAULT_DOTFILES = {".bashrc": "/usr/share/base-files/dot.bashrc",
+                     ".profile": "/usr/share/base-files/dot.profile"}  # fmt: skip
+
+
+def _private_home(hostdir: Path) -> Path:
+    """The login home of a namespaced lab host: ``<hostdir>/home``, holding only the dotfiles a
+    freshly installed root account has.
+
+    Namespaced hosts share this machine's filesystem, so their root logins would otherwise
+    run this machine's ``/root/.bashrc`` -- on a developer box a version manager's init
+    (``pyenv init`` costs ~0.1 CPU-s per ssh command, and puts its shims first on PATH), which
+    no real fleet host runs. Every host's sshd gets this directory over root's home instead
+    (:func:`_sshd_argv`)."""
+    home = hostdir / "home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    for name, source in _DEFAULT_DOTFILES.items():
+        try:
+            text = Path(source).read_text()
+        except OSError:
+            text = ""
+        (home / name).write_text(text)
+    return home
+
+
+def _sshd_argv(namespace: str, sshd: str, hostdir: Path) -> list[str]:
+    """Start a namespaced host's sshd with root's home replaced by :func:`_private_home`.
+
+    ``ip netns exec`` runs its command in a mount namespace of its own (slave to this one), so
+    the bind mount is seen by that sshd and its sessions only -- never by this machine."""
+    home = _private_home(hostdir)
+    root_home = pwd.getpwuid(0).pw_dir or "/root"
+    return _ns(namespace, "sh", "-c", 'mount --bind "$1" "$2" && exec "$3" -f "$4"', "sh",
+               str(home), root_home, sshd, str(hostdir / "sshd_config"))  # fmt: skip
+
+
+def _control_dir(directory: Path, tag: str, longest_address: int = 15) -> Path:
     """Where ssh multiplexing sockets live: the lab dir, or a short dir when its path is too long.
 
-    A unix socket path is limited to 108 bytes; ssh appends the host alias to the directory.
+    A unix socket path is limited to 108 bytes; ssh appends ``/cm-<user>@<address>`` and, while
+    it sets a master up, a 17-byte suffix (``<user>`` is ``root`` for lab logins; room is kept
+    for a tagged test account).
     """
-    if len(str(directory)) <= 80:
+    if len(str(directory)) + len("/cm-") + 16 + 1 + longest_address + 17 < 108:
         return directory
     return Path(tempfile.mkdtemp(prefix=f"{tag}-cm-"))
 
@@ -318,7 +359,7 @@ def _ssh_config(hosts: list[LabHost], directory: Path, control_dir: Path) -> str
             "    ServerAliveInterval 5",
             "    ServerAliveCountMax 2",
             "    ControlMaster auto",
-            f"    ControlPath {control_dir}/cm-%h",
+            f"    ControlPath {control_dir}/cm-%r@%h",  # one master per user and host
             "    ControlPersist 60",
             "",
         ]
@@ -332,7 +373,7 @@ def lab_ssh_options(directory: Path, control_dir: Path) -> list[str]:
         f"UserKnownHostsFile={directory / 'known_hosts'}",
         "StrictHostKeyChecking=yes",
         "ControlMaster=auto",
-        f"ControlPath={control_dir}/cm-%h",
+        f"ControlPath={control_dir}/cm-%r@%h",
         "ControlPersist=60",
         "ServerAliveInterval=5",
         "ServerAliveCountMax=2",
@@ -598,12 +639,12 @@ def _build(
         (hostdir / "sshd_config").write_text(_sshd_config(host, hostdir, directory))
         state.sshd_pidfiles.append(str(hostdir / "sshd.pid"))
         state.save()
-        _run(_ns(ns, sshd, "-f", str(hostdir / "sshd_config")))
+        _run(_sshd_argv(ns, sshd, hostdir))
 
     if state.wan_spec:
         _start_wan(state, directory, wan_ns)
     (directory / "known_hosts").write_text("\n".join(known_hosts) + "\n")
-    control_dir = _control_dir(directory, tag)
+    control_dir = _control_dir(directory, tag, max(len(h.ssh_ip) for h in hosts))
     state.control_dir = str(control_dir)
     state.save()
     (directory / "ssh_config").write_text(_ssh_config(hosts, directory, control_dir))
@@ -814,7 +855,9 @@ def lab_down(directory: str | Path) -> list[str]:
     _ip_batch([f"netns del {ns}" for ns in gone_ns] + [f"link del {ln}" for ln in gone_links])
     removed += [f"namespace {ns}" for ns in gone_ns] + [f"link {ln}" for ln in gone_links]
     # 4. files
-    if state.created_run_sshd:
+    if state.created_run_sshd and not _sshd_running():
+        # sshd's privilege separation directory is shared by every sshd on the machine: another
+        # lab's (or the system's) sshd would reset every new connection without it
         with contextlib.suppress(OSError):
             Path("/run/sshd").rmdir()
     if state.control_dir and state.control_dir != str(directory):
@@ -833,6 +876,16 @@ def lab_down(directory: str | Path) -> list[str]:
                 child.unlink(missing_ok=True)
         removed.append(f"contents of {directory}")
     return removed
+
+
+def _sshd_running() -> bool:
+    """True while any sshd runs on this machine (in any namespace): it needs ``/run/sshd``."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "sshd":
+                    return True
+    return False
 
 
 def _stop_containers(state: LabState) -> list[str]:

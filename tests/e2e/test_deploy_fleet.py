@@ -82,12 +82,7 @@ def _set_hosts(state: LabState, **ssh: dict[str, object]) -> None:
             settings = dict(ssh[host["name"]] or {})
             if "become" in settings:
                 host["become"] = settings.pop("become")
-            host["ssh"].update(settings)
-            if "user" in settings:  # the lab's ControlPath (cm-%h) would reuse root's master
-                host["ssh"]["options"] = [
-                    opt.replace("/cm-%h", "/cm-%r@%h")
-                    for opt in inventory["defaults"]["ssh"]["options"]
-                ]
+            host["ssh"].update(settings)  # the lab's ControlPath (cm-%r@%h) is per user
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
 
 

@@ -73,7 +73,7 @@ STEP_NAMES = {
     "cread>open0": "carrier read -> open starts",
     "open0>open1": "open (receive_data: unframe, decrypt)",
     "open1>put": "open -> hand-off to the TUN writer",
-    "put>writer_wake": "writer thread wake-up (queue + GIL)",
+    "put>writer_wake": "hand-off: writer thread wake-up (queue + GIL), ~0 when written inline",
     "writer_wake>twrite0": "writer: dequeue -> write starts",
     "twrite0>wake": "TUN write -> kernel answers -> selector wake-up",
     "twrite0>twrite1": "TUN write syscall (ping gets its reply inside it)",
@@ -126,38 +126,52 @@ def _instrument(trace: Path) -> None:
     around(tcp.TcpCarrier, "write", "cwrite0", "cwrite1")
     around(tcp.TcpCarrier, "read", None, "cread")
 
+    writer_fds: set[int] = set()
+    real_write = os.write
+
+    def probed_write(fd: int, data: bytes) -> int:
+        if fd not in writer_fds:
+            return real_write(fd, data)
+        rec((clock(), "twrite0"))
+        n = real_write(fd, data)
+        rec((clock(), "twrite1"))
+        return n
+
+    os.write = probed_write
+
+    class ProbedQueue:
+        """The writer thread's queue, its wake-ups timed."""
+
+        def __init__(self, real: object) -> None:
+            self.real = real
+
+        def put(self, item: object) -> None:
+            self.real.put(item)  # type: ignore[attr-defined]
+
+        def get(self) -> object:
+            item = self.real.get()  # type: ignore[attr-defined]
+            rec((clock(), "writer_wake"))
+            return item
+
     class ProbedTunWriter(tun.TunWriter):
-        """The daemon's TUN writer, with its hand-off and write timed."""
+        """The daemon's TUN writer, with its hand-off (to the thread, or inline) timed."""
 
         def __init__(self, fd: int, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
             tun_fds.add(fd)
             super().__init__(fd, *args, **kwargs)
+            writer_fds.add(self.fd)
 
         def put(self, packets: list[bytes]) -> None:
             rec((clock(), "put"))
             super().put(packets)
 
-        def _run(self) -> None:  # the parent's loop, timed
-            get = self._queue.get
-            while True:
-                item = get()
-                rec((clock(), "writer_wake"))
-                if item is None:
-                    return
-                packets, size = item
-                self.backlog -= size
-                if self._stop:
-                    continue
-                for pkt in packets:
-                    rec((clock(), "twrite0"))
-                    try:
-                        os.write(self.fd, pkt)
-                    except OSError:
-                        self._count("tun_write", 1)
-                        continue
-                    rec((clock(), "twrite1"))
-                    self.packets += 1
-                    self.bytes += len(pkt) - self.hdr_len
+        def _write_inline(self, packets: list[bytes]) -> None:
+            rec((clock(), "writer_wake"))  # no thread: the "wake-up" is the call itself
+            super()._write_inline(packets)
+
+        def _run(self) -> None:  # the parent's loop, its queue's wake-ups timed
+            self._queue = ProbedQueue(self._queue)  # type: ignore[assignment]
+            super()._run()
 
     link.TunWriter = ProbedTunWriter  # type: ignore[misc]
 
@@ -255,7 +269,11 @@ def report(client_trace: dict, server_trace: dict, ping_out: str) -> None:
     chains = _chains(client_trace["events"], server_trace["events"])
     rtts = [float(x) * 1000 for x in re.findall(r"time=([0-9.]+) ms", ping_out)]
     if not chains:
-        print("no complete ping chain found in the traces")
+        counts = {
+            side: {e: sum(1 for _, x in trace["events"] if x == e) for _, e in trace["events"]}
+            for side, trace in (("client", client_trace), ("server", server_trace))
+        }
+        print(f"no complete ping chain found in the traces; events seen: {counts}")
         return
     last, first = (len(CHAIN) - 1, *CHAIN[-1]), (0, *CHAIN[0])
     totals = [(c[last] - c[first]) / 1000 for c in chains]

@@ -21,10 +21,11 @@ lazily so this module works without them.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from vpnd_runtime import __version__
 from vpnd_runtime.config import (
@@ -37,6 +38,9 @@ from vpnd_runtime.config import (
 )
 from vpnd_runtime.keyfile import KeyFileError, fingerprint, generate_key, load_key, user_uid
 
+if TYPE_CHECKING:
+    import argparse
+
 __all__ = ["check_config", "main"]
 
 EXIT_OK = 0
@@ -47,6 +51,8 @@ _SUBCOMMANDS = ("genkey", "status")
 
 
 def _top_parser() -> argparse.ArgumentParser:
+    import argparse  # noqa: PLC0415 - lazy: `vpnd -f CONF` itself is parsed by _parse_run
+
     parser = argparse.ArgumentParser(
         prog="vpnd",
         description="User-space encrypted point-to-point VPN daemon.",
@@ -81,6 +87,8 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def _sub_parser() -> argparse.ArgumentParser:
+    import argparse  # noqa: PLC0415 - lazy: `vpnd -f CONF` itself is parsed by _parse_run
+
     parser = argparse.ArgumentParser(prog="vpnd")
     subs = parser.add_subparsers(dest="command", required=True)
     genkey = subs.add_parser("genkey", help="create a new key file (mode 0600, never overwrites)")
@@ -233,7 +241,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(process.run(config, daemonize=args.daemon, verbose=args.verbose) or 0)
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
+#: What _top_parser gives `vpnd -f CONF`: every option at its default, the command "run".
+_RUN_DEFAULTS = {
+    "config": None,
+    "check": False,
+    "chat_test": False,
+    "make_key": None,
+    "no_key": False,
+    "randomdev": None,
+    "daemon": False,
+    "verbose": False,
+    "command": "run",
+}
+
+
+def _parse_run(argv: list[str]) -> SimpleNamespace | None:
+    """The daemon's own command lines (``-f CONF``/``--config CONF``, ``--daemon``,
+    ``-v``/``--verbose``, each word on its own) parsed to what argparse would give, else None.
+
+    Why: argparse, with the gettext, locale and shutil it loads to build a parser, stays in a
+    running daemon's memory for good (~1 MiB of RSS) for one parse at start. Every other
+    spelling (help, a typo, an abbreviation, ``--config=CONF``) returns None and goes through
+    argparse, which also words every usage error."""
+    args = dict(_RUN_DEFAULTS)
+    words = iter(argv)
+    for word in words:
+        if word in ("-f", "--config"):
+            value = next(words, None)
+            if value is None or value.startswith("-"):
+                return None
+            args["config"] = value
+        elif word == "--daemon":
+            args["daemon"] = True
+        elif word in ("-v", "--verbose"):
+            args["verbose"] = True
+        else:
+            return None
+    return SimpleNamespace(**args)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace | SimpleNamespace:
+    run = _parse_run(argv)
+    if run is not None:
+        return run
     first = next((i for i, word in enumerate(argv) if word not in ("-v", "--verbose")), None)
     if first is not None and argv[first] in _SUBCOMMANDS:  # `vpnd [-v] genkey ...`
         return _sub_parser().parse_args(argv[first:] + argv[:first])

@@ -76,7 +76,6 @@ import heapq
 import itertools
 import logging
 import os
-import random
 import selectors
 import signal
 import socket
@@ -86,7 +85,7 @@ from typing import TYPE_CHECKING, Any
 
 from vpnd_runtime import datapath, reload
 from vpnd_runtime.acceptor import Acceptor
-from vpnd_runtime.carriers import RandomDev, SerialCarrier
+from vpnd_runtime.carriers import Jitter, RandomDev, SerialCarrier
 from vpnd_runtime.config import Config
 from vpnd_runtime.dialer import Dialer
 from vpnd_runtime.io import gso, tcp
@@ -161,7 +160,7 @@ class Daemon:
             self.status.next_key_fingerprint = table.peers[0].next_fingerprint
         self.writer = StatusWriter(config.statusfile)
         self.rng = RandomDev(config.randomdev)
-        self.jitter = random.Random(os.urandom(16))  # noqa: S311 — backoff jitter, not crypto
+        self.jitter = Jitter()  # backoff jitter, not crypto
         self.replay_guard: Any = None
         self.ring = _Ring(self)
         self.acceptor = Acceptor(self)
@@ -494,8 +493,8 @@ class Daemon:
                 return
             batch.append(packet)
             total += len(packet)
-            if total >= TUN_BATCH_BYTES:
-                break
+            if total >= TUN_BATCH_BYTES or (len(batch) == 1 and not tun.readable()):
+                break  # (a lone packet: no failing read, see Tun.readable)
         if not batch:
             return
         hdr = tun.hdr_len

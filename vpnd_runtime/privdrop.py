@@ -48,7 +48,7 @@ Only ctypes and libc are used (``prctl``, ``capget``, ``capset``); no new depend
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import grp
 import logging
 import os
@@ -56,6 +56,7 @@ import pwd
 import stat
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from vpnd_runtime.config import Config
 
@@ -109,34 +110,41 @@ class Identity:
 # libc
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+@functools.cache
+def _libc() -> tuple[Any, Any, Any, Any]:
+    """(ctypes, libc, the capget header struct, the capget data struct), built on first use:
+    only a daemon with ``user`` calls libc, and ctypes costs every other one ~0.4 MiB of RSS."""
+    import ctypes  # noqa: PLC0415 - lazy: see above
 
+    class CapHeader(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
+    class CapData(ctypes.Structure):
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
 
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-_libc.prctl.restype = ctypes.c_int
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    libc.prctl.restype = ctypes.c_int
+    return ctypes, libc, CapHeader, CapData
 
 
 def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
-    if _libc.prctl(option, arg2, arg3, 0, 0) != 0:
+    ctypes, libc, _, _ = _libc()
+    if libc.prctl(option, arg2, arg3, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}, {arg2}): {os.strerror(err)}")
 
 
 def _capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of the calling thread, as 64-bit masks."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(header), data) != 0:
+    ctypes, libc, cap_header, cap_data = _libc()
+    header = cap_header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (cap_data * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capget: {os.strerror(err)}")
     return tuple(  # type: ignore[return-value]
@@ -146,14 +154,15 @@ def _capget() -> tuple[int, int, int]:
 
 
 def _capset(effective: int, permitted: int, inheritable: int) -> None:
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    ctypes, libc, cap_header, cap_data = _libc()
+    header = cap_header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (cap_data * 2)()
     for i in (0, 1):
         shift = 32 * i
         data[i].effective = (effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
-    if _libc.capset(ctypes.byref(header), data) != 0:
+    if libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
 

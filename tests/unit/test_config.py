@@ -568,3 +568,16 @@ def test_arbitrary_text_only_ever_raises_config_error_with_valid_line_numbers(li
         for single in error.errors:
             assert single.line is None or 1 <= single.line <= total
             assert str(single).startswith("h.conf")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/etc/vpnd/a.conf", "a.b.conf", "/x/.hidden", "noext", "/etc/vpnd/", "dir/a.", "a..b",
+     "", ".", "..", "/", "x/..", "x/.", "a.conf/", ".a.b", "//etc//b.conf"],
+)  # fmt: skip
+def test_the_default_status_file_is_named_as_pathlib_would_name_it(path: str) -> None:
+    from pathlib import PurePosixPath
+
+    from vpnd_runtime.config import _stem
+
+    assert _stem(path) == PurePosixPath(path).stem

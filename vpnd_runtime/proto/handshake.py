@@ -43,11 +43,23 @@ from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..compat import SLOTS
 from .errors import LocalProtocolError, RemoteProtocolError
 from .kdf import hash_, hkdf
+from .session import ChaCha20Poly1305
+
+try:
+    # The Rust binding's own constructors (what X25519PrivateKey.from_private_bytes returns):
+    # the public classmethods first import cryptography's legacy OpenSSL backend (RSA, EC,
+    # padding, OIDs: ~0.6 MiB of a daemon's RSS) only to ask whether X25519 exists.
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _private_key = _rust_openssl.x25519.from_private_bytes
+    _public_key = _rust_openssl.x25519.from_public_bytes
+except (ImportError, AttributeError):  # a cryptography laid out otherwise: the public API
+    _private_key = X25519PrivateKey.from_private_bytes
+    _public_key = X25519PublicKey.from_public_bytes
 
 PROTOCOL_NAME = b"Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s"
 PROLOGUE = b"vpnd/1"
@@ -76,14 +88,14 @@ def generate_keypair(rng: Callable[[int], bytes]) -> tuple[X25519PrivateKey, byt
     seed = rng(32)
     if len(seed) != 32:
         raise LocalProtocolError(f"rng(32) returned {len(seed)} bytes")
-    priv = X25519PrivateKey.from_private_bytes(seed)
+    priv = _private_key(seed)
     return priv, priv.public_key().public_bytes_raw()
 
 
 def dh(priv: X25519PrivateKey, peer_public: bytes) -> bytes:
     """X25519; a malformed or low-order peer key is the peer's fault."""
     try:
-        return priv.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        return priv.exchange(_public_key(peer_public))
     except ValueError:
         raise RemoteProtocolError("peer sent an invalid or low-order X25519 public key") from None
 

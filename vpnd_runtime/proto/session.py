@@ -47,10 +47,20 @@ import struct
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .kdf import hkdf
+
+try:
+    # The Rust classes themselves: cryptography's aead module only re-exports them, and
+    # importing it first imports the whole `ciphers` package (algorithms, modes, the legacy
+    # "decrepit" ciphers), ~0.2 MiB of a daemon's RSS for nothing vpnd uses.
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    AESGCM = _rust_openssl.aead.AESGCM
+    ChaCha20Poly1305 = _rust_openssl.aead.ChaCha20Poly1305
+except (ImportError, AttributeError):  # a cryptography laid out otherwise: the public module
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 MSG_INIT = 0x01
 MSG_RESP = 0x02

@@ -194,7 +194,8 @@ def _commands() -> None:
     register("keygen", keygen.main)
     register("keys", keys.main)
     register("render", render.main)
-    for name in ("deploy", "status", "lab"):  # added by later work; absent ones are skipped
+    # added by later work; absent ones are skipped
+    for name in ("deploy", "status", "lab", "rotate"):
         try:
             module = __import__(f"vpnctl.commands.{name}", fromlist=["main"])
         except ModuleNotFoundError as exc:

@@ -20,7 +20,13 @@ A record is trusted only when the pidfile names the process that wrote it and it
 within the last few seconds (the daemon rewrites it every second): otherwise the end shows as
 ``not running`` or ``stale`` (see :func:`vpnctl.deploy.parse_status_output`).
 
-A link is **up** only when both ends report ``up`` with the same key fingerprint. Otherwise the
+KEY is the key each end's session uses (``session_key_fingerprint``; the configured key when
+the daemon does not say), NEXT KEY a second key the end also accepts while ``vpnctl rotate``
+runs (the column is left out when no end has one). KEY AGE is operator-side knowledge: the
+keystore's creation time of the end's primary key, which deploy stamps on the key file as its
+mtime -- the daemon itself does not know when a key was made.
+
+A link is **up** only when both ends report ``up`` with the same (session) key. Otherwise the
 table says why, from the ends' states and reasons: ``no answer from peer``, ``authentication
 failed``, ``not running``, ``unreachable``, ``not deployed``, or a fingerprint mismatch.
 """
@@ -89,6 +95,10 @@ class EndStatus:
     key_fingerprint: str | None = None
     key_age: float | None = None
     pid: int | None = None
+    #: The key this end's running session was opened with (None when not up, or a daemon that
+    #: predates it), and a second key it also accepts (``nextkey``: a rotation under way).
+    session_key_fingerprint: str | None = None
+    next_key_fingerprint: str | None = None
     record: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # cleaned
     #: This end's tunnel addresses, both families ("198.19.0.1 fd12::1"), from its record.
     tunnel: str | None = None
@@ -236,6 +246,9 @@ def parse_host_output(host: str, manifest: Mapping[str, Any], text: str) -> list
             end.bytes_in = _count(record.get("bytes_in"))
             end.bytes_out = _count(record.get("bytes_out"))
             end.key_fingerprint = _text(record.get("key_fingerprint"))
+            if end.state == "up":
+                end.session_key_fingerprint = _text(record.get("session_key_fingerprint"))
+            end.next_key_fingerprint = _text(record.get("next_key_fingerprint"))
             end.pid = _count(record.get("pid"))
             end.record = record
             own = [record.get("local"), record.get("local6")]
@@ -267,7 +280,8 @@ def _judge(link: str, ends: list[EndStatus]) -> LinkStatus:
     """Is the link up, and if not, why (the most telling reason of either end)."""
     ends = sorted(ends, key=lambda e: (e.role != "server", e.host))
     if all(e.state == "up" for e in ends) and len(ends) == 2:
-        fps = {e.key_fingerprint for e in ends}
+        # the key each session uses: during a rotation the two ends' primary keys differ
+        fps = {e.session_key_fingerprint or e.key_fingerprint for e in ends}
         if len(fps) == 1:
             return LinkStatus(link, True, "up", ends)
         return LinkStatus(link, False, "key fingerprints differ between the ends", ends)
@@ -421,6 +435,7 @@ COLUMNS = (
     Column("KEY", 4),
     Column("KEY AGE", 6),
     Column("TUNNEL", 8),
+    Column("NEXT KEY", 9),
 )
 _GAP = "  "
 _GREEN, _RED, _YELLOW, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[0m"
@@ -439,10 +454,17 @@ def end_row(end: EndStatus) -> dict[str, str]:
         "RTT": _fmt_rtt(end.last_rtt),
         "IN": _fmt_bytes(end.bytes_in),
         "OUT": _fmt_bytes(end.bytes_out),
-        "KEY": clean_text(end.key_fingerprint) if end.key_fingerprint else "-",
+        "KEY": clean_text(_used_key(end)) if _used_key(end) else "-",
+        "NEXT KEY": clean_text(end.next_key_fingerprint) if end.next_key_fingerprint else "-",
         "KEY AGE": format_age(end.key_age) if end.key_age is not None else "-",
         "TUNNEL": clean_text(end.tunnel) if end.tunnel else "-",
     }
+
+
+def _used_key(end: EndStatus) -> str | None:
+    """The key an end uses: its session's when up (it differs from its primary key while a
+    rotation switches), else its primary key."""
+    return end.session_key_fingerprint or end.key_fingerprint
 
 
 def _hub_row(status: FleetStatus, hub: str) -> dict[str, str]:
@@ -480,6 +502,7 @@ def _hub_client_row(link: LinkStatus, client: str) -> dict[str, str]:
     if own is not None:
         own_cells = end_row(own)
         row["KEY"], row["KEY AGE"] = own_cells["KEY"], own_cells["KEY AGE"]
+        row["NEXT KEY"] = own_cells["NEXT KEY"]
     return row
 
 
@@ -518,7 +541,8 @@ def format_table(status: FleetStatus, *, width: int | None = None, color: bool =
     """The status table and, below it, each problem said once.
 
     ``width`` (terminal columns; None: no limit, as with ``--wide`` or into a pipe) drops the
-    least telling columns (TUNNEL, PEER, KEY AGE, ROLE, KEY, IN/OUT, RTT, UPTIME, in that order)
+    least telling columns (NEXT KEY, TUNNEL, PEER, KEY AGE, ROLE, KEY, IN/OUT, RTT, UPTIME, in that
+    order)
     until
     the table fits, and wraps the lines below it. ``color`` paints UP/DOWN and the states.
     """
@@ -526,6 +550,8 @@ def format_table(status: FleetStatus, *, width: int | None = None, color: bool =
     columns = list(COLUMNS)
     if all(row["TUNNEL"] == "-" for row in rows):  # records of daemons that predate it
         columns = [c for c in columns if c.name != "TUNNEL"]
+    if all(row["NEXT KEY"] == "-" for row in rows):  # shown only while a rotation is under way
+        columns = [c for c in columns if c.name != "NEXT KEY"]
 
     def table_width(cols: list[Column]) -> int:
         widths = [max(len(c.name), *(len(r[c.name]) for r in rows)) for c in cols]

@@ -11,7 +11,13 @@ Layout of the keystore directory (mode 0700; every file 0600, created with O_EXC
     <link>.next.key[.enc]   a staged replacement (`keygen --rotate LINK`) with its
     <link>.next.meta.json   metadata; the current key stays until `keygen --promote LINK`
     <link>.retired-<UTC>.*  keys replaced by a promotion (kept, never deleted by vpnctl)
+    <link>.rotation.json    {"version", "link", "phase"}: how far `vpnctl rotate` got
+                            (accept, switch, retire; see vpnctl/rotation.py); absent when no
+                            rotation is under way. Rewritten atomically (like allocations.json)
     allocations.json        tunnel addresses handed out from the pool (see inventory.py)
+
+The creation time in ``<link>.meta.json`` is the key's age (``vpnctl keys``, ``vpnctl rotate
+--max-age``); a key without metadata (made by hand) falls back to its file's mtime.
 
 Rules: an existing key is never overwritten or regenerated; keys never appear in messages,
 listings or diffs (only fingerprints do).
@@ -91,6 +97,9 @@ class KeyInfo:
     created: float  # Unix time
     encrypted: bool
     path: Path
+    #: Where ``created`` comes from: "metadata" (recorded when vpnctl made the key) or "mtime"
+    #: (a key without metadata, e.g. copied in by hand: its file's modification time).
+    created_from: str = "metadata"
 
 
 def format_age(seconds: float) -> str:
@@ -298,9 +307,11 @@ class Keystore:
                 recorded = str(meta["fingerprint"])
             except KeyError as exc:
                 raise KeystoreError(f"{meta_path}: unreadable key metadata: {exc}") from None
-            return KeyInfo(link, recorded, created or path.stat().st_mtime, True, path)
+            return KeyInfo(link, recorded, created or path.stat().st_mtime, True, path,
+                           "metadata" if created else "mtime")  # fmt: skip
         key = self._load_plain(path)
-        return KeyInfo(link, fingerprint(key), created or path.stat().st_mtime, False, path)
+        return KeyInfo(link, fingerprint(key), created or path.stat().st_mtime, False, path,
+                       "metadata" if created else "mtime")  # fmt: skip
 
     def check_encrypted_file(self, path: Path, link: str) -> None:
         """Refuse an encrypted key file others can read, or one not in the encrypted format
@@ -383,6 +394,51 @@ class Keystore:
                 os.link(path, self.root / path.name.replace(f"{link}.next", link, 1))
                 path.unlink()
         return self.info(link) or _impossible(link)
+
+    # ---- rotation state ---------------------------------------------------------------------
+    def rotation_path(self, link: str) -> Path:
+        """``<keystore>/<link>.rotation.json``: the phase `vpnctl rotate` reached."""
+        return self.root / f"{link}.rotation.json"
+
+    def rotation_phase(self, link: str) -> str | None:
+        """The recorded rotation phase of ``link`` (None: no rotation under way)."""
+        path = self.rotation_path(link)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            phase = data["phase"]
+            if not isinstance(phase, str) or data.get("link") != link:
+                raise TypeError(f"not a rotation record of {link!r}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeystoreError(f"{path}: unreadable rotation record: {exc}") from None
+        return phase
+
+    def set_rotation_phase(self, link: str, phase: str | None) -> None:
+        """Record (atomically) that ``link``'s rotation reached ``phase``; None removes it."""
+        path = self.rotation_path(link)
+        if phase is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        self.create()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        _write_exclusive(tmp, _json_bytes({"version": 1, "link": link, "phase": phase}))
+        tmp.replace(path)
+
+    def rotations(self, links: list[str]) -> dict[str, tuple[str, str | None]]:
+        """Link -> (phase, fingerprint of the staged key) for every link of ``links`` whose
+        rotation is under way (``retire`` has no staged key left: the new key is current)."""
+        out: dict[str, tuple[str, str | None]] = {}
+        for link in links:
+            phase = self.rotation_phase(link)
+            if phase is None:
+                continue
+            staged = self.info(link, staged=True)
+            out[link] = (phase, staged.fingerprint if staged else None)
+        return out
 
     # ---- tunnel address record --------------------------------------------------------------
     @property

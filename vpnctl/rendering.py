@@ -54,6 +54,7 @@ from vpnctl.inventory import (
     UserError,
     hub_key_name,
 )
+from vpnctl.rotation import EndKeys, end_keys
 from vpnd_runtime.config import Config, ConfigError, PeerSpec, parse_config, parse_peer
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "check_build",
     "diff_build",
     "render",
+    "session_fingerprint",
     "write_build",
 ]
 
@@ -126,6 +128,7 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "interface": link.interface,
         "mtu": t.mtu,
         "keyfile": host.path("etc/vpnd", f"{link.name}.key"),
+        "nextkey": None,  # set while a rotation is under way (_rotating)
         "pidfile": host.path("run/vpnd", f"{link.name}.pid"),
         "statusfile": host.path("run/vpnd", f"{link.name}.status.json"),
         "keepalive": t.keepalive,
@@ -228,6 +231,7 @@ def _hub_client_context(inv: Inventory, hub: Hub, client: HubClient) -> dict[str
         "remote6": str(hub.tunnel6) if hub.tunnel6 is not None else None,
         "interface": hub.interface,
         "keyfile": host.path("etc/vpnd", f"{hub.name}.key"),
+        "nextkey": None,
         "pidfile": host.path("run/vpnd", f"{hub.name}.pid"),
         "statusfile": host.path("run/vpnd", f"{hub.name}.status.json"),
         "speed": 0,
@@ -245,6 +249,12 @@ def _hub_client_context(inv: Inventory, hub: Hub, client: HubClient) -> dict[str
         "hub": False,
         **_tunable_context(hub.tunables),
     }
+
+
+def session_fingerprint(entry: Mapping[str, Any]) -> Any:
+    """The key a link end's session should use, from its manifest entry: its key, or while a
+    rotation is under way the phase's session key (the two ends' primary keys may differ)."""
+    return entry.get("session_key_fingerprint", entry.get("key_fingerprint"))
 
 
 def dial_address(inv: Inventory, link: Link) -> str:
@@ -267,13 +277,46 @@ def _json_bytes(value: object) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
-def render(inv: Inventory, fingerprints: Mapping[str, str]) -> dict[str, bytes]:
+def _rotating(
+    name: str,
+    role: str,
+    fingerprints: Mapping[str, str],
+    rotations: Mapping[str, tuple[str, str | None]],
+) -> EndKeys:
+    """The keys the ``role`` end of key ``name`` holds (vpnctl/rotation.py's table)."""
+    phase, staged = rotations.get(name, (None, None))
+    return end_keys(role, phase, fingerprints[name], staged)
+
+
+def _key_fields(keys: EndKeys, nextkey: str | None, keyless: bytes | None) -> dict[str, Any]:
+    """The manifest fields of a rotation under way (none when there is none, so a build
+    without rotations keeps its bytes): the next key's fingerprint and path on the host, the
+    key the session should use, and the sha256 of the config without its ``nextkey`` line
+    (deploy reloads rather than restarts a link whose config differs only in its keys)."""
+    if keys.next is None or nextkey is None:
+        return {}
+    return {
+        "next_key_fingerprint": keys.next,
+        "nextkeyfile": nextkey,
+        "session_key_fingerprint": keys.session,
+        **({"config_sans_keys": _sha256(keyless)} if keyless is not None else {}),
+    }
+
+
+def render(
+    inv: Inventory,
+    fingerprints: Mapping[str, str],
+    rotations: Mapping[str, tuple[str, str | None]] | None = None,
+) -> dict[str, bytes]:
     """Every file of the build directory: ``"<host>/<path>" -> bytes``.
 
     ``inv`` must have every tunnel address allocated (:func:`vpnctl.inventory.allocate_tunnels`);
-    ``fingerprints`` maps each link name to its key fingerprint. Raises RenderError when a
-    key is missing or the runtime parser refuses a rendered config.
+    ``fingerprints`` maps each link name to its key fingerprint. ``rotations`` maps a key under
+    rotation to (phase, staged key's fingerprint): its ends get a ``nextkey`` and the primary
+    key of that phase (vpnctl/rotation.py). Raises RenderError when a key is missing or the
+    runtime parser refuses a rendered config.
     """
+    rotations = rotations or {}
     env = _environment()
     conf_template = env.get_template("vpnd.conf.j2")
     unit_template = env.get_template("vpnd.service.j2")
@@ -291,6 +334,10 @@ def render(inv: Inventory, fingerprints: Mapping[str, str]) -> dict[str, bytes]:
             host = inv.host(side.host)
             context = _side_context(inv, link, role)
             conf_rel = f"etc/vpnd/{link.name}.conf"
+            keys = _rotating(link.name, role, fingerprints, rotations)
+            keyless = conf_template.render(context).encode() if keys.next else None
+            if keys.next:
+                context["nextkey"] = host.path("etc/vpnd", f"{link.name}.next.key")
             conf = conf_template.render(context).encode()
             _self_check(conf, f"build/{host.name}/{conf_rel}")
             files = {conf_rel: conf}
@@ -311,12 +358,14 @@ def render(inv: Inventory, fingerprints: Mapping[str, str]) -> dict[str, bytes]:
                 "keyfile": context["keyfile"],
                 "pidfile": context["pidfile"],
                 "statusfile": context["statusfile"],
-                "key_fingerprint": fingerprints[link.name],
+                "key_fingerprint": keys.primary,
+                **_key_fields(keys, context["nextkey"], keyless),
                 "unit": unit,
                 "files": {rel: _sha256(data) for rel, data in sorted(files.items())},
             }
     for hub in inv.hubs:
-        _render_hub(inv, hub, fingerprints, env, out=out, manifests=manifests)
+        _render_hub(inv, hub, fingerprints, env, out=out, manifests=manifests,
+                    rotations=rotations)  # fmt: skip
     for name, manifest in manifests.items():
         out[f"{name}/{MANIFEST}"] = _json_bytes(manifest)
     return dict(sorted(out.items()))
@@ -330,6 +379,7 @@ def _render_hub(
     *,
     out: dict[str, bytes],
     manifests: dict[str, dict[str, Any]],
+    rotations: Mapping[str, tuple[str, str | None]],
 ) -> None:
     """The hub's config, unit and peers directory (one ``<client>.peer`` each) on its host, and
     one client config (and unit) per client host; every file passes the runtime's parser."""
@@ -351,6 +401,12 @@ def _render_hub(
         key = hub_key_name(hub.name, client.name)
         peer_rel = f"etc/vpnd/{hub_peers_dir(hub)}/{client.name}.peer"
         keyfile = host.path("etc/vpnd", hub_peers_dir(hub), f"{client.name}.key")
+        keys = _rotating(key, "hub", fingerprints, rotations)
+        nextkey = (
+            host.path("etc/vpnd", hub_peers_dir(hub), f"{client.name}.next.key")
+            if keys.next
+            else None
+        )
         peer = peer_template.render(
             inventory=Path(inv.file).name,
             hub=hub.name,
@@ -359,6 +415,7 @@ def _render_hub(
             address=str(client.tunnel),
             address6=str(client.tunnel6) if client.tunnel6 is not None else None,
             keyfile=keyfile,
+            nextkey=nextkey,
             routes=list(client.routes),
         ).encode()
         _self_check_peer(peer, f"build/{host.name}/{peer_rel}")
@@ -368,7 +425,8 @@ def _render_hub(
             "address": str(client.tunnel),
             **({"address6": str(client.tunnel6)} if client.tunnel6 is not None else {}),
             "key": key,
-            "key_fingerprint": fingerprints[key],
+            "key_fingerprint": keys.primary,
+            **_key_fields(keys, nextkey, None),
             "peerfile": host.path(peer_rel),
             "keyfile": keyfile,
             "routes": [str(net) for net in client.routes],
@@ -405,6 +463,11 @@ def _render_hub(
         chost = inv.host(client.host)
         ccontext = _hub_client_context(inv, hub, client)
         crel = f"etc/vpnd/{hub.name}.conf"
+        key = hub_key_name(hub.name, client.name)
+        ckeys = _rotating(key, "client", fingerprints, rotations)
+        ckeyless = conf_template.render(ccontext).encode() if ckeys.next else None
+        if ckeys.next:
+            ccontext["nextkey"] = chost.path("etc/vpnd", f"{hub.name}.next.key")
         cconf = conf_template.render(ccontext).encode()
         _self_check(cconf, f"build/{chost.name}/{crel}")
         cfiles = {crel: cconf}
@@ -414,7 +477,6 @@ def _render_hub(
             cfiles[f"systemd/{cunit}"] = unit_template.render(ccontext).encode()
         for rel, data in cfiles.items():
             out[f"{chost.name}/{rel}"] = data
-        key = hub_key_name(hub.name, client.name)
         manifests[chost.name]["links"][hub.name] = {
             "role": "client",
             "peer": hub.server,
@@ -427,7 +489,8 @@ def _render_hub(
             "keyfile": ccontext["keyfile"],
             "pidfile": ccontext["pidfile"],
             "statusfile": ccontext["statusfile"],
-            "key_fingerprint": fingerprints[key],
+            "key_fingerprint": ckeys.primary,
+            **_key_fields(ckeys, ccontext["nextkey"], ckeyless),
             "unit": cunit,
             "files": {rel: _sha256(data) for rel, data in sorted(cfiles.items())},
         }
@@ -666,11 +729,11 @@ def _mirror_problems(
                     f"{role} route{route.index} goes via {route.gateway}, not the peer "
                     f"{' or '.join(map(str, config.remote_addresses))}"
                 )
-    fps = {s_entry.get("key_fingerprint"), c_entry.get("key_fingerprint")}
+    fps = {session_fingerprint(s_entry), session_fingerprint(c_entry)}
     if len(fps) != 1:
         bad(
-            f"key fingerprints differ: server {s_entry.get('key_fingerprint')}, "
-            f"client {c_entry.get('key_fingerprint')}"
+            f"key fingerprints differ: server {session_fingerprint(s_entry)}, "
+            f"client {session_fingerprint(c_entry)}"
         )
     elif keystore_fp not in fps:
         bad(f"rendered with key {fps.pop()}, the keystore holds {keystore_fp}; run `vpnctl render`")
@@ -866,10 +929,10 @@ def _check_hub(
         ):
             bad(f"the client has no route to the hub's network {hub.network}")
         key = hub_key_name(hub.name, client.name)
-        fps = {hub_view.get("key_fingerprint"), centry.get("key_fingerprint")}
+        fps = {session_fingerprint(hub_view), session_fingerprint(centry)}
         if len(fps) != 1:
-            bad(f"key fingerprints differ: hub {hub_view.get('key_fingerprint')}, client "
-                f"{centry.get('key_fingerprint')}")  # fmt: skip
+            bad(f"key fingerprints differ: hub {session_fingerprint(hub_view)}, client "
+                f"{session_fingerprint(centry)}")  # fmt: skip
         elif fingerprints.get(key) not in fps:
             bad(f"rendered with key {fps.pop()}, the keystore holds {fingerprints.get(key)}; "
                 "run `vpnctl render`")  # fmt: skip

@@ -179,10 +179,10 @@ def _only_keys_differ(old: Config, new: Config) -> bool:
 
 
 def _same_but_keys(old: Peer, new: Peer) -> bool:
-    """True when two peers differ in their keys at most (identity: name, address, key,
-    next key, then the rest)."""
-    a, b = old.identity(), new.identity()
-    return a[:2] + a[4:] == b[:2] + b[4:]
+    """True when two peers differ in their keys at most (`key`, `next_key`: a rotation step)."""
+    return dataclasses.replace(new, key=old.key, next_key=old.next_key).identity() == (
+        old.identity()
+    )
 
 
 def _still_accepted(old: Peer, new: Peer) -> bool:

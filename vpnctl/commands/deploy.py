@@ -153,14 +153,19 @@ class _UnlockedKeystore(Keystore):
     """The keystore with the keys the pre-flight loaded (and checked) once, so deploy neither
     asks for nor derives a passphrase again per host."""
 
-    def __init__(self, root: Path, keys: dict[str, bytes]) -> None:
+    def __init__(
+        self, root: Path, keys: dict[str, bytes], staged: dict[str, bytes] | None = None
+    ) -> None:
         super().__init__(root)
         self._keys = keys
+        self._staged = staged or {}  # the new keys of rotations under way (`vpnctl rotate`)
 
     def load(self, link: str, *, passphrase: bytes | None = None, staged: bool = False) -> bytes:
         """The key the pre-flight loaded for ``link``, else the keystore's."""
         if not staged and link in self._keys:
             return self._keys[link]
+        if staged and link in self._staged:
+            return self._staged[link]
         return super().load(link, passphrase=passphrase, staged=staged)
 
 
@@ -170,11 +175,14 @@ def preflight(
     names: list[str],
     passphrase_env: str | None,
     passphrase_file: Path | None,
+    *,
+    passphrase: bytes | None = None,
 ) -> Keystore:
     """Everything deploy can check locally, once, before it contacts any host (a UserError,
     exit 2, with one message): host names, the keystore, build/ matching the inventory and the
     keystore (else "run vpnctl render"), the passphrase (never prompted for without a terminal)
-    and every key file of the links deployed."""
+    and every key file of the links deployed. A ``passphrase`` already read (`vpnctl rotate`
+    deploys several times) is used instead of reading one again."""
     from vpnctl.commands.keygen import read_passphrase  # noqa: PLC0415
     from vpnctl.commands.render import rendered  # noqa: PLC0415
 
@@ -200,11 +208,15 @@ def preflight(
             f"({len(stale)} file(s) differ: {shown}{more}); run `vpnctl render` first"
         )
     links = sorted({name for manifest in manifests for name in _key_names(manifest)})
-    passphrase = None
-    if any(store.is_encrypted(link) for link in links):
+    rotating = [link for link in links if store.rotation_phase(link) is not None
+                and store.has_key(link, staged=True)]  # fmt: skip
+    if passphrase is None and (any(store.is_encrypted(link) for link in links) or any(
+        store.key_path(link, staged=True).suffix == ".enc" for link in rotating
+    )):  # fmt: skip
         passphrase = read_passphrase(passphrase_env, passphrase_file, prompt=True, confirm=False)
     keys = {link: store.load(link, passphrase=passphrase) for link in links}
-    return _UnlockedKeystore(store.root, keys)
+    staged = {link: store.load(link, passphrase=passphrase, staged=True) for link in rotating}
+    return _UnlockedKeystore(store.root, keys, staged)
 
 
 def _key_names(manifest: dict) -> list[str]:

@@ -18,6 +18,7 @@ from vpnctl.rendering import (
     render,
     write_build,
 )
+from vpnctl.rotation import end_keys
 from vpnctl.workspace import EXIT_FAILED, workspace
 from vpnd_runtime.cli import check_config
 from vpnd_runtime.config import ConfigError
@@ -29,9 +30,11 @@ __all__ = ["main", "rendered", "vpnd_check"]
 
 
 def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str], dict[str, bytes]]:
-    """What `vpnctl render` would write now: (allocated inventory, link -> key fingerprint
-    computed from the key file, build-relative path -> bytes). `deploy` compares it with build/
-    to refuse a stale build. With ``persist`` new tunnel allocations are recorded."""
+    """What `vpnctl render` would write now: (allocated inventory, link -> the fingerprint of
+    the key its session should use -- the current key computed from the key file, or during a
+    `vpnctl rotate` the phase's session key --, build-relative path -> bytes). `deploy` compares
+    it with build/ to refuse a stale build. With ``persist`` new tunnel allocations are
+    recorded."""
     inventory = ws.load_inventory()
     store = ws.keystore()
     store.check_directory()
@@ -45,8 +48,13 @@ def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str]
         info = store.info(name)
         assert info is not None  # noqa: S101 - has_key() was checked above
         fingerprints[name] = info.fingerprint
+    rotations = store.rotations(inventory.key_names())
+    sessions = {}
+    for name, fp in fingerprints.items():
+        phase, staged = rotations.get(name, (None, None))
+        sessions[name] = end_keys("client", phase, fp, staged).session
     inventory = ws.allocated(inventory, persist=persist)
-    return inventory, fingerprints, render(inventory, fingerprints)
+    return inventory, sessions, render(inventory, fingerprints, rotations)
 
 
 def vpnd_check(build: Path, files: Mapping[str, bytes]) -> list[str]:

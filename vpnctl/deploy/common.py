@@ -58,7 +58,7 @@ class DesiredFile:
     data: bytes = field(repr=False)
     mode: int
     link: str
-    kind: str  # "config" | "key" | "unit"; on a hub also "peer" (peer file), "peerkey"
+    kind: str  # "config" | "key" | "nextkey" | "unit"; a hub: "peer", "peerkey", "peernextkey"
     mtime: float | None = None
 
     @property

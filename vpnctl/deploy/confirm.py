@@ -14,6 +14,7 @@ from typing import Any
 from vpnctl.deploy.common import POLL_INTERVAL, Echo, HostOutcome, HostPlan
 from vpnctl.deploy.scripts import _MARK, status_script
 from vpnctl.hostdata import check_record, clean_json
+from vpnctl.rendering import session_fingerprint
 from vpnctl.ssh import SshError, SshHost
 
 
@@ -203,6 +204,7 @@ def confirm_links(
     on_result: Callable[[str, str, str], None] | None = None,
     restarted: Mapping[str, Iterable[str]] | None = None,
     not_before: Mapping[str, float] | None = None,
+    reloaded: Iterable[tuple[str, str]] = (),
 ) -> dict[str, tuple[str, str]]:
     """Poll every link's two ends (``links``: link -> [changed end, other end]) until both are
     up with the expected key fingerprint, or `wait` runs out.
@@ -213,8 +215,12 @@ def confirm_links(
     "waiting" only when the other end was *not* touched by this deploy and is not deployed, not
     running or unreachable, so the link cannot be confirmed either way. `not_before` gives, per
     host, the host's clock when its daemons were restarted: a record there whose ``since`` is
-    older belongs to a daemon from before the restart and counts as ``stale``.
+    older belongs to a daemon from before the restart and counts as ``stale`` -- except at the
+    (host, link) pairs in `reloaded`: a reload (SIGHUP) keeps the daemon and its session.
+    The key compared is the one each end's session uses (``session_key_fingerprint``; a record
+    without it: its key), so a rotation's phase whose two ends' primary keys differ confirms.
     """
+    skip_floor = set(reloaded)
     ours = {link: set(restarted.get(link, ())) if restarted else set() for link in links}
     for link, ends in links.items():
         ours[link].add(ends[0])
@@ -237,6 +243,7 @@ def confirm_links(
                 record is not None
                 and floor is not None
                 and host in ours.get(link, ())
+                and (host, link) not in skip_floor
                 and record.get("state") not in {"not running", "unreachable", "stale"}
                 and (not isinstance(since, int | float) or since < floor)
             ):
@@ -250,7 +257,11 @@ def confirm_links(
             ends_records = [records.get((host, link)) for host in ends]
             verdict: tuple[str, str] | None = None
             if all(r is not None and r.get("state") == "up" for r in ends_records):
-                fps = {r.get("key_fingerprint") for r in ends_records if r is not None}
+                fps = {
+                    r.get("session_key_fingerprint") or r.get("key_fingerprint")
+                    for r in ends_records
+                    if r is not None
+                }
                 if fps == {fingerprints[link]}:
                     verdict = ("up", f"up at both ends, key {fingerprints[link]}")
                 elif expired:
@@ -298,12 +309,12 @@ def _confirm_units(
         clients = entry.get("clients", {})
         names = plan.touched_clients.get(link, sorted(clients)) if link in plan.reload else clients
         return [
-            (f"{link}/{c}", [host, str(clients[c]["host"])], str(clients[c]["key_fingerprint"]))
+            (f"{link}/{c}", [host, str(clients[c]["host"])], str(session_fingerprint(clients[c])))
             for c in sorted(names)
             if c in clients
         ]
     unit = f"{entry['hub']}/{host}" if entry.get("hub") else link
-    return [(unit, [host, str(entry["peer"])], str(entry["key_fingerprint"]))]
+    return [(unit, [host, str(entry["peer"])], str(session_fingerprint(entry)))]
 
 
 def _peer_record(record: dict[str, Any] | None, client: str) -> dict[str, Any] | None:
@@ -319,6 +330,8 @@ def _peer_record(record: dict[str, Any] | None, client: str) -> dict[str, Any] |
                 "state": state,
                 "reason": peer.get("reason"),
                 "key_fingerprint": peer.get("key_fingerprint"),
+                "session_key_fingerprint": peer.get("session_key_fingerprint"),
+                "next_key_fingerprint": peer.get("next_key_fingerprint"),
                 "since": started if state == "up" and started is not None else peer.get("since"),
                 "peer": peer.get("peer"),
                 "session_age": peer.get("session_age"),
@@ -352,12 +365,15 @@ def confirm_changes(
     broken_elsewhere: dict[str, str] = {}  # unit -> host whose apply of it failed
     unit_ends: dict[str, list[str]] = {}  # unit -> [hub or server host, client host]
     fingerprints: dict[str, str] = {}
+    reloaded: set[tuple[str, str]] = set()  # (host, unit) reloaded there, not restarted
     for name in work:
         plan = outcomes[name].plan
         if plan is None:
             continue
         for link in sorted(set(plan.restarts) | set(plan.reload)):
             for unit, ends, fp in _confirm_units(name, manifests[name], link, plan):
+                if link not in plan.restarts:
+                    reloaded.add((name, unit))
                 unit_ends.setdefault(unit, ends)
                 fingerprints.setdefault(unit, fp)
                 if outcomes[name].error is None:
@@ -388,5 +404,5 @@ def confirm_changes(
     checked = {link: ends[link] for link in sorted(to_confirm) if link not in results}
     results.update(confirm_links(checked, fingerprints, ssh, manifests, wait=wait, jobs=jobs,
                                  on_result=said, restarted=to_confirm,
-                                 not_before=applied_at))  # fmt: skip
+                                 not_before=applied_at, reloaded=reloaded))  # fmt: skip
     return to_confirm, ends, results

@@ -113,12 +113,17 @@ def _key_file(
     where: str,
     passphrase: bytes | None,
 ) -> tuple[bytes, float]:
-    """The runtime key file of keystore key `name` (and its creation time), refused when the
-    build was rendered for another key."""
+    """The runtime key file of keystore key `name` (and its creation time) whose fingerprint
+    is `fingerprint`: the current key, or during a rotation (`vpnctl rotate`) the staged one;
+    refused when the build was rendered for another key."""
     info = keystore.info(name)
     if info is None:
         raise DeployError(f"{keystore.root}: no key for link {name!r}; run `vpnctl keygen`")
     if info.fingerprint != fingerprint:
+        staged = keystore.info(name, staged=True)
+        if staged is not None and staged.fingerprint == fingerprint:
+            key = keystore.load(name, passphrase=passphrase, staged=True)
+            return (key.hex() + "\n").encode("ascii"), staged.created
         raise DeployError(
             f"{where}: link {name!r} was rendered for key {fingerprint} but the keystore holds "
             f"{info.fingerprint}; re-run `vpnctl render`"
@@ -170,10 +175,30 @@ def desired_files(
                                          where, passphrase)  # fmt: skip
                 out.append(DesiredFile(client["keyfile"], key, 0o600, link, "peerkey",
                                        mtime=created))  # fmt: skip
+                if client.get("nextkeyfile"):  # a rotation under way: the key also accepted
+                    key, created = _key_file(
+                        keystore,
+                        client["key"],
+                        client.get("next_key_fingerprint"),
+                        where,
+                        passphrase,
+                    )
+                    out.append(DesiredFile(client["nextkeyfile"], key, 0o600, link,
+                                           "peernextkey", mtime=created))  # fmt: skip
             continue
         key, created = _key_file(keystore, entry.get("key", link), entry.get("key_fingerprint"),
                                  where, passphrase)  # fmt: skip
         out.append(DesiredFile(entry["keyfile"], key, 0o600, link, "key", mtime=created))
+        if entry.get("nextkeyfile"):  # a rotation under way: the key also accepted
+            key, created = _key_file(
+                keystore,
+                entry.get("key", link),
+                entry.get("next_key_fingerprint"),
+                where,
+                passphrase,
+            )
+            out.append(DesiredFile(entry["nextkeyfile"], key, 0o600, link, "nextkey",
+                                   mtime=created))  # fmt: skip
     return out
 
 
@@ -224,6 +249,9 @@ def plan_host(
     reload, prune, touched = _plan_hubs(
         manifest, by_link, remote, changed, start=start, files=files
     )
+    if not runtime and not remote.pending:
+        _plan_key_reloads(manifest, by_link, remote, changed, reload, files=files)
+    _prune_next_keys(manifest, remote, prune)
     for hub, gone in prune.items():
         paths[hub] = paths.get(hub, []) + gone
     unchanged = sorted(
@@ -231,6 +259,78 @@ def plan_host(
     )
     return HostPlan(host, use_systemd, runtime, changed, start, removed, unchanged, files, paths,
                     reload, prune, touched)  # fmt: skip
+
+
+_KEY_KINDS = ("config", "key", "nextkey")
+
+
+def _keyless(entry: Mapping[str, Any], link: str) -> object:
+    """The sha256 of a point-to-point entry's config without its ``nextkey`` line: recorded
+    while a rotation is under way, else the config's own sha256 (it has no such line)."""
+    files = entry.get("files")
+    own = files.get(f"etc/vpnd/{link}.conf") if isinstance(files, Mapping) else None
+    return entry.get("config_sans_keys", own)
+
+
+def _plan_key_reloads(
+    manifest: Mapping[str, Any],
+    by_link: Mapping[str, list[DesiredFile]],
+    remote: RemoteState,
+    changed: dict[str, list[str]],
+    reload: dict[str, list[str]],
+    *,
+    files: list[DesiredFile],
+) -> None:
+    """A running point-to-point link (or hub client) whose change is only in its keys -- its
+    key files, and its config by a ``nextkey`` line at most -- is *reloaded* (SIGHUP; under
+    systemd ``systemctl kill --signal=HUP``), not restarted: a `vpnctl rotate` step. The
+    daemon keeps the session while its key is still accepted (docs/directives.md)."""
+    deployed = (remote.deployed or {}).get("links", {})
+    written = {item.path for item in files}
+    for link, entry in sorted(manifest["links"].items()):
+        old = deployed.get(link)
+        if (
+            link not in changed
+            or entry.get("role") == "hub"
+            or not isinstance(old, Mapping)
+            or not remote.running.get(link, False)
+        ):
+            continue
+        own = [item for item in by_link.get(link, []) if item.path in written]
+        if (
+            own
+            and all(item.kind in _KEY_KINDS for item in own)
+            and (_keyless(entry, link) == _keyless(old, link))
+        ):
+            reload[link] = [f"{why} (keys only)" for why in changed.pop(link)]
+
+
+def _prune_next_keys(
+    manifest: Mapping[str, Any], remote: RemoteState, prune: dict[str, list[str]]
+) -> None:
+    """The ``nextkey`` files of the last deploy that this one no longer installs (a rotation
+    finished or went back) are removed: no key stays on a host that nothing uses."""
+    deployed = (remote.deployed or {}).get("links", {})
+    for link, entry in sorted(manifest["links"].items()):
+        old = deployed.get(link)
+        if not isinstance(old, Mapping):
+            continue
+        pairs = [(old, entry)]
+        if entry.get("role") == "hub":
+            before = old.get("clients") if isinstance(old.get("clients"), Mapping) else {}
+            now = entry.get("clients", {})
+            pairs = [(before[c], now[c]) for c in sorted(now) if isinstance(before.get(c), Mapping)]
+        for was, is_now in pairs:
+            path = was.get("nextkeyfile")
+            if (
+                isinstance(path, str)
+                and _MANIFEST_PATH.fullmatch(path)
+                and ".." not in path.split("/")
+                and path.endswith(".next.key")
+                and path != is_now.get("nextkeyfile")
+                and path not in prune.get(link, [])
+            ):
+                prune.setdefault(link, []).append(path)
 
 
 def _plan_hubs(
@@ -274,7 +374,7 @@ def _plan_hubs(
         touched[link] = sorted({by_path[p] for p in written if p in by_path})
         reasons = [f"client {name} removed" for name in gone]
         own = [item for item in by_link.get(link, []) if item.path in written]
-        peers_only = all(item.kind in ("peer", "peerkey") for item in own) and all(
+        peers_only = all(item.kind in ("peer", "peerkey", "peernextkey") for item in own) and all(
             why.startswith(("new peer", "peer")) for why in changed.get(link, [])
         )
         if link in changed:

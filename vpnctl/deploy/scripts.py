@@ -199,7 +199,12 @@ def _start_sh(
 
 def _reload_sh(link: str, entry: Mapping[str, Any], use_systemd: bool) -> str:
     """SIGHUP a hub so it re-reads its peers directory (HUB-SPEC.md: unchanged clients keep
-    their sessions); a failure prints `start-failed <link>: ...` like a failed start."""
+    their sessions), or a link whose keys alone changed (a rotation step: its session stays);
+    a failure prints `start-failed <link>: ...` like a failed start."""
+    if use_systemd and entry.get("role") != "hub":  # a link's unit has no ExecReload: SIGHUP it
+        unit = quote(f"vpnd-{link}")
+        return (f"systemctl kill --kill-who=main --signal=HUP {unit} || "
+                f"echo {quote(f'start-failed {link}: systemctl kill failed')}\n")  # fmt: skip
     if use_systemd:
         unit = quote(f"vpnd-{link}")
         return (f"systemctl reload {unit} || "
@@ -307,13 +312,13 @@ def apply_script(
         for item in plan.files:
             if item.kind == "config":
                 out.append(f"chmod 0755 {quote(posixpath.dirname(item.path))}")
-            elif item.kind == "key":
+            elif item.kind in ("key", "nextkey"):
                 out.append(f"chown {owner} {quote(item.path)}")
-            elif item.kind == "peerkey":  # a hub reads its peers directory on SIGHUP too
+            elif item.kind in ("peerkey", "peernextkey"):  # a hub reads its peers dir on SIGHUP
                 peers = quote(posixpath.dirname(item.path))
                 out.append(f"chown {owner} {quote(item.path)} && chown root:{quote(run_as[1])} "
                            f"{peers} && chmod 0750 {peers}")  # fmt: skip
-    for path in pruned:  # peer files and keys of clients removed from a hub
+    for path in pruned:  # peer files and keys of clients removed from a hub, old nextkey files
         out.append(f"rm -f {quote(path)}")
     for link in plan.removed:
         entry = deployed.get("links", {}).get(link, {})

@@ -268,6 +268,8 @@ class Inventory:
     hubs: tuple[Hub, ...] = ()
     #: ``defaults.tunnel_pool6`` (a /64 or wider); None = a ULA /64 derived for this inventory.
     pool6: IPv6Network | None = None
+    #: ``defaults.key_max_age`` in seconds: `vpnctl keys` warns about older keys (None: never).
+    key_max_age: float | None = None
 
     def hub(self, name: str) -> Hub:
         """The hub called ``name`` (KeyError when there is none)."""

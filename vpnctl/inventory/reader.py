@@ -35,6 +35,7 @@ from vpnctl.inventory.model import (
     Side,
     Ssh,
     Tunables,
+    UserError,
 )
 from vpnd_runtime.config import (
     CIPHERS,
@@ -66,6 +67,20 @@ _SSH_JUMP_RE = re.compile(rf"{_SSH_JUMP_ONE}(?:,{_SSH_JUMP_ONE})*")
 # Stage 1: the shape reader
 
 _MISSING = object()
+
+
+def _read_age(r: _Reader, node: yaml.Node, path: str) -> float | None:
+    """An age like ``90d`` (vpnctl/rotation.py's parse_age), its problem at the node's line."""
+    from vpnctl.rotation import parse_age  # noqa: PLC0415 - vpnctl.rotation imports vpnctl.inventory
+
+    value = r.scalar(node, path)
+    if value is _MISSING:
+        return None
+    try:
+        return parse_age(str(value), path)
+    except UserError as exc:
+        r.fail(node, path, str(exc).removeprefix(f"{path}: "))
+        return None
 
 
 class _Reader:
@@ -392,7 +407,13 @@ _TUNABLE_READERS: dict[str, Callable[[_Reader, yaml.Node, str], Any]] = {
     "ipv6": lambda r, n, p: r.boolean(n, p),
 }
 _HOST_SETTINGS = ("ssh", "prefix", "systemd", "daemon_user", "daemon_group", "become")
-_DEFAULTS_KEYS = (*_HOST_SETTINGS, "tunnel_pool", "tunnel_pool6", *_TUNABLE_READERS)
+_DEFAULTS_KEYS = (
+    *_HOST_SETTINGS,
+    "tunnel_pool",
+    "tunnel_pool6",
+    "key_max_age",
+    *_TUNABLE_READERS,
+)
 _SSH_KEYS = ("host", "port", "user", "identity", "options", "proxyjump")
 _HOST_KEYS = ("name", "address", "address6", *_HOST_SETTINGS)
 _LINK_KEYS = (
@@ -636,6 +657,9 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             )
         elif got6 is not None:
             pool6 = got6
+    key_max_age = None
+    if "key_max_age" in defaults_fields:
+        key_max_age = _read_age(r, defaults_fields["key_max_age"], "defaults.key_max_age")
     if "ssh" in default_host and "host" in default_host["ssh"]:
         r.fail(
             r.lines["defaults.ssh.host"],
@@ -837,8 +861,9 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
         raise InventoryError(r.problems)
 
     inventory = Inventory(
-        file, tuple(hosts), tuple(links), pool, dict(r.lines), tuple(hubs), pool6=pool6
-    )
+        file, tuple(hosts), tuple(links), pool, dict(r.lines), tuple(hubs), pool6=pool6,
+        key_max_age=key_max_age,
+    )  # fmt: skip
     problems = _cross_check(
         inventory,
         explicit_interface={

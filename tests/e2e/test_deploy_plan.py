@@ -124,6 +124,30 @@ def test_a_key_with_loose_mode_on_the_host_is_reinstalled() -> None:
     assert plan.changed == {"l1": ["key mode 644"]}
 
 
+def test_a_key_not_owned_by_the_daemons_user_is_reinstalled_and_handed_over() -> None:
+    # Given a host whose daemons run as vpnd, and a key left root's by an older deploy
+    desired = _desired("l1")
+    manifest = {**_manifest("l1"), "run_as": ["vpnd", "vpnd"]}
+    remote = _remote(desired, running=("l1",))
+    files = {f.path: (f.sha256, f.mode, "vpnd:vpnd") for f in desired}
+    files[desired[1].path] = (desired[1].sha256, desired[1].mode, "root:root")
+    remote = RemoteState("s1", False, "3.11", files, {"l1": True}, None)
+    # When planned, the key is written again (a SIGHUP as vpnd could not read it) and chowned
+    plan = plan_host("h1", manifest, desired, remote, runtime_stamp="s1", use_systemd=False)
+    assert plan.changed == {"l1": ["key owner root:root"]}
+    assert [f.path for f in plan.files] == [desired[1].path]
+    assert f"chown vpnd:vpnd {desired[1].path}" in apply_script(plan, manifest, {})
+    # And a config's owner is nobody's business, nor is anything on a root-run host
+    files[desired[1].path] = (desired[1].sha256, desired[1].mode, "vpnd:vpnd")
+    files[desired[0].path] = (desired[0].sha256, desired[0].mode, "root:root")
+    remote = RemoteState("s1", False, "3.11", files, {"l1": True}, None)
+    assert plan_host("h1", manifest, desired, remote, runtime_stamp="s1",
+                     use_systemd=False).changed == {}  # fmt: skip
+    files[desired[1].path] = (desired[1].sha256, desired[1].mode, "root:root")
+    assert plan_host("h1", _manifest("l1"), desired, remote, runtime_stamp="s1",
+                     use_systemd=False).changed == {}  # fmt: skip
+
+
 def test_a_link_dropped_from_the_render_is_stopped_and_removed() -> None:
     desired = _desired("l1")
     plan = plan_host("h1", _manifest("l1"), desired,
@@ -158,12 +182,12 @@ def test_probe_output_gives_hashes_modes_running_links_and_the_last_manifest() -
     paths = ["/a.conf", "/a.key"]
     text = (
         "stamp 0123456789abcdef\nsystemd no\npython 3.11\n"
-        f"file 0 {'e' * 64} 644\nfile 1 - -\n"
+        f"file 0 {'e' * 64} 644 root:root\nfile 1 - -\n"
         "deployed eyJsaW5rcyI6IHt9fQ==\nrunning l1 yes\nrunning l2 no\n"
     )
     state = parse_probe(text, paths)
     assert state.stamp == "0123456789abcdef"
-    assert state.files == {"/a.conf": ("e" * 64, 0o644), "/a.key": None}
+    assert state.files == {"/a.conf": ("e" * 64, 0o644, "root:root"), "/a.key": None}
     assert state.running == {"l1": True, "l2": False}
     assert state.deployed == {"links": {}}
     assert not state.systemd_running
@@ -277,7 +301,8 @@ def test_probe_reports_the_users_uid_and_a_pending_deploy_and_ignores_noise() ->
     paths = ["/a"]
     text = "Welcome!\nuid 1000\npending yes\nfile 0 abc 644\nfile 7 x y\nfile zz\nrunning odd\n"
     remote = parse_probe(text, paths)
-    assert (remote.uid, remote.pending, remote.files["/a"]) == (1000, True, ("abc", 0o644))
+    # (an older probe's line without the owner still parses)
+    assert (remote.uid, remote.pending, remote.files["/a"]) == (1000, True, ("abc", 0o644, ""))
 
 
 def test_apply_keeps_the_backup_of_an_uncommitted_deploy_and_holds_the_host_lock() -> None:

@@ -79,7 +79,8 @@ class RemoteState:
     stamp: str | None
     systemd_running: bool
     python: str | None
-    files: Mapping[str, tuple[str, int] | None]  # path -> (sha256, mode) or None when absent
+    #: path -> (sha256, mode, "user:group" or "" when not reported) or None when absent
+    files: Mapping[str, tuple[str, int, str] | None]
     running: Mapping[str, bool]  # link -> daemon alive
     deployed: Mapping[str, Any] | None  # manifest recorded by the last successful deploy
     pending: bool = False  # an earlier deploy applied changes here and never committed them

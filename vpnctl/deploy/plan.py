@@ -202,6 +202,10 @@ def desired_files(
     return out
 
 
+#: Files apply hands to the daemon's account (``run_as``), which re-reads them on SIGHUP.
+_USER_OWNED = ("key", "nextkey", "peerkey", "peernextkey")
+
+
 def plan_host(
     host: str,
     manifest: Mapping[str, Any],
@@ -218,6 +222,8 @@ def plan_host(
     by_link: dict[str, list[DesiredFile]] = {}
     for item in desired:
         by_link.setdefault(item.link, []).append(item)
+    run_as = manifest.get("run_as")
+    owner = f"{run_as[0]}:{run_as[1]}" if run_as else ""  # whom apply hands the keys to
     for link, items in sorted(by_link.items()):
         reasons = []
         for item in items:
@@ -228,6 +234,8 @@ def plan_host(
                 reasons.append(f"{item.kind} changed")
             elif have[1] != item.mode:
                 reasons.append(f"{item.kind} mode {have[1]:o}")
+            elif owner and item.kind in _USER_OWNED and have[2:] and have[2] not in ("", owner):
+                reasons.append(f"{item.kind} owner {have[2]}")  # e.g. keys made before this rule
             else:
                 continue
             files.append(item)
@@ -440,7 +448,7 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
     stamp: str | None = None
     systemd = False
     python: str | None = None
-    files: dict[str, tuple[str, int] | None] = dict.fromkeys(paths)
+    files: dict[str, tuple[str, int, str] | None] = dict.fromkeys(paths)
     running: dict[str, bool] = {}
     deployed: dict[str, Any] | None = None
     pending = False
@@ -469,12 +477,13 @@ def parse_probe(text: str, paths: list[str]) -> RemoteState:
                 uid = int(rest.strip())
         elif word == "file":
             parts = rest.split()
-            if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) >= len(paths):
+            if len(parts) not in (3, 4) or not parts[0].isdigit() or int(parts[0]) >= len(paths):
                 continue  # not ours (a login banner, a shell warning): ignore like other noise
-            idx, digest, mode = parts
+            idx, digest, mode = parts[:3]
             if digest != "-":
                 with contextlib.suppress(ValueError):
-                    files[paths[int(idx)]] = (digest, int(mode, 8))
+                    owner = parts[3] if len(parts) == 4 else ""
+                    files[paths[int(idx)]] = (digest, int(mode, 8), owner)
         elif word == "running":
             parts = rest.split()
             if len(parts) == 2:

@@ -118,17 +118,17 @@ def probe_script(manifest: Mapping[str, Any], paths: Iterable[str]) -> str:
 
 
 def _files_sh(paths: Iterable[str]) -> str:
-    """``file IDX SHA256 MODE`` (or ``file IDX - -``) for each path that is a regular file, from
-    one ``sha256sum`` and one ``stat`` over all of them (not two processes per file: a host with
-    many links has many files); each answer is found by its file name, so a file that vanished
-    in between is reported absent rather than given another file's hash."""
+    """``file IDX SHA256 MODE USER:GROUP`` (or ``file IDX - -``) for each path that is a regular
+    file, from one ``sha256sum`` and one ``stat`` over all of them (not two processes per file:
+    a host with many links has many files); each answer is found by its file name, so a file
+    that vanished in between is reported absent rather than given another file's hash."""
     paths = list(paths)
     if not paths:
         return ""
     out = [f"set -- {quote(*paths)}", 'n=$#; for f; do [ -f "$f" ] && set -- "$@" "$f"; done',
            'shift "$n"', 'sums=; modes=',
            'if [ $# -gt 0 ]; then sums=$(sha256sum -- "$@" 2>/dev/null); '
-           "modes=$(stat -c '%a %n' -- \"$@\" 2>/dev/null); fi",
+           "modes=$(stat -c '%a %U:%G %n' -- \"$@\" 2>/dev/null); fi",
            'sums=$nl$sums$nl; modes=$nl$modes$nl']  # fmt: skip
     for idx, path in enumerate(paths):
         q = quote(path)

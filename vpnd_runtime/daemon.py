@@ -852,6 +852,8 @@ class Daemon:
             wire_out += s.conn.stats.wire_bytes_out
         self.status.carrier_bytes_in, self.status.carrier_bytes_out = wire_in, wire_out
         drops = dict(self._drop_base)
+        for k, v in self.link.tun_drops.items():  # live: a full TUN queue shows while it happens
+            drops[k] = drops.get(k, 0) + v
         if self.lineq is not None:
             for k, v in self.lineq.drops.items():
                 drops[k] = drops.get(k, 0) + v

@@ -44,10 +44,23 @@ class Link:
         self._linkup_ran: set[Peer] = set()
         self._slipup_ran = False
         self._in_base = (0, 0)  # packets/bytes written by TUN writers of earlier TUNs
+        self._tun_drops: dict[str, int] = {}  # what they dropped, by reason
 
     @property
     def hub(self) -> bool:
         return self.config.is_hub
+
+    @property
+    def tun_drops(self) -> dict[str, int]:
+        """Packets the TUN writers dropped (queue full, write errors), over every TUN this link
+        had, the current one's counted live."""
+        w = self.writer
+        if w is None:
+            return dict(self._tun_drops)
+        drops = dict(self._tun_drops)
+        for why, count in w.drop_counts().items():
+            drops[why] = drops.get(why, 0) + count
+        return drops
 
     @property
     def packets_bytes_in(self) -> tuple[int, int]:
@@ -148,7 +161,7 @@ class Link:
                     self._in_base[1] + writer.bytes,
                 )
                 for why, count in drops.items():
-                    self.status.drops[why] = self.status.drops.get(why, 0) + count
+                    self._tun_drops[why] = self._tun_drops.get(why, 0) + count
             if tun is not None:
                 for problem in tun.remove_routes():
                     log.warning("removing %s", problem)

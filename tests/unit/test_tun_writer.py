@@ -84,3 +84,23 @@ def test_inline_puts_any_batch_on_an_idle_writer_before_returning() -> None:
         writer.close()
         tx.close()
         rx.close()
+
+
+def test_drops_are_counted_while_the_writer_runs_not_only_when_it_closes() -> None:
+    # Given a TUN writer whose device stops taking packets (a full, non-blocking queue)
+    tx, rx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer = TunWriter(tx.fileno(), HDR)
+    try:
+        # When more is written inline than it takes
+        for _ in range(64):
+            writer.put([bytes(HDR + 1000)], inline=True)
+        # Then the live counts already say so, and equal what close() reports at the end
+        live = writer.drop_counts()
+        assert live.get("tun_full", 0) > 0
+        assert writer.packets + live["tun_full"] == 64
+    finally:
+        final = writer.close()
+        rx.close()
+    assert final == live

@@ -325,7 +325,11 @@ class TunWriter:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             os.close(self.fd)
-        drops = dict(self.drops)
+        return self.drop_counts()
+
+    def drop_counts(self) -> dict[str, int]:
+        """Packets dropped so far, by reason, by either thread (the status shows them live)."""
+        drops = dict(self.drops)  # one C-level copy: atomic against the writer thread
         for reason, n in self._inline_drops.items():
             drops[reason] = drops.get(reason, 0) + n
         return drops

@@ -173,3 +173,39 @@ def test_a_runtime_install_that_fails_is_not_switched_back_to_an_older_runtime()
     assert host.ran == ["rollback+finish"]
     assert "opt/vpnd/previous" not in host.commands[-1]
     assert "remote command failed" in (outcomes["a"].error or "")
+
+
+class NextKeyHost(ScriptedHost):
+    """Up, and reporting `next_key` as the next key it also accepts (None: none)."""
+
+    def __init__(self, next_key: str | None) -> None:
+        super().__init__("up")
+        self.next_key = next_key
+
+    def run(self, command: str, **_: Any) -> RemoteResult:
+        record = {"state": "up", "pid": self.pid, "since": self.since, "updated": NOW,
+                  "key_fingerprint": FP, "next_key_fingerprint": self.next_key,
+                  "reason": None}  # fmt: skip
+        text = (f"{NOW}\n@@vpnctl l1\nconfig yes\nalive yes\n{json.dumps(record)}\n"
+                f"keymtime 100\npidfile {self.pid}\n")  # fmt: skip
+        return RemoteResult(0, text.encode(), b"")
+
+
+def test_a_reloaded_end_that_did_not_load_its_next_key_fails_though_its_session_is_up() -> None:
+    # Given a rotation step that gave host a a next key, reloaded there by SIGHUP
+    manifests = {"a": _manifest("a", "b"), "b": _manifest("b", "a")}
+
+    def confirm(reported: str | None) -> tuple[str, str]:
+        ssh = {"a": NextKeyHost(reported), "b": NextKeyHost(None)}
+        nxt = {("a", "l1"): "ef56:7890", ("b", "l1"): None}
+        return confirm_links({"l1": ["a", "b"]}, {"l1": FP}, ssh, manifests,  # type: ignore[arg-type]
+                             wait=0.0, jobs=2, restarted={"l1": ["a"]},
+                             reloaded={("a", "l1")}, next_keys=nxt)["l1"]  # fmt: skip
+
+    # When the daemon could not apply the SIGHUP (its session stays up on the old key), the
+    # link is not confirmed, and the message says which end and what it reports
+    verdict, why = confirm(None)
+    assert verdict == "failed"
+    assert "a does not accept the next key ef56:7890 (it reports none; see its log)" in why
+    # And once it reports the next key, it is
+    assert confirm("ef56:7890")[0] == "up"

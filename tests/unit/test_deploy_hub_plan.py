@@ -104,7 +104,9 @@ def test_an_added_client_reloads_the_hub_and_writes_only_its_peer_file_and_key(
     assert "kill -HUP" in script
     assert "kill -TERM" not in script and "--daemon" not in script
     units = _confirm_units("alpha", after, "branches", result)
-    assert [(unit, ends) for unit, ends, _ in units] == [("branches/delta", ["alpha", "delta"])]
+    assert [(unit, ends, nxt) for unit, ends, _, nxt in units] == [
+        ("branches/delta", ["alpha", "delta"], None)
+    ]
 
 
 def test_a_removed_client_is_pruned_and_the_hub_reloaded(project: Path) -> None:
@@ -137,7 +139,7 @@ def test_a_change_to_the_hub_config_restarts_it(project: Path) -> None:
     assert result.reload == {}
     assert result.changed["branches"][0] == "config changed"
     assert result.restarts == ["branches"]
-    units = [u for u, _, _ in _confirm_units("alpha", after, "branches", result)]
+    units = [u for u, _, _, _ in _confirm_units("alpha", after, "branches", result)]
     assert units == ["branches/beta", "branches/delta", "branches/gamma"]
 
 

@@ -205,6 +205,7 @@ def confirm_links(
     restarted: Mapping[str, Iterable[str]] | None = None,
     not_before: Mapping[str, float] | None = None,
     reloaded: Iterable[tuple[str, str]] = (),
+    next_keys: Mapping[tuple[str, str], str | None] | None = None,
 ) -> dict[str, tuple[str, str]]:
     """Poll every link's two ends (``links``: link -> [changed end, other end]) until both are
     up with the expected key fingerprint, or `wait` runs out.
@@ -219,6 +220,9 @@ def confirm_links(
     (host, link) pairs in `reloaded`: a reload (SIGHUP) keeps the daemon and its session.
     The key compared is the one each end's session uses (``session_key_fingerprint``; a record
     without it: its key), so a rotation's phase whose two ends' primary keys differ confirms.
+    `next_keys` gives, per (host, link), the next key that end must also accept (None: none):
+    a SIGHUP the daemon could not apply (an unreadable ``nextkey``) keeps its session on the
+    old key, and only this tells.
     """
     skip_floor = set(reloaded)
     ours = {link: set(restarted.get(link, ())) if restarted else set() for link in links}
@@ -262,8 +266,18 @@ def confirm_links(
                     for r in ends_records
                     if r is not None
                 }
-                if fps == {fingerprints[link]}:
+                unloaded = [
+                    f"{host} does not accept the next key {want or 'none'} "
+                    f"(it reports {(r or {}).get('next_key_fingerprint') or 'none'}; see its log)"
+                    for host, r in zip(ends, ends_records, strict=True)
+                    if (host, link) in (next_keys or {})
+                    and ((r or {}).get("next_key_fingerprint") or None)
+                    != (want := (next_keys or {})[(host, link)] or None)
+                ]
+                if fps == {fingerprints[link]} and not unloaded:
                     verdict = ("up", f"up at both ends, key {fingerprints[link]}")
+                elif expired and unloaded:
+                    verdict = ("failed", "; ".join(unloaded))
                 elif expired:
                     verdict = ("failed", f"key fingerprints differ: {sorted(map(str, fps))}")
             elif expired:
@@ -298,8 +312,9 @@ def _unit_link(unit: str) -> str:
 
 def _confirm_units(
     host: str, manifest: Mapping[str, Any], link: str, plan: HostPlan
-) -> list[tuple[str, list[str], str]]:
-    """What confirming `link` on `host` means: (unit, [its two end hosts], key fingerprint).
+) -> list[tuple[str, list[str], str, str | None]]:
+    """What confirming `link` on `host` means: (unit, [its two end hosts], key fingerprint, the
+    next key this end also accepts or None).
 
     A point-to-point link is one unit. A hub is one unit per client pair ``hub/client`` --
     every client when the hub (re)started, only the added or changed clients when it was
@@ -309,12 +324,24 @@ def _confirm_units(
         clients = entry.get("clients", {})
         names = plan.touched_clients.get(link, sorted(clients)) if link in plan.reload else clients
         return [
-            (f"{link}/{c}", [host, str(clients[c]["host"])], str(session_fingerprint(clients[c])))
+            (
+                f"{link}/{c}",
+                [host, str(clients[c]["host"])],
+                str(session_fingerprint(clients[c])),
+                clients[c].get("next_key_fingerprint"),
+            )
             for c in sorted(names)
             if c in clients
         ]
     unit = f"{entry['hub']}/{host}" if entry.get("hub") else link
-    return [(unit, [host, str(entry["peer"])], str(session_fingerprint(entry)))]
+    return [
+        (
+            unit,
+            [host, str(entry["peer"])],
+            str(session_fingerprint(entry)),
+            entry.get("next_key_fingerprint"),
+        )
+    ]
 
 
 def _peer_record(record: dict[str, Any] | None, client: str) -> dict[str, Any] | None:
@@ -366,12 +393,14 @@ def confirm_changes(
     unit_ends: dict[str, list[str]] = {}  # unit -> [hub or server host, client host]
     fingerprints: dict[str, str] = {}
     reloaded: set[tuple[str, str]] = set()  # (host, unit) reloaded there, not restarted
+    next_keys: dict[tuple[str, str], str | None] = {}  # (host, unit) -> the next key it accepts
     for name in work:
         plan = outcomes[name].plan
         if plan is None:
             continue
         for link in sorted(set(plan.restarts) | set(plan.reload)):
-            for unit, ends, fp in _confirm_units(name, manifests[name], link, plan):
+            for unit, ends, fp, next_fp in _confirm_units(name, manifests[name], link, plan):
+                next_keys[(name, unit)] = next_fp
                 if link not in plan.restarts:
                     reloaded.add((name, unit))
                 unit_ends.setdefault(unit, ends)
@@ -404,5 +433,6 @@ def confirm_changes(
     checked = {link: ends[link] for link in sorted(to_confirm) if link not in results}
     results.update(confirm_links(checked, fingerprints, ssh, manifests, wait=wait, jobs=jobs,
                                  on_result=said, restarted=to_confirm,
-                                 not_before=applied_at, reloaded=reloaded))  # fmt: skip
+                                 not_before=applied_at, reloaded=reloaded,
+                                 next_keys=next_keys))  # fmt: skip
     return to_confirm, ends, results

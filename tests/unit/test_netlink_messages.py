@@ -176,3 +176,14 @@ def test_error_messages_say_what_why_and_a_hint() -> None:
     )
     assert text == "adding route x: Invalid argument (Invalid prefix for given prefix length)"
     assert "exists" in nl.describe_error("x", errno.EEXIST)
+
+
+def test_a_tun_route_via_its_far_end_is_onlink_so_it_needs_no_route_to_the_gateway_yet() -> None:
+    # The far end's own IPv6 route appears only after the kernel's DAD work item has run:
+    # `onlink` makes a route via it valid at once (on a loaded host it failed with EHOSTUNREACH)
+    body = nl.route_request(net("fd00:1::/48"), 4, addr("fd00::1"), onlink=True)
+    assert nl.RTMSG.unpack_from(body)[8] == nl.RTNH_F_ONLINK
+    # Only for a route with a gateway, never on a delete (which matches any flags)
+    assert nl.RTMSG.unpack_from(nl.route_request(net("fd00:1::/48"), 4, onlink=True))[8] == 0
+    gone = nl.route_request(net("fd00:1::/48"), 4, addr("fd00::1"), delete=True, onlink=True)
+    assert nl.RTMSG.unpack_from(gone)[8] == 0

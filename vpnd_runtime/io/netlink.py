@@ -83,6 +83,8 @@ RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255  # on delete: match any scope
 RTN_UNSPEC = 0
 RTN_UNICAST = 1
+#: rtm_flags: the gateway is on the link (`ip route ... onlink`), not looked up
+RTNH_F_ONLINK = 4
 
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 RTATTR = struct.Struct("=HH")  # len, type
@@ -215,9 +217,16 @@ def route_request(
     oif: int | None = None,
     gateway: IPAddress | None = None,
     table: int = RT_TABLE_MAIN,
+    *,
     delete: bool = False,
+    onlink: bool = False,
 ) -> bytes:
     """RTM_NEWROUTE/RTM_DELROUTE body for `network` out of `oif`, via `gateway` if given.
+
+    `onlink` (``ip route ... onlink``) tells the kernel the gateway is on `oif`'s link without
+    looking it up: true of a point-to-point TUN's far end, whose own IPv6 route the kernel adds
+    asynchronously (after its DAD work item, even on a NOARP device), so a route via it added
+    right after the address could fail with EHOSTUNREACH on a loaded host.
 
     Without a gateway the route is scope link (the destination is on the link itself, as for
     a point-to-point TUN). A delete leaves protocol, scope and type unspecified, as `ip route
@@ -230,8 +239,9 @@ def route_request(
     else:
         scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
         proto, kind = RTPROT_BOOT, RTN_UNICAST
+    flags = RTNH_F_ONLINK if onlink and gateway is not None and not delete else 0
     body = RTMSG.pack(
-        _family(network), network.prefixlen, 0, 0, table & 0xFF, proto, scope, kind, 0
+        _family(network), network.prefixlen, 0, 0, table & 0xFF, proto, scope, kind, flags
     )
     body += pack_attr(RTA_TABLE, struct.pack("=I", table))
     body += pack_attr(RTA_DST, network.network_address.packed)
@@ -391,12 +401,14 @@ class RtNetlink:
         oif: int | None = None,
         gateway: IPAddress | None = None,
         table: int = RT_TABLE_MAIN,
+        onlink: bool = False,
     ) -> None:
-        """Add a route to `network` out of `oif` (via `gateway` if given); EEXIST if present."""
+        """Add a route to `network` out of `oif` (via `gateway` if given; `onlink`: see
+        `route_request`); EEXIST if present."""
         self.request(
             RTM_NEWROUTE,
             NLM_F_CREATE | NLM_F_EXCL,
-            route_request(network, oif, gateway, table),
+            route_request(network, oif, gateway, table, onlink=onlink),
             f"adding route {network}" + (f" via {gateway}" if gateway else "")
             + (f" dev ifindex {oif}" if oif is not None else ""),
         )  # fmt: skip

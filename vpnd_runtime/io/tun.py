@@ -87,6 +87,7 @@ class Tun:
     hdr_len: int = VNET_HDR_LEN
     index: int = 0
     _routes: list[Route] = field(default_factory=list)
+    _peers: frozenset[Address] = frozenset()  # the far ends `configure` gave this link
     _pinned: list[tuple[Network, int | None, Address | None]] = field(default_factory=list)
     _poller: select.poll | None = field(default=None, repr=False, compare=False)
 
@@ -136,6 +137,7 @@ class Tun:
         `remote`, or, for a hub (`remote` None), `local` alone (its clients get routes).
         `extra` holds further (local, remote) pairs, e.g. the IPv6 pair of a dual-stack link."""
         what = f"configuring {self.name} ({local} peer {remote or '-'}, mtu {mtu})"
+        self._peers = frozenset(p for p in (remote, *(peer for _, peer in extra)) if p is not None)
         try:
             self.index = socket.if_nametoindex(self.name)
         except OSError as exc:
@@ -160,8 +162,10 @@ class Tun:
 
         Remembered so `remove_route`/`remove_routes` can undo it.
         """
+        # Via the far end: onlink, as it is by construction (its IPv6 route may not exist yet).
+        onlink = gateway is not None and gateway in self._peers
         with _netlink(f"TUN {self.name}") as nl:
-            nl.add_route(network, oif=self.index, gateway=gateway)
+            nl.add_route(network, oif=self.index, gateway=gateway, onlink=onlink)
         self._routes.append(Route(network, gateway))
 
     def remove_route(self, network: Network) -> bool:

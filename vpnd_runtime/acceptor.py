@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vpnd_runtime.io import tcp
-from vpnd_runtime.io.udp import UdpEndpoint, UdpLink
+from vpnd_runtime.io.udp import UDP_READS, UdpEndpoint, UdpLink
 from vpnd_runtime.proto.connection import INDEX_LEN, Connection
 from vpnd_runtime.session import Session, new_index, params_from_config
 
@@ -49,8 +49,6 @@ ACCEPT_PAUSE = 1.0
 #: holding one second's worth); the rest are dropped before any cryptography.
 HANDSHAKE_RATE = 200.0
 HANDSHAKE_RATE_PER_SOURCE = 10.0
-#: UDP: socket reads per readable event (each up to a 64 KiB GRO super-datagram).
-UDP_READS = 16
 
 
 class _Bucket:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from vpnd_runtime.carriers import SerialCarrier, run_modemchat
 from vpnd_runtime.io import tcp
-from vpnd_runtime.io.udp import UdpEndpoint, UdpLink
+from vpnd_runtime.io.udp import UDP_READS, UdpEndpoint, UdpLink
 from vpnd_runtime.proto.connection import INDEX_LEN, Connection
 from vpnd_runtime.session import HANDSHAKE_TIMEOUT, Session, new_index, params_from_config
 
@@ -38,8 +38,6 @@ BACKOFF_CAP = 30.0
 BACKOFF_JITTER = 0.5
 #: A link that stayed up this long resets the backoff to its first step.
 BACKOFF_RESET_AFTER = 30.0
-#: UDP: socket reads per readable event (each up to a 64 KiB GRO super-datagram).
-UDP_READS = 16
 
 
 class Dialer:

@@ -137,17 +137,18 @@ def _configure(sock: socket.socket, tos: int) -> None:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
 
 
-def _any_socket() -> tuple[socket.socket, str]:
-    """A socket for "every address": dual-stack IPv6 when the host has IPv6, else IPv4."""
+def any_socket(kind: int = socket.SOCK_STREAM) -> tuple[socket.socket, str]:
+    """A socket of `kind` for "every address" and the host to bind it to: dual-stack IPv6 when
+    the host has IPv6, else IPv4 (the UDP carrier's server socket too)."""
     try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6, kind)
     except OSError:
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+        return socket.socket(socket.AF_INET, kind), "0.0.0.0"
     try:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     except OSError:
         sock.close()
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM), "0.0.0.0"
+        return socket.socket(socket.AF_INET, kind), "0.0.0.0"
     return sock, "::"
 
 
@@ -155,7 +156,7 @@ def listen(host: str, port: int, tos: int = 0, backlog: int = 16) -> socket.sock
     """A non-blocking listening socket on host:port (host '0.0.0.0' = every address of both
     families; an IPv6 literal = that IPv6 address)."""
     if host in ("0.0.0.0", "0"):
-        sock, host = _any_socket()
+        sock, host = any_socket()
     else:
         sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     try:

@@ -32,6 +32,8 @@ import socket
 import struct
 from collections import deque
 
+from vpnd_runtime.io.tcp import any_socket
+
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
@@ -45,6 +47,8 @@ GSO_MAX_BYTES6 = 65535 - 8 - 40
 RECV_SIZE = 65535
 #: Socket buffers asked for (SO_*BUFFORCE as root, else capped by net.core.[rw]mem_max).
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: Socket reads per readable event (each up to a 64 KiB GRO super-datagram).
+UDP_READS = 16
 _CMSG_SPACE = socket.CMSG_SPACE(4)
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
@@ -76,7 +80,7 @@ class UdpEndpoint:
                 )
             sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM)
         elif host in ("0.0.0.0", "0"):  # a server on any: both families on one socket
-            sock, host = _any_socket()
+            sock, host = any_socket(socket.SOCK_DGRAM)
         else:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -291,20 +295,6 @@ class UdpLink:
     def close(self) -> None:
         if self.owned:
             self.endpoint.close()
-
-
-def _any_socket() -> tuple[socket.socket, str]:
-    """A datagram socket for "every address": dual-stack IPv6 when the host has IPv6."""
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    except OSError:
-        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM), "0.0.0.0"
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    except OSError:
-        sock.close()
-        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM), "0.0.0.0"
-    return sock, "::"
 
 
 def _plain(host: str) -> str:

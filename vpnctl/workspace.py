@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -21,6 +22,16 @@ from vpnctl.inventory import (
 )
 from vpnctl.keystore import Keystore
 from vpnctl.pool6 import allocate_ipv6
+
+#: The options of the commands that unlock encrypted keys to ship them (deploy, rotate).
+PassphraseEnv = Annotated[
+    str | None,
+    typer.Option("--passphrase-env", metavar="VAR", help="Passphrase of encrypted keys."),
+]
+PassphraseFile = Annotated[
+    Path | None,
+    typer.Option("--passphrase-file", metavar="FILE", help="Passphrase of encrypted keys."),
+]
 
 __all__ = [
     "EXIT_FAILED",

@@ -20,7 +20,7 @@ from vpnctl.hostdata import clean_text
 from vpnctl.inventory import Inventory, UserError
 from vpnctl.keystore import Keystore
 from vpnctl.rendering import changed_paths
-from vpnctl.workspace import EXIT_FAILED, workspace
+from vpnctl.workspace import EXIT_FAILED, PassphraseEnv, PassphraseFile, workspace
 
 if TYPE_CHECKING:
     from vpnctl.workspace import Workspace
@@ -46,14 +46,8 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Hosts worked on at once.")] = (
         DEFAULT_JOBS
     ),
-    passphrase_env: Annotated[
-        str | None,
-        typer.Option("--passphrase-env", metavar="VAR", help="Passphrase of encrypted keys."),
-    ] = None,
-    passphrase_file: Annotated[
-        Path | None,
-        typer.Option("--passphrase-file", metavar="FILE", help="Passphrase of encrypted keys."),
-    ] = None,
+    passphrase_env: PassphraseEnv = None,
+    passphrase_file: PassphraseFile = None,
     as_json: Annotated[
         bool,
         typer.Option(

@@ -40,7 +40,7 @@ from vpnctl.rotation import (
     step_verdict,
     steps_back,
 )
-from vpnctl.workspace import EXIT_FAILED, Workspace, workspace
+from vpnctl.workspace import EXIT_FAILED, PassphraseEnv, PassphraseFile, Workspace, workspace
 
 __all__ = ["RotateFailed", "key_ends", "main"]
 
@@ -332,14 +332,8 @@ def main(  # noqa: PLR0917 - typer maps each option to a parameter
             "in its deploy)."
         ),
     ] = DEFAULT_WAIT,
-    passphrase_env: Annotated[
-        str | None,
-        typer.Option("--passphrase-env", metavar="VAR", help="Passphrase of encrypted keys."),
-    ] = None,
-    passphrase_file: Annotated[
-        Path | None,
-        typer.Option("--passphrase-file", metavar="FILE", help="Passphrase of encrypted keys."),
-    ] = None,
+    passphrase_env: PassphraseEnv = None,
+    passphrase_file: PassphraseFile = None,
     as_json: Annotated[
         bool,
         typer.Option(

@@ -84,6 +84,16 @@ def _aead(cipher: str) -> object | None:
     return ChaCha20Poly1305(key) if cipher.startswith("chacha") else AESGCM(key)
 
 
+def _connect(host: str) -> socket.socket | None:
+    """A connection to the server relay, or None while it is not listening yet."""
+    try:
+        sock = socket.create_connection((host, FLOOR_PORT), timeout=10)
+    except ConnectionRefusedError:
+        return None
+    sock.settimeout(None)
+    return sock
+
+
 def relay(role: str, cipher: str, tun_name: str, peer_ip: str, design: str = "epoll") -> int:
     """Carry packets between a new TUN `tun_name` and one TCP connection, nothing more.
 
@@ -101,8 +111,9 @@ def relay(role: str, cipher: str, tun_name: str, peer_ip: str, design: str = "ep
         sock, _ = listener.accept()
         listener.close()
     else:
-        sock = socket.create_connection((peer_ip, FLOOR_PORT), timeout=10)
-        sock.settimeout(None)
+        sock = poll_until(
+            lambda: _connect(peer_ip), 10, interval=0.05, what="the floor server's listener"
+        )
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     aead = _aead(cipher)
     enc = aead.encrypt if aead is not None else None
@@ -252,16 +263,12 @@ def floor_pair(pair: Pair, cipher: str, log: Path, design: str = "epoll") -> Ite
                 text=True,
             )
             procs.append(proc)
-            if role == "server":
-                # The server prints "ready" only after accept, so wait for its listener instead.
-                poll_until(
-                    lambda ns=ns: f":{FLOOR_PORT:04X}" in ns.run("cat", "/proc/net/tcp").stdout,
-                    10,
-                    what="floor relay listening",
-                )
+        # The client retries its connect until the server listens; each prints "ready" once
+        # its side is up (the server after accept).
         for proc in procs:
             assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
+            ready, _, _ = select.select([proc.stdout], [], [], 20)
+            if not ready or proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"floor relay did not start; see {log}")
         yield
     finally:

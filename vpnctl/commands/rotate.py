@@ -140,6 +140,7 @@ class _Rotator:
         self.say, self.progress = say, progress
         self._secret: bytes | None = None  # the keystore passphrase, read once (encrypted keys)
         self.held: dict[str, str] = {}  # key -> why: failed earlier in this run, left as it is
+        self.run_keys: list[str] = []  # every key of this run: those not in a batch are held
 
     def _unlock(self) -> bytes | None:
         """The keystore passphrase, read (or asked) once for the whole run when any key of the
@@ -155,9 +156,10 @@ class _Rotator:
         return self._secret if encrypted else None
 
     def _deploy(self, hosts: list[str], keys: list[str]) -> DeployReport:
-        """Render the keystore's present phases into build/ and deploy them to ``hosts``; the
-        keys held after an earlier failure stay as they are, and unless --include-pending a
-        plan that changes more than ``keys`` stops the deploy before anything is applied."""
+        """Render the keystore's present phases into build/ and deploy ``keys``' step to
+        ``hosts``: the run's other keys (later in the run, or failed earlier) are held as they
+        are, and unless --include-pending a plan that changes more than ``keys`` stops the
+        deploy before anything is applied."""
         _, _, files = rendered(self.ws, persist=True)
         write_build(files, self.ws.build_path)
         unlocked = preflight(
@@ -174,6 +176,8 @@ class _Rotator:
             if lines:
                 raise _Refused(lines)
 
+        later = "its step comes in another batch of this run"
+        hold = {k: later for k in self.run_keys if k not in keys} | self.held
         return deploy(
             self.inventory,
             hosts,
@@ -181,7 +185,7 @@ class _Rotator:
             unlocked,
             wait=self.wait,
             echo=lambda line: self.progress(f"    {line}"),
-            hold=self.held,
+            hold=hold,
             before_apply=None if self.include_pending else guard,
         )
 
@@ -305,6 +309,7 @@ class _Rotator:
         """Run (or continue) the rotation of every key of ``results`` to its end, batched."""
         store = self.store
         by_key = {r.key: r for r in results}
+        self.run_keys = list(by_key)
         phases = {r.key: self._prepare(r) for r in results}
         for step, keys in step_batches(phases):
             batch = [by_key[k] for k in keys if by_key[k].failure is None]
@@ -338,6 +343,7 @@ class _Rotator:
         """Walk every key of ``results`` back to its old key alone (vpnctl/rotation.py), batched."""
         store = self.store
         by_key = {r.key: r for r in results}
+        self.run_keys = list(by_key)
         phases = {r.key: store.rotation_phase(r.key) for r in results}
         batches = abort_batches(phases)
         total = {k: len(steps_back(p)) for k, p in phases.items()}

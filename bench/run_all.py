@@ -17,6 +17,7 @@ BENCHES = [
     ("tunnel throughput and latency", "bench.bench_tunnel"),
     ("tunnel over a serial line", "bench.bench_serial"),
     ("fleet deploy and status", "bench.bench_fleet"),
+    ("fleet key rotation", "bench.bench_rotate"),
     ("one hub, many clients", "bench.bench_hub"),
 ]
 

@@ -305,8 +305,10 @@ def unrelated_changes(
         )
         if plan.runtime and why == ["runtime"]:
             continue  # said once above
+        # a link is reloaded only while its daemon runs and nothing but its keys changed
+        note = ["not running, or more than its keys changed"] if ours else []
         what = "restart, not reload" if ours else "restart"
-        out.append(f"{host}: {link}: would {what} ({', '.join(why)})")
+        out.append(f"{host}: {link}: would {what} ({', '.join([*why, *note])})")
     for link in plan.start:
         if not (_entry_keys(link, links.get(link, {})) <= keys):
             out.append(f"{host}: {link}: not running; deploy would start it")

@@ -98,7 +98,8 @@ def test_every_change_beyond_the_rotated_keys_is_named_with_host_and_link() -> N
 def test_a_rotated_link_that_would_restart_is_not_hitless_and_is_named() -> None:
     plan = _plan(changed={"l1": ["config changed", "key changed"]})
     assert unrelated_changes(plan, MANIFEST, ["l1"]) == [
-        "server: l1: would restart, not reload (config changed, key changed)"
+        "server: l1: would restart, not reload (config changed, key changed, not running, or "
+        "more than its keys changed)"
     ]
     # another link's keys changing (a hand-made keygen --promote) is not this rotation's
     plan = _plan(reload={"l2": ["key changed (keys only)"]})

@@ -234,7 +234,9 @@ class _Rotator:
         what = STEPS.get(step or "", "both ends back on the old key alone")
         hosts = list(dict.fromkeys(h for r in batch for h in r.hosts))
         names = ", ".join(r.key for r in batch)
-        self.say(f"step {number(batch[0])} {what}: {names}: deploying to {len(hosts)} host(s): "
+        labels = {number(r) for r in batch}  # an abort's keys may walk back different lengths
+        label = labels.pop() if len(labels) == 1 else (step or "restore")
+        self.say(f"step {label} {what}: {names}: deploying to {len(hosts)} host(s): "
                  f"{', '.join(hosts)}")  # fmt: skip
         started = time.monotonic()
         entries = {}

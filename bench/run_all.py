@@ -18,6 +18,7 @@ BENCHES = [
     ("the Python floor beside vpnd", "bench.floor"),
     ("tunnel over a serial line", "bench.bench_serial"),
     ("fleet deploy and status", "bench.bench_fleet"),
+    ("fleet key rotation", "bench.bench_rotate"),
     ("one hub, many clients", "bench.bench_hub"),
 ]
 

@@ -54,7 +54,7 @@ from vpnctl.inventory import (
     UserError,
     hub_key_name,
 )
-from vpnctl.rotation import EndKeys, end_keys
+from vpnctl.rotation import end_keys_of, manifest_fields
 from vpnd_runtime.config import Config, ConfigError, PeerSpec, parse_config, parse_peer
 
 __all__ = [
@@ -128,7 +128,7 @@ def _side_context(inv: Inventory, link: Link, role: str) -> dict[str, Any]:
         "interface": link.interface,
         "mtu": t.mtu,
         "keyfile": host.path("etc/vpnd", f"{link.name}.key"),
-        "nextkey": None,  # set while a rotation is under way (_rotating)
+        "nextkey": None,  # set while a rotation is under way (vpnctl/rotation.py)
         "pidfile": host.path("run/vpnd", f"{link.name}.pid"),
         "statusfile": host.path("run/vpnd", f"{link.name}.status.json"),
         "keepalive": t.keepalive,
@@ -277,32 +277,6 @@ def _json_bytes(value: object) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _rotating(
-    name: str,
-    role: str,
-    fingerprints: Mapping[str, str],
-    rotations: Mapping[str, tuple[str, str | None]],
-) -> EndKeys:
-    """The keys the ``role`` end of key ``name`` holds (vpnctl/rotation.py's table)."""
-    phase, staged = rotations.get(name, (None, None))
-    return end_keys(role, phase, fingerprints[name], staged)
-
-
-def _key_fields(keys: EndKeys, nextkey: str | None, keyless: bytes | None) -> dict[str, Any]:
-    """The manifest fields of a rotation under way (none when there is none, so a build
-    without rotations keeps its bytes): the next key's fingerprint and path on the host, the
-    key the session should use, and the sha256 of the config without its ``nextkey`` line
-    (deploy reloads rather than restarts a link whose config differs only in its keys)."""
-    if keys.next is None or nextkey is None:
-        return {}
-    return {
-        "next_key_fingerprint": keys.next,
-        "nextkeyfile": nextkey,
-        "session_key_fingerprint": keys.session,
-        **({"config_sans_keys": _sha256(keyless)} if keyless is not None else {}),
-    }
-
-
 def render(
     inv: Inventory,
     fingerprints: Mapping[str, str],
@@ -334,7 +308,7 @@ def render(
             host = inv.host(side.host)
             context = _side_context(inv, link, role)
             conf_rel = f"etc/vpnd/{link.name}.conf"
-            keys = _rotating(link.name, role, fingerprints, rotations)
+            keys = end_keys_of(link.name, role, fingerprints, rotations)
             keyless = conf_template.render(context).encode() if keys.next else None
             if keys.next:
                 context["nextkey"] = host.path("etc/vpnd", f"{link.name}.next.key")
@@ -359,7 +333,7 @@ def render(
                 "pidfile": context["pidfile"],
                 "statusfile": context["statusfile"],
                 "key_fingerprint": keys.primary,
-                **_key_fields(keys, context["nextkey"], keyless),
+                **manifest_fields(keys, context["nextkey"], keyless),
                 "unit": unit,
                 "files": {rel: _sha256(data) for rel, data in sorted(files.items())},
             }
@@ -401,7 +375,7 @@ def _render_hub(
         key = hub_key_name(hub.name, client.name)
         peer_rel = f"etc/vpnd/{hub_peers_dir(hub)}/{client.name}.peer"
         keyfile = host.path("etc/vpnd", hub_peers_dir(hub), f"{client.name}.key")
-        keys = _rotating(key, "hub", fingerprints, rotations)
+        keys = end_keys_of(key, "hub", fingerprints, rotations)
         nextkey = (
             host.path("etc/vpnd", hub_peers_dir(hub), f"{client.name}.next.key")
             if keys.next
@@ -426,7 +400,7 @@ def _render_hub(
             **({"address6": str(client.tunnel6)} if client.tunnel6 is not None else {}),
             "key": key,
             "key_fingerprint": keys.primary,
-            **_key_fields(keys, nextkey, None),
+            **manifest_fields(keys, nextkey, None),
             "peerfile": host.path(peer_rel),
             "keyfile": keyfile,
             "routes": [str(net) for net in client.routes],
@@ -464,7 +438,7 @@ def _render_hub(
         ccontext = _hub_client_context(inv, hub, client)
         crel = f"etc/vpnd/{hub.name}.conf"
         key = hub_key_name(hub.name, client.name)
-        ckeys = _rotating(key, "client", fingerprints, rotations)
+        ckeys = end_keys_of(key, "client", fingerprints, rotations)
         ckeyless = conf_template.render(ccontext).encode() if ckeys.next else None
         if ckeys.next:
             ccontext["nextkey"] = chost.path("etc/vpnd", f"{hub.name}.next.key")
@@ -490,7 +464,7 @@ def _render_hub(
             "pidfile": ccontext["pidfile"],
             "statusfile": ccontext["statusfile"],
             "key_fingerprint": ckeys.primary,
-            **_key_fields(ckeys, ccontext["nextkey"], ckeyless),
+            **manifest_fields(ckeys, ccontext["nextkey"], ckeyless),
             "unit": cunit,
             "files": {rel: _sha256(data) for rel, data in sorted(cfiles.items())},
         }

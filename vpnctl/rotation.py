@@ -29,12 +29,16 @@ upwards: from switch the client returns to OLD first, then both drop NEW.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vpnctl.inventory import UserError
+
+if TYPE_CHECKING:  # deploy imports rendering, which imports this module
+    from vpnctl.deploy.common import HostPlan
 
 __all__ = [
     "ACCEPT",
@@ -44,13 +48,19 @@ __all__ = [
     "SWITCH",
     "EndKeys",
     "EndView",
+    "abort_batches",
     "end_keys",
+    "end_keys_of",
     "keys_due",
+    "manifest_fields",
     "parse_age",
     "remaining_steps",
+    "session_keys",
     "shared_key",
+    "step_batches",
     "step_verdict",
     "steps_back",
+    "unrelated_changes",
 ]
 
 ACCEPT, SWITCH, RETIRE = "accept", "switch", "retire"
@@ -144,6 +154,46 @@ def end_keys(role: str, phase: str | None, current: str, staged: str | None) -> 
     raise UserError(f"unknown rotation phase {phase!r}")
 
 
+def end_keys_of(
+    name: str,
+    role: str,
+    fingerprints: Mapping[str, str],
+    rotations: Mapping[str, tuple[str, str | None]],
+) -> EndKeys:
+    """What the ``role`` end of keystore key ``name`` holds for render: ``fingerprints`` maps
+    each key to its current fingerprint, ``rotations`` a key under rotation to (phase, staged
+    fingerprint) as :meth:`vpnctl.keystore.Keystore.rotations` reads them."""
+    phase, staged = rotations.get(name, (None, None))
+    return end_keys(role, phase, fingerprints[name], staged)
+
+
+def session_keys(
+    fingerprints: Mapping[str, str], rotations: Mapping[str, tuple[str, str | None]]
+) -> dict[str, str]:
+    """Each key's session key in its recorded phase (the client's view: the key both ends'
+    session should use), as `render --check` and `deploy` compare it."""
+    return {name: end_keys_of(name, "client", fingerprints, rotations).session
+            for name in fingerprints}  # fmt: skip
+
+
+def manifest_fields(keys: EndKeys, nextkey: str | None, keyless: bytes | None) -> dict[str, Any]:
+    """The manifest fields of a rotation under way (none when there is none, so a build
+    without rotations keeps its bytes): the next key's fingerprint and path on the host
+    (``nextkey``), the key the session should use, and the sha256 of the config rendered
+    without its ``nextkey`` line (``keyless``; deploy reloads rather than restarts a link
+    whose config differs only in its keys)."""
+    if keys.next is None or nextkey is None:
+        return {}
+    return {
+        "next_key_fingerprint": keys.next,
+        "nextkeyfile": nextkey,
+        "session_key_fingerprint": keys.session,
+        **(
+            {"config_sans_keys": hashlib.sha256(keyless).hexdigest()} if keyless is not None else {}
+        ),
+    }
+
+
 def shared_key(ends: Iterable[EndKeys]) -> set[str]:
     """The keys every end accepts (primary or next): never empty along a rotation."""
     sets = [{e.primary} | ({e.next} if e.next else set()) for e in ends]
@@ -186,3 +236,99 @@ def step_verdict(step: str | None, ends: Sequence[EndView], old: str, new: str) 
             if end.next_key_fingerprint is not None:
                 return f"{end.host}: still also accepts {end.next_key_fingerprint}"
     return None
+
+
+def step_batches(phases: Mapping[str, str | None]) -> list[tuple[str, list[str]]]:
+    """How `vpnctl rotate` runs many keys: one batch per step, in step order, each with the
+    keys (in ``phases``' order) that still have that step to run from their recorded phase
+    (None: not started). Every key of a batch is deployed and confirmed together; a key that
+    fails a step is left out of the later batches by the caller. Steps no key needs are left
+    out; a key resumed at switch joins the others from the switch batch on."""
+    todo = {name: remaining_steps(phase) for name, phase in phases.items()}
+    return [
+        (step, names)
+        for step in PHASES
+        if (names := [name for name, steps in todo.items() if step in steps])
+    ]
+
+
+def abort_batches(phases: Mapping[str, str | None]) -> list[tuple[str | None, list[str]]]:
+    """The batches of ``vpnctl rotate --abort``: from switch the clients first go back to the
+    old key (phase accept), then every key drops the new one (phase None). Raises UserError
+    naming the key when one cannot be walked back (none under way, or already retired)."""
+    back: dict[str, list[str | None]] = {}
+    for name, phase in phases.items():
+        if phase is None:
+            raise UserError(f"{name}: no rotation under way; nothing to abort")
+        try:
+            back[name] = steps_back(phase)
+        except UserError as exc:
+            raise UserError(f"{name}: {exc}") from None
+    return [
+        (target, names)
+        for target in (ACCEPT, None)
+        if (names := [name for name, steps in back.items() if target in steps])
+    ]
+
+
+def _entry_keys(link: str, entry: Mapping[str, Any]) -> set[str]:
+    """The keystore keys a manifest entry holds: a link's own, a hub client end's
+    ``<hub>.<client>``, every client key of a hub."""
+    if entry.get("role") == "hub":
+        clients = entry.get("clients")
+        return (
+            {str(c.get("key")) for c in clients.values()} if isinstance(clients, Mapping) else set()
+        )
+    return {str(entry.get("key") or link)}
+
+
+def unrelated_changes(
+    plan: HostPlan, manifest: Mapping[str, Any], keys: Iterable[str]
+) -> list[str]:
+    """What a deploy of ``plan`` (one host, as deploy planned it) would do beyond rotating
+    ``keys`` (keystore names), one line each naming the link: an empty list when the deploy
+    only reloads those keys' links. A rotation step must change keys and nothing else: a
+    pending route edit on another link, a link not running (it would be started), a link no
+    longer rendered, a new runtime (every link restarts) or a rotated link whose config
+    changed beyond its keys (it would restart, not reload) all show here. ``manifest`` is the
+    host's rendered manifest."""
+    keys = set(keys)
+    links = manifest.get("links", {})
+    host = plan.host
+    out = []
+    if plan.runtime:
+        out.append(f"{host}: a new vpnd runtime would be installed (every link there restarts)")
+    for link, why in sorted(plan.changed.items()):
+        ours = (
+            _entry_keys(link, links.get(link, {})) <= keys
+            and links.get(link, {}).get("role") != "hub"
+        )
+        if plan.runtime and why == ["runtime"]:
+            continue  # said once above
+        # a link is reloaded only while its daemon runs and nothing but its keys changed
+        note = ["not running, or more than its keys changed"] if ours else []
+        what = "restart, not reload" if ours else "restart"
+        out.append(f"{host}: {link}: would {what} ({', '.join([*why, *note])})")
+    for link in plan.start:
+        if not (_entry_keys(link, links.get(link, {})) <= keys):
+            out.append(f"{host}: {link}: not running; deploy would start it")
+    for link in plan.removed:
+        out.append(f"{host}: {link}: no longer rendered; deploy would stop and remove it")
+    for link, why in sorted(plan.reload.items()):
+        entry = links.get(link, {})
+        if entry.get("role") == "hub":
+            clients = entry.get("clients", {})
+            others = [
+                c for c in plan.touched_clients.get(link, [])
+                if c not in clients or str(clients[c].get("key")) not in keys
+            ]  # fmt: skip
+            extra = [w for w in why if " removed" in w] + [f"client {c} changed" for c in others]
+            if extra:
+                out.append(f"{host}: hub {link}: {', '.join(extra)}")
+        elif not (_entry_keys(link, entry) <= keys):
+            out.append(f"{host}: {link}: keys changed ({', '.join(why)})")
+    for link, paths in sorted(plan.prune.items()):
+        entry = links.get(link, {})
+        if entry.get("role") != "hub" and not (_entry_keys(link, entry) <= keys):
+            out.append(f"{host}: {link}: would delete {', '.join(paths)}")
+    return out

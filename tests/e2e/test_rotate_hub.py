@@ -3,7 +3,9 @@ runs from that client through the hub, and the other client's session is not tou
 
 The new key goes into the hub's peer file for the client (``nextkey``) and the hub is reloaded
 (its PID stays), never restarted; at the end `vpnctl status` shows the new key at the client and
-in the hub's view of it.
+in the hub's view of it. Both clients' keys then rotate together (one deploy per step) with
+client2 unreachable: client1's finishes, client2's stops at step 1 naming the host, and a rerun
+with the host back finishes it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import require_root_netns, require_tools
 from tests.helpers.lab import daemon_pids, rendered_lab, vpnctl
@@ -72,3 +75,46 @@ def test_a_hub_clients_key_rotates_under_a_ping_and_the_hub_is_only_reloaded(
             assert end["uptime"] >= other_since[end["host"]], after["hub/client2"]
     server = next(h for h in lab.hosts if h.name == "server")
     assert not list(Path(server.prefix, "etc/vpnd/hub.peers").glob("*.next.key"))
+
+
+def test_two_clients_rotate_together_and_an_unreachable_one_is_finished_by_a_rerun(
+    lab: LabState,
+) -> None:
+    directory = Path(lab.directory)
+    doc = yaml.safe_load((directory / "inventory.yaml").read_text())
+    next(h for h in doc["hosts"] if h["name"] == "client2")["ssh"] = {"host": "127.0.0.1",
+                                                                     "port": 1}  # fmt: skip
+    down = directory / "client2-down" / "inventory.yaml"  # same name: configs carry it
+    down.parent.mkdir()
+    down.write_text(yaml.safe_dump(doc, sort_keys=False))
+    options = ["-i", str(down), "--keystore", str(directory / "keystore"),
+               "--build", str(directory / "build")]  # fmt: skip
+    manifest = json.loads((directory / "build/server/manifest.json").read_text())
+    client1 = next(h for h in lab.hosts if h.name == "client1")
+    argv = _ns(client1.namespace, "ping", "-n", "-i", "0.05", "-c", "20000",
+               manifest["links"]["hub"]["local"])  # fmt: skip
+    pids = daemon_pids(lab)
+    with RunningPing(argv) as ping:
+        proc = vpnctl(lab, *options, "rotate", "--all", "--wait", "15", "--json", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert ping.lost() == [], ping.output
+    assert daemon_pids(lab) == pids
+    results = {e["link"]: e for e in json.loads(proc.stdout)["links"]}
+    assert results["hub.client1"]["result"] == "rotated", results
+    assert results["hub.client2"]["result"] == "failed", results
+    assert (results["hub.client2"]["error"]["step"], results["hub.client2"]["error"]["host"]) == (
+        "accept", "client2")  # fmt: skip
+    assert len([ln for ln in proc.stderr.splitlines() if ": deploying to " in ln]) == 3
+    assert _status(lab)["hub/client2"]["up"]
+    proc = vpnctl(lab, "rotate", "hub.client2", "--wait", "30", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "hub.client2: continuing a rotation recorded at step 1 (accept)" in proc.stdout
+    keys = {row["link"]: row for row in json.loads(vpnctl(lab, "keys", "--json").stdout)["links"]}
+    after = _status(lab)
+    for name in ("client1", "client2"):
+        pair = after[f"hub/{name}"]
+        assert pair["up"], pair
+        for end in pair["ends"]:
+            assert end["session_key_fingerprint"] == keys[f"hub.{name}"]["fingerprint"], pair
+            assert end["next_key_fingerprint"] is None, pair
+    assert daemon_pids(lab) == pids

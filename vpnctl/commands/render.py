@@ -18,7 +18,7 @@ from vpnctl.rendering import (
     render,
     write_build,
 )
-from vpnctl.rotation import end_keys
+from vpnctl.rotation import session_keys
 from vpnctl.workspace import EXIT_FAILED, workspace
 from vpnd_runtime.cli import check_config
 from vpnd_runtime.config import ConfigError
@@ -49,10 +49,7 @@ def rendered(ws: Workspace, *, persist: bool) -> tuple[Inventory, dict[str, str]
         assert info is not None  # noqa: S101 - has_key() was checked above
         fingerprints[name] = info.fingerprint
     rotations = store.rotations(inventory.key_names())
-    sessions = {}
-    for name, fp in fingerprints.items():
-        phase, staged = rotations.get(name, (None, None))
-        sessions[name] = end_keys("client", phase, fp, staged).session
+    sessions = session_keys(fingerprints, rotations)
     inventory = ws.allocated(inventory, persist=persist)
     return inventory, sessions, render(inventory, fingerprints, rotations)
 

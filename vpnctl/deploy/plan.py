@@ -553,16 +553,55 @@ def skip_links_of_failed_ends(
     if plan is None:
         return []
     out = []
-    for link in sorted(set(plan.changed) | set(plan.start)):
+    for link in sorted(set(plan.changed) | set(plan.start) | set(plan.reload)):
         entry = manifest["links"][link]
         other = entry.get("peer")
         if entry.get("role") == "hub" or other == name or other not in failed:
             continue
-        plan.changed.pop(link, None)
-        if link in plan.start:
-            plan.start.remove(link)
-        plan.files = [item for item in plan.files if item.link != link]
+        _take_out(plan, link)
         why = str(failed[other]).removeprefix(f"{other}: ")
         outcome.skipped[link] = f"not applied: its other end {other} failed before apply ({why})"
         out.append(link)
+    return out
+
+
+def _take_out(plan: HostPlan, link: str) -> None:
+    """Leave `link` (not a hub) as the host has it: no file written, no daemon touched."""
+    plan.changed.pop(link, None)
+    plan.reload.pop(link, None)
+    plan.prune.pop(link, None)
+    if link in plan.start:
+        plan.start.remove(link)
+    plan.files = [item for item in plan.files if item.link != link]
+
+
+def hold_links(
+    outcome: HostOutcome, manifest: Mapping[str, Any], hold: Mapping[str, str]
+) -> list[str]:
+    """Take the ends of the keystore keys in `hold` (key -> why) out of a host's plan, as
+    :func:`skip_links_of_failed_ends` does (``outcome.skipped`` says why; the commit keeps
+    their previous manifest entry): `vpnctl rotate` holds a key whose step failed earlier in
+    the run at the phase it reached, while other keys on the same hosts go on. A hub's own end
+    stays in the plan (its peers directory is one unit: the held client's peer file goes with
+    it, which the rotation's phases allow); only the pair is not confirmed. Returns the links
+    taken out."""
+    plan = outcome.plan
+    if plan is None or not hold:
+        return []
+    out = []
+    for link in sorted(set(plan.changed) | set(plan.start) | set(plan.reload)):
+        entry = manifest["links"][link]
+        if entry.get("role") == "hub":
+            clients = entry.get("clients", {})
+            if link in plan.touched_clients:
+                plan.touched_clients[link] = [
+                    c for c in plan.touched_clients[link]
+                    if c not in clients or clients[c].get("key") not in hold
+                ]  # fmt: skip
+            continue
+        key = str(entry.get("key") or link)
+        if key in hold:
+            _take_out(plan, link)
+            outcome.skipped[link] = f"not applied: {hold[key]}"
+            out.append(link)
     return out

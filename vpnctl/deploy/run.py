@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from vpnctl.deploy.plan import (
     _describe,
     check_remote,
     desired_files,
+    hold_links,
     load_manifest,
     parse_probe,
     plan_host,
@@ -53,8 +54,15 @@ def deploy(
     passphrase: bytes | None = None,
     echo: Echo = print,
     connect_timeout: float = 5.0,
+    hold: Mapping[str, str] | None = None,
+    before_apply: Callable[[Mapping[str, HostOutcome], Mapping[str, Any]], None] | None = None,
 ) -> DeployReport:
-    """Deploy the rendered build to `hosts` (names from the inventory); see the module doc."""
+    """Deploy the rendered build to `hosts` (names from the inventory); see the module doc.
+
+    `hold` (keystore key -> why) and `before_apply` serve `vpnctl rotate`: the ends of a held
+    key are left as they are (:func:`hold_links`); `before_apply` sees every host's outcome
+    (with its plan) and the rendered manifests once all are planned, and may raise to stop the
+    deploy before anything is applied."""
     known = {h.name: h for h in inventory.hosts}
     hosts = list(dict.fromkeys(hosts))  # a host named twice is deployed once, not in parallel
     unknown = [h for h in hosts if h not in known]
@@ -117,6 +125,10 @@ def deploy(
     for name in hosts:
         for link in skip_links_of_failed_ends(name, outcomes[name], manifests[name], failed):
             echo(f"{name}: {link} not applied: {outcomes[name].skipped[link].split(': ', 1)[1]}")
+    for name in hosts:
+        hold_links(outcomes[name], manifests[name], hold or {})
+    if before_apply is not None:
+        before_apply(outcomes, manifests)
 
     stamps = sorted({runtime.stamp for runtime in host_runtime.values()})
     report = DeployReport(outcomes, runtime_stamp=", ".join(stamps))

@@ -14,7 +14,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 from tests.conftest import require, require_root_netns, require_tools
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
+from tests.helpers.tunnel_conf import write_conf
 from vpnd_runtime.keyfile import generate_key
 
 pytestmark = pytest.mark.root
@@ -41,7 +41,6 @@ class Lab:
 
     def conf(self, role: str, server_addr: str, extra: str = "") -> Path:
         """One side's config: a dual-stack tunnel, the client routing the server's network."""
-        path = self.dir / f"{role}.conf"
         if role == "server":
             body = f"""
                 mode server
@@ -61,16 +60,7 @@ class Lab:
                 remote6 {SERVER_TUN6}
                 route1 2001:db8:100::/64 {SERVER_TUN6}
             """
-        path.write_text(
-            textwrap.dedent(body)
-            + f"interface {self.tag}t\n"
-            + f"keyfile {self.dir / 'shared.key'}\n"
-            + f"pidfile {self.dir / role}.pid\n"
-            + f"statusfile {self.dir / role}.status.json\n"
-            + "randomdev /dev/urandom\n"
-            + textwrap.dedent(extra)
-        )
-        return path
+        return write_conf(self.dir, role, body, tag=self.tag, extra=extra)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import require_root_netns, require_tools
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
+from tests.helpers.tunnel_conf import write_conf
 from vpnd_runtime.keyfile import generate_key
 
 pytestmark = pytest.mark.root
@@ -39,7 +40,6 @@ class Lab:
 
     def conf(self, role: str, extra: str = "", key: str = "shared.key") -> Path:
         """Write the config of one side; the two sides mirror each other."""
-        path = self.dir / f"{role}.conf"
         hooks = "".join(
             f"{hook} {self.dir / 'hook.sh'}\n"
             for hook in ("slipup", "slipdown", "linkup", "linkdown")
@@ -60,17 +60,8 @@ class Lab:
                 remote {SERVER_TUN}
                 route1 198.18.100.0 255.255.255.0 {SERVER_TUN}
             """
-        path.write_text(
-            textwrap.dedent(body)
-            + f"interface {self.tag}t\n"
-            + f"keyfile {self.dir / key}\n"
-            + f"pidfile {self.dir / role}.pid\n"
-            + f"statusfile {self.dir / role}.status.json\n"
-            + "randomdev /dev/urandom\n"
-            + hooks
-            + textwrap.dedent(extra)
-        )
-        return path
+        extra = hooks + textwrap.dedent(extra)
+        return write_conf(self.dir, role, body, tag=self.tag, key=key, extra=extra)
 
     def hook_calls(self) -> list[str]:
         path = self.dir / "hooks.txt"

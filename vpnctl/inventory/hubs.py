@@ -12,17 +12,16 @@ import yaml
 
 from vpnctl.inventory.model import IPV6_MTU_MIN, MAX_ROUTES, Hub, HubClient, Tunables
 from vpnctl.inventory.reader import (
-    _IFNAME_RE,
     _SERIAL_ONLY,
     _TUNABLE_READERS,
     _derived_interface,
     _per_side,
     _read_hooks,
+    _read_interface,
     _read_routes,
     _read_tunables,
     _Reader,
 )
-from vpnd_runtime.config import IFNAMSIZ
 
 _HUB_KEYS = (
     "name",
@@ -109,18 +108,7 @@ def read_hubs(r: _Reader, node: yaml.Node, default_tunables: Mapping[str, Any]) 
         if "clienttoclient" in fields:
             got = r.boolean(fields["clienttoclient"], f"{path}.clienttoclient")
             c2c = bool(got) if got is not None else True
-        interface = None
-        if "interface" in fields:
-            interface = r.text(fields["interface"], f"{path}.interface")
-            if interface is not None and (
-                len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)
-            ):
-                r.fail(
-                    fields["interface"],
-                    f"{path}.interface",
-                    f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
-                )
-                interface = None
+        interface = _read_interface(r, fields, path)
         own_networks = 1 + (tunables.ipv6 is not False and tunables.mtu >= IPV6_MTU_MIN)
         if routes is not None and len(routes) + (own_networks if c2c else 0) > MAX_ROUTES:
             r.fail(

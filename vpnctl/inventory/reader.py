@@ -568,6 +568,21 @@ def _read_hooks(r: _Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str]
     return tuple(out)
 
 
+def _read_interface(r: _Reader, fields: Mapping[str, yaml.Node], path: str) -> str | None:
+    """A link's or hub's ``interface:`` (None when absent or refused): a Linux interface name."""
+    if "interface" not in fields:
+        return None
+    interface = r.text(fields["interface"], f"{path}.interface")
+    if interface is not None and (len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)):
+        r.fail(
+            fields["interface"],
+            f"{path}.interface",
+            f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
+        )
+        return None
+    return interface
+
+
 def _derived_interface(name: str) -> str:
     """The default TUN name of a link: ``vpn-`` + the link name, cut to 15 characters."""
     return ("vpn-" + name)[:IFNAMSIZ]
@@ -773,18 +788,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             if "modemchat" in fields
             else {}
         )
-        interface = None
-        if "interface" in fields:
-            interface = r.text(fields["interface"], f"{path}.interface")
-            if interface is not None and (
-                len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)
-            ):
-                r.fail(
-                    fields["interface"],
-                    f"{path}.interface",
-                    f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
-                )
-                interface = None
+        interface = _read_interface(r, fields, path)
 
         if tunables.transport == "serial":
             for role in ROLES:

@@ -23,8 +23,10 @@ __all__ = [
     "lab_exec",
     "lab_keys",
     "lab_traces",
+    "ping_every_tunnel",
     "poll_until",
     "rendered_lab",
+    "route_behind_l1_server",
     "running_lab",
     "runtime_snapshot",
     "tunnel_ends",
@@ -178,6 +180,28 @@ def tunnel_ends(state: LabState) -> dict[str, tuple[str, str, str]]:
                 peer = json.loads((build / entry["peer"] / "manifest.json").read_text())
                 out[link] = (manifest["host"], entry["local"], peer["links"][link]["local"])
     return out
+
+
+def ping_every_tunnel(state: LabState) -> None:
+    """Ping each link's server end through the tunnel from its client host (two pings, no
+    loss), naming the link when one fails."""
+    for link, (client, _local, server_tunnel) in tunnel_ends(state).items():
+        out = lab_exec(state, client, "ping", "-c", "2", "-i", "0.2", "-W", "3", server_tunnel)
+        assert " 0% packet loss" in out, f"{link}: ping {server_tunnel} from {client}: {out}"
+
+
+def route_behind_l1_server(state: LabState) -> None:
+    """Give link l1 a network behind its server (198.18.60.0/24) in the lab's inventory and
+    render: only client1's l1 config changes (it gains the route)."""
+    inventory = Path(state.directory) / "inventory.yaml"
+    original = inventory.read_text()
+    changed = original.replace(
+        "  server: server\n  client: client1\n",
+        "  server: server\n  client: client1\n  routes:\n    server:\n    - 198.18.60.0/24\n",
+    )
+    assert changed != original
+    inventory.write_text(changed)
+    vpnctl(state, "render")
 
 
 def daemon_pids(state: LabState) -> dict[tuple[str, str], int]:

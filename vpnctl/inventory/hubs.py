@@ -68,11 +68,7 @@ def read_hubs(r: _Reader, node: yaml.Node, default_tunables: Mapping[str, Any]) 
         fields = r.mapping(item, path, _HUB_KEYS)
         if fields is None:
             continue
-        ok = True
-        for key in ("name", "server", "clients"):
-            if key not in fields:
-                r.fail(item, f"{path}.{key}", f"missing required key {key!r}")
-                ok = False
+        ok = r.required(item, fields, path, ("name", "server", "clients"))
         name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
         server = r.name(fields["server"], f"{path}.server") if "server" in fields else None
         own = _read_tunables(r, fields, path)

@@ -142,6 +142,16 @@ class _Reader:
                 result[key] = value_node
         return result
 
+    def required(
+        self, node: yaml.Node, fields: Mapping[str, yaml.Node], path: str, keys: Iterable[str]
+    ) -> bool:
+        """Whether every key of ``keys`` is in ``fields`` (the mapping ``node`` at ``path``);
+        each missing one is a problem at the mapping's line."""
+        missing = [key for key in keys if key not in fields]
+        for key in missing:
+            self.fail(node, f"{path}.{key}", f"missing required key {key!r}")
+        return not missing
+
     def sequence(self, node: yaml.Node, path: str) -> list[yaml.Node] | None:
         """The items of a list node."""
         self.lines[path] = node.start_mark.line + 1
@@ -681,9 +691,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 f"{path}.address6",
                 f"address is already IPv6 ({address}); address6 goes beside an IPv4 address",
             )
-        for key in ("name", "address"):
-            if key not in fields:
-                r.fail(node, f"{path}.{key}", f"missing required key {key!r}")
+        r.required(node, fields, path, ("name", "address"))
         own = _read_host_settings(r, fields, path)
         if name is None or address is None:
             continue
@@ -721,11 +729,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
         fields = r.mapping(node, path, _LINK_KEYS)
         if fields is None:
             continue
-        ok = True
-        for key in ("name", "server", "client"):
-            if key not in fields:
-                r.fail(node, f"{path}.{key}", f"missing required key {key!r}")
-                ok = False
+        ok = r.required(node, fields, path, ("name", "server", "client"))
         name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
         ends = {role: r.name(fields[role], f"{path}.{role}") for role in ROLES if role in fields}
         own_tunables = _read_tunables(r, fields, path)

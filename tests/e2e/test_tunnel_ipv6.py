@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pytest
 
 from tests.conftest import require, require_root_netns, require_tools
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
+from tests.helpers.transfer import transfer
 from tests.helpers.tunnel_conf import write_conf
 from vpnd_runtime.keyfile import generate_key
 
@@ -76,44 +76,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield Lab(pair, d, tag)
 
 
-RECEIVER = """
-import hashlib, socket, sys
-s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while chunk := c.recv(1 << 20):
-    h.update(chunk); n += len(chunk)
-print(n, h.hexdigest(), flush=True)
-"""
-
-SENDER = """
-import socket, sys
-data = open(sys.argv[2], "rb").read()
-c = socket.create_connection((sys.argv[1], 5001), timeout=30)
-c.sendall(data); c.close()
-"""
-
-
-def _transfer(lab: Lab, blob: Path, to: str) -> tuple[int, str]:
-    """Send `blob` from the client to a receiver on the server at `to`; (bytes, sha256)."""
-    receiver = subprocess.Popen(
-        lab.pair.server.cmd(sys.executable, "-c", RECEIVER, to),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert receiver.stdout is not None
-        assert receiver.stdout.readline().strip() == "ready"
-        lab.pair.client.run(sys.executable, "-c", SENDER, to, str(blob), timeout=120)
-        out, _ = receiver.communicate(timeout=120)
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.wait(5)
-    n, digest = out.split()
-    return int(n), digest
-
-
 def test_dual_stack_link_pings_both_families_routes_ipv6_and_moves_tcp_over_ipv6(
     lab: Lab,
 ) -> None:
@@ -150,7 +112,7 @@ def test_dual_stack_link_pings_both_families_routes_ipv6_and_moves_tcp_over_ipv6
         blob = lab.dir / "blob"
         blob.write_bytes(os.urandom(16 * 1024 * 1024))
         before = client.status()
-        n, digest = _transfer(lab, blob, SERVER_TUN6)
+        n, digest = transfer(lab.pair.server, lab.pair.client, SERVER_TUN6, blob)
         # Then they arrive intact
         assert (n, digest) == (blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())
         # And they crossed as TSO6 super-packets: far fewer TUN reads than 1400-byte segments
@@ -224,5 +186,5 @@ def test_udp_over_an_ipv6_underlay_carries_both_families_and_tcp_over_ipv6(lab: 
         # And 8 MiB of TCP over IPv6 inside the tunnel arrive intact (segmented for datagrams)
         blob = lab.dir / "blob-udp"
         blob.write_bytes(os.urandom(8 * 1024 * 1024))
-        n, digest = _transfer(lab, blob, SERVER_TUN6)
+        n, digest = transfer(lab.pair.server, lab.pair.client, SERVER_TUN6, blob)
         assert (n, digest) == (blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())

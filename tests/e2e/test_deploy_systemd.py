@@ -29,6 +29,7 @@ from tests.helpers.lab import (
     lab_traces,
     ping_every_tunnel,
     poll_until,
+    rendered_lab,
     route_behind_l1_server,
     tunnel_ends,
     unique_tag,
@@ -57,13 +58,8 @@ def _systemd_lab(directory: Path, *, clients: int, hub: bool = False) -> LabStat
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     _require()
     directory = tmp_path_factory.mktemp("systemd") / "lab"
-    state = _systemd_lab(directory, clients=2)
-    try:
-        vpnctl(state, "keygen")
-        vpnctl(state, "render")
+    with rendered_lab(directory, clients=2, base="sd", systemd=True, say=print) as state:
         yield state
-    finally:
-        lab_down(directory)
 
 
 def _sh(lab: LabState, host: str, *argv: str) -> str:

@@ -840,6 +840,22 @@ def _apply(
     values.update(parsed)
 
 
+def _same_destinations(
+    routes: Sequence[tuple[int, Route]], fail: Callable[[int | None, str | None, str], None]
+) -> None:
+    """Refuse (via `fail`) each route of a config or peer file whose destination an earlier
+    ``routeN`` already has."""
+    seen: dict[Network, int] = {}
+    for number, route in routes:
+        if route.network in seen:
+            fail(
+                number,
+                f"route{route.index}",
+                f"same destination {route.network} as route{seen[route.network]}",
+            )
+        seen.setdefault(route.network, route.index)
+
+
 def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = None) -> Config:
     """Parse vpnd directive ``text`` (read from ``path``, used in messages) into a Config.
 
@@ -953,15 +969,7 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
         )
     values["keysize"] = CIPHERS[cipher]
 
-    seen: dict[Network, int] = {}
-    for number, route in routes:
-        if route.network in seen:
-            fail(
-                number,
-                f"route{route.index}",
-                f"same destination {route.network} as route{seen[route.network]}",
-            )
-        seen.setdefault(route.network, route.index)
+    _same_destinations(routes, fail)
     values["routes"] = tuple(route for _, route in sorted(routes, key=lambda nr: nr[1].index))
 
     pidfile = values.get("pidfile")

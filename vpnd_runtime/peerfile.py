@@ -26,6 +26,7 @@ from vpnd_runtime.config import (
     Route,
     _apply,
     _lex,
+    _same_destinations,
 )
 from vpnd_runtime.trusted import untrusted_reason
 
@@ -99,7 +100,6 @@ def parse_peer(
             f"remote is already IPv6 ({remote}); remote6 adds IPv6 beside an IPv4 remote",
         )
     own = {a.version: a for a in (values.get("remote6"), remote) if a is not None}
-    seen: dict[Network, int] = {}
     for number, route in routes:
         if remote is not None and route.gateway is not None and route.gateway not in own.values():
             want = own.get(route.version)
@@ -109,13 +109,7 @@ def parse_peer(
                 f"gateway {route.gateway} must be this client's address"
                 + (f" {want}" if want is not None else f" (it has no IPv{route.version} one)"),
             )
-        if route.network in seen:
-            fail(
-                number,
-                f"route{route.index}",
-                f"same destination {route.network} as route{seen[route.network]}",
-            )
-        seen.setdefault(route.network, route.index)
+    _same_destinations(routes, fail)
     keyfile, nextkey = values.get("keyfile"), values.get("nextkey")
     if base_dir is not None:
         keyfile = os.path.join(base_dir, keyfile) if keyfile is not None else None

@@ -16,8 +16,10 @@ No handshake (a fixed key), no rekey, no keepalive, no routing table, no status,
 rules, no back-pressure beyond a blocking sendall: a relay nobody should deploy, and the least
 work a Python process can do per packet. The relay runs in this same file (`--relay ROLE`),
 started inside each namespace. Rows: floor without encryption (the TUN and socket copies alone),
-floor with ChaCha20-Poly1305 and with AES-256-GCM; vpnd with both ciphers; wireguard-go when
-installed (bench/peers.py).
+floor with ChaCha20-Poly1305 and with AES-256-GCM, all three one thread waiting in epoll as vpnd
+does; ChaCha20-Poly1305 again with one thread per direction, each blocked in its own read (as
+wireguard-go's goroutines are); vpnd with both ciphers; wireguard-go when installed
+(bench/peers.py).
 
 Beside each row's Mbit/s and ping RTT p50/p99 (300 pings 10 ms apart), it prints
 **machine ns/B**: the CPU time the *whole machine* spent (every process, the kernel, softirqs:
@@ -49,6 +51,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +63,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from bench.bench_tunnel import SERVER_TUN, ping_rtt, vpnd_pair
 from bench.peers import PEERS
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until
+from vpnd_runtime import heap
 from vpnd_runtime.io.tun import Tun
 
 FLOOR_SERVER, FLOOR_CLIENT = "198.19.5.1", "198.19.5.2"
@@ -80,8 +84,13 @@ def _aead(cipher: str) -> object | None:
     return ChaCha20Poly1305(key) if cipher.startswith("chacha") else AESGCM(key)
 
 
-def relay(role: str, cipher: str, tun_name: str, peer_ip: str) -> int:
-    """Carry packets between a new TUN `tun_name` and one TCP connection, nothing more."""
+def relay(role: str, cipher: str, tun_name: str, peer_ip: str, design: str = "epoll") -> int:
+    """Carry packets between a new TUN `tun_name` and one TCP connection, nothing more.
+
+    `design`: "epoll", one thread waiting in epoll for either side (as vpnd does); "threads",
+    one thread per direction, each blocked in its own read (as wireguard-go's goroutines are):
+    a packet's arrival returns straight from the read, with no epoll_wait in between."""
+    heap.tune()  # the floor pays no page faults either (vpnd_runtime/heap.py)
     local, remote = (
         (FLOOR_SERVER, FLOOR_CLIENT) if role == "server" else (FLOOR_CLIENT, FLOOR_SERVER)
     )
@@ -101,39 +110,63 @@ def relay(role: str, cipher: str, tun_name: str, peer_ip: str) -> int:
     nonce = struct.Struct("<4xQ").pack
     length = struct.Struct(">I")
     tunfd, sockfd = tun.fd, sock.fileno()
-    ep = select.epoll()
-    ep.register(tunfd, select.EPOLLIN)
-    ep.register(sockfd, select.EPOLLIN)
     read, write, sendall, recv = os.read, os.write, sock.sendall, sock.recv
     sent = received = 0
     buf = bytearray()
+
+    def uplink() -> bool:
+        """One packet from the TUN onto the connection (False: none was waiting)."""
+        nonlocal sent
+        try:
+            packet = read(tunfd, READ_MAX)
+        except BlockingIOError:
+            return False
+        if enc is not None:
+            packet = enc(nonce(sent), packet, None)
+            sent += 1
+        sendall(length.pack(len(packet)) + packet)
+        return True
+
+    def downlink() -> bool:
+        """What the connection has, cut into frames, onto the TUN (False: it closed)."""
+        nonlocal received, buf
+        data = recv(1 << 18)
+        if not data:
+            return False
+        buf += data
+        while len(buf) >= 4:
+            (n,) = length.unpack_from(buf)
+            if len(buf) < 4 + n:
+                break
+            frame = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            if dec is not None:
+                frame = dec(nonce(received), frame, None)
+                received += 1
+            write(tunfd, frame)
+        return True
+
     print("ready", flush=True)
+    if design == "threads":
+        os.set_blocking(tunfd, True)
+
+        def uplink_forever() -> None:
+            while True:
+                uplink()
+
+        threading.Thread(target=uplink_forever, daemon=True).start()
+        while downlink():
+            pass
+        return 0
+    ep = select.epoll()
+    ep.register(tunfd, select.EPOLLIN)
+    ep.register(sockfd, select.EPOLLIN)
     while True:
         for fd, _ in ep.poll():
             if fd == tunfd:
-                try:
-                    packet = read(tunfd, READ_MAX)
-                except BlockingIOError:
-                    continue
-                if enc is not None:
-                    packet = enc(nonce(sent), packet, None)
-                    sent += 1
-                sendall(length.pack(len(packet)) + packet)
-            else:
-                data = recv(1 << 18)
-                if not data:
-                    return 0
-                buf += data
-                while len(buf) >= 4:
-                    (n,) = length.unpack_from(buf)
-                    if len(buf) < 4 + n:
-                        break
-                    frame = bytes(buf[4 : 4 + n])
-                    del buf[: 4 + n]
-                    if dec is not None:
-                        frame = dec(nonce(received), frame, None)
-                        received += 1
-                    write(tunfd, frame)
+                uplink()
+            elif not downlink():
+                return 0
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -202,7 +235,7 @@ def measure(row: FloorRow, pair: Pair, target: str, args: argparse.Namespace) ->
 
 
 @contextmanager
-def floor_pair(pair: Pair, cipher: str, log: Path) -> Iterator[None]:
+def floor_pair(pair: Pair, cipher: str, log: Path, design: str = "epoll") -> Iterator[None]:
     """Start the two relays (server first) and stop them, by PID, on exit."""
     procs: list[subprocess.Popen[str]] = []
     errors = open(log, "a")  # noqa: SIM115 (closed below, after the relays that write to it)
@@ -210,7 +243,7 @@ def floor_pair(pair: Pair, cipher: str, log: Path) -> Iterator[None]:
         for role, ns in (("server", pair.server), ("client", pair.client)):
             argv = ns.cmd(
                 sys.executable, "-m", "bench.floor", "--relay", role, "--cipher", cipher,
-                "--tun", f"{pair.tag}f", "--peer", pair.server_ip,
+                "--tun", f"{pair.tag}f", "--peer", pair.server_ip, "--design", design,
             )  # fmt: skip
             proc = subprocess.Popen(
                 argv,
@@ -316,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cipher", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--tun", help=argparse.SUPPRESS)
     ap.add_argument("--peer", help=argparse.SUPPRESS)
+    ap.add_argument("--design", default="epoll", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.relay:
-        return relay(args.relay, args.cipher, args.tun, args.peer)
+        return relay(args.relay, args.cipher, args.tun, args.peer, args.design)
 
     wanted = set(filter(None, args.only.split(","))) or {"raw", "floor", "vpnd", "wireguard-go"}
     for tool in ("ip", "iperf3", "ping"):
@@ -344,9 +378,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  measured {row.path}", file=sys.stderr, flush=True)
 
         if "floor" in wanted:
-            for cipher in ("none", *CIPHERS):
-                row = FloorRow(f"Python floor relay, {cipher}")
-                with floor_pair(pair, cipher, work / "floor.log"):
+            for cipher, design in (
+                ("none", "epoll"),
+                *((c, "epoll") for c in CIPHERS),
+                (CIPHERS[0], "threads"),
+            ):
+                row = FloorRow(f"Python floor relay, {cipher}, {design}")
+                with floor_pair(pair, cipher, work / "floor.log", design):
                     measure(row, pair, FLOOR_SERVER, args)
                 done(row)
         if "vpnd" in wanted:

@@ -20,11 +20,22 @@ from tests.helpers.netns import namespace_pair, new_tag, poll_until
 pytestmark = pytest.mark.root
 
 
-@pytest.mark.parametrize("cipher", ["none", "chacha20-poly1305", "aes-256-gcm"])
-def test_floor_relay_carries_pings_and_a_transfer(tmp_path: Path, cipher: str) -> None:
+@pytest.mark.parametrize(
+    ("cipher", "design"),
+    [
+        ("none", "epoll"),
+        ("chacha20-poly1305", "epoll"),
+        ("aes-256-gcm", "epoll"),
+        ("chacha20-poly1305", "threads"),
+    ],
+)
+def test_floor_relay_carries_pings_and_a_transfer(tmp_path: Path, cipher: str, design: str) -> None:
     require_root_netns()
     require_tools("ping", "iperf3")
-    with namespace_pair(new_tag("vq")) as pair, floor_pair(pair, cipher, tmp_path / "floor.log"):
+    with (
+        namespace_pair(new_tag("vq")) as pair,
+        floor_pair(pair, cipher, tmp_path / "floor.log", design),
+    ):
         poll_until(lambda: pair.client.ping(FLOOR_SERVER, timeout=1), 20, what="ping via relay")
         assert pair.client.ping(FLOOR_SERVER, count=5, timeout=5)
         server = subprocess.Popen(

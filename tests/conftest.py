@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -30,3 +31,13 @@ def require_tools(*tools: str) -> None:
     """The test needs these executables on PATH."""
     for tool in tools:
         require(shutil.which(tool) is not None, f"needs {tool}")
+
+
+def pypi_reachable() -> bool:
+    """Whether pypi.org answers on port 443 within 3 s: the tests that build a runtime
+    wheelhouse for another Python fetch its wheels there."""
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv6Address, IPv6Network
 
 from vpnctl.inventory import ROLES, Hub, Inventory, InventoryError, Link, Problem
+from vpnctl.inventory.allocate import claim_recorded, home_block, with_pairs
 
 __all__ = ["Record6", "allocate_ipv6", "derive_pool6"]
 
@@ -51,11 +52,6 @@ def derive_pool6(inv: Inventory) -> IPv6Network:
     seed = "\0".join(sorted(h.name for h in inv.hosts)).encode()
     global_id = int.from_bytes(hashlib.sha256(b"vpnctl-ula\0" + seed).digest()[:5], "big")
     return IPv6Network(((0xFD << 120) | (global_id << 80), 64))
-
-
-def _home_block(name: str, blocks: int) -> int:
-    digest = hashlib.sha256(b"vpnctl-pool6\0" + name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % blocks
 
 
 def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[Inventory, Record6]:
@@ -88,19 +84,8 @@ def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[In
                    if n.version == 6]  # fmt: skip
     # a link never lands in a hub's recorded IPv6 network
     routes += [net for net, _ in record.hubs.values()]
-    problems: list[Problem] = []
     kept = {name: pair for name, pair in record.links.items() if pair[0] in pool}
-    for name, pair in sorted(kept.items()):
-        for address in pair:
-            owner = explicit.get(address)
-            if owner is not None and owner[0] != name:
-                problems.append(
-                    inv.problem(
-                        owner[1],
-                        f"{address} is already allocated to link {name!r} in {record_name}",
-                    )
-                )
-        used.update(pair)
+    problems = claim_recorded(inv, kept, explicit, used, record_name)
     new_links = dict(record.links)
     assigned: dict[str, tuple[IPv6Address, IPv6Address]] = {}
     pending: list[Link] = []
@@ -113,7 +98,7 @@ def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[In
             pending.append(link)
     base = int(pool.network_address)
     for link in sorted(pending, key=lambda lk: lk.name):
-        home = _home_block(link.name, blocks)
+        home = home_block(b"vpnctl-pool6", link.name, blocks)
         for step in range(min(blocks, 1 << 16)):
             block = (home + step) % blocks
             net = IPv6Network((base + BLOCK * block, pool.max_prefixlen - 2))
@@ -137,19 +122,7 @@ def allocate_ipv6(inv: Inventory, record: Record6, record_name: str) -> tuple[In
     hubs, new_hubs = _allocate_hubs(inv, pool, record, used=used, routes=routes, problems=problems)
     if problems:
         raise InventoryError(problems)
-    links = []
-    for original in inv.links:
-        pair = assigned.get(original.name)
-        links.append(
-            original
-            if pair is None
-            else replace(
-                original,
-                server=replace(original.server, tunnel6=pair[0]),
-                client=replace(original.client, tunnel6=pair[1]),
-            )
-        )
-    inv = replace(inv, links=tuple(links), hubs=tuple(hubs))
+    inv = replace(inv, links=with_pairs(inv.links, assigned, "tunnel6"), hubs=tuple(hubs))
     if not new_links and not new_hubs and record.pool is None:
         return inv, record  # no IPv6 yet: record nothing
     return inv, Record6(pool, new_links, new_hubs)
@@ -181,8 +154,7 @@ def _allocate_hubs(
         if recorded is not None and recorded[0].subnet_of(pool):
             network = recorded[0]
         else:
-            digest = hashlib.sha256(b"vpnctl-hub6\0" + hub.name.encode()).digest()
-            home = int.from_bytes(digest[:8], "big") % blocks
+            home = home_block(b"vpnctl-hub6", hub.name, blocks)
             for step in range(min(blocks, 1 << 16)):
                 network = IPv6Network((base + size * ((home + step) % blocks), HUB_PREFIX))
                 if any(a in network for a in used) or any(

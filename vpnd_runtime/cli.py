@@ -232,10 +232,10 @@ def cmd_chat_test(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``vpnd -f CONF [--daemon] [-v]``: check the key early (errors reach the terminal
-    before detaching), then hand over to ``vpnd_runtime.process.run``."""
+    """``vpnd -f CONF [--daemon] [-v]``: hand the config over to ``vpnd_runtime.process.run``,
+    which reads the key files once, before detaching (a bad key file's error, naming its path,
+    reaches the terminal and the exit code)."""
     config: Config = load_config(args.config or DEFAULT_CONFIG)
-    _load_keys(config)
     from vpnd_runtime import process  # noqa: PLC0415 - lazy: written separately, heavy imports
 
     return int(process.run(config, daemonize=args.daemon, verbose=args.verbose) or 0)

@@ -840,6 +840,22 @@ def _apply(
     values.update(parsed)
 
 
+def _same_destinations(
+    routes: Sequence[tuple[int, Route]], fail: Callable[[int | None, str | None, str], None]
+) -> None:
+    """Refuse (via `fail`) each route of a config or peer file whose destination an earlier
+    ``routeN`` already has."""
+    seen: dict[Network, int] = {}
+    for number, route in routes:
+        if route.network in seen:
+            fail(
+                number,
+                f"route{route.index}",
+                f"same destination {route.network} as route{seen[route.network]}",
+            )
+        seen.setdefault(route.network, route.index)
+
+
 def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = None) -> Config:
     """Parse vpnd directive ``text`` (read from ``path``, used in messages) into a Config.
 
@@ -953,15 +969,7 @@ def parse_config(text: str, path: str = "<string>", *, base_dir: str | None = No
         )
     values["keysize"] = CIPHERS[cipher]
 
-    seen: dict[Network, int] = {}
-    for number, route in routes:
-        if route.network in seen:
-            fail(
-                number,
-                f"route{route.index}",
-                f"same destination {route.network} as route{seen[route.network]}",
-            )
-        seen.setdefault(route.network, route.index)
+    _same_destinations(routes, fail)
     values["routes"] = tuple(route for _, route in sorted(routes, key=lambda nr: nr[1].index))
 
     pidfile = values.get("pidfile")
@@ -1068,6 +1076,9 @@ def load_config(path: str | os.PathLike[str], *, peers_optional: bool = False) -
     # only on the host (vpnctl checks the rendered peer files themselves).
     skip = peers_optional and config.peers_dir is not None and not os.path.isdir(config.peers_dir)
     if config.peers_dir is not None and not skip:
+        # Only a hub reads peer files: a point-to-point vpnd never imports their parser.
+        from vpnd_runtime.peerfile import load_peers  # noqa: PLC0415
+
         config = replace(config, peers=load_peers(config))
     return config
 
@@ -1095,193 +1106,12 @@ def _file_checks(config: Config, text: str, path: str) -> list[ConfigError]:
     return errors
 
 
-# --------------------------------------------------------------------------------------------
-# A hub's peer files
+def __getattr__(name: str) -> Any:
+    """``config.parse_peer``: the peer-file parser lives in :mod:`.peerfile` now; vpnctl's
+    renderer still takes it from here. Looked up lazily, so that importing this module (every
+    vpnd start) does not import the peer-file parser."""
+    if name == "parse_peer":
+        from vpnd_runtime.peerfile import parse_peer  # noqa: PLC0415
 
-PEER_SUFFIX = ".peer"
-_PEER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_PEER_DIRECTIVES = (
-    "remote",
-    "remote6",
-    "keyfile",
-    "nextkey",
-    "client",
-    *(f"route{i}" for i in range(1, 10)),
-)
-
-
-_PEER_WORDS = ("remote", "remote6", "keyfile", "nextkey", "client", "route1..9")
-
-
-def parse_peer(
-    text: str,
-    path: str,
-    name: str,
-    *,
-    default_keyfile: str,
-    default_nextkey: str | None = None,
-    base_dir: str | None = None,
-) -> PeerSpec:
-    """Parse one peer file (``remote``, ``keyfile``, ``client``, ``route1..9``) into a PeerSpec.
-
-    Relative key paths are joined to ``base_dir``; a peer file without ``keyfile`` uses the
-    hub's (``default_keyfile``): several clients may hold one key, as in the seed.
-    """
-    errors: list[ConfigError] = []
-    values: dict[str, Any] = {}
-    lines: dict[str, int] = {}
-    routes: list[tuple[int, Route]] = []
-
-    def fail(line: int | None, directive: str | None, message: str) -> None:
-        errors.append(ConfigError(path, line, directive, message))
-
-    if not _PEER_NAME_RE.fullmatch(name):
-        fail(None, None, f"peer name {name!r} must be letters, digits, '_', '.', '-' (≤ 64)")
-    for number, keyword, args in _lex(text):
-        if keyword not in _PEER_DIRECTIVES:
-            import difflib  # noqa: PLC0415 - lazy: only a bad peer file needs the hint
-
-            hints = difflib.get_close_matches(keyword.lower(), _PEER_DIRECTIVES, n=1, cutoff=0.6)
-            where = "the hub's config" if keyword in _DIRECTIVES else None
-            message = (
-                f"not a peer file directive: it belongs in {where}"
-                if where
-                else "unknown peer file directive"
-                + (f"; did you mean {hints[0]!r}?" if hints else "")
-            )
-            fail(
-                number,
-                keyword,
-                message + " (peer files take remote, remote6, keyfile, nextkey, client, route1..9)",
-            )
-            continue
-        _apply(
-            _DIRECTIVES[keyword], number, args, lines=lines, values=values, routes=routes, fail=fail
-        )
-    if "remote" not in lines:
-        fail(None, "remote", "missing required directive: remote <the client's tunnel address>")
-    remote = values.get("remote")
-    if "remote6" in values and remote is not None and remote.version == 6:
-        fail(
-            lines["remote6"],
-            "remote6",
-            f"remote is already IPv6 ({remote}); remote6 adds IPv6 beside an IPv4 remote",
-        )
-    own = {a.version: a for a in (values.get("remote6"), remote) if a is not None}
-    seen: dict[Network, int] = {}
-    for number, route in routes:
-        if remote is not None and route.gateway is not None and route.gateway not in own.values():
-            want = own.get(route.version)
-            fail(
-                number,
-                f"route{route.index}",
-                f"gateway {route.gateway} must be this client's address"
-                + (f" {want}" if want is not None else f" (it has no IPv{route.version} one)"),
-            )
-        if route.network in seen:
-            fail(
-                number,
-                f"route{route.index}",
-                f"same destination {route.network} as route{seen[route.network]}",
-            )
-        seen.setdefault(route.network, route.index)
-    keyfile, nextkey = values.get("keyfile"), values.get("nextkey")
-    if base_dir is not None:
-        keyfile = os.path.join(base_dir, keyfile) if keyfile is not None else None
-        nextkey = os.path.join(base_dir, nextkey) if nextkey is not None else None
-    if keyfile is None:  # the hub's key (shared, seed style), and its next key with it
-        keyfile, nextkey = default_keyfile, nextkey or default_nextkey
-    if errors:
-        raise ConfigError.combine(errors)
-    return PeerSpec(
-        name=name,
-        remote=values["remote"],
-        remote6=values.get("remote6"),
-        keyfile=keyfile,
-        nextkey=nextkey,
-        client_host=values.get("client_host", _ANY),
-        client_port=values.get("client_port", 0),
-        routes=tuple(route for _, route in sorted(routes, key=lambda nr: nr[1].index)),
-        source=path,
-    )
-
-
-def load_peers(config: Config) -> tuple[PeerSpec, ...]:
-    """Read every ``*.peer`` file of a hub's peers directory, sorted by name, and check them
-    against each other and the hub (no shared address, no overlapping routes)."""
-    directory = config.peers_dir
-    assert directory is not None  # noqa: S101 — only called for hubs
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError as exc:
-        raise ConfigError(
-            config.source, None, "peers", f"cannot read directory {directory}: {exc.strerror}"
-        ) from None
-    errors: list[ConfigError] = []
-    peers: list[PeerSpec] = []
-    for entry in names:
-        if not entry.endswith(PEER_SUFFIX) or entry.startswith("."):
-            continue
-        path = os.path.join(directory, entry)
-        try:
-            with open(path, "rb") as handle:
-                # A peer file decides which keys open the hub: as trusted as the config itself.
-                reason = untrusted_reason(os.fstat(handle.fileno()), path, "peer file")
-                if reason is not None:
-                    errors.append(ConfigError(path, None, None, reason))
-                    continue
-                text = handle.read().decode("utf-8")
-            peers.append(
-                parse_peer(
-                    text,
-                    path,
-                    entry.removesuffix(PEER_SUFFIX),
-                    default_keyfile=config.keyfile,
-                    default_nextkey=config.nextkey,
-                    base_dir=directory,
-                )
-            )
-        except ConfigError as exc:
-            errors.extend(exc.errors)
-        except UnicodeDecodeError:
-            errors.append(ConfigError(path, None, None, "not valid UTF-8 text"))
-        except OSError as exc:
-            errors.append(ConfigError(path, None, None, f"cannot read peer file: {exc.strerror}"))
-    owners: dict[Network, PeerSpec] = {}
-    for peer in peers:
-        for name, mine in (("remote", peer.remote), ("remote6", peer.remote6)):
-            if mine is not None and mine in config.local_addresses:
-                errors.append(
-                    ConfigError(peer.source, None, name, f"{mine} is the hub's own address")
-                )
-        if not config.carries_ipv6 and any(n.version == 6 for n in peer.networks):
-            errors.append(
-                ConfigError(
-                    peer.source,
-                    None,
-                    "remote6" if peer.remote6 is not None else "remote",
-                    "this client has IPv6 addresses or routes but the hub carries no IPv6: "
-                    f"give the hub a local6 in {config.source}",
-                )
-            )
-        for net in peer.networks:
-            for other_net, other in owners.items():
-                if other is not peer and net.overlaps(other_net):
-                    host = net.num_addresses == 1
-                    what = "address" if host and other_net.num_addresses == 1 else "network"
-                    errors.append(
-                        ConfigError(
-                            peer.source,
-                            None,
-                            ("remote" if net.version == peer.remote.version else "remote6")
-                            if host
-                            else "route",
-                            f"{what} {net} overlaps {other_net} of peer {other.name} "
-                            f"({other.source})",
-                        )
-                    )
-            owners[net] = peer
-    if errors:  # in file order, file by file (combine would sort lines across files)
-        first = errors[0]
-        raise ConfigError(first.path, first.line, first.directive, first.message, errors)
-    return tuple(peers)
+        return parse_peer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from vpnd_runtime.cli import main
 from vpnd_runtime.config import Config
 from vpnd_runtime.keyfile import fingerprint, load_key
@@ -137,6 +139,38 @@ def test_run_with_a_loose_key_fails_before_starting_the_daemon(conf, tmp_path, c
     (tmp_path / "l1.key").chmod(0o640)
     assert main(["-f", str(conf)]) == 2
     assert "0640" in capsys.readouterr().err
+
+
+OTHER_UID = 54321  # no such user needed: ownership is just a number to the kernel
+
+
+@pytest.mark.parametrize("fault", ["mode", "missing", "owner"])
+def test_run_daemon_names_a_bad_key_file_before_detaching(
+    conf, tmp_path, capsys, monkeypatch, fault
+):
+    """`vpnd -f CONF --daemon` reads its keys once (process.run), still before it detaches: the
+    error names the key file on the terminal and the exit code is 2."""
+    from vpnd_runtime import process
+
+    def detach() -> int:
+        raise AssertionError("vpnd detached before reading its key file")
+
+    monkeypatch.setattr(process, "_daemonize", detach)
+    key = tmp_path / "l1.key"
+    if fault == "mode":
+        key.chmod(0o640)
+        expected = f"{key}: key file mode 0640"
+    elif fault == "missing":
+        key.unlink()
+        expected = f"{key}: cannot open key file"
+    else:
+        require(os.geteuid() == 0, "needs root to give a file to another uid")
+        os.chown(key, OTHER_UID, OTHER_UID)
+        expected = f"{key}: key file is owned by uid {OTHER_UID}"
+    assert main(["-f", str(conf), "--daemon"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert KEY.hex() not in err
 
 
 def test_status_without_a_running_daemon_exits_1(conf, capsys):

@@ -21,9 +21,10 @@ from tests.helpers.lab import (
     daemon_pids,
     lab_exec,
     lab_keys,
+    ping_every_tunnel,
     poll_until,
     rendered_lab,
-    tunnel_ends,
+    route_behind_l1_server,
     vpnctl,
 )
 from vpnctl.lab import LabState
@@ -68,12 +69,6 @@ def _run(state: LabState, *args: str, check: bool = True) -> subprocess.Complete
     return proc
 
 
-def _ping_every_tunnel(state: LabState) -> None:
-    for link, (client, _local, server_tunnel) in tunnel_ends(state).items():
-        out = lab_exec(state, client, "ping", "-c", "2", "-i", "0.2", "-W", "3", server_tunnel)
-        assert " 0% packet loss" in out, f"{link}: ping {server_tunnel} from {client}: {out}"
-
-
 def test_deploying_one_end_first_waits_for_the_other_instead_of_rolling_back(
     lab: LabState,
 ) -> None:
@@ -88,7 +83,7 @@ def test_first_deploy_brings_up_every_link_and_pings_cross_each_tunnel(lab: LabS
     proc = _run(lab, "deploy", "--all", "--wait", "30")
     assert "installing runtime" in proc.stdout
     assert "confirmed up at both ends: l1, l2" in proc.stdout
-    _ping_every_tunnel(lab)
+    ping_every_tunnel(lab)
     key_modes = {
         oct(p.stat().st_mode & 0o777)
         for host in lab.hosts
@@ -106,16 +101,7 @@ def test_second_deploy_changes_nothing_and_restarts_nothing(lab: LabState) -> No
 
 
 def test_changed_route_redeploys_only_that_link(lab: LabState) -> None:
-    inventory = Path(lab.directory) / "inventory.yaml"
-    original = inventory.read_text()
-    # a network behind the server of l1 becomes a route in client1's l1 config only
-    changed = original.replace(
-        "  server: server\n  client: client1\n",
-        "  server: server\n  client: client1\n  routes:\n    server:\n    - 198.18.60.0/24\n",
-    )
-    assert changed != original
-    inventory.write_text(changed)
-    vpnctl(lab, "render")
+    route_behind_l1_server(lab)
     before = daemon_pids(lab)
     proc = _run(lab, "deploy", "--all", "--wait", "30")
     after = daemon_pids(lab)
@@ -125,7 +111,7 @@ def test_changed_route_redeploys_only_that_link(lab: LabState) -> None:
     assert "l1: config changed" in proc.stdout
     routes = lab_exec(lab, "client1", "ip", "route", "show", "198.18.60.0/24")
     assert "198.18.60.0/24" in routes
-    _ping_every_tunnel(lab)
+    ping_every_tunnel(lab)
 
 
 def test_broken_change_rolls_back_and_the_old_link_stays_up(lab: LabState) -> None:
@@ -141,7 +127,7 @@ def test_broken_change_rolls_back_and_the_old_link_stays_up(lab: LabState) -> No
     conf = Path(lab.hosts[1].prefix, "etc", "vpnd", "l1.conf").read_text()
     assert "server 198.18.1.1 " in conf
     assert not Path(lab.hosts[1].prefix, "var", "lib", "vpnctl", "prev").exists()
-    _ping_every_tunnel(lab)
+    ping_every_tunnel(lab)
     inventory.write_text(good)
     vpnctl(lab, "render")
     # back to the good inventory: nothing to do, unless vpnd_runtime's sources were edited

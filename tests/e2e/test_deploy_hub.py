@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_root_netns, require_tools
-from tests.helpers.lab import free_mgmt_net, lab_exec, poll_until, unique_tag, vpnctl
+from tests.helpers.lab import free_mgmt_net, lab_exec, lab_ping, poll_until, unique_tag, vpnctl
 from vpnctl.lab import LabState, lab_down, lab_up
 
 pytestmark = pytest.mark.root
@@ -79,11 +79,6 @@ def _hub_address(lab: LabState) -> str:
     return manifest["links"]["hub"]["local"]
 
 
-def _ping(lab: LabState, host: str, address: str) -> None:
-    out = lab_exec(lab, host, "ping", "-c", "2", "-i", "0.2", "-W", "3", address)
-    assert " 0% packet loss" in out, f"ping {address} from {host}: {out}"
-
-
 def test_hub_with_three_clients_deploys_and_every_client_reaches_hub_and_each_other(
     lab: LabState,
 ) -> None:
@@ -92,10 +87,10 @@ def test_hub_with_three_clients_deploys_and_every_client_reaches_hub_and_each_ot
     assert sorted(_sessions(lab)) == ["client1", "client2", "client3"]
     hub = _hub_address(lab)
     for client in ("client1", "client2", "client3"):
-        _ping(lab, client, hub)
-        _ping(lab, "server", _address(lab, client))
-    _ping(lab, "client1", _address(lab, "client2"))  # client to client, through the hub
-    _ping(lab, "client3", _address(lab, "client1"))
+        lab_ping(lab, client, hub)
+        lab_ping(lab, "server", _address(lab, client))
+    lab_ping(lab, "client1", _address(lab, "client2"))  # client to client, through the hub
+    lab_ping(lab, "client3", _address(lab, "client1"))
     # And over IPv6 too (every link is dual-stack by default): client to client through the hub
     address6 = _manifest_client(lab, "client2")["address6"]
     poll_until(
@@ -152,8 +147,8 @@ def test_adding_a_client_only_reloads_the_hub_and_other_sessions_keep_growing(
             timeout=10,
             what=f"{client}'s session age grows past {age}",
         )
-    _ping(lab, "client4", _hub_address(lab))
-    _ping(lab, "client4", _address(lab, "client1"))
+    lab_ping(lab, "client4", _hub_address(lab))
+    lab_ping(lab, "client4", _address(lab, "client1"))
 
 
 def test_removing_a_client_revokes_it_and_leaves_the_others_up(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require, require_root_netns, require_tools
-from tests.helpers.lab import lab_exec, rendered_lab, vpnctl
+from tests.helpers.lab import lab_exec, lab_ping, link_ends, rendered_lab, vpnctl
 from vpnctl.lab import LabState
 
 pytestmark = pytest.mark.root
@@ -34,21 +34,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
 
 
 def _tunnels(state: LabState) -> dict[str, dict[str, str]]:
-    """link -> {client, local, local6, server_local, server_local6} from the build manifests."""
-    build = Path(state.directory) / "build"
-    out = {}
-    for manifest_path in sorted(build.glob("*/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
-        for link, entry in manifest["links"].items():
-            if entry["role"] == "client":
-                peer = json.loads((build / entry["peer"] / "manifest.json").read_text())
-                server = peer["links"][link]
-                out[link] = {
-                    "client": manifest["host"],
-                    "server4": server["local"],
-                    "server6": server["local6"],
-                }
-    return out
+    """link -> {client, server4, server6}: its client host and its server's tunnel addresses."""
+    return {
+        link: {"client": client, "server4": server["local"], "server6": server["local6"]}
+        for link, (client, _mine, server) in link_ends(state).items()
+    }
 
 
 def test_the_ipv6_only_host_has_no_ipv4_and_is_reached_by_ssh_over_ipv6(lab: LabState) -> None:
@@ -73,8 +63,7 @@ def test_deploy_over_ipv6_brings_up_dual_stack_links_that_carry_both_families(
     assert "confirmed up at both ends: l1, l2" in proc.stdout, proc.stdout
     for link, t in _tunnels(lab).items():
         for address in (t["server4"], t["server6"]):
-            out = lab_exec(lab, t["client"], "ping", "-c", "2", "-i", "0.2", "-W", "3", address)
-            assert " 0% packet loss" in out, f"{link}: ping {address} from {t['client']}: {out}"
+            lab_ping(lab, t["client"], address, what=f"{link}: ")
     # the l1 carrier runs over IPv6: its client's status names the server's IPv6 endpoint
     status = json.loads(vpnctl(lab, "status", "--json").stdout)
     ends = {(e["host"], e["link"]): e for link in status["links"] for e in link["ends"]}
@@ -109,6 +98,5 @@ def test_a_dual_stack_hub_deployed_over_ipv6_serves_an_ipv6_only_client(
     # every client reaches the hub in both families (client1 has no IPv4 underlay at all)
     for client in ("client1", "client2"):
         for address in (hub["local"], hub["local6"]):
-            out = lab_exec(hub_lab, client, "ping", "-c", "2", "-i", "0.2", "-W", "3", address)
-            assert " 0% packet loss" in out, f"ping {address} from {client}: {out}"
+            lab_ping(hub_lab, client, address)
     # (client-to-client IPv6 through a hub: tests/e2e/test_hub_ipv6.py, outside the lab)

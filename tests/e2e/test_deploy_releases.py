@@ -15,44 +15,30 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, require_root_netns, require_tools
-from tests.helpers.lab import free_mgmt_net, lab_exec, tunnel_ends, unique_tag, vpnctl
+from tests.conftest import pypi_reachable, require, require_root_netns, require_tools
+from tests.helpers.lab import lab_ping, rendered_lab, tunnel_ends, vpnctl
 from vpnctl import nspawn
-from vpnctl.lab import LabState, container_exec, lab_down, lab_up
+from vpnctl.lab import LabState, container_exec
 
 pytestmark = pytest.mark.root
 
 RELEASES = {"server": ("bullseye", "3.9"), "client1": ("bookworm", "3.11")}
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     require_root_netns()
     require_tools("sshd", "ssh", "ssh-keygen", "ping", "systemd-nspawn", "debootstrap", "nsenter")
-    require(_pypi_reachable(), "PyPI is unreachable: the bullseye host's cp39 wheels are fetched")
+    require(pypi_reachable(), "PyPI is unreachable: the bullseye host's cp39 wheels are fetched")
     directory = tmp_path_factory.mktemp("releases") / "lab"
-    state = lab_up(directory, clients=1, tag=unique_tag("rel"), mgmt_net=free_mgmt_net(),
-                   systemd=True, release="bullseye,bookworm", say=print)  # fmt: skip
-    try:
-        vpnctl(state, "keygen")
-        vpnctl(state, "render")
+    with rendered_lab(directory, clients=1, base="rel", systemd=True,
+                      release="bullseye,bookworm", say=print) as state:  # fmt: skip
         yield state
-    finally:
-        lab_down(directory)
 
 
 def _sh(lab: LabState, host: str, *argv: str) -> str:
@@ -92,10 +78,8 @@ def test_a_link_between_python_3_9_and_3_11_hosts_deploys_comes_up_and_reads_bot
     assert os.path.basename(exe) == "python3.9", exe
     # a ping through the tunnel, from the bookworm end to the bullseye end and back
     for link, (client, client_tunnel, server_tunnel) in tunnel_ends(lab).items():
-        out = lab_exec(lab, client, "ping", "-c", "3", "-i", "0.2", "-W", "3", server_tunnel)
-        assert " 0% packet loss" in out, f"{link}: ping {server_tunnel} from {client}: {out}"
-        out = lab_exec(lab, "server", "ping", "-c", "2", "-i", "0.2", "-W", "3", client_tunnel)
-        assert " 0% packet loss" in out, f"{link}: ping {client_tunnel} from server: {out}"
+        lab_ping(lab, client, server_tunnel, count=3, what=f"{link}: ")
+        lab_ping(lab, "server", client_tunnel, what=f"{link}: ")
     status = vpnctl(lab, "status").stdout  # reads both ends' records over ssh
     assert "1/1 link(s) up" in status, status
     doc = json.loads(vpnctl(lab, "status", "--json").stdout)

@@ -27,7 +27,10 @@ from tests.helpers.lab import (
     free_mgmt_net,
     lab_exec,
     lab_traces,
+    ping_every_tunnel,
     poll_until,
+    rendered_lab,
+    route_behind_l1_server,
     tunnel_ends,
     unique_tag,
     vpnctl,
@@ -55,13 +58,8 @@ def _systemd_lab(directory: Path, *, clients: int, hub: bool = False) -> LabStat
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
     _require()
     directory = tmp_path_factory.mktemp("systemd") / "lab"
-    state = _systemd_lab(directory, clients=2)
-    try:
-        vpnctl(state, "keygen")
-        vpnctl(state, "render")
+    with rendered_lab(directory, clients=2, base="sd", systemd=True, say=print) as state:
         yield state
-    finally:
-        lab_down(directory)
 
 
 def _sh(lab: LabState, host: str, *argv: str) -> str:
@@ -88,12 +86,6 @@ def _record(lab: LabState, host: str, link: str) -> dict[str, object]:
     """The link's status record inside the container (its /run is the container's own)."""
     proc = container_exec(lab, host, "cat", f"/run/vpnd/{link}.status.json", check=False)
     return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout else {}
-
-
-def _ping_every_tunnel(lab: LabState) -> None:
-    for link, (client, _local, server_tunnel) in tunnel_ends(lab).items():
-        out = lab_exec(lab, client, "ping", "-c", "2", "-i", "0.2", "-W", "3", server_tunnel)
-        assert " 0% packet loss" in out, f"{link}: ping {server_tunnel} from {client}: {out}"
 
 
 def _host(lab: LabState, name: str) -> Path:
@@ -126,7 +118,7 @@ def test_first_deploy_installs_enables_and_starts_every_unit(lab: LabState) -> N
         assert props["NRestarts"] == "0", (host, link, props)
         record = _record(lab, host, link)
         assert record.get("state") == "up", (host, link, record)
-    _ping_every_tunnel(lab)
+    ping_every_tunnel(lab)
     status = vpnctl(lab, "status").stdout  # reads the same records over ssh
     assert "2/2 link(s) up" in status, status
 
@@ -157,15 +149,7 @@ def test_second_deploy_changes_nothing_and_restarts_no_unit(lab: LabState) -> No
 
 
 def test_a_changed_link_restarts_only_its_unit(lab: LabState) -> None:
-    inventory = Path(lab.directory) / "inventory.yaml"
-    original = inventory.read_text()
-    changed = original.replace(
-        "  server: server\n  client: client1\n",
-        "  server: server\n  client: client1\n  routes:\n    server:\n    - 198.18.60.0/24\n",
-    )
-    assert changed != original
-    inventory.write_text(changed)
-    vpnctl(lab, "render")
+    route_behind_l1_server(lab)
     before = _units(lab)
     proc = vpnctl(lab, "deploy", "--all", "--wait", "30")
     after = _units(lab)
@@ -175,7 +159,7 @@ def test_a_changed_link_restarts_only_its_unit(lab: LabState) -> None:
         k: v for k, v in before.items() if k != ("client1", "l1")
     }, proc.stdout
     assert "198.18.60.0/24" in lab_exec(lab, "client1", "ip", "route", "show", "198.18.60.0/24")
-    _ping_every_tunnel(lab)
+    ping_every_tunnel(lab)
 
 
 def test_a_crash_looping_unit_is_detected_and_rolled_back(lab: LabState) -> None:
@@ -216,7 +200,7 @@ def test_a_crash_looping_unit_is_detected_and_rolled_back(lab: LabState) -> None
                 what=f"l1 up again on {host}",
             )
             assert _unit(lab, host, "l1")["ActiveState"] == "active"
-        _ping_every_tunnel(lab)
+        ping_every_tunnel(lab)
     finally:
         inventory.write_text(good)
         if squatter.stdin:
@@ -247,7 +231,7 @@ def test_systemctl_stop_leaves_no_tun_and_no_route_behind(lab: LabState) -> None
     proc = vpnctl(lab, "deploy", "--all", "--wait", "30")
     assert "l2: not running, start" in proc.stdout, proc.stdout
     assert "confirmed up at both ends: l2" in proc.stdout, proc.stdout
-    _ping_every_tunnel(lab)
+    ping_every_tunnel(lab)
 
 
 def test_a_reboot_of_the_host_brings_the_link_back(lab: LabState) -> None:
@@ -269,7 +253,7 @@ def test_a_reboot_of_the_host_brings_the_link_back(lab: LabState) -> None:
     poll_until(
         lambda: _record(lab, "server", "l1").get("state") == "up", timeout=30, what="server l1"
     )
-    _ping_every_tunnel(lab)
+    ping_every_tunnel(lab)
     # and deploy finds the host as it left it
     assert "no changes" in vpnctl(lab, "deploy", "--all").stdout
 

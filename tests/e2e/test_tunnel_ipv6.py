@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,8 @@ import pytest
 
 from tests.conftest import require, require_root_netns, require_tools
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
+from tests.helpers.transfer import transfer
+from tests.helpers.tunnel_conf import write_conf
 from vpnd_runtime.keyfile import generate_key
 
 pytestmark = pytest.mark.root
@@ -41,7 +41,6 @@ class Lab:
 
     def conf(self, role: str, server_addr: str, extra: str = "") -> Path:
         """One side's config: a dual-stack tunnel, the client routing the server's network."""
-        path = self.dir / f"{role}.conf"
         if role == "server":
             body = f"""
                 mode server
@@ -61,16 +60,7 @@ class Lab:
                 remote6 {SERVER_TUN6}
                 route1 2001:db8:100::/64 {SERVER_TUN6}
             """
-        path.write_text(
-            textwrap.dedent(body)
-            + f"interface {self.tag}t\n"
-            + f"keyfile {self.dir / 'shared.key'}\n"
-            + f"pidfile {self.dir / role}.pid\n"
-            + f"statusfile {self.dir / role}.status.json\n"
-            + "randomdev /dev/urandom\n"
-            + textwrap.dedent(extra)
-        )
-        return path
+        return write_conf(self.dir, role, body, tag=self.tag, extra=extra)
 
 
 @pytest.fixture
@@ -84,44 +74,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with namespace_pair(tag) as pair:
         pair.server.run("ip", "-6", "addr", "add", f"{BEHIND_SERVER6}/64", "dev", "lo")
         yield Lab(pair, d, tag)
-
-
-RECEIVER = """
-import hashlib, socket, sys
-s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while chunk := c.recv(1 << 20):
-    h.update(chunk); n += len(chunk)
-print(n, h.hexdigest(), flush=True)
-"""
-
-SENDER = """
-import socket, sys
-data = open(sys.argv[2], "rb").read()
-c = socket.create_connection((sys.argv[1], 5001), timeout=30)
-c.sendall(data); c.close()
-"""
-
-
-def _transfer(lab: Lab, blob: Path, to: str) -> tuple[int, str]:
-    """Send `blob` from the client to a receiver on the server at `to`; (bytes, sha256)."""
-    receiver = subprocess.Popen(
-        lab.pair.server.cmd(sys.executable, "-c", RECEIVER, to),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert receiver.stdout is not None
-        assert receiver.stdout.readline().strip() == "ready"
-        lab.pair.client.run(sys.executable, "-c", SENDER, to, str(blob), timeout=120)
-        out, _ = receiver.communicate(timeout=120)
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.wait(5)
-    n, digest = out.split()
-    return int(n), digest
 
 
 def test_dual_stack_link_pings_both_families_routes_ipv6_and_moves_tcp_over_ipv6(
@@ -160,7 +112,7 @@ def test_dual_stack_link_pings_both_families_routes_ipv6_and_moves_tcp_over_ipv6
         blob = lab.dir / "blob"
         blob.write_bytes(os.urandom(16 * 1024 * 1024))
         before = client.status()
-        n, digest = _transfer(lab, blob, SERVER_TUN6)
+        n, digest = transfer(lab.pair.server, lab.pair.client, SERVER_TUN6, blob)
         # Then they arrive intact
         assert (n, digest) == (blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())
         # And they crossed as TSO6 super-packets: far fewer TUN reads than 1400-byte segments
@@ -234,5 +186,5 @@ def test_udp_over_an_ipv6_underlay_carries_both_families_and_tcp_over_ipv6(lab: 
         # And 8 MiB of TCP over IPv6 inside the tunnel arrive intact (segmented for datagrams)
         blob = lab.dir / "blob-udp"
         blob.write_bytes(os.urandom(8 * 1024 * 1024))
-        n, digest = _transfer(lab, blob, SERVER_TUN6)
+        n, digest = transfer(lab.pair.server, lab.pair.client, SERVER_TUN6, blob)
         assert (n, digest) == (blob.stat().st_size, hashlib.sha256(blob.read_bytes()).hexdigest())

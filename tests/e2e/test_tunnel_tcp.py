@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -22,6 +21,8 @@ import pytest
 
 from tests.conftest import require_root_netns, require_tools
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
+from tests.helpers.transfer import transfer
+from tests.helpers.tunnel_conf import write_conf
 from vpnd_runtime.keyfile import generate_key
 
 pytestmark = pytest.mark.root
@@ -39,7 +40,6 @@ class Lab:
 
     def conf(self, role: str, extra: str = "", key: str = "shared.key") -> Path:
         """Write the config of one side; the two sides mirror each other."""
-        path = self.dir / f"{role}.conf"
         hooks = "".join(
             f"{hook} {self.dir / 'hook.sh'}\n"
             for hook in ("slipup", "slipdown", "linkup", "linkdown")
@@ -60,17 +60,8 @@ class Lab:
                 remote {SERVER_TUN}
                 route1 198.18.100.0 255.255.255.0 {SERVER_TUN}
             """
-        path.write_text(
-            textwrap.dedent(body)
-            + f"interface {self.tag}t\n"
-            + f"keyfile {self.dir / key}\n"
-            + f"pidfile {self.dir / role}.pid\n"
-            + f"statusfile {self.dir / role}.status.json\n"
-            + "randomdev /dev/urandom\n"
-            + hooks
-            + textwrap.dedent(extra)
-        )
-        return path
+        extra = hooks + textwrap.dedent(extra)
+        return write_conf(self.dir, role, body, tag=self.tag, key=key, extra=extra)
 
     def hook_calls(self) -> list[str]:
         path = self.dir / "hooks.txt"
@@ -212,27 +203,6 @@ def test_client_reconnects_by_itself_after_server_is_killed_and_restarted(lab: L
             assert client.status()["reconnects"] >= 1
 
 
-RECEIVER = """
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while chunk := c.recv(1 << 20):
-    h.update(chunk); n += len(chunk)
-print(n, h.hexdigest(), flush=True)
-"""
-
-SENDER = """
-import socket, sys
-data = open(sys.argv[2], "rb").read()
-half = len(data) // 2
-c = socket.create_connection((sys.argv[1], 5001), timeout=30)
-c.sendall(data[:half]); print("half", flush=True)
-sys.stdin.readline()  # the test says when to go on (after a rekey)
-c.sendall(data[half:]); c.close()
-"""
-
-
 def test_twenty_megabytes_cross_the_tunnel_intact_across_a_rekey(lab: Lab) -> None:
     blob = lab.dir / "blob"
     blob.write_bytes(os.urandom(20 * 1024 * 1024))
@@ -243,38 +213,15 @@ def test_twenty_megabytes_cross_the_tunnel_intact_across_a_rekey(lab: Lab) -> No
         vpnd(lab.pair.client, lab.conf("client", rekey), lab.dir, "client") as client,
     ):
         poll_until(lambda: _up(server) and _up(client), 20, what="link up")
-        receiver = subprocess.Popen(
-            lab.pair.server.cmd(sys.executable, "-c", RECEIVER, SERVER_TUN),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        sender = None
-        try:
-            assert receiver.stdout is not None
-            assert receiver.stdout.readline().strip() == "ready"
-            sender = subprocess.Popen(
-                lab.pair.client.cmd(sys.executable, "-c", SENDER, SERVER_TUN, str(blob)),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert sender.stdout is not None and sender.stdin is not None
-            # When the first 10 MB are through, wait for the session keys to be renewed
-            assert sender.stdout.readline().strip() == "half"
+
+        def rekeyed() -> None:
+            # When the first 10 MB are through, wait for the session keys to be renewed; then
+            # the rest goes through on the new keys, on the same inner TCP connection
             rekeys = client.status()["rekeys"]
             poll_until(lambda: client.status()["rekeys"] > rekeys, 10, what="a rekey")
-            # Then the rest goes through on the new keys, on the same inner TCP connection
-            sender.stdin.write("go\n")
-            sender.stdin.close()
-            assert sender.wait(60) == 0
-            out, _ = receiver.communicate(timeout=60)
-        finally:
-            for proc in (receiver, sender):
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        size, digest = out.split()
-        assert int(size) == 20 * 1024 * 1024
+
+        size, digest = transfer(lab.pair.server, lab.pair.client, SERVER_TUN, blob, at_half=rekeyed)
+        assert size == 20 * 1024 * 1024
         assert digest == want
         assert server.status()["rekeys"] >= 1
         assert client.status()["drops"] == {}

@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import require_root_netns, require_tools
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until, vpnd
+from tests.helpers.transfer import transfer
+from tests.helpers.tunnel_conf import write_conf
 from vpnd_runtime.keyfile import generate_key, load_key
 
 pytestmark = pytest.mark.root
@@ -40,7 +42,6 @@ class Lab:
 
     def conf(self, role: str, extra: str = "") -> Path:
         """Write the config of one side; the two sides mirror each other."""
-        path = self.dir / f"{role}.conf"
         if role == "server":
             body = f"""
                 mode server
@@ -56,17 +57,8 @@ class Lab:
                 remote {SERVER_TUN}
                 route1 198.18.100.0 255.255.255.0 {SERVER_TUN}
             """
-        path.write_text(
-            textwrap.dedent(body)
-            + "transport udp\n"
-            + f"interface {self.tag}t\n"
-            + f"keyfile {self.dir / 'shared.key'}\n"
-            + f"pidfile {self.dir / role}.pid\n"
-            + f"statusfile {self.dir / role}.status.json\n"
-            + "randomdev /dev/urandom\n"
-            + textwrap.dedent(extra)
-        )
-        return path
+        extra = "transport udp\n" + textwrap.dedent(extra)
+        return write_conf(self.dir, role, body, tag=self.tag, extra=extra)
 
 
 @pytest.fixture
@@ -103,62 +95,6 @@ def test_link_over_udp_pings_both_ways_and_reaches_the_route_behind(lab: Lab) ->
 
 CAPTURE = str(Path(__file__).parents[1] / "helpers" / "udp_capture.py")
 
-RECEIVER = """
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while chunk := c.recv(1 << 20):
-    h.update(chunk); n += len(chunk)
-print(n, h.hexdigest(), flush=True)
-"""
-
-SENDER = """
-import socket, sys
-data = open(sys.argv[2], "rb").read()
-half = len(data) // 2
-c = socket.create_connection((sys.argv[1], 5001), timeout=60)
-try:
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")  # loss is not congestion here
-except OSError:
-    pass
-c.sendall(data[:half]); print("half", flush=True)
-sys.stdin.readline()  # the test says when to go on
-c.sendall(data[half:]); c.close()
-"""
-
-
-def transfer(server_ns, client_ns, blob: Path, at_half, timeout: float) -> tuple[int, str]:
-    """Send `blob` through the tunnel (client -> server); call `at_half()` halfway; return the
-    (bytes, sha256) the receiver got."""
-    receiver = subprocess.Popen(
-        server_ns.cmd(sys.executable, "-c", RECEIVER, SERVER_TUN), stdout=subprocess.PIPE, text=True
-    )
-    sender = None
-    try:
-        assert receiver.stdout is not None
-        assert receiver.stdout.readline().strip() == "ready"
-        sender = subprocess.Popen(
-            client_ns.cmd(sys.executable, "-c", SENDER, SERVER_TUN, str(blob)),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert sender.stdout is not None and sender.stdin is not None
-        assert sender.stdout.readline().strip() == "half"
-        at_half()
-        sender.stdin.write("go\n")
-        sender.stdin.flush()
-        out, _ = receiver.communicate(timeout=timeout)
-        sender.wait(30)
-        n, digest = out.split()
-        return int(n), digest
-    finally:
-        for p in (sender, receiver):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(5)
-
 
 def test_client_changes_address_mid_transfer_and_the_server_follows(lab: Lab) -> None:
     blob = lab.dir / "blob"
@@ -178,7 +114,7 @@ def test_client_changes_address_mid_transfer_and_the_server_follows(lab: Lab) ->
             client_ns.run("ip", "addr", "add", "198.18.1.3/24", "dev", cif)
             client_ns.run("ip", "addr", "del", "198.18.1.2/24", "dev", cif)
 
-        n, digest = transfer(lab.pair.server, client_ns, blob, move, timeout=120)
+        n, digest = transfer(lab.pair.server, client_ns, SERVER_TUN, blob, at_half=move)
         assert (n, digest) == (blob.stat().st_size, want)
         s = server.status()
         assert s["peer"].startswith("198.18.1.3:"), s["peer"]
@@ -321,7 +257,7 @@ def test_twenty_megabytes_cross_a_lossy_jittery_reordering_wan_intact(tmp_path: 
             vpnd(wp.a, lab.conf("client", timers), tmp_path, "client") as client,
         ):
             poll_until(lambda: _up(server) and _up(client), 30, what="link up through the WAN")
-            n, digest = transfer(wp.b, wp.a, blob, lambda: None, timeout=240)
+            n, digest = transfer(wp.b, wp.a, SERVER_TUN, blob, timeout=240)
             assert (n, digest) == (blob.stat().st_size, want)
             s, c = server.status(), client.status()
             assert s["reconnects"] == 0 and c["reconnects"] == 0

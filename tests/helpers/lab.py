@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tests.helpers.wait import poll_until
 from vpnctl.lab import LabState, lab_down, lab_exec, lab_up
@@ -22,9 +22,13 @@ __all__ = [
     "free_mgmt_net",
     "lab_exec",
     "lab_keys",
+    "lab_ping",
     "lab_traces",
+    "link_ends",
+    "ping_every_tunnel",
     "poll_until",
     "rendered_lab",
+    "route_behind_l1_server",
     "running_lab",
     "runtime_snapshot",
     "tunnel_ends",
@@ -67,10 +71,14 @@ def running_lab(
     wan: str | None = None,
     stack: str = "ipv4",
     hub: bool = False,
+    systemd: bool = False,
+    release: str | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Iterator[LabState]:
     """Build a lab in `directory` with a unique tag (and `wan`, a vpnctl.wan spec, on its WAN;
-    `stack`: ipv4, dual or ipv6 hosts; `hub`: one hub instead of links); tear it down however
-    the test ends."""
+    `stack`: ipv4, dual or ipv6 hosts; `hub`: one hub instead of links; `systemd`: hosts are
+    containers booting systemd, of the Debian `release`s; `say`: lab up's progress); tear it
+    down however the test ends."""
     tag = unique_tag(base)
     state = lab_up(
         directory,
@@ -80,6 +88,9 @@ def running_lab(
         wan=wan,
         stack=stack,
         hub=hub,
+        systemd=systemd,
+        release=release,
+        say=say,
     )
     try:
         yield state
@@ -150,11 +161,10 @@ def vpnctl(
 
 
 @contextmanager
-def rendered_lab(
-    directory: Path, *, clients: int = 2, base: str = "t", stack: str = "ipv4", hub: bool = False
-) -> Iterator[LabState]:
-    """A running lab whose inventory has been through `vpnctl keygen` and `vpnctl render`."""
-    with running_lab(directory, clients=clients, base=base, stack=stack, hub=hub) as state:
+def rendered_lab(directory: Path, **options: Any) -> Iterator[LabState]:
+    """A running lab (:func:`running_lab`, which takes the same `options`) whose inventory has
+    been through `vpnctl keygen` and `vpnctl render`."""
+    with running_lab(directory, **options) as state:
         vpnctl(state, "keygen")
         vpnctl(state, "render")
         yield state
@@ -167,8 +177,8 @@ def lab_keys(state: LabState) -> list[str]:
     ]
 
 
-def tunnel_ends(state: LabState) -> dict[str, tuple[str, str, str]]:
-    """link -> (client host, client tunnel address, server tunnel address) from the build."""
+def link_ends(state: LabState) -> dict[str, tuple[str, dict, dict]]:
+    """link -> (client host, the client's manifest entry of it, the server's) from the build."""
     build = Path(state.directory) / "build"
     out = {}
     for manifest_path in sorted(build.glob("*/manifest.json")):
@@ -176,8 +186,44 @@ def tunnel_ends(state: LabState) -> dict[str, tuple[str, str, str]]:
         for link, entry in manifest["links"].items():
             if entry["role"] == "client":
                 peer = json.loads((build / entry["peer"] / "manifest.json").read_text())
-                out[link] = (manifest["host"], entry["local"], peer["links"][link]["local"])
+                out[link] = (manifest["host"], entry, peer["links"][link])
     return out
+
+
+def tunnel_ends(state: LabState) -> dict[str, tuple[str, str, str]]:
+    """link -> (client host, client tunnel address, server tunnel address) from the build."""
+    return {
+        link: (client, mine["local"], server["local"])
+        for link, (client, mine, server) in link_ends(state).items()
+    }
+
+
+def lab_ping(state: LabState, host: str, address: str, *, count: int = 2, what: str = "") -> None:
+    """Ping `address` from lab host `host` (`count` pings, none lost); a failure names both,
+    after `what` (say the link)."""
+    out = lab_exec(state, host, "ping", "-c", str(count), "-i", "0.2", "-W", "3", address)
+    assert " 0% packet loss" in out, f"{what}ping {address} from {host}: {out}"
+
+
+def ping_every_tunnel(state: LabState) -> None:
+    """Ping each link's server end through the tunnel from its client host (two pings, no
+    loss), naming the link when one fails."""
+    for link, (client, _local, server_tunnel) in tunnel_ends(state).items():
+        lab_ping(state, client, server_tunnel, what=f"{link}: ")
+
+
+def route_behind_l1_server(state: LabState) -> None:
+    """Give link l1 a network behind its server (198.18.60.0/24) in the lab's inventory and
+    render: only client1's l1 config changes (it gains the route)."""
+    inventory = Path(state.directory) / "inventory.yaml"
+    original = inventory.read_text()
+    changed = original.replace(
+        "  server: server\n  client: client1\n",
+        "  server: server\n  client: client1\n  routes:\n    server:\n    - 198.18.60.0/24\n",
+    )
+    assert changed != original
+    inventory.write_text(changed)
+    vpnctl(state, "render")
 
 
 def daemon_pids(state: LabState) -> dict[tuple[str, str], int]:

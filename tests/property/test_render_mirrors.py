@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from vpnctl.inventory import allocate_hubs, allocate_tunnels, hub_networks, parse_inventory
 from vpnctl.rendering import check_build, render, write_build
-from vpnd_runtime.config import parse_config, parse_peer
+from vpnd_runtime.config import parse_config
 from vpnd_runtime.keyfile import fingerprint
+from vpnd_runtime.peerfile import parse_peer
 
 CIPHERS = ["chacha20-poly1305", "aes-256-gcm", "aes-128-gcm"]
 

@@ -7,7 +7,8 @@ from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 import pytest
 
-from vpnd_runtime.config import ConfigError, parse_config, parse_peer
+from vpnd_runtime.config import ConfigError, parse_config
+from vpnd_runtime.peerfile import parse_peer
 
 BASE = "mode client\nserver 2001:db8:1::1 379\nlocal 198.19.0.2\nremote 198.19.0.1\n"  # 1-4
 

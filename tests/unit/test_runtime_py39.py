@@ -27,7 +27,6 @@ import io
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import tarfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pathlib import Path
 import pytest
 
 import vpnd_runtime
-from tests.conftest import require
+from tests.conftest import pypi_reachable, require
 from vpnctl import nspawn
 from vpnctl.deploy.runtime import (
     TARGET_PY,
@@ -230,17 +229,9 @@ def runtime_unit_tests() -> list[str]:
     return found
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.timeout(nspawn.BUILD_TIMEOUT + 300)
 def test_deploys_runtime_for_python_3_9_installs_without_pip_and_runs(tmp_path: Path) -> None:
-    require(_pypi_reachable(), "PyPI is unreachable: the cp39 wheelhouse cannot be fetched")
+    require(pypi_reachable(), "PyPI is unreachable: the cp39 wheelhouse cannot be fetched")
     python = _local_python39()
     run = _local_runner(python) if python else _bullseye_runner()
     scratch = tmp_path / "scratch"

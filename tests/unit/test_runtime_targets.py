@@ -7,7 +7,6 @@ reached, except under CI=true, where PyPI is available and a skip would hide a r
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import zipfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import pypi_reachable
 from vpnctl.deploy import (
     TARGET_PY,
     DeployError,
@@ -166,17 +166,9 @@ def test_the_dependency_closure_pins_the_installed_versions_with_markers_for_the
     assert "win-inet-pton" not in names, "Windows-only requirements are not for a Linux host"
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def pypi() -> None:
-    if not _pypi_reachable():
+    if not pypi_reachable():
         if os.environ.get("CI") == "true":
             pytest.fail("PyPI is unreachable under CI=true: the foreign-target build is untested")
         pytest.skip("PyPI is unreachable")

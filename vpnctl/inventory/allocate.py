@@ -8,15 +8,64 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from vpnctl.inventory.model import ROLES, Inventory, InventoryError, Link, Problem
+from vpnctl.inventory.model import ROLES, Address, Inventory, InventoryError, Link, Problem
 
 # --------------------------------------------------------------------------------------------
 # Stage 3: pool allocation
 
 
-def _home_block(name: str, blocks: int) -> int:
-    digest = hashlib.sha256(b"vpnctl-pool\0" + name.encode()).digest()
+def home_block(salt: bytes, name: str, blocks: int) -> int:
+    """Where ``name`` starts probing among ``blocks`` blocks: SHA-256(salt, NUL, name) modulo
+    their number, so a name lands on the same block whatever else the pool holds. One salt per
+    kind of block (``vpnctl-pool``, ``vpnctl-hub``, and vpnctl/pool6.py's IPv6 ones)."""
+    digest = hashlib.sha256(salt + b"\0" + name.encode()).digest()
     return int.from_bytes(digest[:8], "big") % blocks
+
+
+def claim_recorded(
+    inv: Inventory,
+    kept: Mapping[str, tuple[Address, Address]],
+    explicit_owner: Mapping[Address, tuple[str, str]],
+    used: set[Address],
+    record_name: str,
+) -> list[Problem]:
+    """Mark the recorded pairs still in the pool (``kept``, link name -> pair) as used, in name
+    order, and refuse an explicit ``tunnel:`` that another link's recorded pair holds
+    (``explicit_owner``: address -> (link name, its path)); pinning one's own pair is fine.
+    Shared by the IPv4 pool (here) and the IPv6 one (vpnctl/pool6.py)."""
+    problems: list[Problem] = []
+    for name, pair in sorted(kept.items()):
+        for address in pair:
+            owner = explicit_owner.get(address)
+            if owner is not None and owner[0] != name:
+                problems.append(
+                    inv.problem(
+                        owner[1],
+                        f"{address} is already allocated to link {name!r} in {record_name}",
+                    )
+                )
+        used.update(pair)
+    return problems
+
+
+def with_pairs(
+    links: Iterable[Link], assigned: Mapping[str, tuple[Address, Address]], key: str
+) -> tuple[Link, ...]:
+    """``links`` with each assigned (server, client) pair set as their ``key`` address
+    (``tunnel`` or ``tunnel6``); a link with no assigned pair is kept as it is."""
+    out = []
+    for link in links:
+        pair = assigned.get(link.name)
+        out.append(
+            link
+            if pair is None
+            else replace(
+                link,
+                server=replace(link.server, **{key: pair[0]}),
+                client=replace(link.client, **{key: pair[1]}),
+            )
+        )
+    return tuple(out)
 
 
 def _block_addresses(pool: IPv4Network, block: int) -> tuple[IPv4Address, IPv4Address]:
@@ -50,32 +99,22 @@ def allocate_tunnels(
     routes += list(reserved)  # hub networks: a link's /30 never lands inside one
 
     new_record = dict(record)
-    problems: list[Problem] = []
     pending: list[Link] = []
     assigned: dict[str, tuple[IPv4Address, IPv4Address]] = {}
     # Earlier allocations of links that still exist first (they own their blocks), then new ones.
-    for name, pair in sorted(record.items()):
-        if pair[0] in inv.pool and pair[1] in inv.pool:
-            for address in pair:
-                owner = explicit_owner.get(address)
-                if owner is not None and owner[0] != name:  # pinning one's own pair is fine
-                    problems.append(
-                        inv.problem(
-                            owner[1],
-                            f"{address} is already allocated to link {name!r} in {record_name}",
-                        )
-                    )
-            used.update(pair)
+    kept = {
+        name: pair for name, pair in record.items() if pair[0] in inv.pool and pair[1] in inv.pool
+    }
+    problems = claim_recorded(inv, kept, explicit_owner, used, record_name)
     for link in inv.links:
         if link.server.tunnel is not None:
             continue
-        pair = record.get(link.name)
-        if pair is not None and pair[0] in inv.pool and pair[1] in inv.pool:
-            assigned[link.name] = pair
+        if link.name in kept:
+            assigned[link.name] = kept[link.name]
         else:
             pending.append(link)
     for link in sorted(pending, key=lambda lk: lk.name):
-        home = _home_block(link.name, blocks)
+        home = home_block(b"vpnctl-pool", link.name, blocks)
         for step in range(blocks):
             block = (home + step) % blocks
             net = IPv4Network((int(inv.pool.network_address) + 4 * block, 30))
@@ -98,20 +137,7 @@ def allocate_tunnels(
         new_record[link.name] = pair
     if problems:
         raise InventoryError(problems)
-
-    links = []
-    for original in inv.links:
-        pair = assigned.get(original.name)
-        links.append(
-            original
-            if pair is None
-            else replace(
-                original,
-                server=replace(original.server, tunnel=pair[0]),
-                client=replace(original.client, tunnel=pair[1]),
-            )
-        )
-    return replace(inv, links=tuple(links)), new_record
+    return replace(inv, links=with_pairs(inv.links, assigned, "tunnel")), new_record
 
 
 HubRecord = dict[str, tuple[IPv4Network, dict[str, IPv4Address]]]
@@ -182,10 +208,7 @@ def allocate_hubs(inv: Inventory, hub_record: Mapping[str, Any]) -> tuple[Invent
         prefix = _hub_prefix(inv.pool, len(hub.clients))
         size = 2 ** (32 - prefix)
         blocks = inv.pool.num_addresses // size
-        home = (
-            int.from_bytes(hashlib.sha256(b"vpnctl-hub\0" + hub.name.encode()).digest()[:8], "big")
-            % blocks
-        )
+        home = home_block(b"vpnctl-hub", hub.name, blocks)
         for step in range(blocks):
             net = IPv4Network(
                 (int(inv.pool.network_address) + size * ((home + step) % blocks), prefix)

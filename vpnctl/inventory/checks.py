@@ -99,11 +99,9 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
         link_names[link.name] = link.index
         missing = False
         for role in ROLES:
-            host = link.side(role).host
-            if host not in hosts_by_name:
-                hint = difflib.get_close_matches(host, list(hosts_by_name), n=1, cutoff=0.6)
-                more = f"; did you mean {hint[0]!r}?" if hint else ""
-                add(inv.problem(f"{path}.{role}", f"no host named {host!r} in hosts{more}"))
+            unknown = _unknown_host(inv, hosts_by_name, link.side(role).host, f"{path}.{role}")
+            if unknown is not None:
+                add(unknown)
                 missing = True
         if missing:
             continue
@@ -204,36 +202,11 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
             installing = link.side(other_role).host
             for j, net in enumerate(link.side(role).routes):
                 where = f"{path}.routes.{role}[{j}]"
-                carried = next(
-                    (
-                        (p, a)
-                        for p in sorted(peers[installing])
-                        for a in hosts_by_name[p].addresses
-                        if a in net
-                    ),
-                    None,
+                routed = _install_route(
+                    inv, hosts_by_name, installing, net, where, peers=peers, host_routes=host_routes
                 )
-                if carried is not None:
-                    add(
-                        inv.problem(
-                            where,
-                            f"{net} contains {carried[0]}'s underlay address "
-                            f"{carried[1]}: {installing}'s carrier to "
-                            f"{carried[0]} would be routed into a tunnel",
-                        )
-                    )
-                    continue
-                clash = next(
-                    (o for n, o in host_routes.get(installing, []) if n.overlaps(net)), None
-                )
-                if clash is not None:
-                    add(
-                        inv.problem(
-                            where, f"{net} overlaps {clash} (both routed on host {installing!r})"
-                        )
-                    )
-                else:
-                    host_routes.setdefault(installing, []).append((net, f"{where} ({net})"))
+                if routed is not None:
+                    add(routed)
     problems += _check_hubs(
         inv,
         hosts_by_name,
@@ -246,6 +219,55 @@ def _cross_check(inv: Inventory, explicit_interface: set[int]) -> list[Problem]:
         host_routes=host_routes,
     )
     return problems
+
+
+def _unknown_host(
+    inv: Inventory, hosts_by_name: Mapping[str, Host], host: str, where: str
+) -> Problem | None:
+    """The problem of a link or hub naming ``host`` (at ``where``) when no host has that name,
+    with a hint at the nearest name; None for a known host."""
+    if host in hosts_by_name:
+        return None
+    hint = difflib.get_close_matches(host, list(hosts_by_name), n=1, cutoff=0.6)
+    more = f"; did you mean {hint[0]!r}?" if hint else ""
+    return inv.problem(where, f"no host named {host!r} in hosts{more}")
+
+
+def _install_route(
+    inv: Inventory,
+    hosts_by_name: Mapping[str, Host],
+    installing: str,
+    net: Network,
+    where: str,
+    *,
+    peers: Mapping[str, set[str]],
+    host_routes: dict[str, list[tuple[Network, str]]],
+) -> Problem | None:
+    """Install route ``net`` (given at ``where``) on host ``installing``, in ``host_routes``;
+    or the problem that refuses it: it would capture the underlay address of one of that host's
+    carrier peers (its carrier would then run into a tunnel), or it overlaps a route already
+    installed there. Links and hubs check their routes with this one function."""
+    carried = next(
+        (
+            (p, a)
+            for p in sorted(peers.get(installing, ()))
+            for a in hosts_by_name[p].addresses
+            if a in net
+        ),
+        None,
+    )
+    if carried is not None:
+        return inv.problem(
+            where,
+            f"{net} contains {carried[0]}'s underlay address "
+            f"{carried[1]}: {installing}'s carrier to "
+            f"{carried[0]} would be routed into a tunnel",
+        )
+    clash = next((o for n, o in host_routes.get(installing, []) if n.overlaps(net)), None)
+    if clash is not None:
+        return inv.problem(where, f"{net} overlaps {clash} (both routed on host {installing!r})")
+    host_routes.setdefault(installing, []).append((net, f"{where} ({net})"))
+    return None
 
 
 def _check_hubs(
@@ -269,38 +291,17 @@ def _check_hubs(
     networks: list[tuple[IPv4Network, str]] = []
 
     def known(host: str, where: str) -> bool:
-        if host in hosts_by_name:
-            return True
-        hint = difflib.get_close_matches(host, list(hosts_by_name), n=1, cutoff=0.6)
-        more = f"; did you mean {hint[0]!r}?" if hint else ""
-        add(inv.problem(where, f"no host named {host!r} in hosts{more}"))
-        return False
+        unknown = _unknown_host(inv, hosts_by_name, host, where)
+        if unknown is not None:
+            add(unknown)
+        return unknown is None
 
     def route_on(installing: str, net: Network, where: str) -> None:
-        carried = next(
-            (
-                (p, a)
-                for p in sorted(peers.get(installing, ()))
-                for a in hosts_by_name[p].addresses
-                if a in net
-            ),
-            None,
+        routed = _install_route(
+            inv, hosts_by_name, installing, net, where, peers=peers, host_routes=host_routes
         )
-        if carried is not None:
-            add(
-                inv.problem(
-                    where,
-                    f"{net} contains {carried[0]}'s underlay address "
-                    f"{carried[1]}: {installing}'s carrier to "
-                    f"{carried[0]} would be routed into a tunnel",
-                )
-            )
-            return
-        clash = next((o for n, o in host_routes.get(installing, []) if n.overlaps(net)), None)
-        if clash is not None:
-            add(inv.problem(where, f"{net} overlaps {clash} (both routed on host {installing!r})"))
-        else:
-            host_routes.setdefault(installing, []).append((net, f"{where} ({net})"))
+        if routed is not None:
+            add(routed)
 
     for hub in inv.hubs:
         path = f"hubs[{hub.index}]"

@@ -7,7 +7,6 @@ import difflib
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,10 @@ from vpnctl.inventory.model import (
     DEFAULT_DAEMON_USER,
     DEFAULT_POOL,
     HOOKS,
-    IPV6_MTU_MIN,
     MAX_ROUTES,
     ROLES,
     Address,
     Host,
-    Hub,
-    HubClient,
     Inventory,
     InventoryError,
     Link,
@@ -145,6 +141,16 @@ class _Reader:
             else:
                 result[key] = value_node
         return result
+
+    def required(
+        self, node: yaml.Node, fields: Mapping[str, yaml.Node], path: str, keys: Iterable[str]
+    ) -> bool:
+        """Whether every key of ``keys`` is in ``fields`` (the mapping ``node`` at ``path``);
+        each missing one is a problem at the mapping's line."""
+        missing = [key for key in keys if key not in fields]
+        for key in missing:
+            self.fail(node, f"{path}.{key}", f"missing required key {key!r}")
+        return not missing
 
     def sequence(self, node: yaml.Node, path: str) -> list[yaml.Node] | None:
         """The items of a list node."""
@@ -431,21 +437,6 @@ _LINK_KEYS = (
 )
 
 
-_HUB_KEYS = (
-    "name",
-    "server",
-    "clients",
-    "network",
-    "routes",
-    "hooks",
-    "interface",
-    "clienttoclient",
-    *(key for key in _TUNABLE_READERS if key not in _SERIAL_ONLY),
-)
-_HUB_CLIENT_KEYS = ("host", "tunnel", "routes")
-MAX_HUB_CLIENTS = 4096
-
-
 def _read_tunables(r: _Reader, fields: Mapping[str, yaml.Node], path: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, reader in _TUNABLE_READERS.items():
@@ -587,6 +578,21 @@ def _read_hooks(r: _Reader, node: yaml.Node, path: str) -> tuple[tuple[str, str]
     return tuple(out)
 
 
+def _read_interface(r: _Reader, fields: Mapping[str, yaml.Node], path: str) -> str | None:
+    """A link's or hub's ``interface:`` (None when absent or refused): a Linux interface name."""
+    if "interface" not in fields:
+        return None
+    interface = r.text(fields["interface"], f"{path}.interface")
+    if interface is not None and (len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)):
+        r.fail(
+            fields["interface"],
+            f"{path}.interface",
+            f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
+        )
+        return None
+    return interface
+
+
 def _derived_interface(name: str) -> str:
     """The default TUN name of a link: ``vpn-`` + the link name, cut to 15 characters."""
     return ("vpn-" + name)[:IFNAMSIZ]
@@ -685,9 +691,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 f"{path}.address6",
                 f"address is already IPv6 ({address}); address6 goes beside an IPv4 address",
             )
-        for key in ("name", "address"):
-            if key not in fields:
-                r.fail(node, f"{path}.{key}", f"missing required key {key!r}")
+        r.required(node, fields, path, ("name", "address"))
         own = _read_host_settings(r, fields, path)
         if name is None or address is None:
             continue
@@ -725,11 +729,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
         fields = r.mapping(node, path, _LINK_KEYS)
         if fields is None:
             continue
-        ok = True
-        for key in ("name", "server", "client"):
-            if key not in fields:
-                r.fail(node, f"{path}.{key}", f"missing required key {key!r}")
-                ok = False
+        ok = r.required(node, fields, path, ("name", "server", "client"))
         name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
         ends = {role: r.name(fields[role], f"{path}.{role}") for role in ROLES if role in fields}
         own_tunables = _read_tunables(r, fields, path)
@@ -792,18 +792,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
             if "modemchat" in fields
             else {}
         )
-        interface = None
-        if "interface" in fields:
-            interface = r.text(fields["interface"], f"{path}.interface")
-            if interface is not None and (
-                len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)
-            ):
-                r.fail(
-                    fields["interface"],
-                    f"{path}.interface",
-                    f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
-                )
-                interface = None
+        interface = _read_interface(r, fields, path)
 
         if tunables.transport == "serial":
             for role in ROLES:
@@ -856,7 +845,12 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 index=i,
             )
         )
-    hubs = _read_hubs(r, top["hubs"], default_tunables) if "hubs" in top else []
+    if "hubs" in top:
+        from vpnctl.inventory.hubs import read_hubs  # noqa: PLC0415 - hubs.py builds on this reader
+
+        hubs = read_hubs(r, top["hubs"], default_tunables)
+    else:
+        hubs = []
     if r.problems:
         raise InventoryError(r.problems)
 
@@ -873,130 +867,6 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
     if problems:
         raise InventoryError(problems)
     return inventory
-
-
-def _read_hub_client(r: _Reader, node: yaml.Node, path: str) -> HubClient | None:
-    """A client of a hub: a host name, or ``{host: NAME, tunnel: ADDRESS, routes: [...]}``."""
-    if isinstance(node, yaml.ScalarNode):
-        host = r.name(node, path)
-        if host is None:
-            return None
-        r.lines[f"{path}.host"] = node.start_mark.line + 1
-        return HubClient(host=host, tunnel=None)
-    fields = r.mapping(node, path, _HUB_CLIENT_KEYS)
-    if fields is None:
-        return None
-    if "host" not in fields:
-        r.fail(node, f"{path}.host", "missing required key 'host' (the client's host name)")
-        return None
-    host = r.name(fields["host"], f"{path}.host")
-    tunnel = r.address(fields["tunnel"], f"{path}.tunnel", 4) if "tunnel" in fields else None
-    routes = _read_routes(r, fields["routes"], f"{path}.routes") if "routes" in fields else ()
-    if host is None or ("tunnel" in fields and tunnel is None) or routes is None:
-        return None
-    return HubClient(host=host, tunnel=tunnel, routes=routes)
-
-
-def _read_hubs(r: _Reader, node: yaml.Node, default_tunables: Mapping[str, Any]) -> list[Hub]:
-    """The ``hubs:`` section: each a server host, its client hosts and hub-wide settings."""
-    hubs: list[Hub] = []
-    for i, item in enumerate(r.sequence(node, "hubs") or []):
-        path = f"hubs[{i}]"
-        fields = r.mapping(item, path, _HUB_KEYS)
-        if fields is None:
-            continue
-        ok = True
-        for key in ("name", "server", "clients"):
-            if key not in fields:
-                r.fail(item, f"{path}.{key}", f"missing required key {key!r}")
-                ok = False
-        name = r.name(fields["name"], f"{path}.name") if "name" in fields else None
-        server = r.name(fields["server"], f"{path}.server") if "server" in fields else None
-        own = _read_tunables(r, fields, path)
-        base = {k: v for k, v in default_tunables.items() if k not in _SERIAL_ONLY}
-        if base.get("transport", "tcp") != "tcp" and "transport" not in own:
-            base["transport"] = "tcp"  # defaults.transport: serial applies to links only
-        tunables = Tunables(**{**base, **own})
-        if tunables.transport != "tcp":
-            r.fail(
-                fields["transport"],
-                f"{path}.transport",
-                "a hub serves its clients over tcp; serial is for point-to-point links",
-            )
-            ok = False
-        network = None
-        if "network" in fields:
-            network = r.network(fields["network"], f"{path}.network")
-            if network is not None and network.prefixlen > 30:
-                r.fail(
-                    fields["network"],
-                    f"{path}.network",
-                    f"{network} is too small: it holds the hub and its clients",
-                )
-                network = None
-            ok = ok and network is not None
-        routes = _read_routes(r, fields["routes"], f"{path}.routes") if "routes" in fields else ()
-        hooks = (
-            _per_side(r, fields["hooks"], f"{path}.hooks", lambda n, p: _read_hooks(r, n, p))
-            if "hooks" in fields
-            else {}
-        )
-        c2c = True
-        if "clienttoclient" in fields:
-            got = r.boolean(fields["clienttoclient"], f"{path}.clienttoclient")
-            c2c = bool(got) if got is not None else True
-        interface = None
-        if "interface" in fields:
-            interface = r.text(fields["interface"], f"{path}.interface")
-            if interface is not None and (
-                len(interface) > IFNAMSIZ or not _IFNAME_RE.fullmatch(interface)
-            ):
-                r.fail(
-                    fields["interface"],
-                    f"{path}.interface",
-                    f"{interface!r} is not an interface name: 1..{IFNAMSIZ} of A-Z a-z 0-9 _ . -",
-                )
-                interface = None
-        own_networks = 1 + (tunables.ipv6 is not False and tunables.mtu >= IPV6_MTU_MIN)
-        if routes is not None and len(routes) + (own_networks if c2c else 0) > MAX_ROUTES:
-            r.fail(
-                fields["routes"],
-                f"{path}.routes",
-                f"at most {MAX_ROUTES - own_networks} routes behind a hub with clienttoclient "
-                "(each client also routes the hub's network"
-                + (" of each family" if own_networks == 2 else "")
-                + "), or set clienttoclient: false",
-            )
-        clients: list[HubClient] = []
-        items = r.sequence(fields["clients"], f"{path}.clients") if "clients" in fields else None
-        if items is not None and not items:
-            r.fail(fields["clients"], f"{path}.clients", "the list of clients is empty")
-        if items is not None and len(items) > MAX_HUB_CLIENTS:
-            r.fail(
-                fields["clients"], f"{path}.clients", f"at most {MAX_HUB_CLIENTS} clients per hub"
-            )
-        for j, client_node in enumerate(items or []):
-            client = _read_hub_client(r, client_node, f"{path}.clients[{j}]")
-            if client is not None:
-                clients.append(replace(client, index=j))
-        if not ok or name is None or server is None or routes is None or not clients:
-            continue
-        hubs.append(
-            Hub(
-                name=name,
-                server=server,
-                clients=tuple(clients),
-                interface=interface or _derived_interface(name),
-                tunables=tunables,
-                network=network,
-                routes=routes,
-                hooks=hooks.get("server", ()),
-                client_hooks=hooks.get("client", ()),
-                clienttoclient=c2c,
-                index=i,
-            )
-        )
-    return hubs
 
 
 def _has_problem(r: _Reader, prefix: str) -> bool:

@@ -55,7 +55,8 @@ from vpnctl.inventory import (
     hub_key_name,
 )
 from vpnctl.rotation import end_keys_of, manifest_fields
-from vpnd_runtime.config import Config, ConfigError, PeerSpec, parse_config, parse_peer
+from vpnd_runtime.config import Config, ConfigError, PeerSpec, parse_config
+from vpnd_runtime.peerfile import parse_peer
 
 __all__ = [
     "MANIFEST",

@@ -1104,14 +1104,3 @@ def _file_checks(config: Config, text: str, path: str) -> list[ConfigError]:
         if reason is not None:
             errors.append(ConfigError(path, lines[name], name, reason))
     return errors
-
-
-def __getattr__(name: str) -> Any:
-    """``config.parse_peer``: the peer-file parser lives in :mod:`.peerfile` now; vpnctl's
-    renderer still takes it from here. Looked up lazily, so that importing this module (every
-    vpnd start) does not import the peer-file parser."""
-    if name == "parse_peer":
-        from vpnd_runtime.peerfile import parse_peer  # noqa: PLC0415
-
-        return parse_peer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

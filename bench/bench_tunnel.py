@@ -358,6 +358,16 @@ def print_table(rows: list[Row], raw: float | None, args: argparse.Namespace) ->
         )
 
 
+def missing_prerequisite() -> str | None:
+    """What a tunnel bench lacks on this machine ("needs ..."), or None: root, ip, iperf3, ping."""
+    for tool in ("ip", "iperf3", "ping"):
+        if not shutil.which(tool):
+            return f"needs {tool}"
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, TUN, ping -i 0.01)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
@@ -389,12 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         *(p.label for p in PEERS),
         "rss",
     }
-    for tool in ("ip", "iperf3", "ping"):
-        if not shutil.which(tool):
-            print(f"needs {tool}", file=sys.stderr)
-            return 2
-    if os.geteuid() != 0:
-        print("needs root (network namespaces, TUN, ping -i 0.01)", file=sys.stderr)
+    missing = missing_prerequisite()
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     rss_lines: list[str] = []
     if "rss" in wanted:  # first, while nothing else has run in this bench

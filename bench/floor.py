@@ -44,7 +44,6 @@ import ipaddress
 import json
 import os
 import select
-import shutil
 import socket
 import statistics
 import struct
@@ -60,7 +59,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from bench.bench_tunnel import SERVER_TUN, ping_rtt, vpnd_pair
+from bench.bench_tunnel import SERVER_TUN, missing_prerequisite, ping_rtt, vpnd_pair
 from bench.peers import PEERS
 from tests.helpers.netns import Pair, namespace_pair, new_tag, poll_until
 from vpnd_runtime import heap
@@ -362,12 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         return relay(args.relay, args.cipher, args.tun, args.peer, args.design)
 
     wanted = set(filter(None, args.only.split(","))) or {"raw", "floor", "vpnd", "wireguard-go"}
-    for tool in ("ip", "iperf3", "ping"):
-        if not shutil.which(tool):
-            print(f"needs {tool}", file=sys.stderr)
-            return 2
-    if os.geteuid() != 0:
-        print("needs root (network namespaces, TUN, ping -i 0.01)", file=sys.stderr)
+    missing = missing_prerequisite()
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     rows: list[FloorRow] = []

@@ -4,12 +4,13 @@
 
 Theory of operation: both daemons of a link between two namespaces are started through this
 module (`--daemon TRACE -f CONF`), which wraps, before the daemon starts, the functions a packet
-passes through: the selector's select() (a wake-up with ready fds), the TUN read (os.read on the
-TUN fd), Connection.send_packets (seal), TcpCarrier.write (the carrier send), TcpCarrier.read,
-Connection.receive_data (unframe + open), TunWriter.put (the hand-off) and the writer thread's
-queue wake-up and os.write to the TUN. Each wrapper appends (perf_counter_ns, event) to a list
-that is written to TRACE when the daemon exits; daemon.py itself is not touched. CLOCK_MONOTONIC
-is shared by every process on the machine, so the two traces merge into one timeline.
+passes through: the daemon's epoll wait (io/poller.py; a wake-up with ready fds), the TUN read
+(os.read on the TUN fd), Connection.send_packets or send_one (seal), TcpCarrier.write (the carrier
+send), TcpCarrier.read, Connection.receive_data or receive_packets (unframe + open),
+TunWriter.put (the hand-off) and the writer thread's queue wake-up and os.write to the TUN.
+Each wrapper appends (perf_counter_ns, event) to a list that is written to TRACE when the daemon
+exits; daemon.py itself is not touched. CLOCK_MONOTONIC is shared by every process on the
+machine, so the two traces merge into one timeline.
 
 The driver then pings the server's tunnel address from the client namespace (`--pings`, 10 ms
 apart), stops the daemons, and for every ping finds the expected chain of events, client then
@@ -33,7 +34,7 @@ import bisect
 import json
 import os
 import re
-import selectors
+import select
 import signal
 import statistics
 import subprocess
@@ -46,7 +47,7 @@ from bench.bench_tunnel import CLIENT_TUN, SERVER_TUN, pin
 from tests.helpers.netns import VpndProcess, namespace_pair, new_tag, poll_until
 from vpnd_runtime import link
 from vpnd_runtime.cli import main as vpnd_main
-from vpnd_runtime.io import tcp, tun
+from vpnd_runtime.io import poller, tcp, tun
 from vpnd_runtime.keyfile import generate_key
 from vpnd_runtime.proto.connection import Connection
 
@@ -88,15 +89,21 @@ def _instrument(trace: Path) -> None:
     clock = time.perf_counter_ns
     tun_fds: set[int] = set()
 
-    select = selectors.DefaultSelector.select
+    class ProbedEpoll:
+        """The daemon's epoll object (io/poller.py), its wake-ups with ready fds timed."""
 
-    def probed_select(self, timeout=None):  # type: ignore[no-untyped-def]
-        ready = select(self, timeout)
-        if ready:
-            rec((clock(), "wake"))
-        return ready
+        def __init__(self) -> None:
+            self.real = select.epoll()
+            for name in ("register", "modify", "unregister", "close", "fileno"):
+                setattr(self, name, getattr(self.real, name))
 
-    selectors.DefaultSelector.select = probed_select  # type: ignore[method-assign]
+        def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+            ready = self.real.poll(timeout, maxevents)
+            if ready:
+                rec((clock(), "wake"))
+            return ready
+
+    poller._epoll = ProbedEpoll
 
     real_read = os.read
 
@@ -123,6 +130,8 @@ def _instrument(trace: Path) -> None:
 
     around(Connection, "send_packets", "seal0", "seal1")
     around(Connection, "receive_data", "open0", "open1")
+    around(Connection, "send_one", "seal0", "seal1")  # the lone-packet paths (issue 15)
+    around(Connection, "receive_packets", "open0", "open1")
     around(tcp.TcpCarrier, "write", "cwrite0", "cwrite1")
     around(tcp.TcpCarrier, "read", None, "cread")
 

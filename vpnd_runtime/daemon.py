@@ -187,6 +187,7 @@ class Daemon:
         self._wake_r, self._wake_w = socket.socketpair()
         #: The deadline the last wait was computed for: `_timers` runs once it has passed.
         self._timers_due = 0.0
+        self._again = False  # the last turn's wait returned ready fds
         self._config_flags()
 
     def _config_flags(self) -> None:
@@ -196,6 +197,8 @@ class Daemon:
         self._lone = not self.hub and not cfg.is_serial and cfg.transport != "udp"
         #: A serial line's timers (carrier detect, line pacing) run every turn.
         self._tick_always = cfg.is_serial
+        #: `busypoll`: seconds the loop keeps polling after a turn that moved packets.
+        self._busy = getattr(cfg, "busypoll", 0) / 1e6
         self._timers_due = 0.0
 
     def top_fingerprint(self) -> str:
@@ -284,9 +287,25 @@ class Daemon:
         self.status_dirty = True
 
     def _turn(self) -> None:
-        now = time.monotonic()
-        timeout = self._next_deadline(now) - now
-        ready = self.sel.epoll.poll(max(0.0, min(timeout, STATUS_INTERVAL)))
+        epoll = self.sel.epoll
+        ready = None
+        if self._again:
+            # The last turn moved packets: look again before working out how long to sleep. A
+            # ping's answer is already queued when the TUN write that carried the request
+            # returns, so it is read at once (issue 15); with `busypoll` the loop keeps looking
+            # for that long before it sleeps.
+            ready = epoll.poll(0)
+            if not ready and self._busy:
+                until = time.monotonic() + self._busy
+                while not ready and time.monotonic() < until:
+                    ready = epoll.poll(0)
+        if ready:
+            self._again = False  # the next turn works out its deadline: timers never starve
+        else:
+            now = time.monotonic()
+            timeout = self._next_deadline(now) - now
+            ready = epoll.poll(max(0.0, min(timeout, STATUS_INTERVAL)))
+            self._again = bool(ready)
         now = time.monotonic()
         callbacks = self.sel.callbacks
         for fd, ev in ready:

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_tunnel import CLIENT_TUN, SERVER_TUN, pin
+from bench.bench_tunnel import CLIENT_TUN, SERVER_TUN, cpu_seconds, pin
 from tests.helpers.netns import VpndProcess, namespace_pair, new_tag, poll_until
 from vpnd_runtime import link
 from vpnd_runtime.cli import main as vpnd_main
@@ -339,6 +339,7 @@ def driver(args: argparse.Namespace) -> int:
                     f"mode {role}\n{server_line}\nlocal {local}\nremote {remote}\n"
                     f"cipher {args.cipher}\nkeyfile {key}\nrandomdev /dev/urandom\n"
                     f"interface {pair.tag}t\nstatusfile {work}/{role}.status.json\nkeepalive 5\n"
+                    f"busypoll {args.busypoll}\n"
                 )
                 logfile = work / f"{role}.log"
                 with open(logfile, "ab") as out:
@@ -354,10 +355,14 @@ def driver(args: argparse.Namespace) -> int:
             if args.pinned:
                 pin((procs["server"].pid, procs["client"].pid), max(os.sched_getaffinity(0)))
             poll_until(lambda: pair.client.ping(SERVER_TUN, timeout=1), 20, what="ping")
+            pids = [procs[r].pid for r in ("server", "client")]
+            cpu0, t0 = [cpu_seconds(p) for p in pids], time.monotonic()
             ping_out = pair.client.run(
                 "ping", "-n", "-c", str(args.pings), "-i", "0.01", SERVER_TUN,
                 timeout=args.pings * 0.05 + 30,
             ).stdout  # fmt: skip
+            wall = time.monotonic() - t0
+            cpu = [100 * (cpu_seconds(p) - c) / wall for p, c in zip(pids, cpu0, strict=True)]
         finally:
             for p in procs.values():
                 p.stop(signal.SIGTERM)
@@ -366,8 +371,9 @@ def driver(args: argparse.Namespace) -> int:
             for role in ("client", "server")
         }
     print(
-        f"vpnd {args.cipher}, {'both daemons on one core' if args.pinned else 'unpinned'}; "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        f"vpnd {args.cipher}, {'both daemons on one core' if args.pinned else 'unpinned'}, "
+        f"busypoll {args.busypoll}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"CPU of a daemon while pinged (server/client, % of one core): {cpu[0]:.1f}/{cpu[1]:.1f}"
     )
     report(traces["client"], traces["server"], ping_out)
     return 0
@@ -381,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pings", type=int, default=300)
     ap.add_argument("--cipher", default="chacha20-poly1305")
     ap.add_argument("--pinned", action="store_true", help="both daemons on one shared core")
+    ap.add_argument("--busypoll", type=int, default=0, help="the daemons' busypoll (µs)")
     return driver(ap.parse_args(argv))
 
 

@@ -198,7 +198,7 @@ class Daemon:
         #: A serial line's timers (carrier detect, line pacing) run every turn.
         self._tick_always = cfg.is_serial
         #: `busypoll`: seconds the loop keeps polling after a turn that moved packets.
-        self._busy = getattr(cfg, "busypoll", 0) / 1e6
+        self._busy = cfg.busypoll / 1e6
         self._timers_due = 0.0
 
     def top_fingerprint(self) -> str:

@@ -62,7 +62,7 @@ class _Clock:
         return ready
 
 
-def _daemon(work: Path, role: str, cipher: str) -> Daemon:
+def _daemon(work: Path, role: str, cipher: str, extra: str = "") -> Daemon:
     key = work / "link.key"
     if not key.exists():
         generate_key(key, randomdev="/dev/urandom")
@@ -73,17 +73,20 @@ def _daemon(work: Path, role: str, cipher: str) -> Daemon:
         f"mode {role}\nserver {'0' if role == 'server' else '198.18.0.1'} 379\n"
         f"local {local}\nremote {remote}\ncipher {cipher}\nkeyfile {key}\n"
         f"randomdev /dev/urandom\ninterface lp{role[0]}\nstatusfile {work}/{role}.json\n"
-        "keepalive 60\n"
+        f"keepalive 60\n{extra}"
     )
     config = parse_config(text, str(work / f"{role}.conf"))
     return Daemon(config, load_table(config))
 
 
-def _link(cipher: str, work: Path) -> tuple[Daemon, Daemon, socket.socket, socket.socket]:
-    """Client and server daemons joined by a socket pair, each with a fake TUN; returns them
+def _link(
+    cipher: str, work: Path, extra: str = ""
+) -> tuple[Daemon, Daemon, socket.socket, socket.socket]:
+    """Client and server daemons joined by a loopback TCP connection, each with a fake TUN (`extra`:
+    more directives for both); returns them
     and the test's ends of their TUNs."""
     poller._epoll = _Clock
-    c, s = _daemon(work, "client", cipher), _daemon(work, "server", cipher)
+    c, s = _daemon(work, "client", cipher, extra), _daemon(work, "server", cipher, extra)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         ca = socket.create_connection(listener.getsockname())
         sa, _ = listener.accept()

@@ -62,6 +62,19 @@ Inbound pipeline (carrier -> TUN), run when the carrier is readable:
 Timers live in a heap keyed by each session's next protocol deadline, so a hub with a thousand
 idle clients wakes only when some client's keepalive is due.
 
+A lone packet (a ping, an ACK, a keystroke on an idle link) pays for every line of code and every
+object it touches at memory latency, not cache latency (issue 15), so its path is kept short:
+the loop calls epoll itself (io/poller.py); on a point-to-point TCP link a TUN read with nothing
+behind it is sealed by `Connection.send_one` and written at once (`_send_lone`), and a carrier
+read holding exactly one data frame is opened by `Connection.receive_packets`, both the general
+path's exact result (tests/property/test_lone_path.py) and both declining, unchanged, whatever
+they do not handle (handshake, rekey due, PING, partial frames, compression, ...). `_timers` runs
+only once the deadline the wait was computed for has passed (at least every other turn), and a
+turn that moved packets is followed by one more look at the fds before the next deadline is
+worked out: the answer to a ping is queued inside the TUN write that carried the request.
+With `busypoll USEC` (off by default) that look lasts up to USEC: an answer arriving meanwhile
+is read without the wake-up of a sleeping process, on warm caches, for CPU spent polling.
+
 Over UDP (`transport udp`) the same pipelines run on datagrams (acceptor.py says how a server
 tells sessions apart). Outbound, TUN super-packets are cut into MSS-sized segments (`gso.split`)
 so each datagram holds at most one MTU's worth of packets, and the datagrams of one read leave in

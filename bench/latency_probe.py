@@ -341,7 +341,6 @@ def driver(args: argparse.Namespace) -> int:
                     f"mode {role}\n{server_line}\nlocal {local}\nremote {remote}\n"
                     f"cipher {args.cipher}\nkeyfile {key}\nrandomdev /dev/urandom\n"
                     f"interface {pair.tag}t\nstatusfile {work}/{role}.status.json\nkeepalive 5\n"
-                    f"busypoll {args.busypoll}\n"
                 )
                 logfile = work / f"{role}.log"
                 with open(logfile, "ab") as out:
@@ -374,7 +373,7 @@ def driver(args: argparse.Namespace) -> int:
         }
     print(
         f"vpnd {args.cipher}, {'both daemons on one core' if args.pinned else 'unpinned'}, "
-        f"busypoll {args.busypoll}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
         f"CPU of a daemon while pinged (server/client, % of one core): {cpu[0]:.1f}/{cpu[1]:.1f}"
     )
     report(traces["client"], traces["server"], ping_out)
@@ -389,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pings", type=int, default=300)
     ap.add_argument("--cipher", default="chacha20-poly1305")
     ap.add_argument("--pinned", action="store_true", help="both daemons on one shared core")
-    ap.add_argument("--busypoll", type=int, default=0, help="the daemons' busypoll (µs)")
     return driver(ap.parse_args(argv))
 
 

@@ -69,8 +69,6 @@ MTU_MIN, MTU_MAX = 576, 65535
 #: IPv6 needs every link to carry 1280-byte packets (RFC 8200 §5).
 IPV6_MTU_MIN = 1280
 SENDBUF_MIN, SENDBUF_MAX = 1024, 1048576
-#: `busypoll <microseconds>`: 0 (off) up to 100 ms of polling before the loop sleeps.
-BUSYPOLL_MAX = 100_000
 IPOPTS_MAX = 15
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 #: Serial line speeds the Linux termios layer knows (pyserial maps these to Bxxx constants).
@@ -273,8 +271,6 @@ class Config:
     modemchat: str | None = None
     ipopts: int = 0
     sendbuf: int = 65536
-    #: Microseconds the loop keeps polling after moving packets before it sleeps (0: off).
-    busypoll: int = 0
     compress: bool = False
     compress_level: int = 1
     keyttl: float = 120.0
@@ -387,7 +383,6 @@ _TEXT_ORDER = (
     "keysize",
     "compress",
     "sendbuf",
-    "busypoll",
     "ipopts",
     "autoroute",
     "routes",
@@ -720,8 +715,6 @@ _DIRECTIVES: dict[str, _Directive] = {
         _Directive("compress", "compress [<level 1..9>|on|off]", 0, 1, _compress),
         _Directive("sendbuf", "sendbuf <bytes>", 1, 1,
                    _value("sendbuf", lambda t: _int(t, "sendbuf", SENDBUF_MIN, SENDBUF_MAX))),
-        _Directive("busypoll", "busypoll <microseconds>", 1, 1,
-                   _value("busypoll", lambda t: _int(t, "busypoll", 0, BUSYPOLL_MAX))),
         _Directive("ipopts", "ipopts <0..15>", 1, 1,
                    _value("ipopts", lambda t: _int(t, "ipopts", 0, IPOPTS_MAX))),
         _Directive("interface", "interface <name>", 1, 1, _interface),

@@ -72,8 +72,6 @@ they do not handle (handshake, rekey due, PING, partial frames, compression, ...
 only once the deadline the wait was computed for has passed (at least every other turn), and a
 turn that moved packets is followed by one more look at the fds before the next deadline is
 worked out: the answer to a ping is queued inside the TUN write that carried the request.
-With `busypoll USEC` (off by default) that look lasts up to USEC: an answer arriving meanwhile
-is read without the wake-up of a sleeping process, on warm caches, for CPU spent polling.
 
 Over UDP (`transport udp`) the same pipelines run on datagrams (acceptor.py says how a server
 tells sessions apart). Outbound, TUN super-packets are cut into MSS-sized segments (`gso.split`)
@@ -210,8 +208,6 @@ class Daemon:
         self._lone = not self.hub and not cfg.is_serial and cfg.transport != "udp"
         #: A serial line's timers (carrier detect, line pacing) run every turn.
         self._tick_always = cfg.is_serial
-        #: `busypoll`: seconds the loop keeps polling after a turn that moved packets.
-        self._busy = cfg.busypoll / 1e6
         self._timers_due = 0.0
 
     def top_fingerprint(self) -> str:
@@ -305,13 +301,8 @@ class Daemon:
         if self._again:
             # The last turn moved packets: look again before working out how long to sleep. A
             # ping's answer is already queued when the TUN write that carried the request
-            # returns, so it is read at once (issue 15); with `busypoll` the loop keeps looking
-            # for that long before it sleeps.
+            # returns, so it is read at once (issue 15).
             ready = epoll.poll(0)
-            if not ready and self._busy:
-                until = time.monotonic() + self._busy
-                while not ready and time.monotonic() < until:
-                    ready = epoll.poll(0)
         if ready:
             self._again = False  # the next turn works out its deadline: timers never starve
         else:

@@ -1,10 +1,10 @@
-"""The daemon's loop on a lone packet and on bursts (issue 15), with and without `busypoll`.
+"""The daemon's loop on a lone packet and on bursts (issue 15).
 
 Two real `Daemon`s of a point-to-point TCP link run their real loop turns on real fds in this
 process (bench/lone_path.py: a loopback TCP carrier, each TUN one end of a SOCK_SEQPACKET pair
 the test holds). Lone packets take the short path (`_send_lone`, `receive_packets`), bursts the
-general one; whichever path and whatever `busypoll` says, every packet arrives once, in order,
-and the counters (status, peer, protocol) say exactly what was sent and received.
+general one; whichever path, every packet arrives once, in order, and the counters (status,
+peer, protocol) say exactly what was sent and received.
 """
 
 from __future__ import annotations
@@ -16,33 +16,8 @@ from pathlib import Path
 import pytest
 
 from bench.lone_path import HDR, _link
-from vpnd_runtime.config import ConfigError, parse_config
 from vpnd_runtime.daemon import Daemon
 from vpnd_runtime.io import poller
-
-BASE = "mode client\nserver 198.18.0.1 379\nlocal 198.18.1.1\nremote 198.18.1.2\n"
-
-
-@pytest.mark.parametrize(("text", "value"), [("", 0), ("busypoll 0", 0), ("busypoll 750", 750)])
-def test_busypoll_parses_in_microseconds_and_is_off_by_default(text: str, value: int) -> None:
-    config = parse_config(f"{BASE}{text}\n", "t.conf")
-    assert config.busypoll == value
-    assert parse_config(config.to_text(), "t.conf") == config
-
-
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [
-        ("busypoll -1", "t.conf:5: busypoll: busypoll must be a whole number"),
-        ("busypoll 1.5", "t.conf:5: busypoll: busypoll must be a whole number"),
-        ("busypoll 100001", "t.conf:5: busypoll: busypoll must be 0..100000, got 100001"),
-        ("busypoll", "t.conf:5: busypoll: wrong number of arguments (0)"),
-    ],
-)
-def test_bad_busypoll_is_refused_with_file_and_line(line: str, message: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        parse_config(f"{BASE}{line}\n", "t.conf")
-    assert message in str(err.value)
 
 
 def _ready(d: Daemon) -> bool:
@@ -68,14 +43,12 @@ def _pump(c: Daemon, s: Daemon, tun: socket.socket, want: int) -> list[bytes]:
     raise AssertionError(f"only {len(got)} of {want} packets arrived")
 
 
-@pytest.mark.parametrize("busypoll", [0, 1000])
 def test_lone_packets_and_bursts_arrive_in_order_with_exact_counters(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busypoll: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(poller, "_epoll", poller._epoll)  # _link wraps it: restored after
-    c, s, ctun, stun = _link("chacha20-poly1305", tmp_path, f"busypoll {busypoll}\n")
+    c, s, ctun, stun = _link("chacha20-poly1305", tmp_path)
     try:
-        assert c._busy == s._busy == busypoll / 1e6
         sent_c: list[bytes] = []
         sent_s: list[bytes] = []
         n = 0

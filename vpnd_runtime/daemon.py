@@ -101,7 +101,7 @@ from vpnd_runtime.config import Config
 from vpnd_runtime.dialer import Dialer
 from vpnd_runtime.io import gso, tcp
 from vpnd_runtime.io.hooks import HookRunner
-from vpnd_runtime.io.poller import EPOLLIN, Poller, mask_of
+from vpnd_runtime.io.poller import EPOLLIN, EVENT_READ, EVENT_WRITE, Poller, mask_of
 from vpnd_runtime.io.tun import READ_SIZE, TunError
 from vpnd_runtime.io.udp import UdpLink
 from vpnd_runtime.linequeue import LineQueue
@@ -433,9 +433,9 @@ class Daemon:
 
         def on_event(mask: int, now: float) -> None:
             try:
-                if mask & selectors.EVENT_WRITE and carrier.flush():
+                if mask & EVENT_WRITE and carrier.flush():
                     self.set_tx_wait(session, False, now)
-                if not mask & selectors.EVENT_READ or session.closed:
+                if not mask & EVENT_READ or session.closed:
                     return
                 data = carrier.read()
             except (BlockingIOError, InterruptedError):

@@ -15,6 +15,7 @@ import sys
 BENCHES = [
     ("protocol core in memory", "bench.bench_core"),
     ("tunnel throughput and latency", "bench.bench_tunnel"),
+    ("the Python floor beside vpnd", "bench.floor"),
     ("tunnel over a serial line", "bench.bench_serial"),
     ("fleet deploy and status", "bench.bench_fleet"),
     ("one hub, many clients", "bench.bench_hub"),

@@ -94,7 +94,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from vpnd_runtime import datapath, reload
+from vpnd_runtime import datapath, heap, reload
 from vpnd_runtime.acceptor import Acceptor
 from vpnd_runtime.carriers import Jitter, RandomDev, SerialCarrier
 from vpnd_runtime.config import Config
@@ -186,6 +186,8 @@ class Daemon:
         #: A serial link's scheduler (linequeue.py): packets wait here, not in the tty's buffers.
         self.lineq: LineQueue | None = None
         self._wire_base = (0, 0)  # carrier bytes in/out of sessions already closed
+        self._moved = 0  # carrier bytes in + out at the last status write (_trim_when_idle)
+        self._heap_busy = False
         self._drop_base: dict[str, int] = {}  # protocol/line drops of sessions already closed
         self._blocked: set[Session] = set()  # up sessions with output queued
         self._heap: list[tuple[float, int, Session]] = []
@@ -974,6 +976,7 @@ class Daemon:
             wire_in += s.conn.stats.wire_bytes_in
             wire_out += s.conn.stats.wire_bytes_out
         self.status.carrier_bytes_in, self.status.carrier_bytes_out = wire_in, wire_out
+        self._trim_when_idle(wire_in + wire_out)
         drops = dict(self._drop_base)
         for k, v in self.link.tun_drops.items():  # live: a full TUN queue shows while it happens
             drops[k] = drops.get(k, 0) + v
@@ -998,6 +1001,17 @@ class Daemon:
         self.status_dirty = False
         self._status_due = now + STATUS_INTERVAL
         self._last_publish = now
+
+    def _trim_when_idle(self, moved: int) -> None:
+        """Give the heap's free pages back at the first status write that finds the carriers
+        quiet since the one before (heap.py: a busy link keeps its buffers' pages; an idle
+        daemon need not hold them)."""
+        if moved != self._moved:
+            self._moved = moved
+            self._heap_busy = True
+        elif self._heap_busy:
+            self._heap_busy = False
+            heap.trim()
 
     def _peer_record(self, peer: Peer) -> dict[str, Any]:
         """One hub client's entry in the status record (docs/architecture.md)."""

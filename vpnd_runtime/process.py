@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from vpnd_runtime import privdrop
+from vpnd_runtime import heap, privdrop
 from vpnd_runtime.config import Config
 
 log = logging.getLogger("vpnd")
@@ -157,41 +157,16 @@ def run(config: Config, daemonize: bool = False, verbose: bool = False) -> int:
 
 
 def release_startup_memory() -> None:
-    """Give back the C heap's free pages once the daemon has started (issue 15).
+    """Give back the C heap's free pages once the daemon has started (issue 15), then set the
+    heap up for the data path (heap.py: a busy link keeps its buffers' pages).
 
     Start-up leaves holes in glibc's heap: every module's .pyc is read whole into a buffer that
     is freed once unmarshalled, and the config, key and sockets leave temporaries behind. glibc
     only ever returns the top of its heap to the kernel; ``malloc_trim(0)`` also releases the
     free pages inside it (~1.4 MiB of RSS here). The pages stay free (nothing is moved or
     paged out): a daemon that allocates again gets fresh zero pages. No-op without glibc."""
-    try:
-        _malloc_trim()
-    except (OSError, AttributeError, TypeError):  # _ctypes laid out otherwise: through ctypes
-        try:
-            import ctypes  # noqa: PLC0415 - lazy: once, at start
-
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-            pass
-
-
-def _malloc_trim() -> None:
-    """``malloc_trim(0)``, through ctypes when it is loaded (privdrop, with ``user``), else
-    through ``_ctypes`` alone: the ctypes package on top (its C types, ~0.2 MiB of RSS) has
-    nothing to do for one call whose only argument is a plain int."""
-    if "ctypes" in sys.modules:
-        sys.modules["ctypes"].CDLL(None).malloc_trim(0)
-        return
-    import _ctypes  # noqa: PLC0415 - lazy: once, at start
-
-    class MallocTrim(_ctypes.CFuncPtr):  # what ctypes.CDLL builds for a function: C call, void
-        _flags_ = _ctypes.FUNCFLAG_CDECL
-        _restype_ = None
-
-    class Libc:  # CFuncPtr((name, library)) looks the name up in library._handle
-        _handle = _ctypes.dlopen(None, os.RTLD_NOW)
-
-    MallocTrim(("malloc_trim", Libc()))(0)
+    heap.trim()
+    heap.tune()
 
 
 def preload(config: Config) -> None:

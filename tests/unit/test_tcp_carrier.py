@@ -97,26 +97,3 @@ def test_writes_keep_their_order_whether_sent_at_once_or_queued() -> None:
     assert not carrier.pending
     carrier.close()
     server.close()
-
-
-def test_read_asks_for_less_after_a_short_read_and_for_more_once_one_fills() -> None:
-    """A lone frame is read into a heap-sized buffer (a 256 KiB one is mmap'ed every call); a
-    read that fills it goes back to RECV_SIZE. What is read is unchanged either way."""
-    client, server = _pair()
-    peer = tcp.TcpCarrier(server, "client")
-    assert peer._recv_size == tcp.RECV_SIZE
-    client.sock.sendall(b"x" * 130)
-    assert peer.read() == b"x" * 130
-    assert peer._recv_size == tcp.SMALL_RECV_SIZE
-    blob = bytes(range(256)) * 4096  # 1 MiB
-    client.sock.sendall(blob)
-    got = bytearray()
-    sizes = set()
-    server.settimeout(5)  # reads wait for the rest instead of raising BlockingIOError
-    while len(got) < len(blob):
-        sizes.add(peer._recv_size)
-        got += peer.read()
-    assert got == blob
-    assert tcp.RECV_SIZE in sizes
-    client.close()
-    peer.close()

@@ -25,10 +25,6 @@ from typing import Protocol
 
 #: recv() size: large enough for several 64 KiB frames per system call.
 RECV_SIZE = 256 * 1024
-#: recv() size after a read that did not fill it: a buffer this small comes from malloc's heap,
-#: while a 256 KiB one is mmap'ed, shrunk and unmapped on every call (issue 15: ~20 µs warm and
-#: ~35 µs cold of a lone frame's path). A read that fills it asks for RECV_SIZE again.
-SMALL_RECV_SIZE = 64 * 1024
 
 #: ipopts bits (vpnd's sum of 1, 2, 4, 8) -> the IPv4 TOS bits they stand for.
 _TOS_BITS = {1: 0x04, 2: 0x08, 4: 0x10, 8: 0x20}  # reliability, throughput, lowdelay, priority
@@ -64,7 +60,6 @@ class TcpCarrier:
         self.sock = sock
         self.peer = peer
         self._out: deque[memoryview] = deque()
-        self._recv_size = RECV_SIZE
 
     def fileno(self) -> int:
         """The socket's fd, for the selector."""
@@ -72,9 +67,7 @@ class TcpCarrier:
 
     def read(self) -> bytes:
         """Bytes available now; b"" means the peer closed the connection."""
-        data = self.sock.recv(self._recv_size)
-        self._recv_size = RECV_SIZE if len(data) >= SMALL_RECV_SIZE else SMALL_RECV_SIZE
-        return data
+        return self.sock.recv(RECV_SIZE)
 
     def write(self, data: bytes) -> None:
         """Queue `data` and push as much as the kernel accepts now."""

@@ -4,12 +4,13 @@
 
 Theory of operation: both daemons of a link between two namespaces are started through this
 module (`--daemon TRACE -f CONF`), which wraps, before the daemon starts, the functions a packet
-passes through: the selector's select() (a wake-up with ready fds), the TUN read (os.read on the
-TUN fd), Connection.send_packets (seal), TcpCarrier.write (the carrier send), TcpCarrier.read,
-Connection.receive_data (unframe + open), TunWriter.put (the hand-off) and the writer thread's
-queue wake-up and os.write to the TUN. Each wrapper appends (perf_counter_ns, event) to a list
-that is written to TRACE when the daemon exits; daemon.py itself is not touched. CLOCK_MONOTONIC
-is shared by every process on the machine, so the two traces merge into one timeline.
+passes through: the daemon's epoll wait (io/poller.py; a wake-up with ready fds), the TUN read
+(os.read on the TUN fd), Connection.send_packets or send_one (seal), TcpCarrier.write (the carrier
+send), TcpCarrier.read, Connection.receive_data or receive_packets (unframe + open),
+TunWriter.put (the hand-off) and the writer thread's queue wake-up and os.write to the TUN.
+Each wrapper appends (perf_counter_ns, event) to a list that is written to TRACE when the daemon
+exits; daemon.py itself is not touched. CLOCK_MONOTONIC is shared by every process on the
+machine, so the two traces merge into one timeline.
 
 The driver then pings the server's tunnel address from the client namespace (`--pings`, 10 ms
 apart), stops the daemons, and for every ping finds the expected chain of events, client then
@@ -33,7 +34,7 @@ import bisect
 import json
 import os
 import re
-import selectors
+import select
 import signal
 import statistics
 import subprocess
@@ -42,11 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_tunnel import CLIENT_TUN, SERVER_TUN, pin
+from bench.bench_tunnel import CLIENT_TUN, SERVER_TUN, cpu_seconds, pin
 from tests.helpers.netns import VpndProcess, namespace_pair, new_tag, poll_until
 from vpnd_runtime import link
 from vpnd_runtime.cli import main as vpnd_main
-from vpnd_runtime.io import tcp, tun
+from vpnd_runtime.io import poller, tcp, tun
 from vpnd_runtime.keyfile import generate_key
 from vpnd_runtime.proto.connection import Connection
 
@@ -88,15 +89,21 @@ def _instrument(trace: Path) -> None:
     clock = time.perf_counter_ns
     tun_fds: set[int] = set()
 
-    select = selectors.DefaultSelector.select
+    class ProbedEpoll:
+        """The daemon's epoll object (io/poller.py), its wake-ups with ready fds timed."""
 
-    def probed_select(self, timeout=None):  # type: ignore[no-untyped-def]
-        ready = select(self, timeout)
-        if ready:
-            rec((clock(), "wake"))
-        return ready
+        def __init__(self) -> None:
+            self.real = select.epoll()
+            for name in ("register", "modify", "unregister", "close", "fileno"):
+                setattr(self, name, getattr(self.real, name))
 
-    selectors.DefaultSelector.select = probed_select  # type: ignore[method-assign]
+        def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+            ready = self.real.poll(timeout, maxevents)
+            if ready:
+                rec((clock(), "wake"))
+            return ready
+
+    poller._epoll = ProbedEpoll
 
     real_read = os.read
 
@@ -123,6 +130,8 @@ def _instrument(trace: Path) -> None:
 
     around(Connection, "send_packets", "seal0", "seal1")
     around(Connection, "receive_data", "open0", "open1")
+    around(Connection, "send_one", "seal0", "seal1")  # the lone-packet paths (issue 15)
+    around(Connection, "receive_packets", "open0", "open1")
     around(tcp.TcpCarrier, "write", "cwrite0", "cwrite1")
     around(tcp.TcpCarrier, "read", None, "cread")
 
@@ -161,9 +170,11 @@ def _instrument(trace: Path) -> None:
             super().__init__(fd, *args, **kwargs)
             writer_fds.add(self.fd)
 
-        def put(self, packets: list[bytes]) -> None:
+        def put(self, packets: list[bytes], inline: bool = False) -> None:
             rec((clock(), "put"))
-            super().put(packets)
+            if len(packets) == 1 and self.backlog == 0 and len(packets[0]) <= tun.INLINE_MAX:
+                rec((clock(), "writer_wake"))  # a lone packet: written inside put itself
+            super().put(packets, inline)
 
         def _write_inline(self, packets: list[bytes]) -> None:
             rec((clock(), "writer_wake"))  # no thread: the "wake-up" is the call itself
@@ -345,10 +356,14 @@ def driver(args: argparse.Namespace) -> int:
             if args.pinned:
                 pin((procs["server"].pid, procs["client"].pid), max(os.sched_getaffinity(0)))
             poll_until(lambda: pair.client.ping(SERVER_TUN, timeout=1), 20, what="ping")
+            pids = [procs[r].pid for r in ("server", "client")]
+            cpu0, t0 = [cpu_seconds(p) for p in pids], time.monotonic()
             ping_out = pair.client.run(
                 "ping", "-n", "-c", str(args.pings), "-i", "0.01", SERVER_TUN,
                 timeout=args.pings * 0.05 + 30,
             ).stdout  # fmt: skip
+            wall = time.monotonic() - t0
+            cpu = [100 * (cpu_seconds(p) - c) / wall for p, c in zip(pids, cpu0, strict=True)]
         finally:
             for p in procs.values():
                 p.stop(signal.SIGTERM)
@@ -357,8 +372,9 @@ def driver(args: argparse.Namespace) -> int:
             for role in ("client", "server")
         }
     print(
-        f"vpnd {args.cipher}, {'both daemons on one core' if args.pinned else 'unpinned'}; "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        f"vpnd {args.cipher}, {'both daemons on one core' if args.pinned else 'unpinned'}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"CPU of a daemon while pinged (server/client, % of one core): {cpu[0]:.1f}/{cpu[1]:.1f}"
     )
     report(traces["client"], traces["server"], ping_out)
     return 0

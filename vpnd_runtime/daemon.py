@@ -62,6 +62,17 @@ Inbound pipeline (carrier -> TUN), run when the carrier is readable:
 Timers live in a heap keyed by each session's next protocol deadline, so a hub with a thousand
 idle clients wakes only when some client's keepalive is due.
 
+A lone packet (a ping, an ACK, a keystroke on an idle link) pays for every line of code and every
+object it touches at memory latency, not cache latency (issue 15), so its path is kept short:
+the loop calls epoll itself (io/poller.py); on a point-to-point TCP link a TUN read with nothing
+behind it is sealed by `Connection.send_one` and written at once (`_send_lone`), and a carrier
+read holding exactly one data frame is opened by `Connection.receive_packets`, both the general
+path's exact result (tests/property/test_lone_path.py) and both declining, unchanged, whatever
+they do not handle (handshake, rekey due, PING, partial frames, compression, ...). `_timers` runs
+only once the deadline the wait was computed for has passed (at least every other turn), and a
+turn that moved packets is followed by one more look at the fds before the next deadline is
+worked out: the answer to a ping is queued inside the TUN write that carried the request.
+
 Over UDP (`transport udp`) the same pipelines run on datagrams (acceptor.py says how a server
 tells sessions apart). Outbound, TUN super-packets are cut into MSS-sized segments (`gso.split`)
 so each datagram holds at most one MTU's worth of packets, and the datagrams of one read leave in
@@ -90,6 +101,7 @@ from vpnd_runtime.config import Config
 from vpnd_runtime.dialer import Dialer
 from vpnd_runtime.io import gso, tcp
 from vpnd_runtime.io.hooks import HookRunner
+from vpnd_runtime.io.poller import EPOLLIN, EVENT_READ, EVENT_WRITE, Poller, mask_of
 from vpnd_runtime.io.tun import READ_SIZE, TunError
 from vpnd_runtime.io.udp import UdpLink
 from vpnd_runtime.linequeue import LineQueue
@@ -121,6 +133,9 @@ SHUTDOWN_HOOK_WAIT = 35.0
 STALL_AFTER = 1.0
 #: A session replaced by a newer one of the same peer is still read this long.
 DRAIN_SECONDS = 2.0
+#: A TUN packet this long after the previous TUN read is sent alone without asking the TUN
+#: whether more wait (`_on_tun`); packets closer together are read as batches.
+LONE_GAP = 0.001
 
 
 class _Ring:
@@ -143,7 +158,7 @@ class Daemon:
         self.config = config
         self.table = table
         self.hub = config.is_hub
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()  # epoll without the selectors module's layers (io/poller.py)
         self.hooks = HookRunner()
         self.status = StatusRecord(
             config=config.source,
@@ -186,6 +201,20 @@ class Daemon:
         self.status_dirty = True
         self._last_publish = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
+        #: The deadline the last wait was computed for: `_timers` runs once it has passed.
+        self._timers_due = 0.0
+        self._again = False  # the last turn's wait returned ready fds
+        self._tun_at = 0.0  # when `_on_tun` last read a packet
+        self._config_flags()
+
+    def _config_flags(self) -> None:
+        """What the loop decides per config rather than per packet (again after a reload)."""
+        cfg = self.config
+        #: A point-to-point TCP link: a lone packet takes the short path (`_on_tun`).
+        self._lone = not self.hub and not cfg.is_serial and cfg.transport != "udp"
+        #: A serial line's timers (carrier detect, line pacing) run every turn.
+        self._tick_always = cfg.is_serial
+        self._timers_due = 0.0
 
     def top_fingerprint(self) -> str:
         if self.hub:
@@ -223,6 +252,7 @@ class Daemon:
                 if self.reload_requested:
                     self.reload_requested = False
                     reload.reload(self)
+                    self._config_flags()
         finally:
             self._teardown()
         return self.exit_code
@@ -272,20 +302,44 @@ class Daemon:
         self.status_dirty = True
 
     def _turn(self) -> None:
+        epoll = self.sel.epoll
+        ready = None
+        if self._again:
+            # The last turn moved packets: look again before working out how long to sleep. A
+            # ping's answer is already queued when the TUN write that carried the request
+            # returns, so it is read at once (issue 15).
+            ready = epoll.poll(0)
+        if ready:
+            self._again = False  # the next turn works out its deadline: timers never starve
+        else:
+            now = time.monotonic()
+            timeout = self._next_deadline(now) - now
+            ready = epoll.poll(max(0.0, min(timeout, STATUS_INTERVAL)))
+            self._again = bool(ready)
         now = time.monotonic()
-        timeout = self._next_deadline(now) - now
-        events = self.sel.select(max(0.0, min(timeout, STATUS_INTERVAL)))
-        now = time.monotonic()
-        for key, mask in events:
+        callbacks = self.sel.callbacks
+        for fd, ev in ready:
+            callback = callbacks.get(fd)  # None: unregistered by an earlier callback
+            if callback is None:
+                continue
+            # EPOLLIN is EVENT_READ; anything else is translated
+            mask = ev if ev == EPOLLIN else mask_of(ev, self.sel.events[fd])
+            if not mask:
+                continue
             try:
-                key.data(mask, now)
+                callback(mask, now)
             except Exception as exc:  # a bug must cost a reconnect, not the daemon
                 self._recover(exc)
-        try:
-            self._timers(now)
-        except Exception as exc:  # likewise
-            self._recover(exc)
-        self._publish()
+        # Nothing in _timers is due before the deadline the wait was computed for (a session's
+        # protocol deadline, a stall, a drain, a redial, the acceptor's pauses; a serial line's
+        # timers run every turn): a turn that only moved packets skips them (issue 15).
+        if now >= self._timers_due or self._tick_always:
+            try:
+                self._timers(now)
+            except Exception as exc:  # likewise
+                self._recover(exc)
+        if self.status_dirty or now >= self._status_due:
+            self._publish()
 
     def _recover(self, exc: BaseException) -> None:
         """An unexpected error in a callback: log it with its traceback, end every session and
@@ -334,6 +388,11 @@ class Daemon:
             deadline = min(deadline, max(now, active.carrier.pacer.ready_at()))  # type: ignore[attr-defined]
         if self.dials:
             deadline = self.dialer.deadline(now, deadline)
+        acc = self.acceptor
+        for at in (acc.relisten_at, acc.listener_resume):
+            if at is not None:
+                deadline = min(deadline, max(now, at))
+        self._timers_due = deadline
         return deadline
 
     def sessions(self) -> list[Session]:
@@ -376,9 +435,9 @@ class Daemon:
 
         def on_event(mask: int, now: float) -> None:
             try:
-                if mask & selectors.EVENT_WRITE and carrier.flush():
+                if mask & EVENT_WRITE and carrier.flush():
                     self.set_tx_wait(session, False, now)
-                if not mask & selectors.EVENT_READ or session.closed:
+                if not mask & EVENT_READ or session.closed:
                     return
                 data = carrier.read()
             except (BlockingIOError, InterruptedError):
@@ -395,6 +454,17 @@ class Daemon:
                 )
                 self.end_session(session, reason)
                 return
+            if session.up:
+                # The short path: a whole frame of packets (issue 15); None: the general one.
+                try:
+                    packets = session.conn.receive_packets(data, now)
+                except RemoteProtocolError as exc:
+                    self.end_session(session, f"peer error: {exc}")
+                    return
+                if packets is not None:
+                    if packets:
+                        self._to_tun(session, packets)
+                    return
             self.run_protocol(session, now, lambda: session.conn.receive_data(data, now))
 
         return on_event
@@ -486,9 +556,34 @@ class Daemon:
             return
         read = os.read
         fd = tun.fd
-        batch: list[bytes] = []
-        total = 0
-        for _ in range(self.tun_batch):
+        if self._lone:
+            try:
+                packet = read(fd, READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._tun_lost(f"TUN {tun.name} lost: {exc.strerror or exc}")
+                return
+            # After a quiet spell a packet is taken to be alone and sent at once: asking the
+            # TUN whether more wait (a poll) costs a lone packet ~25 µs on cold caches (issue
+            # 15). If more do wait, the loop is back here at once and, no longer after a quiet
+            # spell, reads them as a batch.
+            quiet = now - self._tun_at >= LONE_GAP
+            self._tun_at = now
+            if quiet and self._send_lone(packet, now):
+                return
+            more = tun.readable()
+            if not more and not quiet and self._send_lone(packet, now):
+                return
+            batch = [packet]  # more behind it, or the general path is needed
+            total = len(packet)
+        else:
+            batch = []
+            total = 0
+            more = True
+        for _ in range(self.tun_batch - len(batch) if more else 0):
+            if total >= TUN_BATCH_BYTES:
+                break
             try:
                 packet = read(fd, READ_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -535,6 +630,34 @@ class Daemon:
             self.run_protocol(
                 session, now, lambda s=session, p=packets: s.conn.send_packets(p, now)
             )
+
+    def _send_lone(self, packet: bytes, now: float) -> bool:
+        """A point-to-point TCP link's lone packet, the short way: sealed into one frame
+        (`Connection.send_one`) and written, with the counters `_on_tun` keeps. False, having
+        done nothing, when the general path must take it (no session up, output queued, the
+        protocol declines: see send_one)."""
+        peer = self.table.peers[0]
+        session = peer.session
+        if session is None or not session.up or session.tx_registered:
+            return False
+        frame = session.conn.send_one(packet, now)
+        if frame is None:
+            return False
+        size = len(packet) - self.link.tun.hdr_len  # type: ignore[union-attr]
+        status = self.status
+        status.packets_out += 1
+        status.bytes_out += size
+        peer.packets_out += 1
+        peer.bytes_out += size
+        carrier = session.carrier
+        try:
+            carrier.write(frame)
+        except OSError as exc:
+            self.end_session(session, f"carrier error: {exc.strerror or exc}")
+            return True
+        if carrier.pending:
+            self.set_tx_wait(session, True, now)
+        return True
 
     def _feed_line(self, now: float) -> None:
         """Serial: hand the line its next frames while it can take them (linequeue.py)."""
@@ -603,7 +726,7 @@ class Daemon:
         session.tx_registered = waiting
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
         fd = session.carrier.fileno()
-        self.sel.modify(fd, events, self.sel.get_key(fd).data)  # the same callback, new interest
+        self.sel.modify(fd, events, self.sel.callbacks[fd])  # the same callback, new interest
         if waiting:
             session.blocked_since = now
             if session.up:

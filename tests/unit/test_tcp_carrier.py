@@ -68,3 +68,32 @@ def test_carrier_queues_what_the_kernel_does_not_take_and_flushes_it_later() -> 
     assert not carrier.pending
     carrier.close()
     server.close()
+
+
+def _pair() -> tuple[tcp.TcpCarrier, socket.socket]:
+    listener = tcp.listen("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    listener.setblocking(True)
+    server, _ = listener.accept()
+    listener.close()
+    return tcp.TcpCarrier(client, f"127.0.0.1:{port}"), server
+
+
+def test_writes_keep_their_order_whether_sent_at_once_or_queued() -> None:
+    """`write` sends straight to the kernel only while nothing is queued (issue 15's short
+    path): small writes behind a queued big one wait their turn, byte order never changes."""
+    carrier, server = _pair()
+    parts = [b"a" * 100, b"b" * (8 << 20), b"c" * 100, b"d" * 5000, b"e"]
+    for part in parts:
+        carrier.write(part)
+    want = b"".join(parts)
+    received = bytearray()
+    server.settimeout(5)
+    while len(received) < len(want):
+        received += server.recv(1 << 20)
+        carrier.flush()
+    assert received == want
+    assert not carrier.pending
+    carrier.close()
+    server.close()

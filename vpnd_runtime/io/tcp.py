@@ -71,9 +71,19 @@ class TcpCarrier:
 
     def write(self, data: bytes) -> None:
         """Queue `data` and push as much as the kernel accepts now."""
-        if data:
-            self._out.append(memoryview(data))
-            self.flush()
+        if not data:
+            return
+        out = self._out
+        if not out:  # nothing queued (the rule): straight to the kernel, the rest queued
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n < len(data):
+                out.append(memoryview(data)[n:])
+            return
+        out.append(memoryview(data))
+        self.flush()
 
     def flush(self) -> bool:
         """Send queued bytes until the kernel pushes back; True when the queue is empty."""

@@ -282,6 +282,18 @@ class TunWriter:
         only at the interpreter's switch interval (5 ms); its backlog then overflowed and
         dropped super-packets (measured: ~1,000 inner TCP retransmits in 5 s on a clean veth,
         none inline, for less CPU per byte)."""
+        if len(packets) == 1 and self._queued == self._written:
+            pkt = packets[0]  # a lone packet (issue 15): `_write_inline` without its loop
+            if inline or len(pkt) <= INLINE_MAX:
+                try:
+                    os.write(self.fd, pkt)
+                except OSError as exc:
+                    reason = "tun_full" if exc.errno == errno.EAGAIN else "tun_write"
+                    self._inline_drops[reason] = self._inline_drops.get(reason, 0) + 1
+                    return
+                self._inline_packets += 1
+                self._inline_bytes += len(pkt) - self.hdr_len
+                return
         size = sum(map(len, packets))
         if self._queued == self._written and (inline or size <= INLINE_MAX):
             self._write_inline(packets)

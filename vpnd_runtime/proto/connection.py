@@ -134,6 +134,8 @@ from .kdf import key_id as derive_key_id
 from .session import (
     CIPHER_NAMES,
     CIPHERS,
+    COUNTER_LIMIT,
+    FRAMED_HEADER,
     HEADER,
     HEADER_LEN,
     INNER_CLOSE,
@@ -273,6 +275,7 @@ _MSG1_LEN = 1 + 4 + MSG1_BODY_LEN
 _MSG1_LEN_V0 = 1 + 4 + MSG1_BODY_LEN_V0
 _MSG2_LEN = 1 + MSG2_BODY_LEN
 _MIN_DATA = HEADER_LEN + TAG_LEN
+_FRAMED_LEN = 4 + HEADER_LEN  # a data frame's u32 length and header
 _CONFIRM = bytes([INNER_CONFIRM])
 #: A PACKETS message with no packet: the initiator's first frame of a new epoch (key confirmation).
 _EMPTY_PACKETS = bytes([INNER_PACKETS, 0])
@@ -362,6 +365,8 @@ class Connection:
         self._cipher_id = CIPHERS[params.cipher][0]
         self._flags = FLAG_COMPRESS if params.compress else 0
         self._batch_limit = min(params.sendbuf, MAX_BODY)
+        #: `send_one` / `receive_packets` apply: u32 length framing, no compression, reliable.
+        self._lone_ok = self._length_framed and not params.compress and not self._lossy
         # session
         self._send: SendState | None = None
         # responder during a rekey: the sending half of epoch n+1, used once the initiator's
@@ -733,6 +738,110 @@ class Connection:
         stats.frames_out += nbatch
         if self._initiator:
             self._maybe_rekey(now)
+
+    def send_one(self, packet: bytes, now: float) -> bytes | None:
+        """The lone-packet path (issue 15): seal one packet and return its whole frame, exactly
+        what `send_packets([packet], now)` then `data_to_send()` return (same counter, header,
+        inner message and stats), or None, having changed nothing, when this path does not
+        apply: not established, compression, datagrams or a lossy line, output already queued
+        (order), a packet of 0 or more than MAX_PACKET bytes, or (initiator) a rekey due by
+        age or count, so the caller takes the general path, which does what is due. Sealing
+        changes no timer, so the caller need not refile the connection's deadline."""
+        send = self._send
+        if (
+            send is None
+            or self.state is not State.ESTABLISHED
+            or not self._lone_ok
+            or self._out
+            or not 0 < (n := len(packet)) <= MAX_PACKET
+        ):
+            return None
+        c = send.counter
+        if c + 1 >= COUNTER_LIMIT:
+            return None
+        if self._initiator:  # what `_maybe_rekey` checks after sealing: due, let it run
+            p = self.params
+            rs = self._recv.get(self._recv_epoch) if self._recv_epoch == send.epoch else None
+            if (
+                self._rekey_priv is not None
+                or c + 1 >= p.rekey_after_messages
+                or now - send.started >= p.keyttl
+                or (rs is not None and rs.next_counter >= p.rekey_after_messages)
+            ):
+                return None
+        send.counter = c + 1
+        prefix = FRAMED_HEADER.pack(HEADER_LEN + 6 + n + TAG_LEN, MSG_DATA, send.epoch, c)
+        frame = prefix + send.aead.encrypt(
+            NONCE.pack(c), _PACKETS_PLAIN + U32.pack(n) + packet, prefix[4:]
+        )
+        stats = self.stats
+        stats.packets_out += 1
+        stats.bytes_out += n
+        stats.frames_out += 1
+        stats.wire_bytes_out += len(frame)
+        return frame
+
+    def receive_packets(self, data: bytes, now: float) -> list[bytes] | None:
+        """The lone-frame path (issue 15): when `data` is exactly one whole data frame of the
+        current epoch with the next counter, whose inner message is PACKETS, return its packets
+        (the `Packets` event `receive_data(data, now)` would give, with the same stats and
+        counters). None, having changed nothing, whenever the general path must run (anything
+        else: partial or several frames, handshake, a new epoch, a bad tag, another inner
+        message, a lossy line, compression): the caller then calls `receive_data(data, now)`.
+        A malformed PACKETS body raises RemoteProtocolError as `receive_data` would (state
+        ERROR). No timer changes here."""
+        if self.state is not State.ESTABLISHED or self._awaiting_confirm or not self._lone_ok:
+            return None
+        n = len(data)
+        if n < 4 + _MIN_DATA or type(data) is not bytes:
+            return None
+        framer: LengthFramer = self._framer  # type: ignore[assignment]
+        length, kind, epoch, counter = FRAMED_HEADER.unpack_from(data)
+        if (
+            length + 4 != n
+            or kind != MSG_DATA
+            or epoch != self._recv_epoch
+            or length > framer.max_message
+            or framer._buf
+        ):
+            return None
+        rs = self._recv.get(epoch)
+        if (
+            rs is None
+            or counter != rs.next_counter
+            or (self._initiator and counter >= self.params.rekey_after_messages)
+        ):
+            return None
+        try:
+            inner = rs.aead.decrypt(
+                NONCE.pack(counter), memoryview(data)[_FRAMED_LEN:], data[4:_FRAMED_LEN]
+            )
+        except InvalidTag:
+            return None  # the general path says why, and ends the session
+        if len(inner) < 2 or inner[0] != INNER_PACKETS:
+            return None  # PING, PONG, rekey, CLOSE: rare, the general path opens it again
+        rs.next_counter = counter + 1
+        stats = self.stats
+        stats.wire_bytes_in += n
+        stats.frames_in += 1
+        self.accepted += 1
+        self._heard = True
+        self._last_in = now
+        stats.missed_keepalives = 0
+        m = len(inner)
+        if m > 6 and not inner[1] and U32.unpack_from(inner, 2)[0] == m - 6:
+            packets = [inner[6:]]
+        else:
+            try:
+                packets = decode_packets(inner)
+            except RemoteProtocolError as exc:
+                self.state = State.ERROR
+                exc.events = []  # type: ignore[attr-defined]
+                raise
+        if packets:
+            stats.packets_in += len(packets)
+            stats.bytes_in += sum(map(len, packets))
+        return packets
 
     def tick(self, now: float) -> list[Event]:
         """Run the timers due at `now`: handshake deadline, keepalive/noanswer, maxdelay, rekey."""

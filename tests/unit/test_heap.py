@@ -2,8 +2,8 @@
 
 Each case runs in a fresh interpreter, so the test process itself is left alone; the baseline
 pins glibc's documented defaults (128 KiB), since imports that read large files move its dynamic
-thresholds (importing vpnd_runtime alone stops this loop from faulting). The loop is the data path's pattern: allocate a buffer of a
-super-packet's size, copy it once, free both.
+thresholds (importing vpnd_runtime alone stops this loop from faulting). The loop is the data
+path's pattern: allocate a buffer of a super-packet's size, copy it once, free both.
 """
 
 from __future__ import annotations

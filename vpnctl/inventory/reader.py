@@ -535,6 +535,29 @@ def _read_host_settings(r: _Reader, fields: Mapping[str, yaml.Node], path: str) 
     return out
 
 
+def _read_pair(
+    r: _Reader,
+    fields: Mapping[str, Any],
+    path: str,
+    key: str,
+    read: Callable[[yaml.Node, str], Any],
+    *,
+    family: str = "",
+) -> dict[str, Any]:
+    """A link's `key` (tunnel, tunnel6): an address per end, both or neither (then the pool
+    gives them); {} when absent. `family` ("" or "IPv6 ") names the addresses in the error."""
+    if key not in fields:
+        return {}
+    pair = _per_side(r, fields[key], f"{path}.{key}", read)
+    if set(pair) != set(ROLES) and not _has_problem(r, f"{path}.{key}"):
+        r.fail(
+            fields[key],
+            f"{path}.{key}",
+            f"give both server and client {family}addresses, or leave {key} out to use the pool",
+        )
+    return pair
+
+
 def _per_side(
     r: _Reader, node: yaml.Node, path: str, read: Callable[[yaml.Node, str], Any]
 ) -> dict[str, Any]:
@@ -735,21 +758,7 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
         own_tunables = _read_tunables(r, fields, path)
         explicit[i] = own_tunables
         tunables = Tunables(**{**default_tunables, **own_tunables})
-        tunnel = (
-            _per_side(r, fields["tunnel"], f"{path}.tunnel", r.address)
-            if "tunnel" in fields
-            else {}
-        )
-        if (
-            "tunnel" in fields
-            and set(tunnel) != set(ROLES)
-            and not _has_problem(r, f"{path}.tunnel")
-        ):
-            r.fail(
-                fields["tunnel"],
-                f"{path}.tunnel",
-                "give both server and client addresses, or leave tunnel out to use the pool",
-            )
+        tunnel = _read_pair(r, fields, path, "tunnel", r.address)
         if tunnel.keys() == set(ROLES) and tunnel["server"].version != tunnel["client"].version:
             r.fail(
                 r.lines.get(f"{path}.tunnel.client"),
@@ -757,21 +766,9 @@ def parse_inventory(text: str, file: str = "inventory.yaml") -> Inventory:
                 f"{tunnel['client']} and the server's {tunnel['server']} are of different "
                 "families: put the IPv6 pair under tunnel6",
             )
-        tunnel6 = (
-            _per_side(r, fields["tunnel6"], f"{path}.tunnel6", lambda n, p: r.address(n, p, 6))
-            if "tunnel6" in fields
-            else {}
+        tunnel6 = _read_pair(
+            r, fields, path, "tunnel6", lambda n, p: r.address(n, p, 6), family="IPv6 "
         )
-        if (
-            "tunnel6" in fields
-            and set(tunnel6) != set(ROLES)
-            and not _has_problem(r, f"{path}.tunnel6")
-        ):
-            r.fail(
-                fields["tunnel6"],
-                f"{path}.tunnel6",
-                "give both server and client IPv6 addresses, or leave tunnel6 out to use the pool",
-            )
         routes = (
             _per_side(r, fields["routes"], f"{path}.routes", lambda n, p: _read_routes(r, n, p))
             if "routes" in fields

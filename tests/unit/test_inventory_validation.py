@@ -102,6 +102,20 @@ def test_only_one_tunnel_side_given_is_refused() -> None:
     ]
 
 
+def test_only_one_tunnel6_side_given_is_refused() -> None:
+    text = with_links("""\
+        - name: one
+          server: alpha
+          client: beta
+          tunnel6:
+            client: fd00:5ee::2
+    """)
+    assert problems(text) == [
+        "inv.yaml:13 links[0].tunnel6: give both server and client IPv6 addresses, or leave "
+        "tunnel6 out to use the pool"
+    ]
+
+
 def test_duplicate_host_name_is_refused() -> None:
     text = HOSTS + "  - name: beta\n    address: 198.18.1.9\nlinks:\n"
     text += "  - {name: one, server: alpha, client: beta}\n"
